@@ -1,0 +1,46 @@
+"""The ``bootback`` command: one argparse tree, with each area's subcommands in ``appliance.commands``.
+
+Errors from below arrive as ``BootbackError`` subclasses; this is the one place that turns them into
+a message on stderr and a distinct exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from appliance import __version__, commands
+from appliance.errors import BootbackError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bootback",
+        description="Run virtual machines straight out of backup files over NFS.",
+    )
+    parser.add_argument("--version", action="version", version=f"bootback {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Each module of appliance.commands exposes register(sub); adding an area is adding a module.
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BootbackError as exc:
+        print(f"bootback: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bootback: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

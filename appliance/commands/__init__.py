@@ -1,0 +1,1 @@
+"""Subcommands of ``bootback``, one module per area; each module defines ``register(subparsers)``."""

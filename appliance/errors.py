@@ -1,0 +1,82 @@
+"""The error hierarchy of bootback.
+
+Every error a user can cause or meet has a class here, a message naming the offending value, and a
+distinct exit code so scripts can tell failures apart (borg's convention). Code below the CLI raises
+these; only ``cli.main`` turns them into exit codes and stderr lines.
+"""
+
+from __future__ import annotations
+
+
+class BootbackError(Exception):
+    """Base of all expected errors; ``exit_code`` is the CLI's exit status for it."""
+
+    exit_code = 2
+
+
+class UsageError(BootbackError):
+    """The command line or an API request is malformed."""
+
+    exit_code = 2
+
+
+class ConfigError(BootbackError):
+    """A configuration file or setting is invalid."""
+
+    exit_code = 3
+
+
+class RepositoryError(BootbackError):
+    """Base of repository errors."""
+
+    exit_code = 10
+
+
+class NotARepositoryError(RepositoryError):
+    exit_code = 11
+
+
+class UnsupportedFormatError(RepositoryError):
+    """The repository or an object in it was written by a newer bootback (or is not ours)."""
+
+    exit_code = 12
+
+
+class RepositoryLockedError(RepositoryError):
+    """Another process holds the repository's write lock."""
+
+    exit_code = 13
+
+
+class RestorePointNotFoundError(RepositoryError):
+    exit_code = 14
+
+
+class IntegrityError(RepositoryError):
+    """Stored data does not match its hash, or an object is missing or damaged."""
+
+    exit_code = 15
+
+
+class SourceError(BootbackError):
+    """A source disk or VM folder cannot be read: unknown format, truncated, missing."""
+
+    exit_code = 20
+
+
+class NoSpaceError(BootbackError):
+    """A disk filled up (repository, cache or output)."""
+
+    exit_code = 30
+
+
+class SessionError(BootbackError):
+    exit_code = 40
+
+
+class SessionNotFoundError(SessionError):
+    exit_code = 41
+
+
+class DaemonNotRunningError(BootbackError):
+    exit_code = 50

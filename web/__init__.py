@@ -1,0 +1,1 @@
+"""The admin page and REST API on the control port (Flask, served by gunicorn)."""
