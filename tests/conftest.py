@@ -1,0 +1,31 @@
+"""Fixtures shared by all test areas."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Where tests keep what a person may want to look at afterwards (screenshots, console logs)."""
+    path = ROOT / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def build_cache() -> Path:
+    """Built disks and images reused between test modules (and runs on the same machine)."""
+    path = Path(os.environ.get("BOOTBACK_TEST_CACHE", "/var/tmp/bootback-test-cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
