@@ -31,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse binds a trailing nargs='*' positional before later options ("backup REPO --vm X DISK"), so
+    # commands that take trailing paths name the attribute in `trailing` and get the leftovers there.
+    args, extra = parser.parse_known_args(argv)
+    trailing = getattr(args, "trailing", None)
+    if extra:
+        if trailing is None or any(e.startswith("-") and e != "-" for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, trailing, getattr(args, trailing) + extra)
     try:
         return int(args.func(args) or 0)
     except BootbackError as exc:

@@ -1,0 +1,212 @@
+"""Repository subcommands: init, backup, points, restore, verify, prune."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from appliance.progress import byte_progress
+from appliance.errors import NoSpaceError, SourceError, UsageError
+from appliance.ingest.backup import backup_vm
+from appliance.ingest.sources import DiskSource, open_source
+from appliance.ingest.vmfolder import find_vmx, parse_vmx_disks, resolve_disk
+from appliance.repo import Repository
+from appliance.repo.maintenance import prune, verify
+from appliance.repo.repository import DEFAULT_CHUNK, parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="create a repository")
+    p.add_argument("repo", type=Path)
+    p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK), help="64K..4M, a power of two (default 1M)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("backup", help="back up a VM's disks (and .vmx) as a new restore point")
+    p.add_argument("repo", type=Path)
+    p.add_argument("--vm", required=True, help="VM name")
+    p.add_argument("--vmx", type=Path, help="the VM's .vmx; with no DISK, back up the disks it names")
+    p.add_argument("--name", action="append", default=[], help="name of the disk read from stdin ('-')")
+    p.add_argument("disks", nargs="*", help="disk images (raw, VMDK, qcow2, VHD, VHDX), '-' for stdin, or a VM folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backup, trailing="disks")
+
+    p = sub.add_parser("points", help="list restore points")
+    p.add_argument("repo", type=Path)
+    p.add_argument("--vm")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("restore", help="write a disk of a restore point to a file")
+    p.add_argument("repo", type=Path)
+    p.add_argument("point", help="VM@POINT (POINT may be 'latest')")
+    p.add_argument("--disk", help="disk name (default: the only disk)")
+    p.add_argument("-o", "--output", required=True, help="output file, '-' for stdout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("verify", help="check every chunk; report damaged restore points")
+    p.add_argument("repo", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("prune", help="keep the newest N restore points of a VM and free unreferenced chunks")
+    p.add_argument("repo", type=Path)
+    p.add_argument("--vm", required=True)
+    p.add_argument("--keep", type=int, required=True)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+
+def _emit(args: argparse.Namespace, doc: object, text: str) -> None:
+    print(json.dumps(doc, indent=2, default=str) if args.json else text)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    repo = Repository.init(args.repo, parse_size(args.chunk_size))
+    _emit(
+        args,
+        {"path": str(repo.path), "id": repo.config.id, "chunk_size": repo.config.chunk_size},
+        f"created repository {repo.path} (chunk size {repo.config.chunk_size // 1024} KiB)",
+    )
+    return 0
+
+
+def _gather_sources(args: argparse.Namespace) -> tuple[list[DiskSource], str | None, dict]:
+    vmx_path: Path | None = args.vmx
+    disks: list[str] = list(args.disks)
+    if len(disks) == 1 and Path(disks[0]).is_dir():
+        vmx_path = find_vmx(Path(disks[0]))
+        disks = []
+    vmx_text = None
+    if vmx_path is not None:
+        try:
+            vmx_text = vmx_path.read_text(errors="replace")
+        except OSError as exc:
+            raise SourceError(f"cannot read {vmx_path}: {exc.strerror}") from None
+    sources: list[DiskSource] = []
+    if disks:
+        names = iter(args.name)
+        for d in disks:
+            sources.append(open_source(d, next(names, None) if d == "-" else None))
+    elif vmx_text is not None:
+        entries = parse_vmx_disks(vmx_text)
+        if not entries:
+            raise SourceError(f"{vmx_path} names no disks")
+        for entry in entries:
+            src = open_source(resolve_disk(vmx_path, entry.filename), name=Path(entry.filename).name)
+            sources.append(src)
+    else:
+        raise UsageError("name at least one DISK, or a VM folder, or --vmx")
+    info = {"vmx": str(vmx_path) if vmx_path else None, "disks": [str(s.path) if s.path else "stdin" for s in sources]}
+    return sources, vmx_text, info
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    sources, vmx_text, info = _gather_sources(args)
+    try:
+        with byte_progress(not args.json) as update:
+            point = backup_vm(repo, args.vm, sources, vmx_text, info, progress=update)
+    finally:
+        for s in sources:
+            s.close()
+    st = point.stats
+    text = (
+        f"created restore point {point.ref}: {len(point.disks)} disk(s), read {_mb(st['bytes_read'])}, "
+        f"new {_mb(st['bytes_new'])} stored as {_mb(st['bytes_stored'])}, "
+        f"dedup {st['dedup_ratio'] or '-'}x, compression {st['compression_ratio'] or '-'}x, "
+        f"{st['throughput_mb_s']} MB/s in {st['seconds']} s"
+    )
+    _emit(args, point.summary(), text)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    points = repo.restore_points(args.vm)
+    if args.json:
+        print(json.dumps([p.summary() for p in points], indent=2))
+        return 0
+    if not points:
+        print("no restore points")
+    for p in points:
+        disks = ", ".join(f"{d.name} ({d.size / 2**30:.2f} GiB)" for d in p.disks)
+        print(f"{p.ref}  {p.time:%Y-%m-%d %H:%M:%S} UTC  {disks}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    point = repo.resolve(args.point)
+    if args.disk is None:
+        if len(point.disks) != 1:
+            names = ", ".join(d.name for d in point.disks)
+            raise UsageError(f"{point.ref} has {len(point.disks)} disks ({names}); choose one with --disk")
+        args.disk = point.disks[0].name
+    reader = repo.open_disk(point, args.disk)
+    to_stdout = args.output == "-"
+    out = sys.stdout.buffer if to_stdout else open(args.output, "wb")  # noqa: SIM115
+    try:
+        with byte_progress(not args.json and not to_stdout) as update:
+            for index in range(len(reader.disk.chunks)):
+                base = index * reader.chunk_size
+                length = min(reader.chunk_size, reader.size - base)
+                if reader.is_zero(index) and not to_stdout:
+                    out.seek(length, os.SEEK_CUR)  # keep the output sparse
+                else:
+                    out.write(reader.read(base, length))
+                update(args.disk, base + length, reader.size)
+            if not to_stdout:
+                out.truncate(reader.size)
+                out.flush()
+                os.fsync(out.fileno())
+    except OSError as exc:
+        if exc.errno == 28:
+            raise NoSpaceError(f"no space left writing {args.output}") from exc
+        raise
+    finally:
+        if not to_stdout:
+            out.close()
+    if not to_stdout:
+        _emit(
+            args,
+            {"point": point.ref, "disk": args.disk, "size": reader.size, "output": args.output},
+            f"restored {point.ref} disk {args.disk} ({reader.size} bytes) to {args.output}",
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    with byte_progress(not args.json) as update:
+        report = verify(repo, progress=lambda done, total: update("chunks", done, total))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(f"checked {report.chunks_checked} chunks")
+        for ref, bad in sorted(report.damaged_points.items()):
+            print(f"DAMAGED {ref}: {len(bad)} bad chunk(s), e.g. {bad[0]}")
+        for ref, err in sorted(report.unreadable_points.items()):
+            print(f"UNREADABLE {ref}: {err}")
+        print("repository OK" if report.ok else "repository DAMAGED")
+    return 0 if report.ok else 1
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    report = prune(repo, args.vm, args.keep, dry_run=args.dry_run)
+    text = (
+        f"{'would delete' if args.dry_run else 'deleted'} {len(report.deleted_points)} restore point(s), "
+        f"kept {len(report.kept_points)}; freed {report.deleted_chunks} chunks ({_mb(report.freed_bytes)})"
+    )
+    _emit(args, report.as_dict(), text)
+    return 0

@@ -1,0 +1,170 @@
+"""Writing restore points: read source disks in chunk-aligned blocks, store new chunks, commit a manifest.
+
+Hashing and compression run in a thread pool (hashlib and zstandard release the GIL on large buffers), the
+reading stays sequential in the calling thread. All-zero chunks are recorded as None and never stored.
+The manifest is committed only after every chunk is durable, so a backup killed at any moment leaves no
+visible trace but unreferenced chunks, which garbage collection removes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.errors import SourceError, UsageError
+from appliance.ingest.sources import DiskSource, read_exact
+from appliance.repo.manifest import DiskEntry, RestorePoint, check_vm_name, new_point_id
+from appliance.repo.repository import Repository
+from appliance.repo.store import chunk_id
+
+# progress(disk name, bytes done, bytes total or None)
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass
+class _Counters:
+    bytes_read: int = 0
+    bytes_zero: int = 0
+    bytes_new: int = 0  # raw bytes of chunks this backup stored
+    bytes_stored: int = 0  # what they take on disk, compressed and framed
+    chunks: int = 0
+    chunks_new: int = 0
+
+
+def _default_workers() -> int:
+    return max(2, min(8, (os.cpu_count() or 2)))
+
+
+def backup_vm(
+    repo: Repository,
+    vm: str,
+    sources: Sequence[DiskSource],
+    vmx_text: str | None = None,
+    source_info: dict | None = None,
+    progress: Progress | None = None,
+    workers: int | None = None,
+) -> RestorePoint:
+    """Back up ``sources`` as one new restore point of ``vm``; returns it, committed, with its stats."""
+    check_vm_name(vm)
+    if not sources:
+        raise UsageError("a backup needs at least one disk")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two disks have the same name: {names}")
+    started = time.monotonic()
+    counters = _Counters()
+    cs = repo.config.chunk_size
+    with repo.writer() as tmp, ThreadPoolExecutor(workers or _default_workers()) as pool:
+        disks = [_backup_disk(repo, s, cs, tmp, pool, counters, progress) for s in sources]
+        repo.store.sync_dirs()
+        elapsed = max(time.monotonic() - started, 1e-9)
+        nonzero = counters.bytes_read - counters.bytes_zero
+        stats = {
+            "bytes_read": counters.bytes_read,
+            "bytes_zero": counters.bytes_zero,
+            "bytes_new": counters.bytes_new,
+            "bytes_stored": counters.bytes_stored,
+            "chunks": counters.chunks,
+            "chunks_new": counters.chunks_new,
+            "dedup_ratio": round(nonzero / counters.bytes_new, 3) if counters.bytes_new else None,
+            "compression_ratio": (
+                round(counters.bytes_new / counters.bytes_stored, 3) if counters.bytes_stored else None
+            ),
+            "seconds": round(elapsed, 3),
+            "throughput_mb_s": round(counters.bytes_read / elapsed / 1e6, 1),
+        }
+        now = datetime.now(UTC)
+        point = RestorePoint(
+            vm=vm,
+            id=new_point_id(now),
+            time=now,
+            disks=disks,
+            vmx=vmx_text,
+            source=source_info or {"disks": [str(s.path) if s.path else "stdin" for s in sources]},
+            stats=stats,
+        )
+        repo.commit_point(point)
+    return point
+
+
+def _backup_disk(
+    repo: Repository,
+    source: DiskSource,
+    cs: int,
+    tmp: Path,
+    pool: ThreadPoolExecutor,
+    counters: _Counters,
+    progress: Progress | None,
+) -> DiskEntry:
+    zero = bytes(cs)
+    store = repo.store
+
+    def process(block: bytes) -> tuple[str | None, int, int]:
+        cid = chunk_id(block)
+        if store.exists(cid):
+            return cid, 0, 0
+        written = store.put(cid, block, tmp)
+        return cid, (len(block) if written else 0), written
+
+    chunks: list[str | None] = []
+    pending: deque[Future] = deque()
+    window = 4 * pool._max_workers  # bounded memory: at most this many blocks in flight
+
+    def drain(n: int) -> None:
+        while len(pending) > n:
+            cid, new_raw, stored = pending.popleft().result()
+            chunks.append(cid)
+            counters.chunks += 1
+            if new_raw:
+                counters.chunks_new += 1
+                counters.bytes_new += new_raw
+                counters.bytes_stored += stored
+
+    offset = 0
+    size = source.size
+    what = f"source disk {source.path or source.name}"
+    try:
+        while size is None or offset < size:
+            want = cs if size is None else min(cs, size - offset)
+            block = bytearray(want)
+            got = read_exact(source.stream, block, what)
+            if got < want:
+                if size is not None:
+                    raise SourceError(f"{what} is truncated: it ended at byte {offset + got} of {size}")
+                del block[got:]
+            if not block:
+                break
+            counters.bytes_read += len(block)
+            data = bytes(block)
+            if data == zero[: len(data)]:
+                counters.bytes_zero += len(data)
+                done: Future = Future()
+                done.set_result((None, 0, 0))
+                pending.append(done)
+            else:
+                pending.append(pool.submit(process, data))
+            offset += len(block)
+            drain(window)
+            if progress:
+                progress(source.name, offset, size)
+            if size is None and got < want:
+                break
+        drain(0)
+    finally:
+        for f in pending:
+            f.cancel()
+    return DiskEntry(
+        name=source.name,
+        size=offset,
+        chunk_size=cs,
+        chunks=chunks,
+        source_format=source.format,
+        adapter=source.adapter,
+        geometry=source.geometry,
+    )

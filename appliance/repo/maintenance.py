@@ -1,0 +1,132 @@
+"""Repository maintenance: verify every chunk, prune old restore points, collect unreferenced chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from appliance.errors import BootbackError
+from appliance.repo.manifest import RestorePoint
+from appliance.repo.repository import Repository
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass
+class VerifyReport:
+    chunks_checked: int = 0
+    bad_chunks: dict[str, str] = field(default_factory=dict)  # chunk id -> what is wrong
+    damaged_points: dict[str, list[str]] = field(default_factory=dict)  # "vm@id" -> bad chunk ids
+    unreadable_points: dict[str, str] = field(default_factory=dict)  # manifest name -> error
+
+    @property
+    def ok(self) -> bool:
+        return not (self.bad_chunks or self.unreadable_points)
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "chunks_checked": self.chunks_checked,
+            "bad_chunks": self.bad_chunks,
+            "damaged_points": self.damaged_points,
+            "unreadable_points": self.unreadable_points,
+        }
+
+
+def _load_all_points(repo: Repository, report: VerifyReport) -> list[RestorePoint]:
+    points = []
+    for vm_dir in sorted((repo.path / "points").iterdir()):
+        for path in sorted(vm_dir.glob("*.point")):
+            try:
+                points.append(repo._load_point(path))
+            except BootbackError as exc:
+                report.unreadable_points[f"{vm_dir.name}@{path.stem}"] = str(exc)
+    return points
+
+
+def verify(repo: Repository, progress: Progress | None = None, workers: int = 4) -> VerifyReport:
+    """Read and hash-check every chunk any restore point references; report damaged restore points."""
+    report = VerifyReport()
+    points = _load_all_points(repo, report)
+    users: dict[str, list[str]] = {}
+    for p in points:
+        for d in p.disks:
+            for cid in d.chunks:
+                if cid is not None:
+                    users.setdefault(cid, []).append(p.ref)
+    ids = sorted(users)
+
+    def check(cid: str) -> tuple[str, str | None]:
+        try:
+            repo.store.get(cid)
+            return cid, None
+        except BootbackError as exc:
+            return cid, str(exc)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for n, (cid, err) in enumerate(pool.map(check, ids), 1):
+            report.chunks_checked = n
+            if err:
+                report.bad_chunks[cid] = err
+                for ref in sorted(set(users[cid])):
+                    report.damaged_points.setdefault(ref, []).append(cid)
+            if progress:
+                progress(n, len(ids))
+    return report
+
+
+@dataclass
+class PruneReport:
+    deleted_points: list[str] = field(default_factory=list)
+    kept_points: list[str] = field(default_factory=list)
+    deleted_chunks: int = 0
+    freed_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def prune(repo: Repository, vm: str, keep: int, wait: bool = True, dry_run: bool = False) -> PruneReport:
+    """Keep the newest ``keep`` restore points of ``vm``, delete the rest, then collect garbage."""
+    if keep < 1:
+        from appliance.errors import UsageError
+
+        raise UsageError(f"--keep must be at least 1, got {keep}")
+    points = repo.restore_points(vm)
+    report = PruneReport()
+    doomed = points[: max(0, len(points) - keep)]
+    report.kept_points = [p.ref for p in points[len(doomed) :]]
+    report.deleted_points = [p.ref for p in doomed]
+    if dry_run:
+        return report
+    # Deleting a manifest is safe at any moment (readers that loaded it keep their chunk list); chunks go
+    # only in the collection below, under the exclusive lock, so no running backup loses a deduplicated chunk.
+    for p in doomed:
+        repo.delete_point(p)
+    deleted, freed = collect_garbage(repo, wait=wait)
+    report.deleted_chunks, report.freed_bytes = deleted, freed
+    return report
+
+
+def collect_garbage(repo: Repository, wait: bool = True) -> tuple[int, int]:
+    """Delete chunks no restore point references and leftovers of crashed backups; (chunks, bytes) freed."""
+    with repo.exclusive(wait=wait):
+        live: set[str] = set()
+        for p in repo.restore_points():
+            for d in p.disks:
+                live.update(c for c in d.chunks if c is not None)
+        deleted = freed = 0
+        for cid in list(repo.store.iter_ids()):
+            if cid not in live:
+                try:
+                    freed += repo.store.stored_size(cid)
+                except FileNotFoundError:
+                    continue
+                repo.store.delete(cid)
+                deleted += 1
+        repo.clean_tmp()
+        for stale in (repo.path / "points").glob("*/.*.tmp"):
+            stale.unlink(missing_ok=True)
+        repo.chunk_cache.clear()
+    return deleted, freed

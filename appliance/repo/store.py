@@ -1,0 +1,126 @@
+"""The chunk store: hash -> bytes, content-addressed, zstd-compressed, written atomically.
+
+It knows nothing of VMs or restore points (borg's Repository vs Archive split). A chunk is one file,
+``chunks/<first two hex digits>/<hex digest>``, framed by ``objects``. Writes go to a temporary file in the
+writer's own temp directory, are fsynced, then renamed into place, so a crash leaves either no chunk or a
+whole one; directories are fsynced before a restore point that references the chunks is committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import zstandard
+
+from appliance.errors import IntegrityError, NoSpaceError
+from appliance.repo import objects
+
+HASH_NAME = "sha256"  # SHA-NI makes it the fastest cryptographic hash on current x86 (~1.9 GB/s here)
+DIGEST_HEX_LEN = 64
+
+
+def chunk_id(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ChunkStore:
+    """Content-addressed chunk files under ``root/chunks``; safe for many threads and processes."""
+
+    def __init__(self, root: Path, compression_level: int = 3) -> None:
+        self.root = Path(root)
+        self.chunks_dir = self.root / "chunks"
+        self._level = compression_level
+        self._local = threading.local()
+
+    # zstd contexts are not thread-safe; one per thread is cheap.
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self._level)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def path(self, cid: str) -> Path:
+        return self.chunks_dir / cid[:2] / cid
+
+    def exists(self, cid: str) -> bool:
+        return os.path.exists(self.chunks_dir / cid[:2] / cid)
+
+    def put(self, cid: str, data: bytes | memoryview, tmp_dir: Path) -> int:
+        """Store ``data`` under ``cid`` unless present; returns the bytes written (0 if it existed)."""
+        final = self.path(cid)
+        if final.exists():
+            return 0
+        blob = objects.pack(objects.CHUNK_MAGIC, data, self._compressor().compress(data))
+        tmp = tmp_dir / f"{cid}.{threading.get_ident()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"no space left in repository {self.root} while writing chunk {cid}") from exc
+            raise
+        return len(blob)
+
+    def get(self, cid: str, context: str = "") -> bytes:
+        """Return the chunk's bytes, verified against its hash; ``context`` names who asked (a restore point)."""
+        where = f" (needed by {context})" if context else ""
+        try:
+            with open(self.chunks_dir / cid[:2] / cid, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"chunk {cid} is missing{where}") from None
+        data = objects.unpack(objects.CHUNK_MAGIC, blob, f"chunk {cid}{where}", self._decompressor())
+        if hashlib.sha256(data).hexdigest() != cid:
+            raise IntegrityError(f"chunk {cid} is corrupt: its content does not match its hash{where}")
+        return data
+
+    def stored_size(self, cid: str) -> int:
+        return self.path(cid).stat().st_size
+
+    def iter_ids(self) -> Iterator[str]:
+        if not self.chunks_dir.exists():
+            return
+        for sub in sorted(self.chunks_dir.iterdir()):
+            if sub.is_dir():
+                for entry in os.scandir(sub):
+                    if len(entry.name) == DIGEST_HEX_LEN:
+                        yield entry.name
+
+    def delete(self, cid: str) -> None:
+        self.path(cid).unlink(missing_ok=True)
+
+    def sync_dirs(self) -> None:
+        """fsync every chunk directory, so renames made before are durable before a manifest points at them."""
+        if not self.chunks_dir.exists():
+            return
+        for sub in self.chunks_dir.iterdir():
+            fsync_dir(sub)
+        fsync_dir(self.chunks_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
