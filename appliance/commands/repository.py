@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.progress import byte_progress
 from appliance.errors import NoSpaceError, SourceError, UsageError
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import DiskSource, open_source
 from appliance.ingest.vmfolder import find_vmx, parse_vmx_disks, resolve_disk
+from appliance.progress import byte_progress
 from appliance.repo import Repository
 from appliance.repo.maintenance import prune, verify
 from appliance.repo.repository import DEFAULT_CHUNK, parse_size

@@ -124,26 +124,53 @@ def open_source(path: Path | str, name: str | None = None) -> DiskSource:
                 kind = f"vmdk-{stream.descriptor.attr.get('createType', 'descriptor')}"
             elif stream.disks and getattr(stream.disks[0], "descriptor", None) is not None:
                 kind = f"vmdk-{stream.disks[0].descriptor.attr.get('createType', 'sparse')}"
-            return DiskSource(disk_name, stream.size, kind, stream, path, adapter, geometry)
+            return DiskSource(disk_name, stream.size, kind, DirectStream(stream, stream.size), path, adapter, geometry)
         if fmt == "qcow2":
             from dissect.hypervisor.disk.qcow2 import QCow2
 
             q = QCow2(open(path, "rb"))  # noqa: SIM115
             stream = q.open()
-            return DiskSource(disk_name, stream.size, "qcow2", stream, path)
+            return DiskSource(disk_name, stream.size, "qcow2", DirectStream(stream, stream.size), path)
         if fmt == "vhdx":
             from dissect.hypervisor.disk.vhdx import VHDX
 
             stream = VHDX(open(path, "rb"))  # noqa: SIM115
-            return DiskSource(disk_name, stream.size, "vhdx", stream, path)
+            return DiskSource(disk_name, stream.size, "vhdx", DirectStream(stream, stream.size), path)
         from dissect.hypervisor.disk.vhd import VHD
 
         stream = VHD(open(path, "rb"))  # noqa: SIM115
-        return DiskSource(disk_name, stream.size, "vhd", stream, path)
+        return DiskSource(disk_name, stream.size, "vhd", DirectStream(stream, stream.size), path)
     except SourceError:
         raise
     except Exception as exc:  # dissect raises many kinds on damaged input; all mean the same to a user
         raise SourceError(f"cannot open {path} as {fmt}: {type(exc).__name__}: {exc}") from exc
+
+
+class DirectStream:
+    """Sequential reads straight from a dissect stream's ``_read(offset, length)``, clamped to its size.
+
+    dissect's AlignedStream buffers in 1 MiB blocks and some readers (VMDK) fail on a block that runs past
+    the end of the disk; reading sector-aligned spans that stop at the end avoids that, and a copy.
+    """
+
+    def __init__(self, stream, size: int) -> None:
+        self._stream = stream
+        self._size = size
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self._size - self._pos)
+        if n <= 0:
+            return b""
+        span = min(-(-n // SECTOR) * SECTOR, max(self._size - self._pos, 0) if self._size % SECTOR == 0 else 1 << 62)
+        data = self._stream._read(self._pos, span)[:n]
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        fh = getattr(self._stream, "fh", None)
+        if fh is not None:
+            fh.close()
 
 
 def read_exact(stream: BinaryIO, buf: bytearray | memoryview, what: str) -> int:

@@ -1,0 +1,255 @@
+"""The repository through the `bootback` CLI, with images made by qemu-img, and failures that must lose nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BOOTBACK = [sys.executable, "-m", "appliance"]
+MiB = 1024 * 1024
+
+
+def run(*args: str | Path, ok: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*BOOTBACK, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"bootback {args} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def raw_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24 MiB disk: random and text-like regions, holes of zeros, an odd tail."""
+    path = tmp_path_factory.mktemp("img") / "disk.raw"
+    rnd = random.Random(42)
+    with open(path, "wb") as f:
+        for i in range(24):
+            if i % 4 == 1:
+                f.write(bytes(MiB))
+            elif i % 4 == 2:
+                f.write((b"bootback text-like block %d\n" % i) * (MiB // 27) + bytes(MiB % 27))
+            else:
+                f.write(rnd.randbytes(MiB))
+        f.write(rnd.randbytes(5000))
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    run("init", tmp_path / "repo", "--chunk-size", "256K")
+    return tmp_path / "repo"
+
+
+def restore_bytes(repo: Path, ref: str, disk: str, out: Path) -> bytes:
+    run("restore", repo, ref, "--disk", disk, "-o", out)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "fmt,opts",
+    [
+        ("vmdk", "subformat=monolithicFlat"),
+        ("vmdk", "subformat=monolithicSparse"),
+        ("vmdk", "subformat=streamOptimized"),
+        ("qcow2", ""),
+        ("vpc", "subformat=fixed"),
+        ("vpc", "subformat=dynamic"),
+        ("vhdx", ""),
+    ],
+)
+def test_backup_every_source_format_restores_bit_exact(
+    repo: Path, raw_image: Path, tmp_path: Path, fmt: str, opts: str
+) -> None:
+    ext = {"vpc": "vhd"}.get(fmt, fmt)
+    image = tmp_path / f"src.{ext}"
+    cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt]
+    if opts:
+        cmd += ["-o", opts]
+    subprocess.run([*cmd, str(raw_image), str(image)], check=True, capture_output=True)
+    out = json.loads(run("backup", repo, "--vm", "vm1", image, "--json").stdout)
+    disk = out["disks"][0]
+    restored = restore_bytes(repo, "vm1@latest", disk["name"], tmp_path / "out.raw")
+    original = raw_image.read_bytes()
+    if fmt == "vpc":
+        # VHD rounds the size up to a CHS geometry (qemu and the footer's current_size may differ by a
+        # sector); the guest-visible bytes are the original followed by zeros.
+        assert len(restored) >= len(original) and restored[len(original) :].count(0) == len(restored) - len(original)
+        restored = restored[: len(original)]
+    else:
+        expected = tmp_path / "expected.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(expected)], check=True)
+        assert disk["size"] == expected.stat().st_size
+        original = expected.read_bytes()
+    assert restored == original
+    if fmt == "vmdk":
+        assert disk["adapter"] == "ide"  # qemu-img writes ddb.adapterType = "ide"
+
+
+def test_vm_folder_with_vmx(repo: Path, raw_image: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "web01"
+    folder.mkdir()
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicSparse",
+            str(raw_image),
+            str(folder / "web01.vmdk"),
+        ],
+        check=True,
+    )
+    subprocess.run(
+        ["qemu-img", "create", "-f", "vmdk", str(folder / "web01_1.vmdk"), "8M"], check=True, capture_output=True
+    )
+    (folder / "web01.vmx").write_text(
+        '.encoding = "UTF-8"\ndisplayName = "web01"\nscsi0.present = "TRUE"\nscsi0:0.present = "TRUE"\n'
+        'scsi0:0.fileName = "web01.vmdk"\nscsi0:1.present = "TRUE"\nscsi0:1.fileName = "web01_1.vmdk"\n'
+        'ide1:0.present = "TRUE"\nide1:0.deviceType = "cdrom-image"\nide1:0.fileName = "x.iso"\n'
+    )
+    out = json.loads(run("backup", repo, "--vm", "web01", folder, "--json").stdout)
+    assert [d["name"] for d in out["disks"]] == ["web01.vmdk", "web01_1.vmdk"]
+    assert out["has_vmx"]
+    restored = restore_bytes(repo, "web01@latest", "web01.vmdk", tmp_path / "o1")
+    original = raw_image.read_bytes()  # VMDK pads to whole sectors with zeros
+    assert restored[: len(original)] == original and restored[len(original) :] == bytes(len(restored) - len(original))
+    assert len(restored) % 512 == 0 and len(restored) - len(original) < 512
+    assert restore_bytes(repo, "web01@latest", "web01_1.vmdk", tmp_path / "o2") == bytes(8 * MiB)
+    points = json.loads(run("points", repo, "--vm", "web01", "--json").stdout)
+    assert len(points) == 1 and points[0]["disks"][1]["size"] == 8 * MiB
+
+
+def test_stdin_and_incremental_stats(repo: Path, raw_image: Path, tmp_path: Path) -> None:
+    data = raw_image.read_bytes()
+    with open(raw_image, "rb") as stdin:
+        first = json.loads(run("backup", repo, "--vm", "s", "-", "--name", "sda", "--json", stdin=stdin).stdout)
+    changed = bytearray(data)
+    changed[3 * MiB + 5] ^= 1  # ~1 chunk of 96 changes
+    (tmp_path / "c.raw").write_bytes(changed)
+    second = json.loads(run("backup", repo, "--vm", "s", tmp_path / "c.raw", "--json").stdout)
+    assert first["stats"]["bytes_read"] == len(data)
+    assert second["stats"]["chunks_new"] == 1
+    assert second["stats"]["bytes_new"] == 256 * 1024
+    pts = json.loads(run("points", repo, "--json").stdout)
+    assert [p["vm"] for p in pts] == ["s", "s"]
+    assert restore_bytes(repo, f"s@{first['id']}", "sda", tmp_path / "o") == data
+
+
+def test_bad_input_errors_leave_repository_intact(repo: Path, raw_image: Path, tmp_path: Path) -> None:
+    run("backup", repo, "--vm", "good", raw_image)
+    before = tree_hash(repo)
+    bogus = tmp_path / "junk.qcow2"
+    bogus.write_bytes(b"not an image at all" * 100)
+    p = run("backup", repo, "--vm", "x", bogus, ok=False)
+    assert p.returncode == 20 and "unknown format" in p.stderr
+    truncated = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw_image), str(truncated)], check=True)
+    os.truncate(truncated, truncated.stat().st_size // 2)
+    p = run("backup", repo, "--vm", "x", truncated, ok=False)
+    assert p.returncode == 20 and str(truncated) in p.stderr
+    p = run("backup", repo, "--vm", "x", tmp_path / "missing.img", ok=False)
+    assert p.returncode == 20 and "does not exist" in p.stderr
+    p = run("points", tmp_path, ok=False)
+    assert p.returncode == 11 and "not a bootback repository" in p.stderr
+    p = run("restore", repo, "good@nope", "-o", tmp_path / "o", ok=False)
+    assert p.returncode == 14 and "no restore point good@nope" in p.stderr
+    p = run("init", tmp_path / "r2", "--chunk-size", "3M", ok=False)
+    assert p.returncode == 2 and "power of two" in p.stderr
+    cfg = json.loads((repo / "config.json").read_text())
+    (tmp_path / "newer").mkdir()
+    (tmp_path / "newer" / "config.json").write_text(json.dumps({**cfg, "format": 2}))
+    p = run("points", tmp_path / "newer", ok=False)
+    assert p.returncode == 12 and "newer" in p.stderr
+    assert tree_hash(repo) == before
+    assert run("verify", repo).returncode == 0
+
+
+def test_corrupt_chunk_verify_names_damaged_point(repo: Path, raw_image: Path, tmp_path: Path) -> None:
+    out = json.loads(run("backup", repo, "--vm", "a", raw_image, "--json").stdout)
+    chunk = next((repo / "chunks").rglob("*"), None)
+    files = sorted(p for p in (repo / "chunks").rglob("*") if p.is_file())
+    victim = files[len(files) // 2]
+    os.chmod(victim, 0o644)
+    blob = bytearray(victim.read_bytes())
+    blob[-1] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    assert chunk is not None
+    p = run("verify", repo, "--json", ok=False)
+    assert p.returncode == 1
+    report = json.loads(p.stdout)
+    assert report["ok"] is False and list(report["damaged_points"]) == [f"a@{out['id']}"]
+    assert victim.name in report["bad_chunks"]
+    p = run("restore", repo, "a@latest", "-o", tmp_path / "o", ok=False)
+    assert p.returncode == 15 and victim.name in p.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_during_backup_leaves_repository_consistent(repo: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.raw"
+    with open(big, "wb") as f:
+        f.write(random.Random(1).randbytes(96 * MiB))
+    run("backup", repo, "--vm", "base", big)
+    committed = run("points", repo, "--json").stdout
+    for delay in (0.05, 0.2, 0.5, 0.9):
+        with open(big, "r+b") as f:  # new content so the backup has real work to do
+            f.seek(int(delay * 10) * MiB)
+            f.write(random.Random(delay).randbytes(48 * MiB))
+        proc = subprocess.Popen(
+            [*BOOTBACK, "backup", str(repo), "--vm", "victim", str(big)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        points = json.loads(run("points", repo, "--json").stdout)
+        assert all(p["vm"] in ("base", "victim") for p in points)
+        assert run("verify", repo).returncode == 0
+        for p in points:  # every visible point restores whole
+            assert run("restore", repo, f"{p['vm']}@{p['id']}", "-o", tmp_path / "o").returncode == 0
+    assert json.loads(committed)[0]["vm"] == "base"
+    p = run("prune", repo, "--vm", "base", "--keep", "1", "--json")
+    assert json.loads(p.stdout)["deleted_points"] == []
+    assert not any((repo / "tmp").iterdir())  # crashed writers' leftovers were collected
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_during_backup_is_a_clear_error(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    try:
+        run("init", mnt / "repo", "--chunk-size", "64K")
+        small = tmp_path / "small.raw"
+        small.write_bytes(random.Random(2).randbytes(MiB))
+        run("backup", mnt / "repo", "--vm", "fits", small)
+        before = run("points", mnt / "repo", "--json").stdout
+        big = tmp_path / "big.raw"
+        big.write_bytes(random.Random(3).randbytes(16 * MiB))
+        p = run("backup", mnt / "repo", "--vm", "toobig", big, ok=False)
+        assert p.returncode == 30 and "no space left" in p.stderr
+        assert run("points", mnt / "repo", "--json").stdout == before
+        assert run("verify", mnt / "repo").returncode == 0
+        assert run("restore", mnt / "repo", "fits@latest", "-o", tmp_path / "o").returncode == 0
+        assert (tmp_path / "o").read_bytes() == small.read_bytes()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
