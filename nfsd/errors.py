@@ -1,0 +1,55 @@
+"""The one table that turns exceptions from backends into nfsstat3 (STYLE.md rule 4)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from nfsd.vfs import NFSError, Status
+
+log = logging.getLogger("nfsd")
+
+_ERRNO = {
+    errno.EPERM: Status.PERM,
+    errno.ENOENT: Status.NOENT,
+    errno.EIO: Status.IO,
+    errno.ENXIO: Status.NXIO,
+    errno.EACCES: Status.ACCES,
+    errno.EEXIST: Status.EXIST,
+    errno.EXDEV: Status.XDEV,
+    errno.ENODEV: Status.NODEV,
+    errno.ENOTDIR: Status.NOTDIR,
+    errno.EISDIR: Status.ISDIR,
+    errno.EINVAL: Status.INVAL,
+    errno.EFBIG: Status.FBIG,
+    errno.ENOSPC: Status.NOSPC,
+    errno.EROFS: Status.ROFS,
+    errno.EMLINK: Status.MLINK,
+    errno.ENAMETOOLONG: Status.NAMETOOLONG,
+    errno.ENOTEMPTY: Status.NOTEMPTY,
+    errno.EDQUOT: Status.DQUOT,
+    errno.ESTALE: Status.STALE,
+    errno.ELOOP: Status.INVAL,
+    errno.EOPNOTSUPP: Status.NOTSUPP,
+}
+
+# Domain errors of the layers above (e.g. the appliance's NoSpaceError) register their status here, so this
+# package needs to know nothing about them.
+_REGISTERED: list[tuple[type[BaseException], Status]] = []
+
+
+def register(exc_type: type[BaseException], status: Status) -> None:
+    _REGISTERED.append((exc_type, status))
+
+
+def status_for(exc: BaseException) -> Status:
+    if isinstance(exc, NFSError):
+        return exc.status
+    for exc_type, status in _REGISTERED:
+        if isinstance(exc, exc_type):
+            log.warning("%s: %s", status.name, exc)
+            return status
+    if isinstance(exc, OSError) and exc.errno in _ERRNO:
+        return _ERRNO[exc.errno]
+    log.error("unexpected backend error", exc_info=exc)
+    return Status.SERVERFAULT

@@ -1,0 +1,81 @@
+"""MOUNT version 3 (RFC 1813 appendix I): MNT, DUMP, UMNT, UMNTALL, EXPORT."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from nfsd.exports import ExportTable
+from nfsd.rpc import Call, Program
+from nfsd.xdr import Packer
+
+log = logging.getLogger("nfsd.mount")
+
+MOUNT_PROGRAM = 100005
+MOUNT_V3 = 3
+MNTPATHLEN = 1024
+MNT3_OK, MNT3ERR_NOENT, MNT3ERR_ACCES, MNT3ERR_NOTDIR, MNT3ERR_INVAL, MNT3ERR_NAMETOOLONG = 0, 2, 13, 20, 22, 63
+MNT3ERR_SERVERFAULT = 10006
+AUTH_NONE, AUTH_SYS = 0, 1
+
+
+class MountV3(Program):
+    prog = MOUNT_PROGRAM
+    vers = MOUNT_V3
+    name = "MOUNTv3"
+
+    def __init__(self, exports: ExportTable) -> None:
+        self.exports = exports
+        self.mounts: set[tuple[str, str]] = set()  # (client address, export path), for DUMP and the admin page
+
+    def procedures(self) -> dict[int, Callable]:
+        return {0: self.NULL, 1: self.MNT, 2: self.DUMP, 3: self.UMNT, 4: self.UMNTALL, 5: self.EXPORT}
+
+    async def NULL(self, call: Call) -> list:
+        return []
+
+    async def MNT(self, call: Call) -> list:
+        path = call.args.string(MNTPATHLEN, "dirpath")
+        export = self.exports.by_path(path)
+        client = call.address[0]
+        if export is None:
+            log.info("mount of unknown export %r from %s", path, client)
+            return [Packer().u32(MNT3ERR_NOENT).buf]
+        if not export.allows(client) or (export.require_privileged_port and not call.privileged_port):
+            log.warning("refused mount of %s from %s", export.path, client)
+            return [Packer().u32(MNT3ERR_ACCES).buf]
+        try:
+            root = export.backend.root()
+        except Exception:  # noqa: BLE001 - a broken backend must not take the mount daemon down
+            log.exception("export %s has no usable root", export.path)
+            return [Packer().u32(MNT3ERR_SERVERFAULT).buf]
+        self.mounts.add((client, export.path))
+        p = Packer().u32(MNT3_OK).opaque(self.exports.handle(export, root))
+        p.u32(2).u32(AUTH_SYS).u32(AUTH_NONE)
+        return [p.buf]
+
+    async def DUMP(self, call: Call) -> list:
+        p = Packer()
+        for client, path in sorted(self.mounts):
+            p.u32(1).string(client).string(path)
+        p.u32(0)
+        return [p.buf]
+
+    async def UMNT(self, call: Call) -> list:
+        path = "/" + call.args.string(MNTPATHLEN, "dirpath").strip("/")
+        self.mounts.discard((call.address[0], path))
+        return []
+
+    async def UMNTALL(self, call: Call) -> list:
+        self.mounts = {m for m in self.mounts if m[0] != call.address[0]}
+        return []
+
+    async def EXPORT(self, call: Call) -> list:
+        p = Packer()
+        for export in self.exports.all():
+            p.u32(1).string(export.path)
+            for network in export.clients:
+                p.u32(1).string("*" if network in ("0.0.0.0/0", "::/0") else network)
+            p.u32(0)
+        p.u32(0)
+        return [p.buf]
