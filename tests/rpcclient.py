@@ -1,0 +1,86 @@
+"""A minimal ONC RPC client over TCP for protocol tests: raw calls, raw bytes, raw replies."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from nfsd.xdr import Packer, Unpacker
+
+
+def auth_sys(uid: int = 0, gid: int = 0, machine: str = "test") -> tuple[int, bytes]:
+    body = Packer().u32(0).string(machine).u32(uid).u32(gid).u32(0).bytes()
+    return 1, body
+
+
+def call_bytes(xid: int, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] = (0, b""),
+               rpcvers: int = 2) -> bytes:  # fmt: skip
+    p = Packer().u32(xid).u32(0).u32(rpcvers).u32(prog).u32(vers).u32(proc)
+    p.u32(cred[0]).opaque(cred[1]).u32(0).u32(0)
+    return p.bytes() + args
+
+
+def record(payload: bytes, fragment: int | None = None) -> bytes:
+    """Record-mark ``payload``, split into fragments of ``fragment`` bytes if given."""
+    if not fragment:
+        return struct.pack(">I", 0x80000000 | len(payload)) + payload
+    out = b""
+    for i in range(0, len(payload), fragment):
+        part = payload[i : i + fragment]
+        last = i + fragment >= len(payload)
+        out += struct.pack(">I", (0x80000000 if last else 0) | len(part)) + part
+    return out
+
+
+class RpcClient:
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_record(self) -> bytes:
+        out = b""
+        while True:
+            (mark,) = struct.unpack(">I", self._exact(4))
+            out += self._exact(mark & 0x7FFFFFFF)
+            if mark & 0x80000000:
+                return out
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buf += chunk
+        return buf
+
+    def call(self, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] | None = None
+             ) -> Unpacker:  # fmt: skip
+        """Make a call; returns the reply body after an accepted SUCCESS header, else raises."""
+        xid = int.from_bytes(os.urandom(4), "big")
+        self.send_raw(record(call_bytes(xid, prog, vers, proc, args, cred or auth_sys())))
+        u = Unpacker(self.recv_record())
+        assert u.u32() == xid
+        assert u.u32() == 1  # REPLY
+        stat = u.u32()
+        if stat != 0:
+            raise RuntimeError(f"call denied: reject_stat {u.u32()}")
+        u.u32()
+        u.opaque(400)
+        accept = u.u32()
+        if accept != 0:
+            raise RuntimeError(f"call not accepted: accept_stat {accept}")
+        return u
+
+    def mount(self, path: str) -> bytes:
+        u = self.call(100005, 3, 1, Packer().string(path).bytes())
+        status = u.u32()
+        if status != 0:
+            raise RuntimeError(f"MNT {path}: status {status}")
+        return bytes(u.opaque(64))
