@@ -73,6 +73,18 @@ class ExportTable:
                 return e
         return None
 
+    def containing(self, path: str) -> tuple[Export | None, list[str]]:
+        """The export whose path is the longest prefix of ``path``, and the components below it."""
+        parts = [p for p in path.split("/") if p]
+        for n in range(len(parts), -1, -1):
+            export = self.by_path("/" + "/".join(parts[:n]))
+            if export is not None:
+                rest = parts[n:]
+                if any(p in (".", "..") for p in rest):
+                    return None, []
+                return export, rest
+        return None, []
+
     def handle(self, export: Export, obj: ObjectId) -> bytes:
         return self.codec.encode(export.id, obj)
 

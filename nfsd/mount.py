@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from nfsd.exports import ExportTable
 from nfsd.rpc import Call, Program
+from nfsd.vfs import FileType, NFSError, Status
 from nfsd.xdr import Packer
 
 log = logging.getLogger("nfsd.mount")
@@ -36,7 +37,7 @@ class MountV3(Program):
 
     async def MNT(self, call: Call) -> list:
         path = call.args.string(MNTPATHLEN, "dirpath")
-        export = self.exports.by_path(path)
+        export, rest = self.exports.containing(path)
         client = call.address[0]
         if export is None:
             log.info("mount of unknown export %r from %s", path, client)
@@ -46,6 +47,13 @@ class MountV3(Program):
             return [Packer().u32(MNT3ERR_ACCES).buf]
         try:
             root = export.backend.root()
+            # Clients may mount a directory below the export (libnfs mounts the whole URL path).
+            for name in rest:
+                root = export.backend.lookup(root, name)
+            if export.backend.getattr(root).type != FileType.DIR:
+                return [Packer().u32(MNT3ERR_NOTDIR).buf]
+        except NFSError as exc:
+            return [Packer().u32(MNT3ERR_NOENT if exc.status in (Status.NOENT, Status.STALE) else MNT3ERR_ACCES).buf]
         except Exception:  # noqa: BLE001 - a broken backend must not take the mount daemon down
             log.exception("export %s has no usable root", export.path)
             return [Packer().u32(MNT3ERR_SERVERFAULT).buf]
