@@ -1,0 +1,233 @@
+"""The write cache of one published disk: writes land here, reads merge it with the backup underneath.
+
+Layout: ``<name>.data``, a sparse file in which a cached block sits at the same offset as in the disk, and
+``<name>.map``, a header plus one bit per block saying "this block is in the data file". Crash safety comes
+from ordering: a block's bytes reach the data file (and, for stable writes, the disk) before its bit is set
+and persisted, so after a crash a block reads either as the backup or as a whole acknowledged write; a
+torn write can only affect the blocks it was writing. The backup underneath is only ever read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.errors import IntegrityError
+
+MAP_MAGIC = b"BBWC"
+MAP_VERSION = 1
+DEFAULT_BLOCK = 64 * 1024
+_HEADER = struct.Struct(">4sBxxxIQQ")  # magic, version, block size, disk size, backing limit
+HEADER_SIZE = 64
+
+ReadBacking = Callable[[int, int], bytes]  # (offset, length) -> bytes, zero-filled past the backing's end
+
+
+class WriteCache:
+    """A copy-on-write overlay over a read-only disk; thread-safe."""
+
+    def __init__(self, directory: Path, name: str, backing: ReadBacking, backing_size: int,
+                 block_size: int = DEFAULT_BLOCK) -> None:  # fmt: skip
+        self.directory = Path(directory)
+        self.name = name
+        self._backing = backing
+        self.data_path = self.directory / f"{name}.data"
+        self.map_path = self.directory / f"{name}.map"
+        self._lock = threading.RLock()
+        self.dirty_tracker: set[int] | None = None  # set while a migration copies the disk
+        if self.map_path.exists():
+            self._open_existing()
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.block = block_size
+            self.size = backing_size
+            self.backing_limit = backing_size  # bytes past this read as zeros (after a truncation)
+            self._bits = bytearray(self._map_bytes(backing_size))
+            self._create()
+        self._data_fd = os.open(self.data_path, os.O_RDWR)
+        self._map_fd = os.open(self.map_path, os.O_RDWR)
+        self._unsynced = False
+
+    # --- files ----------------------------------------------------------------------------------------
+    def _map_bytes(self, size: int) -> int:
+        return (-(-size // self.block) + 7) // 8
+
+    def _header(self) -> bytes:
+        return _HEADER.pack(MAP_MAGIC, MAP_VERSION, self.block, self.size, self.backing_limit).ljust(HEADER_SIZE, b"\0")
+
+    def _create(self) -> None:
+        with open(self.data_path, "wb") as f:
+            f.truncate(self.size)
+            os.fsync(f.fileno())
+        tmp = self.map_path.with_suffix(".map.tmp")
+        with open(tmp, "wb") as f:
+            f.write(self._header() + self._bits)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.map_path)
+        fd = os.open(self.directory, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+    def _open_existing(self) -> None:
+        raw = self.map_path.read_bytes()
+        if len(raw) < HEADER_SIZE:
+            raise IntegrityError(f"write cache map {self.map_path} is truncated")
+        magic, version, block, size, limit = _HEADER.unpack_from(raw)
+        if magic != MAP_MAGIC:
+            raise IntegrityError(f"{self.map_path} is not a bootback write cache map")
+        if version > MAP_VERSION:
+            raise IntegrityError(f"write cache map {self.map_path} has newer version {version}")
+        self.block, self.size, self.backing_limit = block, size, limit
+        self._bits = bytearray(raw[HEADER_SIZE:].ljust(self._map_bytes(size), b"\0"))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in (self._data_fd, self._map_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    # --- block map ------------------------------------------------------------------------------------
+    def cached(self, index: int) -> bool:
+        return bool(self._bits[index >> 3] & (1 << (index & 7)))
+
+    def _set(self, index: int) -> None:
+        self._bits[index >> 3] |= 1 << (index & 7)
+        if self.dirty_tracker is not None:
+            self.dirty_tracker.add(index)
+
+    def _persist_map(self, first: int, last: int) -> None:
+        lo, hi = first >> 3, (last >> 3) + 1
+        os.pwrite(self._map_fd, bytes(self._bits[lo:hi]), HEADER_SIZE + lo)
+
+    def _persist_header(self) -> None:
+        os.pwrite(self._map_fd, self._header(), 0)
+
+    # --- I/O ------------------------------------------------------------------------------------------
+    def _backing_read(self, offset: int, length: int) -> bytes:
+        """The backup's bytes, zeros past its end or past a truncation."""
+        limit = self.backing_limit
+        if offset >= limit:
+            return bytes(length)
+        n = min(length, limit - offset)
+        data = self._backing(offset, n)
+        if len(data) < length:
+            data = data + bytes(length - len(data))
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        bs = self.block
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            index = pos // bs
+            in_cache = self.cached(index)
+            # extend the run over following blocks of the same kind
+            run_end = min((index + 1) * bs, end)
+            while run_end < end and self.cached(run_end // bs) == in_cache:
+                run_end = min(run_end + bs, end)
+            n = run_end - pos
+            if in_cache:
+                data = os.pread(self._data_fd, n, pos)
+                if len(data) < n:
+                    data += bytes(n - len(data))
+            else:
+                data = self._backing_read(pos, n)
+            parts.append(data)
+            pos = run_end
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, offset: int, data: bytes | memoryview, sync: bool) -> int:
+        """Write ``data`` at ``offset`` (growing the disk if needed); with ``sync`` it is durable on return."""
+        data = memoryview(data)
+        end = offset + len(data)
+        bs = self.block
+        with self._lock:
+            if end > self.size:
+                self._grow(end)
+            first, last = offset // bs, (end - 1) // bs if data else offset // bs
+            for index in range(first, last + 1):
+                if self.cached(index):
+                    continue
+                b0, b1 = index * bs, min((index + 1) * bs, self.size)
+                if offset <= b0 and end >= b1:
+                    continue  # the write covers the whole block
+                # Partial write to a block still in the backup: copy the block into the cache first.
+                self._pwrite(self._backing_read(b0, b1 - b0), b0)
+            self._pwrite(data, offset)
+            if sync:
+                os.fdatasync(self._data_fd)
+            for index in range(first, last + 1):
+                self._set(index)
+            self._persist_map(first, last)
+            if sync:
+                os.fdatasync(self._map_fd)
+            else:
+                self._unsynced = True
+        return len(data)
+
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._data_fd, view, offset)
+            if n == 0:
+                raise OSError(errno.ENOSPC, "no space left in the write cache")
+            view = view[n:]
+            offset += n
+
+    def commit(self) -> None:
+        """Make earlier unstable writes durable: data first, then the map that points at it."""
+        with self._lock:
+            os.fdatasync(self._data_fd)
+            os.fdatasync(self._map_fd)
+            self._unsynced = False
+
+    def _grow(self, new_size: int) -> None:
+        need = self._map_bytes(new_size)
+        if need > len(self._bits):
+            self._bits.extend(bytes(need - len(self._bits)))
+        os.ftruncate(self._data_fd, new_size)
+        self.size = new_size
+        self._persist_header()
+
+    def truncate(self, new_size: int) -> None:
+        with self._lock:
+            if new_size > self.size:
+                self._grow(new_size)
+            else:
+                bs = self.block
+                # The tail of a block cut in two must read as zeros if the disk grows again later.
+                if new_size % bs and self.cached(new_size // bs):
+                    tail = min((new_size // bs + 1) * bs, self.size) - new_size
+                    self._pwrite(bytes(tail), new_size)
+                elif new_size % bs and new_size < self.backing_limit:
+                    index = new_size // bs
+                    b0 = index * bs
+                    self._pwrite(self._backing_read(b0, new_size - b0), b0)
+                    self._set(index)
+                first_dropped = -(-new_size // bs)
+                for index in range(first_dropped, len(self._bits) * 8):
+                    self._bits[index >> 3] &= ~(1 << (index & 7))
+                self.backing_limit = min(self.backing_limit, new_size)
+                self.size = new_size
+                os.ftruncate(self._data_fd, new_size)
+                os.pwrite(self._map_fd, bytes(self._bits), HEADER_SIZE)
+                self._persist_header()
+            os.fdatasync(self._data_fd)
+            os.fdatasync(self._map_fd)
+
+    def cached_blocks(self) -> int:
+        return sum(bin(b).count("1") for b in self._bits)
+
+    def usage_bytes(self) -> int:
+        """Bytes the cache takes on disk (the data file is sparse)."""
+        return os.fstat(self._data_fd).st_blocks * 512 + os.fstat(self._map_fd).st_blocks * 512

@@ -1,0 +1,143 @@
+"""Daemon subcommands: serve, publish, sessions, stop, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from appliance.config import DaemonConfig, default_export_name, default_state_dir
+from appliance.progress import byte_progress
+from appliance.repo.repository import parse_size
+from appliance.sessions.control import ControlClient
+
+
+def _state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", type=Path, default=None, help="state directory (default $BOOTBACK_STATE, "
+                   "/var/lib/bootback as root)")  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the appliance daemon: NFS datastore, sessions, control port")
+    p.add_argument("--repo", type=Path, action="append", required=True, help="a repository to serve (repeatable)")
+    _state_arg(p)
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--nfs-port", type=int, default=2049)
+    p.add_argument("--mount-port", type=int, default=1058)
+    p.add_argument("--portmap-port", type=int, default=111, help="0: no portmapper")
+    p.add_argument("--control-port", type=int, default=6161)
+    p.add_argument("--export", default=None, help="export path (default /bootback-<hostname>)")
+    p.add_argument("--clients", default="0.0.0.0/0,::/0", help="allowed client networks, comma-separated CIDR")
+    p.add_argument("--min-free", default="100G", help="refuse new sessions below this free cache space")
+    p.add_argument("--advertise", help="host name or address to put in nfs:// URLs")
+    p.add_argument("--no-web", action="store_true", help="do not start the web app on the control port")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("publish", help="publish restore points as VM folders on the datastore")
+    p.add_argument("vms", nargs="+", metavar="VM[@POINT]", help="one or more VMs (mass recovery)")
+    p.add_argument("--mode", choices=("instant", "sandbox"), default="instant")
+    p.add_argument("--cache", help="write cache directory for these sessions")
+    p.add_argument("--repo", help="repository name or path, when the daemon serves several")
+    _state_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("sessions", help="list sessions")
+    _state_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("stop", help="stop a session (a sandbox's cache is discarded)")
+    p.add_argument("session")
+    p.add_argument("--force", action="store_true", help="discard an instant session's unmigrated changes")
+    _state_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("migrate", help="copy a session's current disks (backup + changes) out, while it runs")
+    p.add_argument("session")
+    p.add_argument("-o", "--output", required=True, help="a file (one disk) or a directory (a whole VM folder)")
+    p.add_argument("--no-wait", action="store_true")
+    _state_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_migrate)
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(args.state or default_state_dir())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.daemon import Daemon
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    web = not args.no_web and importlib.util.find_spec("web.launcher") is not None
+    config = DaemonConfig(
+        repos=args.repo, state_dir=args.state or default_state_dir(), bind=args.bind, nfs_port=args.nfs_port,
+        mount_port=args.mount_port, portmap_port=args.portmap_port or None, control_port=args.control_port,
+        export_path=args.export or default_export_name(),
+        clients=[c.strip() for c in args.clients.split(",") if c.strip()],
+        min_free_bytes=parse_size(args.min_free), advertise=args.advertise, web=web,
+    )  # fmt: skip
+    daemon = Daemon(config)
+    asyncio.run(daemon.run())
+    return 0
+
+
+def _print(args: argparse.Namespace, doc: object, text: str) -> None:
+    print(json.dumps(doc, indent=2) if args.json else text)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    docs = _client(args).call("publish", vms=args.vms, mode=args.mode, cache=args.cache, repo=args.repo)
+    if args.json:
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+        return 0
+    for d in docs:
+        print(f"published {d['vm']}@{d['point']} as session {d['id']} ({d['mode']}): {d['nfs_url']}")
+        print(f"  files: {', '.join(d['files'])}")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    docs = _client(args).call("sessions")
+    if args.json:
+        print(json.dumps(docs, indent=2))
+        return 0
+    if not docs:
+        print("no sessions")
+    for d in docs:
+        mig = f", migrated to {d['migrated_to']}" if d.get("migrated_to") else ""
+        print(f"{d['id']}  {d['mode']:<8} {d['vm']}@{d['point']}  {d['path']}  "
+              f"cache {d['cache_used_bytes'] / 1e6:.1f} MB{mig}")  # fmt: skip
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    doc = _client(args).call("stop", id=args.session, force=args.force)
+    _print(args, doc, f"stopped session {doc['id']} ({doc['folder']})")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    client = _client(args)
+    output = str(Path(args.output).resolve())
+    status = client.call("migrate", id=args.session, output=output)
+    if not args.no_wait:
+        with byte_progress(not args.json) as update:
+            while status["running"]:
+                update("migrate", status["copied_bytes"], status["total_bytes"])
+                time.sleep(0.2)
+                status = client.call("migrate_status", id=args.session)
+            update("migrate", status["copied_bytes"], status["total_bytes"])
+    if status.get("error"):
+        print(f"bootback: error: migration failed: {status['error']}", file=sys.stderr)
+        return 30 if "space" in status["error"] else 40
+    _print(args, status, f"migrated session {args.session} to {output} ({status['total_bytes']} bytes, "
+           f"{status['passes']} passes)" if not status["running"] else f"migrating to {output}")  # fmt: skip
+    return 0

@@ -1,0 +1,46 @@
+"""Daemon settings: defaults users would expect, overridable on the command line or by environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GiB = 1 << 30
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("BOOTBACK_STATE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/bootback")
+    return Path.home() / ".local" / "state" / "bootback"
+
+
+def default_export_name() -> str:
+    host = socket.gethostname().split(".")[0] or "appliance"
+    return f"/bootback-{host}"
+
+
+@dataclass
+class DaemonConfig:
+    repos: list[Path]
+    state_dir: Path = field(default_factory=default_state_dir)
+    bind: str = "0.0.0.0"
+    nfs_port: int = 2049
+    mount_port: int = 1058
+    portmap_port: int | None = 111
+    control_port: int = 6161
+    export_path: str = field(default_factory=default_export_name)
+    clients: list[str] = field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    min_free_bytes: int = 100 * GiB
+    advertise: str | None = None  # host name put in nfs:// URLs
+    web: bool = True
+
+    @property
+    def host(self) -> str:
+        if self.advertise:
+            return self.advertise
+        return "127.0.0.1" if self.bind in ("0.0.0.0", "::") else self.bind

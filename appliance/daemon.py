@@ -1,0 +1,168 @@
+"""The appliance daemon: NFS server + datastore + sessions + control socket (+ the web app on 6161)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+from pathlib import Path
+
+from appliance.config import DaemonConfig
+from appliance.datastore.backend import DatastoreBackend
+from appliance.errors import IntegrityError, NoSpaceError, UsageError
+from appliance.repo import Repository
+from appliance.sessions.control import ControlServer
+from appliance.sessions.manager import SessionManager
+from nfsd import errors as nfs_errors
+from nfsd.exports import Export
+from nfsd.handles import HandleCodec
+from nfsd.server import NFSServer
+from nfsd.vfs import Status
+
+log = logging.getLogger("bootback")
+
+# Domain errors as the NFS client sees them (nfsd's single translation table).
+nfs_errors.register(NoSpaceError, Status.NOSPC)
+nfs_errors.register(IntegrityError, Status.IO)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        state = config.state_dir = Path(config.state_dir).resolve()
+        state.mkdir(parents=True, exist_ok=True)
+        self.repos: dict[str, Repository] = {}
+        for path in config.repos:
+            repo = Repository.open(path)
+            name = Path(path).resolve().name
+            if name in self.repos:
+                name = f"{name}-{repo.config.id[:6]}"
+            self.repos[name] = repo
+        self.backend = DatastoreBackend(state / "datastore-root")
+        self.sessions = SessionManager(state, self.repos, self.backend, min_free_bytes=config.min_free_bytes)
+        self.export = Export(path=config.export_path, backend=self.backend, clients=config.clients)
+        self.server = NFSServer(
+            [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,
+            nfs_port=config.nfs_port, mount_port=config.mount_port, portmap_port=config.portmap_port,
+        )  # fmt: skip
+        self.control = ControlServer(state, self._ops())
+        self.web: subprocess.Popen | None = None
+        self._stop = asyncio.Event()
+
+    # --- control operations ---------------------------------------------------------------------------
+    def _ops(self) -> dict:
+        return {
+            "status": self.op_status,
+            "publish": self.op_publish,
+            "sessions": self.op_sessions,
+            "session": self.op_session,
+            "stop": self.op_stop,
+            "migrate": self.op_migrate,
+            "migrate_status": self.op_migrate_status,
+            "repositories": self.op_repositories,
+            "points": self.op_points,
+            "clients": lambda: self.server.clients(),
+        }
+
+    def _doc(self, rec) -> dict:
+        return self.sessions.describe(rec, self.export.path, self.config.host)
+
+    def op_status(self) -> dict:
+        ports = self.server.ports
+        return {
+            "export": self.export.path,
+            "host": self.config.host,
+            "ports": {"portmap": ports.portmap, "nfs": ports.nfs, "mount": ports.mount,
+                      "portmap_external": ports.portmap_external, "control": self.config.control_port},
+            "repositories": sorted(self.repos),
+            "sessions": len(self.sessions.records),
+            "cache": self.sessions.check_space(self.sessions.default_cache),
+            "clients": self.server.clients(),
+            "allowed_networks": self.export.clients,
+        }  # fmt: skip
+
+    def op_publish(self, vm: str | None = None, vms: list[str] | None = None, point: str = "latest",
+                   mode: str = "instant", cache: str | None = None, repo: str | None = None) -> list[dict]:  # fmt: skip
+        """Publish one VM or many (mass recovery); a VM may be 'name' or 'name@point'."""
+        targets = list(vms or []) + ([vm] if vm else [])
+        if not targets:
+            raise UsageError("publish needs 'vm' or 'vms'")
+        out = []
+        for t in targets:
+            name, _, p = t.partition("@")
+            out.append(self._doc(self.sessions.publish(name, p or point, mode, cache, repo)))
+        return out
+
+    def op_sessions(self) -> list[dict]:
+        return [self._doc(r) for r in sorted(self.sessions.records.values(), key=lambda r: r.created)]
+
+    def op_session(self, id: str) -> dict:  # noqa: A002 - the API's field name
+        return self._doc(self.sessions.get(id))
+
+    def op_stop(self, id: str, force: bool = False) -> dict:  # noqa: A002
+        rec = self.sessions.stop(id, force=force)
+        return {"id": rec.id, "folder": rec.folder, "stopped": True}
+
+    def op_migrate(self, id: str, output: str) -> dict:  # noqa: A002
+        return self.sessions.migrate(id, output).status()
+
+    def op_migrate_status(self, id: str) -> dict:  # noqa: A002
+        rec = self.sessions.get(id)
+        mig = self.sessions.migrations.get(rec.id)
+        if mig is None:
+            raise UsageError(f"session {rec.id} has no migration")
+        return mig.status()
+
+    def op_repositories(self) -> list[dict]:
+        out = []
+        for name, repo in sorted(self.repos.items()):
+            points = repo.restore_points()
+            out.append({"name": name, "path": str(repo.path), "chunk_size": repo.config.chunk_size,
+                        "vms": sorted({p.vm for p in points}), "points": len(points)})  # fmt: skip
+        return out
+
+    def op_points(self, repo: str | None = None, vm: str | None = None) -> list[dict]:
+        _, repository = self.sessions.repo(repo)
+        return [p.summary() for p in repository.restore_points(vm)]
+
+    # --- running --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.sessions.restore()
+        ports = await self.server.start()
+        await self.control.start()
+        if self.config.web:
+            from web.launcher import start_web
+
+            self.web = start_web(self.config.state_dir, bind=self.config.bind, port=self.config.control_port)
+        moved = "; ".join(ports.moved)
+        log.info(
+            "bootback serving %s: NFS %d, MOUNT %d, portmapper %s%s; %d session(s)%s",
+            self.export.path, ports.nfs, ports.mount, ports.portmap,
+            " (external)" if ports.portmap_external else "", len(self.sessions.records),
+            f"; {moved}" if moved else "",
+        )  # fmt: skip
+
+    async def shutdown(self) -> None:
+        if self.web is not None and self.web.poll() is None:
+            self.web.terminate()
+            try:
+                self.web.wait(10)
+            except subprocess.TimeoutExpired:
+                self.web.kill()
+        await self.control.stop()
+        await self.server.stop()
+        self.sessions.close()
+        log.info("bootback stopped; instant sessions will come back at the next start")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        print(f"bootback: ready, export {self.export.path} on NFS port {self.server.ports.nfs}", flush=True)
+        await self._stop.wait()
+        await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,229 @@
+"""One published VM folder: real files in the session's cache directory (the .vmx, the descriptors and
+whatever the hypervisor creates: .lck-*, .vswp, vmware.log, .nvram, redo logs) with the -flat.vmdk extents
+laid over them as virtual files whose reads come from the backup and whose writes go to the write cache.
+
+Object ids inside a folder: a real file's inode number, or EXTENT_BIT | disk index for an extent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.cache.overlay import WriteCache
+from nfsd.localfs import LocalFS
+from nfsd.vfs import Attr, FileType, NFSError, ObjectId, SetAttr, StableHow, Status, WriteResult
+
+EXTENT_BIT = 1 << 43
+LOCAL_MASK = (1 << 44) - 1
+
+
+@dataclass
+class Extent:
+    index: int
+    key: str  # the name it was published under
+    cache: WriteCache
+    mtime_ns: int
+    ctime_ns: int
+
+
+class SessionFolder:
+    def __init__(self, directory: Path, extents: dict[str, WriteCache]) -> None:
+        """``directory`` holds files/ (the real files) and names.json (current names of the extents)."""
+        self.directory = Path(directory)
+        self.files = LocalFS(self.directory / "files")
+        now = time.time_ns()
+        self.extents = [Extent(i, key, cache, now, now) for i, (key, cache) in enumerate(extents.items())]
+        self._names_path = self.directory / "names.json"
+        self._lock = threading.RLock()
+        try:
+            self.names: dict[str, str | None] = json.loads(self._names_path.read_text())
+        except FileNotFoundError:
+            self.names = {e.key: e.key for e in self.extents}
+            self._save_names()
+
+    def _save_names(self) -> None:
+        tmp = self._names_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.names))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self._names_path)
+
+    # --- name resolution ------------------------------------------------------------------------------
+    def root(self) -> ObjectId:
+        return self.files.root()
+
+    def is_root(self, obj: ObjectId) -> bool:
+        return obj.fileid == self.files.root().fileid
+
+    def _extent(self, obj: ObjectId) -> Extent | None:
+        if obj.fileid & EXTENT_BIT:
+            i = obj.fileid & ~EXTENT_BIT
+            if i >= len(self.extents) or self.names.get(self.extents[i].key) is None:
+                raise NFSError(Status.STALE, "extent was removed")
+            return self.extents[i]
+        return None
+
+    def _visible(self) -> dict[str, Extent]:
+        return {self.names[e.key]: e for e in self.extents if self.names.get(e.key)}
+
+    def _check_local(self, st_ino: int) -> None:
+        if st_ino & ~((1 << 43) - 1):
+            raise NFSError(Status.SERVERFAULT, f"inode {st_ino} too large for this datastore's file ids")
+
+    # --- the Backend methods, on folder-local ids -----------------------------------------------------
+    def getattr(self, obj: ObjectId) -> Attr:
+        ext = self._extent(obj)
+        if ext is None:
+            return self.files.getattr(obj)
+        size = ext.cache.size
+        return Attr(
+            type=FileType.REG, mode=0o600, nlink=1, uid=0, gid=0, size=size,
+            used=min(size, ext.cache.usage_bytes()) if size else 0,
+            fileid=obj.fileid, atime_ns=ext.mtime_ns, mtime_ns=ext.mtime_ns, ctime_ns=ext.ctime_ns,
+        )  # fmt: skip
+
+    def setattr(self, obj: ObjectId, attrs: SetAttr, cred) -> Attr:
+        ext = self._extent(obj)
+        if ext is None:
+            return self.files.setattr(obj, attrs, cred)
+        if attrs.size is not None and attrs.size != ext.cache.size:
+            ext.cache.truncate(attrs.size)
+        now = time.time_ns()
+        if attrs.mtime_ns is not None:
+            ext.mtime_ns = now if attrs.mtime_ns == -1 else attrs.mtime_ns
+        ext.ctime_ns = now
+        return self.getattr(obj)
+
+    def lookup(self, directory: ObjectId, name: str) -> ObjectId:
+        if self.is_root(directory):
+            ext = self._visible().get(name)
+            if ext is not None:
+                return ObjectId(EXTENT_BIT | ext.index, 0)
+        obj = self.files.lookup(directory, name)
+        self._check_local(obj.fileid)
+        return obj
+
+    def read(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool]:
+        ext = self._extent(obj)
+        if ext is None:
+            return self.files.read(obj, offset, count)
+        data = ext.cache.read(offset, count)
+        return data, offset + len(data) >= ext.cache.size
+
+    def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
+        ext = self._extent(obj)
+        if ext is None:
+            return self.files.write(obj, offset, data, stable)
+        n = ext.cache.write(offset, data, sync=stable != StableHow.UNSTABLE)
+        ext.mtime_ns = ext.ctime_ns = time.time_ns()
+        return WriteResult(n, StableHow.FILE_SYNC if stable != StableHow.UNSTABLE else StableHow.UNSTABLE)
+
+    def commit(self, obj: ObjectId, offset: int, count: int) -> None:
+        ext = self._extent(obj)
+        if ext is None:
+            self.files.commit(obj, offset, count)
+        else:
+            ext.cache.commit()
+
+    def _no_clash(self, directory: ObjectId, name: str) -> None:
+        if self.is_root(directory) and name in self._visible():
+            raise NFSError(Status.EXIST, name)
+
+    def create(self, directory, name, mode, attrs, verifier, cred) -> ObjectId:
+        self._no_clash(directory, name)
+        return self.files.create(directory, name, mode, attrs, verifier, cred)
+
+    def mkdir(self, directory, name, attrs, cred) -> ObjectId:
+        self._no_clash(directory, name)
+        return self.files.mkdir(directory, name, attrs, cred)
+
+    def symlink(self, directory, name, target, attrs, cred) -> ObjectId:
+        self._no_clash(directory, name)
+        return self.files.symlink(directory, name, target, attrs, cred)
+
+    def link(self, obj, directory, name) -> None:
+        if self._extent(obj) is not None:
+            raise NFSError(Status.NOTSUPP, "the published extent cannot be hard-linked")
+        self._no_clash(directory, name)
+        self.files.link(obj, directory, name)
+
+    def remove(self, directory: ObjectId, name: str) -> None:
+        with self._lock:
+            if self.is_root(directory):
+                ext = self._visible().get(name)
+                if ext is not None:
+                    # Hide it in this session (a finished storage migration deletes the source files).
+                    self.names[ext.key] = None
+                    self._save_names()
+                    return
+            self.files.remove(directory, name)
+
+    def rmdir(self, directory: ObjectId, name: str) -> None:
+        self.files.rmdir(directory, name)
+
+    def rename(self, from_dir: ObjectId, from_name: str, to_dir: ObjectId, to_name: str) -> None:
+        with self._lock:
+            visible = self._visible()
+            src = visible.get(from_name) if self.is_root(from_dir) else None
+            if src is not None:
+                if not self.is_root(to_dir):
+                    raise NFSError(Status.XDEV, "extents stay at the top of their folder")
+                target = visible.get(to_name)
+                if target is not None and target is not src:
+                    self.names[target.key] = None
+                self.files.remove(to_dir, to_name) if self._exists(to_dir, to_name) else None
+                self.names[src.key] = to_name
+                self._save_names()
+                return
+            if self.is_root(to_dir) and to_name in visible:
+                self.names[visible[to_name].key] = None  # a real file replaces the extent's name
+                self._save_names()
+            self.files.rename(from_dir, from_name, to_dir, to_name)
+
+    def _exists(self, directory: ObjectId, name: str) -> bool:
+        try:
+            self.files.lookup(directory, name)
+            return True
+        except NFSError:
+            return False
+
+    def listing(self, directory: ObjectId) -> list[tuple[str, ObjectId]]:
+        """All names in ``directory`` (without '.' and '..'), sorted."""
+        path = self.files.path(directory)
+        entries: dict[str, ObjectId] = {}
+        for name in os.listdir(path):
+            try:
+                st = os.lstat(os.path.join(path, name))
+            except FileNotFoundError:
+                continue
+            self._check_local(st.st_ino)
+            entries[name] = self.files._remember(directory, name, st)
+        if self.is_root(directory):
+            for name, ext in self._visible().items():
+                entries[name] = ObjectId(EXTENT_BIT | ext.index, 0)
+        return sorted(entries.items())
+
+    def readlink(self, obj: ObjectId) -> str:
+        if self._extent(obj) is not None:
+            raise NFSError(Status.INVAL)
+        return self.files.readlink(obj)
+
+    def parent(self, obj: ObjectId) -> ObjectId:
+        return self.files.parent(obj)
+
+    def fsstat(self):
+        return self.files.fsstat(self.files.root())
+
+    def flush(self) -> None:
+        for e in self.extents:
+            e.cache.commit()
+
+    def close(self) -> None:
+        for e in self.extents:
+            e.cache.close()
+        self.files.close()

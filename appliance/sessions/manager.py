@@ -1,0 +1,242 @@
+"""Sessions: publish restore points as VM folders, keep instant sessions across restarts, discard sandboxes,
+migrate a running session's disks out, and guard the cache's free space."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.cache.overlay import WriteCache
+from appliance.datastore.backend import DatastoreBackend
+from appliance.datastore.descriptors import disk_names, published_vmx, vmdk_descriptor
+from appliance.datastore.folder import SessionFolder
+from appliance.errors import NoSpaceError, SessionError, SessionNotFoundError, UsageError
+from appliance.repo import Repository
+from appliance.sessions.migrate import Migration
+from appliance.sessions.records import MODES, SessionRecord
+
+log = logging.getLogger("bootback.sessions")
+
+GiB = 1 << 30
+
+
+class SessionManager:
+    def __init__(self, state_dir: Path, repos: dict[str, Repository], backend: DatastoreBackend,
+                 min_free_bytes: int = 100 * GiB, warn_free_fraction: float = 0.1) -> None:  # fmt: skip
+        self.state = Path(state_dir)
+        self.sessions_dir = self.state / "sessions"
+        self.default_cache = self.state / "cache"
+        self.repos = repos
+        self.backend = backend
+        self.min_free = min_free_bytes
+        self.warn_fraction = warn_free_fraction
+        self.records: dict[str, SessionRecord] = {}
+        self.folders: dict[str, SessionFolder] = {}
+        self.migrations: dict[str, Migration] = {}
+        self._lock = threading.RLock()
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- repositories ---------------------------------------------------------------------------------
+    def repo(self, name: str | None) -> tuple[str, Repository]:
+        if name is None:
+            if len(self.repos) != 1:
+                raise UsageError(f"several repositories are served ({', '.join(self.repos)}): name one")
+            name = next(iter(self.repos))
+        for key, repo in self.repos.items():
+            if name in (key, str(repo.path)):
+                return key, repo
+        raise UsageError(f"unknown repository {name!r}; served: {', '.join(self.repos)}")
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """At daemon start: bring instant sessions back with their writes; sandboxes are throw-away."""
+        for path in sorted(self.sessions_dir.glob("*.json")):
+            try:
+                rec = SessionRecord.load(path)
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("cannot read session record %s: %s", path, exc)
+                continue
+            if rec.mode == "sandbox":
+                log.info("discarding sandbox session %s left from the last run", rec.id)
+                self._discard(rec)
+                continue
+            try:
+                self._mount(rec)
+                log.info("restored instant session %s (%s)", rec.id, rec.folder)
+            except Exception as exc:  # noqa: BLE001 - one bad session must not keep the others down
+                log.error("cannot restore session %s: %s", rec.id, exc)
+
+    def _next_slot(self) -> int:
+        path = self.state / "next-slot"
+        try:
+            slot = int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            slot = 1
+        path.write_text(str(slot + 1))
+        return slot
+
+    def check_space(self, cache_dir: Path) -> dict:
+        probe = cache_dir
+        while not probe.exists():
+            probe = probe.parent
+        usage = shutil.disk_usage(probe)
+        status = {"path": str(cache_dir), "total": usage.total, "free": usage.free, "min_free": self.min_free,
+                  "warning": None}  # fmt: skip
+        if usage.free < self.min_free:
+            status["warning"] = "below minimum free space"
+        elif usage.free < usage.total * self.warn_fraction:
+            status["warning"] = f"less than {int(self.warn_fraction * 100)}% free"
+        return status
+
+    def publish(self, vm: str, point: str = "latest", mode: str = "instant", cache_dir: str | None = None,
+                repo: str | None = None) -> SessionRecord:  # fmt: skip
+        if mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        repo_key, repository = self.repo(repo)
+        rp = repository.restore_point(vm, point)
+        sid = uuid.uuid4().hex[:8]
+        base = Path(cache_dir) if cache_dir else self.default_cache
+        space = self.check_space(base)
+        if space["free"] < self.min_free:
+            raise NoSpaceError(
+                f"cache {base} has {space['free'] / GiB:.1f} GiB free, below the minimum of "
+                f"{self.min_free / GiB:.1f} GiB; free space, choose another --cache, or lower the minimum"
+            )
+        if space["warning"]:
+            log.warning("cache %s: %s", base, space["warning"])
+        with self._lock:
+            folder_name = f"{vm}-{mode}-{sid}"
+            rec = SessionRecord(
+                id=sid, vm=vm, point=rp.id, repo=repo_key, mode=mode, slot=self._next_slot(), folder=folder_name,
+                cache_dir=str(base / sid), created=datetime.now(UTC).isoformat(timespec="seconds"),
+            )  # fmt: skip
+            session_dir = Path(rec.cache_dir)
+            files = session_dir / "files"
+            files.mkdir(parents=True)
+            published = disk_names(rp.disks)
+            label = "bootback instant recovery" if mode == "instant" else "bootback sandbox"
+            (files / f"{vm}.vmx").write_text(published_vmx(vm, rp.id, rp.vmx, published, label))
+            for d in published:
+                (files / d.descriptor_name).write_text(vmdk_descriptor(d))
+                rec.disks.append({"key": d.entry.name, "descriptor": d.descriptor_name, "extent": d.extent_name,
+                                  "size": d.extent_size})  # fmt: skip
+            rec.save(self.sessions_dir)
+            try:
+                self._mount(rec)
+            except Exception:
+                self._discard(rec)
+                raise
+        log.info("published %s@%s as %s (%s)", vm, rp.id, folder_name, mode)
+        return rec
+
+    def _mount(self, rec: SessionRecord) -> None:
+        _, repository = self.repo(rec.repo)
+        rp = repository.restore_point(rec.vm, rec.point)
+        caches = {}
+        session_dir = Path(rec.cache_dir)
+        for d in rec.disks:
+            reader = repository.open_disk(rp, d["key"])
+            caches[d["extent"]] = WriteCache(session_dir / "disks", d["extent"], reader.read, d["size"])
+        folder = SessionFolder(session_dir, caches)
+        self.backend.add_folder(rec.slot, rec.folder, folder)
+        self.records[rec.id] = rec
+        self.folders[rec.id] = folder
+
+    def get(self, sid: str) -> SessionRecord:
+        rec = self.records.get(sid)
+        if rec is None:
+            matches = [r for r in self.records.values() if r.id.startswith(sid) or r.folder == sid]
+            if len(matches) != 1:
+                raise SessionNotFoundError(f"no session {sid!r}")
+            rec = matches[0]
+        return rec
+
+    def stop(self, sid: str, force: bool = False) -> SessionRecord:
+        with self._lock:
+            rec = self.get(sid)
+            mig = self.migrations.get(rec.id)
+            if mig is not None and mig.running:
+                raise SessionError(f"session {rec.id} is being migrated; wait for it to finish")
+            if rec.mode == "instant" and not rec.migrated_to and not force and self.changed_bytes(rec.id):
+                raise SessionError(
+                    f"instant session {rec.id} has changes that were never migrated; migrate it first, "
+                    "or stop it with --force to discard them"
+                )
+            folder = self.backend.remove_folder(rec.slot)
+            if folder is not None:
+                folder.close()
+            self.records.pop(rec.id, None)
+            self.folders.pop(rec.id, None)
+            self._discard(rec)
+        log.info("stopped session %s (%s)", rec.id, rec.folder)
+        return rec
+
+    def _discard(self, rec: SessionRecord) -> None:
+        shutil.rmtree(rec.cache_dir, ignore_errors=True)
+        rec.delete(self.sessions_dir)
+
+    def changed_bytes(self, sid: str) -> int:
+        folder = self.folders[sid]
+        return sum(e.cache.cached_blocks() * e.cache.block for e in folder.extents)
+
+    def usage(self, sid: str) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.records[sid].cache_dir):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def describe(self, rec: SessionRecord, export_path: str, host: str) -> dict:
+        doc = asdict(rec)
+        folder = self.folders.get(rec.id)
+        doc["files"] = sorted(n for n, _ in folder.listing(folder.root())) if folder else []
+        doc["cache_used_bytes"] = self.usage(rec.id) if folder else 0
+        doc["changed_bytes"] = self.changed_bytes(rec.id) if folder else 0
+        doc["nfs_url"] = f"nfs://{host}{export_path.rstrip('/')}/{rec.folder}"
+        doc["path"] = f"{export_path.rstrip('/')}/{rec.folder}"
+        mig = self.migrations.get(rec.id)
+        doc["migration"] = mig.status() if mig else None
+        return doc
+
+    # --- migration ------------------------------------------------------------------------------------
+    def migrate(self, sid: str, output: str) -> Migration:
+        with self._lock:
+            rec = self.get(sid)
+            old = self.migrations.get(rec.id)
+            if old is not None and old.running:
+                raise SessionError(f"session {rec.id} is already being migrated")
+            folder = self.folders[rec.id]
+            mig = Migration(rec, folder, Path(output), on_done=lambda m: self._migrated(rec, m))
+            self.migrations[rec.id] = mig
+            mig.start()
+            return mig
+
+    def _migrated(self, rec: SessionRecord, mig: Migration) -> None:
+        if mig.error is None:
+            rec.migrated_to = str(mig.output)
+            rec.save(self.sessions_dir)
+
+    def flush(self) -> None:
+        for folder in self.folders.values():
+            folder.flush()
+
+    def close(self) -> None:
+        for m in self.migrations.values():
+            m.cancel()
+        for sid in list(self.folders):
+            folder = self.backend.remove_folder(self.records[sid].slot)
+            if folder is not None:
+                folder.flush()
+                folder.close()
+        self.folders.clear()
+        time.sleep(0)
