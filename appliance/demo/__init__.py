@@ -1,0 +1,1 @@
+"""A small bootable demo VM (Debian kernel + busybox root) for the demo, the tests and the benchmarks."""

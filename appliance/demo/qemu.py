@@ -1,0 +1,60 @@
+"""Boot a disk (a local file or an nfs:// URL) with qemu-system-x86_64 under TCG and read its console."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.demo.bootdisk import BANNER, MARKER_LINE
+
+
+@dataclass
+class BootResult:
+    console: str
+    seconds: float
+    first_line_seconds: float | None
+    returncode: int
+
+    @property
+    def booted(self) -> bool:
+        return BANNER in self.console
+
+    @property
+    def marker_written(self) -> bool:
+        return MARKER_LINE in self.console
+
+
+def boot(drive: str, timeout: float = 240, console_log: Path | None = None, memory_mib: int = 512) -> BootResult:
+    """Boot ``drive`` (raw) until the guest powers off or ``timeout`` passes."""
+    log = Path(console_log) if console_log else Path(tempfile.mkstemp(suffix=".console")[1])
+    log.write_text("")
+    cmd = [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-display", "none",
+        "-no-reboot", "-monitor", "none", "-serial", f"file:{log}", "-nic", "none",
+        "-drive", f"file={drive},format=raw,if=virtio,cache=none",
+    ]  # fmt: skip
+    start = time.monotonic()
+    first: float | None = None
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None:
+            if first is None and log.stat().st_size > 0:
+                first = time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                proc.kill()
+                break
+            time.sleep(0.1)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    if first is None and text:
+        first = time.monotonic() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if err.strip():
+        text += f"\n[qemu stderr] {err}"
+    return BootResult(text, time.monotonic() - start, first, proc.returncode)
