@@ -34,7 +34,7 @@ class Daemon:
         state.mkdir(parents=True, exist_ok=True)
         self.repos: dict[str, Repository] = {}
         for path in config.repos:
-            repo = Repository.open(path)
+            repo = Repository.open(Path(path).resolve())
             name = Path(path).resolve().name
             if name in self.repos:
                 name = f"{name}-{repo.config.id[:6]}"
@@ -134,7 +134,13 @@ class Daemon:
         if self.config.web:
             from web.launcher import start_web
 
-            self.web = start_web(self.config.state_dir, bind=self.config.bind, port=self.config.control_port)
+            self.web = await asyncio.to_thread(
+                start_web,
+                self.config.state_dir,
+                bind=self.config.bind,
+                port=self.config.control_port,
+                advertise=self.config.advertise,
+            )
         moved = "; ".join(ports.moved)
         log.info(
             "bootback serving %s: NFS %d, MOUNT %d, portmapper %s%s; %d session(s)%s",

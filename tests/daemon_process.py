@@ -35,8 +35,10 @@ def tree_hash(root: Path) -> str:
 
 
 class DaemonProcess:
-    def __init__(self, repo: Path, state: Path, *args: str) -> None:
+    def __init__(self, repo: Path, state: Path, *args: str, web_port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.repo, self.state, self.args = Path(repo), Path(state), list(args)
+        self.web_port, self.env = web_port, env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.state.parent / f"{self.state.name}-daemon.log"
         self.nfs_port = 0
@@ -46,9 +48,10 @@ class DaemonProcess:
         log = open(self.log_path, "a")  # noqa: SIM115
         offset = self.log_path.stat().st_size
         cmd = [sys.executable, "-m", "appliance", "serve", "--repo", str(self.repo), "--state", str(self.state),
-               "--export", EXPORT, "--min-free", "1M", "--no-web", *self.args]  # fmt: skip
+               "--export", EXPORT, "--min-free", "1M", *self.args]  # fmt: skip
+        cmd += ["--control-port", str(self.web_port)] if self.web_port else ["--no-web"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[offset:]

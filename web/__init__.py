@@ -1,1 +1,58 @@
-"""The admin page and REST API on the control port (Flask, served by gunicorn)."""
+"""The web app on the control port: REST API under /api/v1 and the admin page (Flask app factory)."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from appliance.config import default_state_dir
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    from web import api, pages
+    from web.credentials import secret_key
+
+    app = Flask(__name__)
+    config = dict(test_config or {})
+    state = Path(config.pop("STATE_DIR", None) or default_state_dir())
+    app.config.from_mapping(
+        STATE_DIR=state,
+        SECRET_KEY=secret_key(state),
+        SESSION_COOKIE_NAME="bootback_session",
+        SESSION_COOKIE_SECURE=True,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=8),
+        MAX_CONTENT_LENGTH=1 << 20,
+    )
+    app.config.update(config)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+    app.after_request(_security_headers)
+    app.register_error_handler(HTTPException, _api_errors_as_json)
+    return app
+
+
+def _api_errors_as_json(exc: HTTPException) -> Any:
+    """Unknown API paths and wrong methods answer JSON like the rest of the API; pages keep HTML."""
+    if request.path.startswith("/api/"):
+        return jsonify(error={"status": exc.code, "message": exc.description}), exc.code
+    return exc
+
+
+def _security_headers(resp: Response) -> Response:
+    h = resp.headers
+    h.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                 "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")  # fmt: skip
+    h.setdefault("X-Content-Type-Options", "nosniff")
+    h.setdefault("X-Frame-Options", "DENY")
+    h.setdefault("Referrer-Policy", "no-referrer")
+    h.setdefault("Strict-Transport-Security", "max-age=31536000")
+    h.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    if request.path.startswith("/api/") or resp.mimetype == "text/html":
+        h.setdefault("Cache-Control", "no-store")
+    return resp

@@ -1,0 +1,197 @@
+"""REST API under /api/v1: everything the admin page does, for scripts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from appliance import __version__
+from web import daemon
+from web.metrics import render_metrics
+from web.openapi import openapi_document
+from web.security import api_auth, credentials
+from web.validation import NAME, ApiError, Field, json_body, query_flag
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> tuple[Response, int]:
+    return jsonify(error={"status": exc.status, "message": exc.message}), exc.status
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Any:
+    if exc.response is not None:  # already a JSON response (abort with one)
+        return exc.response
+    return jsonify(error={"status": exc.code, "message": exc.description}), exc.code
+
+
+# --- open -----------------------------------------------------------------------------------------------
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    """The one endpoint open without authentication (container HEALTHCHECK, load balancers)."""
+    try:
+        status = daemon.call("status")
+        ok = True
+    except ApiError as exc:
+        status, ok = {"message": exc.message}, False
+    body = {"status": "ok" if ok else "unavailable", "daemon": ok, "version": __version__}
+    if ok:
+        body["sessions"] = status["sessions"]
+    return jsonify(body), 200 if ok else 503
+
+
+# --- appliance ------------------------------------------------------------------------------------------
+@bp.get("/openapi.json")
+@api_auth
+def openapi() -> Response:
+    return jsonify(openapi_document())
+
+
+@bp.get("/status")
+@api_auth
+def status() -> Response:
+    return jsonify(daemon.call("status"))
+
+
+@bp.get("/metrics")
+@api_auth
+def metrics() -> Response:
+    text = render_metrics(daemon.call("status"), daemon.call("sessions"), daemon.call("repositories"))
+    return Response(text, mimetype="text/plain; version=0.0.4")
+
+
+@bp.get("/exports")
+@api_auth
+def exports() -> Response:
+    s = daemon.call("status")
+    return jsonify([{"path": s["export"], "host": s["host"], "allowed_networks": s["allowed_networks"],
+                     "ports": s["ports"], "url": f"nfs://{s['host']}{s['export']}"}])  # fmt: skip
+
+
+@bp.get("/clients")
+@api_auth
+def clients() -> Response:
+    return jsonify(daemon.call("clients"))
+
+
+@bp.get("/cache")
+@api_auth
+def cache() -> Response:
+    s = daemon.call("status")
+    sessions = daemon.call("sessions")
+    return jsonify({**s["cache"], "sessions": [{"id": x["id"], "vm": x["vm"], "mode": x["mode"],
+                    "cache_dir": x["cache_dir"], "used_bytes": x["cache_used_bytes"],
+                    "changed_bytes": x["changed_bytes"]} for x in sessions]})  # fmt: skip
+
+
+# --- repositories ---------------------------------------------------------------------------------------
+@bp.get("/repositories")
+@api_auth
+def repositories() -> Response:
+    return jsonify(daemon.call("repositories"))
+
+
+@bp.get("/repositories/<name>")
+@api_auth
+def repository(name: str) -> Response:
+    return jsonify(_repository(name))
+
+
+@bp.get("/repositories/<name>/points")
+@api_auth
+def points(name: str) -> Response:
+    _repository(name)
+    vm = request.args.get("vm")
+    if vm is not None and not NAME.match(vm):
+        raise ApiError(400, f"vm: {vm!r} is not a valid VM name")
+    return jsonify(daemon.call("points", repo=name, vm=vm))
+
+
+def _repository(name: str) -> dict:
+    for repo in daemon.call("repositories"):
+        if repo["name"] == name:
+            return repo
+    raise ApiError(404, f"no repository named {name!r}")
+
+
+# --- sessions -------------------------------------------------------------------------------------------
+@bp.get("/sessions")
+@api_auth
+def sessions() -> Response:
+    return jsonify(daemon.call("sessions"))
+
+
+@bp.post("/sessions")
+@api_auth
+def publish() -> tuple[Response, int]:
+    body = json_body(
+        Field("vm", str, pattern=NAME), Field("vms", list), Field("point", str, default="latest", pattern=NAME),
+        Field("mode", str, choices=("instant", "sandbox"), default="instant"),
+        Field("repository", str), Field("cache", str, absolute_path=True),
+    )  # fmt: skip
+    vms = body["vms"] or []
+    for i, v in enumerate(vms):
+        if not isinstance(v, str) or not NAME.match(v):
+            raise ApiError(400, f"vms[{i}]: expected a VM name or NAME@POINT, got {v!r}")
+    if not body["vm"] and not vms:
+        raise ApiError(400, "vm: required (or 'vms' for several)")
+    created = daemon.call("publish", vm=body["vm"], vms=vms, point=body["point"], mode=body["mode"],
+                          cache=body["cache"], repo=body["repository"])  # fmt: skip
+    return jsonify(created), 201
+
+
+@bp.get("/sessions/<sid>")
+@api_auth
+def session(sid: str) -> Response:
+    return jsonify(daemon.call("session", id=sid))
+
+
+@bp.delete("/sessions/<sid>")
+@api_auth
+def stop(sid: str) -> Response:
+    return jsonify(daemon.call("stop", id=sid, force=query_flag("force")))
+
+
+@bp.post("/sessions/<sid>/migration")
+@api_auth
+def migrate(sid: str) -> tuple[Response, int]:
+    body = json_body(Field("output", str, required=True, absolute_path=True))
+    return jsonify(daemon.call("migrate", id=sid, output=body["output"])), 202
+
+
+@bp.get("/sessions/<sid>/migration")
+@api_auth
+def migration(sid: str) -> Response:
+    doc = daemon.call("session", id=sid)
+    if doc.get("migration") is None:
+        raise ApiError(404, f"session {sid} has no migration; start one with POST .../migration")
+    return jsonify(doc["migration"])
+
+
+# --- API tokens -----------------------------------------------------------------------------------------
+@bp.get("/tokens")
+@api_auth
+def tokens() -> Response:
+    return jsonify(credentials().tokens())
+
+
+@bp.post("/tokens")
+@api_auth
+def create_token() -> tuple[Response, int]:
+    body = json_body(Field("name", str, required=True))
+    try:
+        return jsonify(credentials().create_token(body["name"])), 201
+    except Exception as exc:  # UsageError names the field
+        raise ApiError(400, str(exc)) from None
+
+
+@bp.delete("/tokens/<token_id>")
+@api_auth
+def revoke_token(token_id: str) -> Response:
+    if not credentials().revoke_token(token_id):
+        raise ApiError(404, f"no token with id {token_id!r}")
+    return jsonify({"id": token_id, "revoked": True, "by": g.who})

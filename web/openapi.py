@@ -1,0 +1,113 @@
+"""The OpenAPI 3.1 document of /api/v1, served at /api/v1/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance import __version__
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERRORS = {
+    "400": _json(_ref("Error"), "Invalid request; the message names the field"),
+    "401": _json(_ref("Error"), "Not authenticated"),
+    "404": _json(_ref("Error"), "Unknown id"),
+}
+
+
+def _op(summary: str, ok: dict, *, body: dict | None = None, params: list | None = None, code: str = "200") -> dict:
+    op: dict[str, Any] = {"summary": summary, "responses": {code: ok, **ERRORS}}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _path_param(name: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+OBJ = {"type": "object"}
+TEXT = {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+SESSIONS = {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}
+LIST = {"type": "array", "items": OBJ}
+
+
+def openapi_document() -> dict:
+    sid, repo = _path_param("sid"), _path_param("name")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bootback appliance API", "version": __version__,
+                 "description": "Run VMs straight from backups over NFS. Authenticate with "
+                                "'Authorization: Bearer <token>' (bootback token create NAME)."},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/v1/health": {"get": {**_op("Liveness and daemon reachability", _json(OBJ)), "security": []}},
+            "/api/v1/status": {"get": _op("Ports, export, cache and clients", _json(OBJ))},
+            "/api/v1/metrics": {"get": _op("Prometheus metrics", TEXT)},
+            "/api/v1/openapi.json": {"get": _op("This document", _json(OBJ))},
+            "/api/v1/exports": {"get": _op("NFS exports", _json(LIST))},
+            "/api/v1/clients": {"get": _op("Connected NFS clients", _json(LIST))},
+            "/api/v1/cache": {"get": _op("Write cache space and per-session use", _json(OBJ))},
+            "/api/v1/repositories": {"get": _op("Repositories served", _json(LIST))},
+            "/api/v1/repositories/{name}": {"get": _op("One repository", _json(OBJ), params=[repo])},
+            "/api/v1/repositories/{name}/points": {"get": _op("Restore points", _json(LIST), params=[
+                repo, {"name": "vm", "in": "query", "required": False, "schema": {"type": "string"}}])},
+            "/api/v1/sessions": {
+                "get": _op("Sessions", _json(SESSIONS)),
+                "post": _op("Start instant recovery or sandbox sessions", _json(SESSIONS, "Created"),
+                            body=_ref("PublishRequest"), code="201"),
+            },
+            "/api/v1/sessions/{sid}": {
+                "get": _op("One session", _json(_ref("Session")), params=[sid]),
+                "delete": _op("Stop a session (a sandbox's writes are discarded)", _json(OBJ), params=[
+                    sid, {"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"},
+                          "description": "stop an instant session whose changes were not migrated"}]),
+            },
+            "/api/v1/sessions/{sid}/migration": {
+                "get": _op("Migration progress", _json(_ref("Migration")), params=[sid]),
+                "post": _op("Copy the running VM's disks out (backup + changes)", _json(_ref("Migration"), "Started"),
+                            params=[sid], body={"type": "object", "required": ["output"], "additionalProperties": False,
+                                                "properties": {"output": {"type": "string"}}}, code="202"),
+            },
+            "/api/v1/tokens": {
+                "get": _op("API tokens (without their secrets)", _json(LIST)),
+                "post": _op("Create an API token (its secret is shown once)", _json(OBJ, "Created"), code="201",
+                            body={"type": "object", "required": ["name"], "additionalProperties": False,
+                                  "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64}}}),
+            },
+            "/api/v1/tokens/{token_id}": {
+                "delete": _op("Revoke an API token", _json(OBJ), params=[_path_param("token_id")])},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                    "status": {"type": "integer"}, "message": {"type": "string"}}}}},
+                "PublishRequest": {"type": "object", "additionalProperties": False, "properties": {
+                    "vm": {"type": "string", "description": "VM name, or NAME@POINT"},
+                    "vms": {"type": "array", "items": {"type": "string"}, "description": "mass recovery"},
+                    "point": {"type": "string", "default": "latest"},
+                    "mode": {"type": "string", "enum": ["instant", "sandbox"], "default": "instant"},
+                    "repository": {"type": "string"}, "cache": {"type": "string", "description": "absolute path"}}},
+                "Session": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "vm": {"type": "string"}, "point": {"type": "string"},
+                    "mode": {"type": "string"}, "folder": {"type": "string"}, "nfs_url": {"type": "string"},
+                    "files": {"type": "array", "items": {"type": "string"}},
+                    "cache_used_bytes": {"type": "integer"}, "changed_bytes": {"type": "integer"},
+                    "migration": {"oneOf": [_ref("Migration"), {"type": "null"}]}}},
+                "Migration": {"type": "object", "properties": {
+                    "output": {"type": "string"}, "total_bytes": {"type": "integer"},
+                    "copied_bytes": {"type": "integer"}, "percent": {"type": "number"},
+                    "running": {"type": "boolean"}, "error": {"type": ["string", "null"]}}},
+            },
+        },
+    }  # fmt: skip

@@ -1,0 +1,41 @@
+// Live numbers on the admin page: cache use and migration progress, polled from the API with the login cookie.
+(function () {
+  "use strict";
+  const rows = document.querySelectorAll("tr[data-session]");
+  if (!rows.length) return;
+  const fmt = (n) => {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return i ? n.toFixed(1) + " " + units[i] : n + " B";
+  };
+  async function refresh() {
+    let sessions;
+    try {
+      const resp = await fetch("/api/v1/sessions", { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (!resp.ok) return;
+      sessions = await resp.json();
+    } catch (e) { return; }
+    const byId = new Map(sessions.map((s) => [s.id, s]));
+    let migrating = false;
+    for (const row of rows) {
+      const s = byId.get(row.dataset.session);
+      if (!s) { row.classList.add("gone"); continue; }
+      row.querySelector(".cache-used").textContent = fmt(s.cache_used_bytes);
+      row.querySelector(".changed").textContent = fmt(s.changed_bytes);
+      const m = s.migration;
+      const cell = row.querySelector(".migration");
+      if (m && cell) {
+        let bar = cell.querySelector("progress");
+        if (!bar) { cell.textContent = ""; bar = document.createElement("progress"); bar.max = 100; cell.append(bar, document.createElement("span")); }
+        bar.value = m.percent;
+        const label = cell.querySelector("span");
+        label.className = "migration-text";
+        label.textContent = " " + m.percent + "%" + (m.error ? " failed: " + m.error : m.running ? "" : " done → " + m.output);
+        migrating = migrating || m.running;
+      }
+    }
+    setTimeout(refresh, migrating ? 1000 : 3000);
+  }
+  setTimeout(refresh, 1000);
+})();
