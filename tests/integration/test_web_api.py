@@ -1,0 +1,162 @@
+"""The REST API on a live daemon, over HTTPS with the appliance's own certificate, called like a script would.
+
+Checks what the API does against the real thing: bytes read over NFS with libnfs, migration output on
+disk, and the repository's hash before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from nfsd.xdr import Packer
+from tests.daemon_process import DaemonProcess, bootback, tree_hash
+from tests.rpcclient import RpcClient
+
+PASSWORD = "api-test-password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("webapi")
+    disk = base / "web01.raw"
+    disk.write_bytes(os.urandom(3 << 20) + bytes(2 << 20) + os.urandom(1 << 20))
+    repo = base / "repo"
+    bootback("init", repo)
+    bootback("backup", repo, "--vm", "web01", disk)
+    bootback("backup", repo, "--vm", "db01", disk)
+    before = tree_hash(repo)
+    port = free_port()
+    d = DaemonProcess(repo, base / "state", "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
+                      "--portmap-port", "0", web_port=port, env={"BOOTBACK_ADMIN_PASSWORD": PASSWORD}).start()  # fmt: skip
+    token = bootback("token", "create", "pytest", "--state", d.state).stdout.strip()
+    api = requests.Session()
+    api.trust_env = False  # else $REQUESTS_CA_BUNDLE overrides .verify (and proxies apply to loopback)
+    api.headers["Authorization"] = f"Bearer {token}"
+    api.verify = str(d.state / "web" / "tls.crt")  # the generated self-signed certificate must be valid for us
+    yield {"api": api, "url": f"https://127.0.0.1:{port}/api/v1", "daemon": d, "disk": disk, "repo": repo,
+           "base": base}  # fmt: skip
+    d.stop()
+    assert tree_hash(repo) == before, "the repository changed"
+
+
+def test_health_is_open_and_tls_verifies(appliance) -> None:
+    resp = requests.get(f"{appliance['url']}/health", verify=appliance["api"].verify, timeout=10)
+    assert resp.status_code == 200 and resp.json()["daemon"] is True
+    assert requests.get(f"{appliance['url']}/status", verify=appliance["api"].verify, timeout=10).status_code == 401
+
+
+def test_repositories_and_points(appliance) -> None:
+    api, url = appliance["api"], appliance["url"]
+    (repo,) = api.get(f"{url}/repositories").json()
+    assert repo["name"] == "repo" and repo["vms"] == ["db01", "web01"] and repo["points"] == 2
+    points = api.get(f"{url}/repositories/repo/points", params={"vm": "web01"}).json()
+    assert [p["vm"] for p in points] == ["web01"] and points[0]["disks"][0]["size"] == 6 << 20
+    assert api.get(f"{url}/repositories/nope/points").status_code == 404
+    assert api.get(f"{url}/repositories/repo").json()["chunk_size"] == 1 << 20
+
+
+def test_publish_read_over_nfs_and_stop(appliance, tmp_path: Path) -> None:
+    api, url = appliance["api"], appliance["url"]
+    resp = api.post(f"{url}/sessions", json={"vm": "web01", "mode": "sandbox"})
+    assert resp.status_code == 201, resp.text
+    (doc,) = resp.json()
+    status = api.get(f"{url}/status").json()
+    ports = status["ports"]
+    extent = next(f for f in doc["files"] if f.endswith("-flat.vmdk"))
+    nfs = f"{doc['nfs_url']}/{extent}?nfsport={ports['nfs']}&mountport={ports['mount']}"
+    out = tmp_path / "extent"
+    subprocess.run(["nfs-cp", nfs, str(out)], check=True, capture_output=True, timeout=60)
+    assert out.read_bytes() == appliance["disk"].read_bytes()
+    clients = api.get(f"{url}/clients").json()
+    assert isinstance(clients, list)
+    assert doc["id"] in api.get(f"{url}/metrics").text
+    cache = api.get(f"{url}/cache").json()
+    assert cache["free"] > 0 and any(s["id"] == doc["id"] for s in cache["sessions"])
+    (export,) = api.get(f"{url}/exports").json()
+    assert export["path"] == status["export"] and export["ports"]["nfs"] == ports["nfs"]
+    assert api.delete(f"{url}/sessions/{doc['id']}").json()["stopped"] is True
+    assert api.get(f"{url}/sessions/{doc['id']}").status_code == 404
+    assert api.delete(f"{url}/sessions/{doc['id']}").status_code == 404
+
+
+def test_mass_publish_and_unknown_names(appliance) -> None:
+    api, url = appliance["api"], appliance["url"]
+    resp = api.post(f"{url}/sessions", json={"vms": ["web01", "db01"], "mode": "sandbox"})
+    assert resp.status_code == 201
+    ids = [d["id"] for d in resp.json()]
+    assert len(set(ids)) == 2 and {d["vm"] for d in resp.json()} == {"web01", "db01"}
+    for sid in ids:
+        assert api.delete(f"{url}/sessions/{sid}").status_code == 200
+    resp = api.post(f"{url}/sessions", json={"vm": "ghost"})
+    assert resp.status_code == 404 and "ghost" in resp.json()["error"]["message"]
+    resp = api.post(f"{url}/sessions", json={"vm": "web01", "point": "1999-01-01T00-00-00Z"})
+    assert resp.status_code == 404
+
+
+def nfs_write(appliance, doc: dict, name: str, offset: int, data: bytes) -> None:
+    """A FILE_SYNC NFS WRITE into a published file (what the guest's disk writes look like on the wire)."""
+    ports = appliance["api"].get(f"{appliance['url']}/status").json()["ports"]
+    folder = RpcClient("127.0.0.1", ports["mount"]).mount(doc["path"])
+    nfs = RpcClient("127.0.0.1", ports["nfs"])
+    u = nfs.call(100003, 3, 3, Packer().opaque(folder).string(name).bytes())  # LOOKUP
+    assert u.u32() == 0
+    fh = bytes(u.opaque(64))
+    u = nfs.call(100003, 3, 7, Packer().opaque(fh).u64(offset).u32(len(data)).u32(2).opaque(data).bytes())
+    assert u.u32() == 0  # WRITE, FILE_SYNC
+
+
+def test_instant_session_migrates_with_progress_then_stops(appliance) -> None:
+    api, url = appliance["api"], appliance["url"]
+    (doc,) = api.post(f"{url}/sessions", json={"vm": "web01", "mode": "instant"}).json()
+    sid = doc["id"]
+    extent = next(f for f in doc["files"] if f.endswith("-flat.vmdk"))
+    nfs_write(appliance, doc, extent, 4 << 20, b"guest data" * 100)
+    assert api.get(f"{url}/sessions/{sid}").json()["changed_bytes"] > 0
+    resp = api.delete(f"{url}/sessions/{sid}")
+    assert resp.status_code == 409 and "migrat" in resp.json()["error"]["message"]
+    assert api.get(f"{url}/sessions/{sid}/migration").status_code == 404
+    out = appliance["base"] / "migrated-web01"
+    resp = api.post(f"{url}/sessions/{sid}/migration", json={"output": str(out)})
+    assert resp.status_code == 202, resp.text
+    deadline = time.monotonic() + 60
+    while (m := api.get(f"{url}/sessions/{sid}/migration").json())["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert m["error"] is None and m["percent"] == 100.0 and m["copied_bytes"] >= 6 << 20
+    expected = bytearray(appliance["disk"].read_bytes())
+    expected[4 << 20 : (4 << 20) + 1000] = b"guest data" * 100
+    migrated = [p for p in out.iterdir() if p.name.endswith("-flat.vmdk") or p.suffix == ".raw"]
+    assert migrated and migrated[0].read_bytes() == bytes(expected)
+    assert api.delete(f"{url}/sessions/{sid}").status_code == 200
+
+
+def test_forced_stop_of_an_unmigrated_instant_session(appliance) -> None:
+    api, url = appliance["api"], appliance["url"]
+    (doc,) = api.post(f"{url}/sessions", json={"vm": "db01"}).json()
+    assert api.delete(f"{url}/sessions/{doc['id']}", params={"force": "true"}).status_code == 200
+    assert all(s["id"] != doc["id"] for s in api.get(f"{url}/sessions").json())
+
+
+def test_tokens_via_the_api(appliance) -> None:
+    api, url = appliance["api"], appliance["url"]
+    tok = api.post(f"{url}/tokens", json={"name": "monitoring"}).json()
+    other = requests.Session()
+    other.trust_env = False
+    other.verify = api.verify
+    other.headers["Authorization"] = f"Bearer {tok['token']}"
+    assert other.get(f"{url}/metrics").status_code == 200
+    assert api.delete(f"{url}/tokens/{tok['id']}").status_code == 200
+    assert other.get(f"{url}/metrics").status_code == 401
