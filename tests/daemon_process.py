@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,3 +82,17 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def web_appliance(repo: Path, state: Path, password: str) -> tuple[DaemonProcess, str]:
+    """A daemon on loopback with private NFS ports and the web app on a free port; returns it and its URL."""
+    port = free_port()
+    d = DaemonProcess(repo, state, "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
+                      "--portmap-port", "0", web_port=port, env={"BOOTBACK_ADMIN_PASSWORD": password})  # fmt: skip
+    return d.start(), f"https://127.0.0.1:{port}"

@@ -7,7 +7,6 @@ disk, and the repository's hash before and after.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,16 +15,10 @@ import pytest
 import requests
 
 from nfsd.xdr import Packer
-from tests.daemon_process import DaemonProcess, bootback, tree_hash
+from tests.daemon_process import bootback, tree_hash, web_appliance
 from tests.rpcclient import RpcClient
 
 PASSWORD = "api-test-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +31,13 @@ def appliance(tmp_path_factory: pytest.TempPathFactory):
     bootback("backup", repo, "--vm", "web01", disk)
     bootback("backup", repo, "--vm", "db01", disk)
     before = tree_hash(repo)
-    port = free_port()
-    d = DaemonProcess(repo, base / "state", "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
-                      "--portmap-port", "0", web_port=port, env={"BOOTBACK_ADMIN_PASSWORD": PASSWORD}).start()  # fmt: skip
+    d, base_url = web_appliance(repo, base / "state", PASSWORD)
     token = bootback("token", "create", "pytest", "--state", d.state).stdout.strip()
     api = requests.Session()
     api.trust_env = False  # else $REQUESTS_CA_BUNDLE overrides .verify (and proxies apply to loopback)
     api.headers["Authorization"] = f"Bearer {token}"
     api.verify = str(d.state / "web" / "tls.crt")  # the generated self-signed certificate must be valid for us
-    yield {"api": api, "url": f"https://127.0.0.1:{port}/api/v1", "daemon": d, "disk": disk, "repo": repo,
+    yield {"api": api, "url": f"{base_url}/api/v1", "daemon": d, "disk": disk, "repo": repo,
            "base": base}  # fmt: skip
     d.stop()
     assert tree_hash(repo) == before, "the repository changed"

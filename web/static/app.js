@@ -22,6 +22,7 @@
       const s = byId.get(row.dataset.session);
       if (!s) { row.classList.add("gone"); continue; }
       row.querySelector(".cache-used").textContent = fmt(s.cache_used_bytes);
+      row.querySelector(".cache-bar").value = s.cache_used_bytes;
       row.querySelector(".changed").textContent = fmt(s.changed_bytes);
       const m = s.migration;
       const cell = row.querySelector(".migration");
