@@ -38,6 +38,7 @@ class DaemonConfig:
     min_free_bytes: int = 100 * GiB
     advertise: str | None = None  # host name put in nfs:// URLs
     web: bool = True
+    cache_dir: Path | None = None  # default write-cache location (STATE/cache when unset)
 
     @property
     def host(self) -> str:

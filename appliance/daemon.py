@@ -33,6 +33,8 @@ class Daemon:
         state = config.state_dir = Path(config.state_dir).resolve()
         state.mkdir(parents=True, exist_ok=True)
         self.repos: dict[str, Repository] = {}
+        if not config.repos:
+            raise UsageError("no repository to serve: pass --repo REPO, or --repo-dir DIR holding repositories")
         for path in config.repos:
             repo = Repository.open(Path(path).resolve())
             name = Path(path).resolve().name
@@ -40,7 +42,8 @@ class Daemon:
                 name = f"{name}-{repo.config.id[:6]}"
             self.repos[name] = repo
         self.backend = DatastoreBackend(state / "datastore-root")
-        self.sessions = SessionManager(state, self.repos, self.backend, min_free_bytes=config.min_free_bytes)
+        self.sessions = SessionManager(state, self.repos, self.backend, min_free_bytes=config.min_free_bytes,
+                                       cache_dir=config.cache_dir)  # fmt: skip
         self.export = Export(path=config.export_path, backend=self.backend, clients=config.clients)
         self.server = NFSServer(
             [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,

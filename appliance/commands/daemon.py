@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 from appliance.config import DaemonConfig, default_export_name, default_state_dir
+from appliance.errors import UsageError
 from appliance.progress import byte_progress
+from appliance.repo import Repository
 from appliance.repo.repository import parse_size
 from appliance.sessions.control import ControlClient
 
@@ -24,7 +26,10 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the appliance daemon: NFS datastore, sessions, control port")
-    p.add_argument("--repo", type=Path, action="append", required=True, help="a repository to serve (repeatable)")
+    p.add_argument("--repo", type=Path, action="append", default=[], help="a repository to serve (repeatable)")
+    p.add_argument("--repo-dir", type=Path, action="append", default=[],
+                   help="serve every repository found in this directory (the container's /repositories)")
+    p.add_argument("--cache-dir", type=Path, help="where write caches go by default (default STATE/cache)")
     _state_arg(p)
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--nfs-port", type=int, default=2049)
@@ -59,6 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stop)
 
+    p = sub.add_parser("health", help="check that the daemon (and the web app) answer; exit 0 when healthy")
+    p.add_argument("--port", type=int, default=6161, help="web app port to check (0: daemon only)")
+    _state_arg(p)
+    p.set_defaults(func=cmd_health)
+
     p = sub.add_parser("migrate", help="copy a session's current disks (backup + changes) out, while it runs")
     p.add_argument("session")
     p.add_argument("-o", "--output", required=True, help="a file (one disk) or a directory (a whole VM folder)")
@@ -77,9 +87,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     web = not args.no_web and importlib.util.find_spec("web.launcher") is not None
+    repos = list(args.repo)
+    for d in args.repo_dir:
+        repos += find_repositories(d)
     config = DaemonConfig(
-        repos=args.repo, state_dir=args.state or default_state_dir(), bind=args.bind, nfs_port=args.nfs_port,
-        mount_port=args.mount_port, portmap_port=args.portmap_port or None, control_port=args.control_port,
+        repos=repos, cache_dir=args.cache_dir, state_dir=args.state or default_state_dir(), bind=args.bind,
+        nfs_port=args.nfs_port, mount_port=args.mount_port, portmap_port=args.portmap_port or None,
+        control_port=args.control_port,
         export_path=args.export or default_export_name(),
         clients=[c.strip() for c in args.clients.split(",") if c.strip()],
         min_free_bytes=parse_size(args.min_free), advertise=args.advertise, web=web,
@@ -87,6 +101,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     asyncio.run(daemon.run())
     return 0
+
+
+def find_repositories(directory: Path) -> list[Path]:
+    """DIR itself if it is a repository, else its subdirectories that are (one level: one volume each)."""
+    if not directory.is_dir():
+        raise UsageError(f"--repo-dir {directory}: not a directory")
+    if Repository.is_repository(directory):
+        return [directory]
+    return sorted(p for p in directory.iterdir() if p.is_dir() and Repository.is_repository(p))
 
 
 def _print(args: argparse.Namespace, doc: object, text: str) -> None:
@@ -140,4 +163,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return 30 if "space" in status["error"] else 40
     _print(args, status, f"migrated session {args.session} to {output} ({status['total_bytes']} bytes, "
            f"{status['passes']} passes)" if not status["running"] else f"migrating to {output}")  # fmt: skip
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon answers on its control socket and the web app on its port (container HEALTHCHECK)."""
+    import ssl
+    import urllib.request
+
+    try:
+        _client(args).call("status")
+    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy", with its reason
+        print(f"unhealthy: daemon: {exc}", file=sys.stderr)
+        return 1
+    if args.port:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # our own self-signed certificate, on loopback
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{args.port}/api/v1/health", context=ctx, timeout=5) as r:
+                body = json.loads(r.read())
+        except Exception as exc:  # noqa: BLE001
+            print(f"unhealthy: web app: {exc}", file=sys.stderr)
+            return 1
+        if body.get("status") != "ok":
+            print(f"unhealthy: web app says {body}", file=sys.stderr)
+            return 1
+    print("healthy")
     return 0

@@ -90,6 +90,14 @@ class Repository:
         _atomic_write(path / "config.json", json.dumps(doc, indent=2).encode() + b"\n")
         return cls(path, config)
 
+    @staticmethod
+    def is_repository(path: Path | str) -> bool:
+        """Whether PATH looks like a repository (its config names bootback); open() tells what is wrong."""
+        try:
+            return json.loads((Path(path) / "config.json").read_text()).get("magic") == REPO_MAGIC
+        except (OSError, ValueError, AttributeError):
+            return False
+
     @classmethod
     def open(cls, path: Path | str) -> Repository:
         path = Path(path)

@@ -29,10 +29,11 @@ GiB = 1 << 30
 
 class SessionManager:
     def __init__(self, state_dir: Path, repos: dict[str, Repository], backend: DatastoreBackend,
-                 min_free_bytes: int = 100 * GiB, warn_free_fraction: float = 0.1) -> None:  # fmt: skip
+                 min_free_bytes: int = 100 * GiB, warn_free_fraction: float = 0.1,
+                 cache_dir: Path | None = None) -> None:  # fmt: skip
         self.state = Path(state_dir)
         self.sessions_dir = self.state / "sessions"
-        self.default_cache = self.state / "cache"
+        self.default_cache = Path(cache_dir) if cache_dir else self.state / "cache"
         self.repos = repos
         self.backend = backend
         self.min_free = min_free_bytes
