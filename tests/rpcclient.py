@@ -84,3 +84,15 @@ class RpcClient:
         if status != 0:
             raise RuntimeError(f"MNT {path}: status {status}")
         return bytes(u.opaque(64))
+
+
+def nfs_write(mount_port: int, nfs_port: int, directory: str, name: str, offset: int, data: bytes,
+              host: str = "127.0.0.1") -> None:  # fmt: skip
+    """One FILE_SYNC NFS WRITE into DIRECTORY/NAME (what a guest's disk write looks like on the wire)."""
+    folder = RpcClient(host, mount_port).mount(directory)
+    nfs = RpcClient(host, nfs_port)
+    u = nfs.call(100003, 3, 3, Packer().opaque(folder).string(name).bytes())  # LOOKUP
+    assert u.u32() == 0, "LOOKUP failed"
+    fh = bytes(u.opaque(64))
+    u = nfs.call(100003, 3, 7, Packer().opaque(fh).u64(offset).u32(len(data)).u32(2).opaque(data).bytes())
+    assert u.u32() == 0, "WRITE failed"

@@ -38,6 +38,7 @@ class WriteCache:
         self.data_path = self.directory / f"{name}.data"
         self.map_path = self.directory / f"{name}.map"
         self._lock = threading.RLock()
+        self._closed = False
         self.dirty_tracker: set[int] | None = None  # set while a migration copies the disk
         if self.map_path.exists():
             self._open_existing()
@@ -86,12 +87,20 @@ class WriteCache:
         self._bits = bytearray(raw[HEADER_SIZE:].ljust(self._map_bytes(size), b"\0"))
 
     def close(self) -> None:
+        """Make every write durable, then release the files; closing twice is harmless."""
         with self._lock:
-            for fd in (self._data_fd, self._map_fd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                os.fdatasync(self._data_fd)
+                os.fdatasync(self._map_fd)
+            finally:
+                for fd in (self._data_fd, self._map_fd):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
     # --- block map ------------------------------------------------------------------------------------
     def cached(self, index: int) -> bool:
@@ -187,6 +196,8 @@ class WriteCache:
     def commit(self) -> None:
         """Make earlier unstable writes durable: data first, then the map that points at it."""
         with self._lock:
+            if self._closed:
+                return  # close() already made everything durable
             os.fdatasync(self._data_fd)
             os.fdatasync(self._map_fd)
             self._unsynced = False

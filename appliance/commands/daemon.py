@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mount-port", type=int, default=1058)
     p.add_argument("--portmap-port", type=int, default=111, help="0: no portmapper")
     p.add_argument("--control-port", type=int, default=6161)
-    p.add_argument("--export", default=None, help="export path (default /bootback-<hostname>)")
-    p.add_argument("--clients", default="0.0.0.0/0,::/0", help="allowed client networks, comma-separated CIDR")
-    p.add_argument("--min-free", default="100G", help="refuse new sessions below this free cache space")
-    p.add_argument("--advertise", help="host name or address to put in nfs:// URLs")
+    p.add_argument("--export", default=os.environ.get("BOOTBACK_EXPORT"),
+                   help="export path (default /bootback-<hostname>; $BOOTBACK_EXPORT)")
+    p.add_argument("--clients", default=os.environ.get("BOOTBACK_CLIENTS", "0.0.0.0/0,::/0"),
+                   help="allowed client networks, comma-separated CIDR ($BOOTBACK_CLIENTS)")
+    p.add_argument("--min-free", default=os.environ.get("BOOTBACK_MIN_FREE", "100G"),
+                   help="refuse new sessions below this free cache space ($BOOTBACK_MIN_FREE)")
+    p.add_argument("--advertise", default=os.environ.get("BOOTBACK_ADVERTISE"),
+                   help="host name or address to put in nfs:// URLs ($BOOTBACK_ADVERTISE)")
     p.add_argument("--no-web", action="store_true", help="do not start the web app on the control port")
     p.set_defaults(func=cmd_serve)
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from nfsd.xdr import Packer
 from tests.daemon_process import bootback, tree_hash, web_appliance
-from tests.rpcclient import RpcClient
+from tests.rpcclient import nfs_write
 
 PASSWORD = "api-test-password"
 
@@ -40,6 +39,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory):
     yield {"api": api, "url": f"{base_url}/api/v1", "daemon": d, "disk": disk, "repo": repo,
            "base": base}  # fmt: skip
     d.stop()
+    assert d.proc.returncode == 0, f"the daemon did not exit cleanly on SIGTERM: {d.log()[-3000:]}"
     assert tree_hash(repo) == before, "the repository changed"
 
 
@@ -97,24 +97,13 @@ def test_mass_publish_and_unknown_names(appliance) -> None:
     assert resp.status_code == 404
 
 
-def nfs_write(appliance, doc: dict, name: str, offset: int, data: bytes) -> None:
-    """A FILE_SYNC NFS WRITE into a published file (what the guest's disk writes look like on the wire)."""
-    ports = appliance["api"].get(f"{appliance['url']}/status").json()["ports"]
-    folder = RpcClient("127.0.0.1", ports["mount"]).mount(doc["path"])
-    nfs = RpcClient("127.0.0.1", ports["nfs"])
-    u = nfs.call(100003, 3, 3, Packer().opaque(folder).string(name).bytes())  # LOOKUP
-    assert u.u32() == 0
-    fh = bytes(u.opaque(64))
-    u = nfs.call(100003, 3, 7, Packer().opaque(fh).u64(offset).u32(len(data)).u32(2).opaque(data).bytes())
-    assert u.u32() == 0  # WRITE, FILE_SYNC
-
-
 def test_instant_session_migrates_with_progress_then_stops(appliance) -> None:
     api, url = appliance["api"], appliance["url"]
     (doc,) = api.post(f"{url}/sessions", json={"vm": "web01", "mode": "instant"}).json()
     sid = doc["id"]
     extent = next(f for f in doc["files"] if f.endswith("-flat.vmdk"))
-    nfs_write(appliance, doc, extent, 4 << 20, b"guest data" * 100)
+    ports = api.get(f"{url}/status").json()["ports"]
+    nfs_write(ports["mount"], ports["nfs"], doc["path"], extent, 4 << 20, b"guest data" * 100)
     assert api.get(f"{url}/sessions/{sid}").json()["changed_bytes"] > 0
     resp = api.delete(f"{url}/sessions/{sid}")
     assert resp.status_code == 409 and "migrat" in resp.json()["error"]["message"]

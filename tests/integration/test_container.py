@@ -1,0 +1,124 @@
+"""The appliance image on a real Docker engine: build offline, run, use the API and NFS from the host,
+restart the container and find the instant session back with its writes; SIGTERM ends it cleanly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.daemon_process import ROOT, bootback, free_port, tree_hash
+from tests.rpcclient import nfs_write
+
+docker = pytest.importorskip("docker")
+pytestmark = pytest.mark.slow
+IMAGE = "bootback:test"
+PASSWORD = "container-test-password"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"no Docker engine answers (scripts/setup.sh starts one): {exc}")
+    subprocess.run([str(ROOT / "scripts" / "build-image.sh"), IMAGE], check=True, timeout=900, cwd=ROOT)
+    return client
+
+
+def wait_healthy(container, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        container.reload()
+        state = container.attrs["State"]
+        if state.get("Health", {}).get("Status") == "healthy":
+            return
+        if state["Status"] == "exited":
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"container not healthy: {container.attrs['State']}\n{container.logs().decode()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def appliance(engine, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("container")
+    disk = base / "web01.raw"
+    disk.write_bytes(os.urandom(2 << 20) + bytes(3 << 20) + os.urandom(1 << 20))
+    repo = base / "main"
+    bootback("init", repo)
+    bootback("backup", repo, "--vm", "web01", disk)
+    before = tree_hash(repo)
+    ports = {"2049/tcp": free_port(), "1058/tcp": free_port(), "6161/tcp": free_port()}
+    container = engine.containers.run(
+        IMAGE, detach=True, name=f"bootback-test-{uuid.uuid4().hex[:6]}", hostname="appliance1",
+        ports={k: ("127.0.0.1", v) for k, v in ports.items()},
+        volumes={str(repo): {"bind": "/repositories/main", "mode": "ro"},  # backups are read-only, always
+                 str(base / "state"): {"bind": "/var/lib/bootback", "mode": "rw"},
+                 str(base / "cache"): {"bind": "/cache", "mode": "rw"}},
+        environment={"BOOTBACK_ADMIN_PASSWORD": PASSWORD, "BOOTBACK_MIN_FREE": "1G"},
+        healthcheck={"test": ["CMD", "bootback", "health"], "interval": 1_000_000_000, "timeout": 5_000_000_000,
+                     "retries": 3, "start_period": 1_000_000_000},
+    )  # fmt: skip
+    try:
+        wait_healthy(container)
+        token = container.exec_run(["bootback", "token", "create", "pytest"]).output.decode().strip()
+        api = requests.Session()
+        api.trust_env = False
+        api.verify = str(base / "state" / "web" / "tls.crt")
+        api.headers["Authorization"] = f"Bearer {token}"
+        yield {"container": container, "api": api, "url": f"https://127.0.0.1:{ports['6161/tcp']}/api/v1",
+               "nfs": ports["2049/tcp"], "mount": ports["1058/tcp"], "disk": disk, "base": base}  # fmt: skip
+    finally:
+        logs = container.logs().decode()
+        (ROOT / "test-artifacts").mkdir(exist_ok=True)
+        (ROOT / "test-artifacts" / "container.log").write_text(logs)
+        container.remove(force=True)
+        shutil.rmtree(base / "cache", ignore_errors=True)
+    assert tree_hash(repo) == before, "the repository changed"
+
+
+def nfs_read(appliance, path: str, out: Path) -> bytes:
+    url = f"nfs://127.0.0.1{path}?nfsport={appliance['nfs']}&mountport={appliance['mount']}"
+    subprocess.run(["nfs-cp", url, str(out)], check=True, capture_output=True, timeout=60)
+    return out.read_bytes()
+
+
+def test_api_and_nfs_from_the_host_and_a_restart_keeps_the_instant_session(appliance, tmp_path: Path) -> None:
+    api, url, container = appliance["api"], appliance["url"], appliance["container"]
+    status = api.get(f"{url}/status").json()
+    assert status["export"] == "/bootback-appliance1" and status["ports"]["nfs"] == 2049
+    assert status["ports"]["portmap"] == 111 and status["ports"]["mount"] == 1058
+    assert api.get(f"{url}/repositories").json()[0]["vms"] == ["web01"]
+
+    (doc,) = api.post(f"{url}/sessions", json={"vm": "web01", "mode": "instant"}).json()
+    extent = next(f for f in doc["files"] if f.endswith("-flat.vmdk"))
+    assert nfs_read(appliance, f"{doc['path']}/{extent}", tmp_path / "a") == appliance["disk"].read_bytes()
+    nfs_write(appliance["mount"], appliance["nfs"], doc["path"], extent, 3 << 20, b"written before restart")
+
+    container.restart(timeout=30)  # SIGTERM, then start again with the same volumes
+    wait_healthy(container)
+    logs = container.logs().decode()
+    assert "bootback stopped" in logs, logs[-2000:]
+    back = api.get(f"{url}/sessions/{doc['id']}").json()
+    assert back["mode"] == "instant" and back["changed_bytes"] > 0
+    data = nfs_read(appliance, f"{doc['path']}/{extent}", tmp_path / "b")
+    assert data[3 << 20 : (3 << 20) + 22] == b"written before restart"
+    assert data[: 3 << 20] == appliance["disk"].read_bytes()[: 3 << 20]
+
+
+def test_health_is_open_and_sigterm_exits_cleanly(appliance) -> None:
+    api, url, container = appliance["api"], appliance["url"], appliance["container"]
+    open_health = requests.get(f"{url}/health", verify=api.verify, timeout=10)
+    assert open_health.status_code == 200 and open_health.json()["daemon"] is True
+    container.stop(timeout=30)
+    container.reload()
+    assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-2000:]
+    assert (appliance["base"] / "state" / "sessions").is_dir()
+    assert any((appliance["base"] / "state" / "sessions").glob("*.json")), "instant session record kept on stop"
