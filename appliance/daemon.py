@@ -165,11 +165,15 @@ class Daemon:
         log.info("bootback stopped; instant sessions will come back at the next start")
 
     async def run(self) -> None:
+        await self.start()
+        print(f"bootback: ready, export {self.export.path} on NFS port {self.server.ports.nfs}", flush=True)
+        await self.run_until_stopped()
+
+    async def run_until_stopped(self) -> None:
+        """Serve until SIGTERM/SIGINT, then shut down cleanly (sessions flushed, web app stopped)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        await self.start()
-        print(f"bootback: ready, export {self.export.path} on NFS port {self.server.ports.nfs}", flush=True)
         await self._stop.wait()
         await self.shutdown()
 

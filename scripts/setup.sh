@@ -3,7 +3,7 @@
 # Debian packages (real NFS clients, qemu, Docker engine, Chromium ...), a Docker engine running,
 # and a virtualenv in .venv with the project installed editable.
 #   scripts/setup.sh          everything the tests need
-#   scripts/setup.sh --demo   only what the demo needs (Python side)
+#   scripts/setup.sh --demo   only what the demo needs (its VM's boot tools, NFS clients, qemu; no Docker/Chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-full}
@@ -13,16 +13,23 @@ apt_packages=(
   busybox-static linux-image-amd64 syslinux extlinux syslinux-common fdisk e2fsprogs
   docker.io mmdebstrap chromium fio
 )
+demo_packages=(
+  libnfs-utils qemu-utils qemu-block-extra qemu-system-x86
+  busybox-static linux-image-amd64 syslinux extlinux syslinux-common fdisk e2fsprogs
+)
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
 
+wanted=("${apt_packages[@]}")
+[ "$mode" = "--demo" ] && wanted=("${demo_packages[@]}")
+missing=()
+for p in "${wanted[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
 if [ "$mode" != "--demo" ]; then
-  missing=()
-  for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing Debian packages: ${missing[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
   # A Docker engine: start one if none answers.
   if ! docker info >/dev/null 2>&1; then
     echo "setup: starting dockerd"
@@ -35,11 +42,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-extras="test,fleet"
-[ "$mode" = "--demo" ] && extras="fleet"
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
-if [ ! -f "$stamp" ]; then
+spec=".[test,fleet]"
+[ "$mode" = "--demo" ] && spec="."
+hash=$(sha256sum < pyproject.toml | cut -c1-16)
+stamp=".venv/.installed-$hash-$(echo "$spec" | tr -dc 'a-z,')"
+# A full install also satisfies the demo.
+if [ ! -f "$stamp" ] && ! { [ "$mode" = "--demo" ] && [ -f ".venv/.installed-$hash-test,fleet" ]; }; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e ".[$extras]"
+  .venv/bin/pip install -q -e "$spec"
   touch "$stamp"
 fi
