@@ -26,8 +26,19 @@ class Export:
             raise ValueError(f"export path {self.path!r} must be absolute")
         self.path = "/" + self.path.strip("/")
         self._networks = [ipaddress.ip_network(c, strict=False) for c in self.clients]
+        self._allowed: dict[str, bool] = {}
 
     def allows(self, address: str) -> bool:
+        # Asked on every call: remember the answer per address (few distinct hypervisors talk to us).
+        known = self._allowed.get(address)
+        if known is None:
+            known = self._check(address)
+            if len(self._allowed) > 4096:
+                self._allowed.clear()
+            self._allowed[address] = known
+        return known
+
+    def _check(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:

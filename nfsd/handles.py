@@ -20,6 +20,7 @@ _BODY = struct.Struct(">BBQI")  # version, export id, fileid, generation
 MAC_LEN = 16
 HANDLE_LEN = _BODY.size + MAC_LEN
 assert HANDLE_LEN <= 56
+VERIFIED_CACHE = 1 << 16
 
 
 class HandleCodec:
@@ -27,6 +28,7 @@ class HandleCodec:
         if len(secret) < 16:
             raise ValueError("handle secret must be at least 16 bytes")
         self._secret = secret
+        self._verified: dict[bytes, tuple[int, ObjectId]] = {}
 
     @classmethod
     def from_file(cls, path: Path) -> HandleCodec:
@@ -53,6 +55,18 @@ class HandleCodec:
 
     def decode(self, handle: bytes | memoryview) -> tuple[int, ObjectId]:
         handle = bytes(handle)
+        # Handles that verified once are remembered: every READ/WRITE carries one, and the HMAC costs more
+        # than the rest of decoding. Only verified handles enter, so forged ones are always checked.
+        hit = self._verified.get(handle)
+        if hit is not None:
+            return hit
+        result = self._decode(handle)
+        if len(self._verified) >= VERIFIED_CACHE:
+            self._verified.clear()
+        self._verified[handle] = result
+        return result
+
+    def _decode(self, handle: bytes) -> tuple[int, ObjectId]:
         if len(handle) != HANDLE_LEN:
             raise NFSError(Status.BADHANDLE, f"handle of {len(handle)} bytes, expected {HANDLE_LEN}")
         body, mac = handle[: _BODY.size], handle[_BODY.size :]

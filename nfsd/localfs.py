@@ -224,6 +224,28 @@ class LocalFS(Backend):
         size = os.fstat(fd).st_size
         return data, offset + len(data) >= size
 
+    def read_nowait(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool, Attr] | None:
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            fd = self._fds.get(obj.fileid)  # only files already open: opening may walk directories
+        finally:
+            self._lock.release()
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != obj.fileid or st.st_nlink == 0:
+                return None  # removed or replaced: the slow path answers STALE
+            want = max(0, min(count, st.st_size - offset))
+            buf = bytearray(want)
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT) if want else 0
+        except (BlockingIOError, OSError):
+            return None  # not in the page cache (EAGAIN), or the fd was just closed: take the thread path
+        if n < want:
+            return None
+        return buf, offset + n >= st.st_size, attr_from_stat(st)
+
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
         if self.read_only:
             raise NFSError(Status.ROFS)

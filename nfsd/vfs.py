@@ -215,6 +215,12 @@ class Backend:
         """Up to ``count`` bytes at ``offset`` and whether they reach the end of the file."""
         raise NotImplementedError
 
+    def read_nowait(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes | memoryview, bool, Attr] | None:
+        """Like ``read`` plus the file's attributes, but only if it can be done without blocking (data in
+        memory or the page cache); None means "ask ``read`` in a worker thread". Called on the event loop,
+        so it must never wait for a disk or a lock held during I/O. The default never tries."""
+        return None
+
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
         raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
 

@@ -25,16 +25,18 @@ _HEADER = struct.Struct(">4sBxxxIQQ")  # magic, version, block size, disk size, 
 HEADER_SIZE = 64
 
 ReadBacking = Callable[[int, int], bytes]  # (offset, length) -> bytes, zero-filled past the backing's end
+ReadBackingNowait = Callable[[int, int], "bytes | None"]  # the same, or None when it would have to wait
 
 
 class WriteCache:
     """A copy-on-write overlay over a read-only disk; thread-safe."""
 
     def __init__(self, directory: Path, name: str, backing: ReadBacking, backing_size: int,
-                 block_size: int = DEFAULT_BLOCK) -> None:  # fmt: skip
+                 block_size: int = DEFAULT_BLOCK, backing_nowait: ReadBackingNowait | None = None) -> None:  # fmt: skip
         self.directory = Path(directory)
         self.name = name
         self._backing = backing
+        self._backing_nowait = backing_nowait
         self.data_path = self.directory / f"{name}.data"
         self.map_path = self.directory / f"{name}.map"
         self._lock = threading.RLock()
@@ -131,6 +133,17 @@ class WriteCache:
         return data
 
     def read(self, offset: int, length: int) -> bytes:
+        data = self._read(offset, length, nowait=False)
+        assert data is not None
+        return data
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """``read`` if it needs no disk access (page cache, chunk cache), else None."""
+        if self._backing_nowait is None:
+            return None
+        return self._read(offset, length, nowait=True)
+
+    def _read(self, offset: int, length: int, nowait: bool) -> bytes | None:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
@@ -146,14 +159,36 @@ class WriteCache:
                 run_end = min(run_end + bs, end)
             n = run_end - pos
             if in_cache:
-                data = os.pread(self._data_fd, n, pos)
-                if len(data) < n:
+                data = self._cache_read_nowait(pos, n) if nowait else os.pread(self._data_fd, n, pos)
+                if data is not None and len(data) < n:
                     data += bytes(n - len(data))
+            elif nowait:
+                data = self._backing_nowait_read(pos, n)
             else:
                 data = self._backing_read(pos, n)
+            if data is None:
+                return None
             parts.append(data)
             pos = run_end
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _cache_read_nowait(self, offset: int, n: int) -> bytes | None:
+        buf = bytearray(n)
+        try:
+            got = os.preadv(self._data_fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:  # EAGAIN: not in the page cache
+            return None
+        return bytes(buf) if got == n else None
+
+    def _backing_nowait_read(self, offset: int, length: int) -> bytes | None:
+        limit = self.backing_limit
+        if offset >= limit:
+            return bytes(length)
+        n = min(length, limit - offset)
+        data = self._backing_nowait(offset, n)
+        if data is not None and len(data) < length:
+            data = data + bytes(length - len(data))
+        return data
 
     def write(self, offset: int, data: bytes | memoryview, sync: bool) -> int:
         """Write ``data`` at ``offset`` (growing the disk if needed); with ``sync`` it is durable on return."""

@@ -125,6 +125,13 @@ class DatastoreBackend(Backend):
         slot, folder, local = self._route(obj)
         return (self.rootfs if folder is None else folder).read(local, offset, count)
 
+    def read_nowait(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool, Attr] | None:
+        slot, folder, local = self._route(obj)
+        hit = (self.rootfs if folder is None else folder).read_nowait(local, offset, count)
+        if hit is None:
+            return None
+        return hit[0], hit[1], self._fix(slot, hit[2])
+
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
         slot, folder, local = self._route(obj)
         return (self.rootfs if folder is None else folder).write(local, offset, data, stable)

@@ -115,6 +115,15 @@ class SessionFolder:
         data = ext.cache.read(offset, count)
         return data, offset + len(data) >= ext.cache.size
 
+    def read_nowait(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool, Attr] | None:
+        ext = self._extent(obj)
+        if ext is None:
+            return self.files.read_nowait(obj, offset, count)
+        data = ext.cache.read_nowait(offset, count)
+        if data is None:
+            return None
+        return data, offset + len(data) >= ext.cache.size, self.getattr(obj)
+
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
         ext = self._extent(obj)
         if ext is None:

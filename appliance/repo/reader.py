@@ -67,6 +67,19 @@ class ChunkCache:
         pending.set_result(data)
         return data
 
+    def peek(self, cid: str) -> bytes | None:
+        """The chunk if it is in memory, else None; never loads, never waits for a load."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            data = self._items.get(cid)
+            if data is not None:
+                self._items.move_to_end(cid)
+                self.hits += 1
+            return data
+        finally:
+            self._lock.release()
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -112,6 +125,23 @@ class DiskReader:
             base = index * cs
             parts.append(memoryview(data)[max(offset, base) - base : min(end, base + cs) - base])
         return b"".join(parts)
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """``read`` when every chunk it needs is in memory, else None (for callers that must not block)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b"" if offset >= 0 and length >= 0 else None
+        cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        parts = []
+        for index in range(first, last + 1):
+            cid = self.disk.chunks[index]
+            data = self._zero if cid is None else self.repo.chunk_cache.peek(cid)
+            if data is None:
+                return None
+            base = index * cs
+            parts.append(memoryview(data)[max(offset, base) - base : min(end, base + cs) - base])
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def is_zero(self, index: int) -> bool:
         return self.disk.chunks[index] is None

@@ -144,7 +144,8 @@ class SessionManager:
         session_dir = Path(rec.cache_dir)
         for d in rec.disks:
             reader = repository.open_disk(rp, d["key"])
-            caches[d["extent"]] = WriteCache(session_dir / "disks", d["extent"], reader.read, d["size"])
+            caches[d["extent"]] = WriteCache(session_dir / "disks", d["extent"], reader.read, d["size"],
+                                             backing_nowait=reader.read_cached)  # fmt: skip
         folder = SessionFolder(session_dir, caches)
         self.backend.add_folder(rec.slot, rec.folder, folder)
         self.records[rec.id] = rec

@@ -1,0 +1,76 @@
+"""The non-blocking read path the NFS server tries on its event loop before hopping to a worker thread:
+it answers only from memory (chunk cache, page cache), and then exactly what the blocking path would."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from appliance.cache.overlay import WriteCache
+from appliance.ingest.backup import backup_vm
+from appliance.ingest.sources import open_source
+from appliance.repo import Repository
+from nfsd.localfs import LocalFS
+
+MiB = 1 << 20
+
+
+def test_disk_reader_read_cached_only_from_the_chunk_cache(tmp_path: Path) -> None:
+    rnd = random.Random(3)
+    disk = tmp_path / "d.raw"
+    data = rnd.randbytes(2 * MiB) + bytes(MiB) + rnd.randbytes(MiB // 2)
+    disk.write_bytes(data)
+    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
+    src = open_source(disk)
+    backup_vm(repo, "vm", [src])
+    src.close()
+    repo = Repository.open(tmp_path / "repo")  # a fresh, empty chunk cache
+    point = repo.restore_point("vm", "latest")
+    reader = repo.open_disk(point, point.disks[0].name)
+    assert reader.read_cached(100, 4096) is None  # chunk 0 not loaded yet
+    assert reader.read_cached(2 * MiB + 5, 4096) == bytes(4096)  # an all-zero chunk needs no load
+    assert reader.read(100, 4096) == data[100:4196]
+    assert reader.read_cached(100, 4096) == data[100:4196]
+    assert reader.read_cached(MiB - 10, 20) is None  # spans chunk 1, not loaded
+    reader.read(MiB, 1)
+    assert reader.read_cached(MiB - 10, 20) == data[MiB - 10 : MiB + 10]
+    assert reader.read_cached(len(data) - 3, 100) is None  # last chunk not loaded
+    reader.read(len(data) - 1, 1)
+    assert reader.read_cached(len(data) - 3, 100) == data[-3:]
+    assert reader.read_cached(len(data), 100) == b""
+
+
+def test_write_cache_read_nowait_matches_read(tmp_path: Path) -> None:
+    base = random.Random(4).randbytes(MiB)
+    loaded: set[int] = set()
+
+    def backing(off: int, n: int) -> bytes:
+        loaded.update(range(off // 65536, (off + n - 1) // 65536 + 1))
+        return base[off : off + n]
+
+    def backing_nowait(off: int, n: int) -> bytes | None:
+        blocks = set(range(off // 65536, (off + n - 1) // 65536 + 1))
+        return base[off : off + n] if blocks <= loaded else None
+
+    cache = WriteCache(tmp_path, "d", backing, MiB, backing_nowait=backing_nowait)
+    assert cache.read_nowait(0, 4096) is None
+    cache.write(70_000, b"x" * 10_000, sync=True)  # copies block 1 in from the backing
+    assert cache.read_nowait(70_000, 10_000) == b"x" * 10_000
+    assert cache.read_nowait(65_536, 65_536) == cache.read(65_536, 65_536)
+    assert cache.read_nowait(60_000, 20_000) is None  # block 0 still only in the (unloaded) backup
+    cache.read(0, 10)
+    assert cache.read_nowait(60_000, 20_000) == cache.read(60_000, 20_000)
+    assert WriteCache(tmp_path / "b", "d", backing, MiB).read_nowait(0, 10) is None  # no way to try: None
+
+
+def test_localfs_read_nowait_needs_an_open_file_and_sees_removal(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"hello world")
+    fs = LocalFS(tmp_path)
+    obj = fs.lookup(fs.root(), "f")
+    assert fs.read_nowait(obj, 0, 5) is None  # not open yet: opening may touch the disk
+    assert fs.read(obj, 0, 5) == (b"hello", False)
+    data, eof, attr = fs.read_nowait(obj, 6, 100)
+    assert bytes(data) == b"world" and eof and attr.size == 11 and attr.fileid == obj.fileid
+    os.unlink(tmp_path / "f")
+    assert fs.read_nowait(obj, 0, 5) is None  # the slow path answers STALE
