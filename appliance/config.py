@@ -39,6 +39,7 @@ class DaemonConfig:
     advertise: str | None = None  # host name put in nfs:// URLs
     web: bool = True
     cache_dir: Path | None = None  # default write-cache location (STATE/cache when unset)
+    read_cache_bytes: int = 20 * GiB  # hydrated chunks of published disks (STATE/read-cache); 0: off
 
     @property
     def host(self) -> str:

@@ -12,6 +12,7 @@ from appliance.config import DaemonConfig
 from appliance.datastore.backend import DatastoreBackend
 from appliance.errors import IntegrityError, NoSpaceError, UsageError
 from appliance.repo import Repository
+from appliance.repo.readcache import ReadCache
 from appliance.sessions.control import ControlServer
 from appliance.sessions.manager import SessionManager
 from nfsd import errors as nfs_errors
@@ -42,8 +43,9 @@ class Daemon:
                 name = f"{name}-{repo.config.id[:6]}"
             self.repos[name] = repo
         self.backend = DatastoreBackend(state / "datastore-root")
+        self.read_cache = ReadCache(state / "read-cache", config.read_cache_bytes) if config.read_cache_bytes else None
         self.sessions = SessionManager(state, self.repos, self.backend, min_free_bytes=config.min_free_bytes,
-                                       cache_dir=config.cache_dir)  # fmt: skip
+                                       cache_dir=config.cache_dir, read_cache=self.read_cache)  # fmt: skip
         self.export = Export(path=config.export_path, backend=self.backend, clients=config.clients)
         self.server = NFSServer(
             [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,
@@ -83,6 +85,7 @@ class Daemon:
             "cache": self.sessions.check_space(self.sessions.default_cache),
             "clients": self.server.clients(),
             "allowed_networks": self.export.clients,
+            "read_cache": self.read_cache.status() if self.read_cache else None,
         }  # fmt: skip
 
     def op_publish(self, vm: str | None = None, vms: list[str] | None = None, point: str = "latest",
@@ -162,6 +165,8 @@ class Daemon:
         await self.control.stop()
         await self.server.stop()
         self.sessions.close()
+        if self.read_cache is not None:
+            self.read_cache.close()
         log.info("bootback stopped; instant sessions will come back at the next start")
 
     async def run(self) -> None:

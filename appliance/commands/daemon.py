@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allowed client networks, comma-separated CIDR ($BOOTBACK_CLIENTS)")
     p.add_argument("--min-free", default=os.environ.get("BOOTBACK_MIN_FREE", "100G"),
                    help="refuse new sessions below this free cache space ($BOOTBACK_MIN_FREE)")
+    p.add_argument("--read-cache", default=os.environ.get("BOOTBACK_READ_CACHE", "20G"),
+                   help="local space for decompressed chunks of published disks, at most half the free space; "
+                        "0 turns it off ($BOOTBACK_READ_CACHE)")  # fmt: skip
     p.add_argument("--advertise", default=os.environ.get("BOOTBACK_ADVERTISE"),
                    help="host name or address to put in nfs:// URLs ($BOOTBACK_ADVERTISE)")
     p.add_argument("--no-web", action="store_true", help="do not start the web app on the control port")
@@ -101,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         control_port=args.control_port,
         export_path=args.export or default_export_name(),
         clients=[c.strip() for c in args.clients.split(",") if c.strip()],
-        min_free_bytes=parse_size(args.min_free), advertise=args.advertise, web=web,
+        min_free_bytes=parse_size(args.min_free), read_cache_bytes=parse_size(args.read_cache),
+        advertise=args.advertise, web=web,
     )  # fmt: skip
     daemon = Daemon(config)
     asyncio.run(daemon.run())

@@ -89,8 +89,9 @@ class ChunkCache:
 class DiskReader:
     """Read-only random access to one disk of one restore point. Thread-safe."""
 
-    def __init__(self, repo: Repository, point: RestorePoint, disk: DiskEntry) -> None:
+    def __init__(self, repo: Repository, point: RestorePoint, disk: DiskEntry, hydrated=None) -> None:  # noqa: ANN001
         self.repo = repo
+        self.hydrated = hydrated  # a readcache.HydratedDisk, or None
         self.point = point
         self.disk = disk
         self.size = disk.size
@@ -115,16 +116,25 @@ class DiskReader:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
+        hd = self.hydrated
+        if hd is not None and all(hd.has(i) for i in range(first, last + 1)):
+            return hd.pread(offset, end - offset)
         if first == last:
             start = offset - first * cs
-            data = self.chunk(first)
+            data = self._chunk_hydrating(first)
             return data[start : start + (end - offset)]
         parts = []
         for index in range(first, last + 1):
-            data = self.chunk(index)
+            data = self._chunk_hydrating(index)
             base = index * cs
             parts.append(memoryview(data)[max(offset, base) - base : min(end, base + cs) - base])
         return b"".join(parts)
+
+    def _chunk_hydrating(self, index: int) -> bytes:
+        data = self.chunk(index)
+        if self.hydrated is not None and self.disk.chunks[index] is not None:
+            self.hydrated.store(index, data)
+        return data
 
     def read_cached(self, offset: int, length: int) -> bytes | None:
         """``read`` when every chunk it needs is in memory, else None (for callers that must not block)."""
@@ -133,6 +143,9 @@ class DiskReader:
             return b"" if offset >= 0 and length >= 0 else None
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
+        hd = self.hydrated
+        if hd is not None and all(hd.has(i) for i in range(first, last + 1)):
+            return hd.pread_nowait(offset, end - offset)
         parts = []
         for index in range(first, last + 1):
             cid = self.disk.chunks[index]

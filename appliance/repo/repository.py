@@ -58,8 +58,8 @@ def check_chunk_size(size: int) -> int:
 def parse_size(text: str) -> int:
     """'1M', '64K', '4MiB', '1048576' -> bytes."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    digits = t[:-1] if t[-1:] in "KMG" else t
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in "KMGT" and t[-1:] else t
     if not digits.isdigit():
         raise UsageError(f"invalid size {text!r}: expected e.g. 64K, 1M, 4M")
     return int(digits) * mult
@@ -229,10 +229,17 @@ class Repository:
         vm, _, point = ref.partition("@")
         return self.restore_point(vm, point or "latest")
 
-    def open_disk(self, point: RestorePoint, disk: str):  # -> DiskReader
+    def open_disk(self, point: RestorePoint, disk: str, read_cache=None):  # -> DiskReader  # noqa: ANN001
+        """Random access to one disk; with a ``ReadCache``, chunks read once are served from local files."""
         from appliance.repo.reader import DiskReader
 
-        return DiskReader(self, point, point.disk(disk))
+        entry = point.disk(disk)
+        hydrated = None
+        if read_cache is not None:
+            hydrated = read_cache.disk(f"{self.config.id[:8]}-{point.vm}-{point.id}-{entry.name}", entry.size,
+                                       entry.chunk_size)  # fmt: skip
+            hydrated.mark_zeros(entry.chunks)
+        return DiskReader(self, point, entry, hydrated)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -19,6 +19,7 @@ from appliance.datastore.descriptors import disk_names, published_vmx, vmdk_desc
 from appliance.datastore.folder import SessionFolder
 from appliance.errors import NoSpaceError, SessionError, SessionNotFoundError, UsageError
 from appliance.repo import Repository
+from appliance.repo.readcache import ReadCache
 from appliance.sessions.migrate import Migration
 from appliance.sessions.records import MODES, SessionRecord
 
@@ -30,7 +31,8 @@ GiB = 1 << 30
 class SessionManager:
     def __init__(self, state_dir: Path, repos: dict[str, Repository], backend: DatastoreBackend,
                  min_free_bytes: int = 100 * GiB, warn_free_fraction: float = 0.1,
-                 cache_dir: Path | None = None) -> None:  # fmt: skip
+                 cache_dir: Path | None = None, read_cache: ReadCache | None = None) -> None:  # fmt: skip
+        self.read_cache = read_cache
         self.state = Path(state_dir)
         self.sessions_dir = self.state / "sessions"
         self.default_cache = Path(cache_dir) if cache_dir else self.state / "cache"
@@ -143,7 +145,7 @@ class SessionManager:
         caches = {}
         session_dir = Path(rec.cache_dir)
         for d in rec.disks:
-            reader = repository.open_disk(rp, d["key"])
+            reader = repository.open_disk(rp, d["key"], read_cache=self.read_cache)
             caches[d["extent"]] = WriteCache(session_dir / "disks", d["extent"], reader.read, d["size"],
                                              backing_nowait=reader.read_cached)  # fmt: skip
         folder = SessionFolder(session_dir, caches)

@@ -7,10 +7,14 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+
 from appliance.cache.overlay import WriteCache
+from appliance.errors import IntegrityError
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import open_source
 from appliance.repo import Repository
+from appliance.repo.readcache import ReadCache
 from nfsd.localfs import LocalFS
 
 MiB = 1 << 20
@@ -74,3 +78,51 @@ def test_localfs_read_nowait_needs_an_open_file_and_sees_removal(tmp_path: Path)
     assert bytes(data) == b"world" and eof and attr.size == 11 and attr.fileid == obj.fileid
     os.unlink(tmp_path / "f")
     assert fs.read_nowait(obj, 0, 5) is None  # the slow path answers STALE
+
+
+def test_read_cache_hydrates_chunks_and_serves_them_from_the_local_file(tmp_path: Path) -> None:
+    rnd = random.Random(5)
+    disk = tmp_path / "d.raw"
+    data = rnd.randbytes(2 * MiB) + bytes(MiB) + rnd.randbytes(MiB + 7)
+    disk.write_bytes(data)
+    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
+    src = open_source(disk)
+    backup_vm(repo, "vm", [src])
+    src.close()
+    point = repo.restore_point("vm", "latest")
+    cache = ReadCache(tmp_path / "rc", budget_bytes=2 * MiB)  # room for two chunks only
+    reader = repo.open_disk(point, point.disks[0].name, read_cache=cache)
+    twin = repo.open_disk(point, point.disks[0].name, read_cache=cache)
+    assert reader.hydrated is twin.hydrated  # sessions of one point share the hydrated file
+    hd = reader.hydrated
+    assert hd.has(2) and not hd.has(0)  # the zero chunk needs no hydration
+    assert reader.read(MiB - 5, 10) == data[MiB - 5 : MiB + 5]  # loads chunks 0 and 1
+    assert hd.has(0) and hd.has(1) and cache.used == 2 * MiB
+    repo.chunk_cache.clear()  # from now on only the hydrated file can answer without loading
+    assert twin.read_cached(100, 4096) == data[100:4196]
+    assert twin.read_cached(3 * MiB, 10) is None  # chunk 3: not hydrated, not in memory
+    assert twin.read(3 * MiB, 10) == data[3 * MiB : 3 * MiB + 10]
+    assert not hd.has(3) and cache.used == 2 * MiB  # over budget: read, not kept
+    assert reader.read(0, len(data)) == data
+    cache.close()
+    assert not (tmp_path / "rc").exists()
+
+
+def test_read_cache_never_returns_damaged_chunks(tmp_path: Path) -> None:
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(random.Random(6).randbytes(2 * MiB))
+    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
+    src = open_source(disk)
+    backup_vm(repo, "vm", [src])
+    src.close()
+    point = repo.restore_point("vm", "latest")
+    victim = repo.store.path(point.disks[0].chunks[1])
+    blob = bytearray(victim.read_bytes())
+    blob[-5] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    reader = repo.open_disk(point, point.disks[0].name, read_cache=ReadCache(tmp_path / "rc", 8 * MiB))
+    with pytest.raises(IntegrityError):
+        reader.read(MiB + 10, 10)
+    assert not reader.hydrated.has(1)
+    with pytest.raises(IntegrityError):  # and again: the damaged chunk was not cached anywhere
+        reader.read(MiB + 10, 10)

@@ -1,0 +1,119 @@
+"""The read cache: decompressed, verified chunks of published disks kept in local sparse files.
+
+A VM running from a backup reads the same blocks again and again, scattered over the whole disk; with 1 MiB
+chunks a 4 KiB read that misses the in-memory LRU costs a 1 MiB decompression and hash. So every chunk a
+session reads is also written, once, into a sparse file per (restore point, disk), at the chunk's own offset;
+later reads of it are plain ``pread``s that the page cache answers (and the NFS server can serve without
+leaving its event loop). This is the "hydration" Veeam and Proxmox live-restore do, kept within a byte budget.
+
+The cache is not persistent: it is rebuilt from the repository after a restart (a crash could leave a bit set
+for data that never reached the file), and it is shared by every session of the same restore point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+log = logging.getLogger("bootback.readcache")
+
+
+class ReadCache:
+    """All hydrated disks of one daemon, under one directory and one byte budget."""
+
+    def __init__(self, directory: Path, budget_bytes: int) -> None:
+        self.directory = Path(directory)
+        shutil.rmtree(self.directory, ignore_errors=True)  # left from an earlier run: not trusted
+        self.directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        self.budget = max(0, min(budget_bytes, free // 2))  # never take more than half of what is free
+        self.used = 0
+        self._disks: dict[str, HydratedDisk] = {}
+        self._lock = threading.Lock()
+
+    def disk(self, key: str, size: int, chunk_size: int) -> HydratedDisk:
+        """The hydrated file for ``key`` (restore point + disk), shared by all readers of it."""
+        with self._lock:
+            hd = self._disks.get(key)
+            if hd is None:
+                name = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+                hd = self._disks[key] = HydratedDisk(self, self.directory / f"{name}.raw", size, chunk_size)
+            return hd
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.budget:
+                return False
+            self.used += n
+            return True
+
+    def status(self) -> dict:
+        return {"path": str(self.directory), "budget": self.budget, "used": self.used, "disks": len(self._disks)}
+
+    def close(self) -> None:
+        with self._lock:
+            for hd in self._disks.values():
+                hd.close()
+            self._disks.clear()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class HydratedDisk:
+    def __init__(self, cache: ReadCache, path: Path, size: int, chunk_size: int) -> None:
+        self.cache = cache
+        self.path = path
+        self.size = size
+        self.chunk_size = chunk_size
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, size)
+        self._bits = bytearray((-(-size // chunk_size) + 7) // 8)
+        self._enabled = True
+        self._zeros_marked = False
+
+    def mark_zeros(self, chunks: list[str | None]) -> None:
+        """Unstored (all-zero) chunks are already right in the sparse file: mark them present, once."""
+        if self._zeros_marked:
+            return
+        for i, cid in enumerate(chunks):
+            if cid is None:
+                self._bits[i >> 3] |= 1 << (i & 7)
+        self._zeros_marked = True
+
+    def has(self, index: int) -> bool:
+        return bool(self._bits[index >> 3] & (1 << (index & 7)))
+
+    def store(self, index: int, data: bytes) -> None:
+        """Keep chunk ``index`` (already verified) unless the budget is spent; never fails the read."""
+        if not self._enabled or self.has(index) or not self.cache.take(len(data)):
+            return
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], index * self.chunk_size + done)
+        except OSError as exc:
+            self._enabled = False  # e.g. the disk filled up: reads go on from the repository
+            log.warning("read cache %s disabled: %s", self.path, exc)
+            return
+        # The bit is set only after the bytes are in the file, so a reader never sees a hole as data.
+        self._bits[index >> 3] |= 1 << (index & 7)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        return bytes(buf) if n == length else None
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
