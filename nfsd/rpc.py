@@ -111,6 +111,7 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self._programs: dict[int, dict[int, tuple[Program, dict[int, Handler]]]] = {}
+        self._creds: dict[tuple[bytes, str], Cred] = {}
 
     def register(self, program: Program) -> None:
         self._programs.setdefault(program.prog, {})[program.vers] = (program, program.procedures())
@@ -139,10 +140,17 @@ class Dispatcher:
         except XDRError:
             return denied(xid, AUTH_ERROR, AUTH_BADCRED)
         if flavor == AUTH_SYS:
-            try:
-                cred = parse_auth_sys(cred_body, address)
-            except XDRError:
-                return denied(xid, AUTH_ERROR, AUTH_BADCRED)
+            # A client sends the same credential on every call: decode each distinct one once.
+            key = (bytes(cred_body), address[0])
+            cred = self._creds.get(key)
+            if cred is None:
+                try:
+                    cred = parse_auth_sys(cred_body, address)
+                except XDRError:
+                    return denied(xid, AUTH_ERROR, AUTH_BADCRED)
+                if len(self._creds) >= 4096:
+                    self._creds.clear()
+                self._creds[key] = cred
         elif flavor == AUTH_NONE:
             cred = Cred(address=address[0])
         else:
@@ -190,6 +198,8 @@ class TcpConnection(asyncio.Protocol):
         self._in_flight = 0
         self._paused = False
         self._tasks: set[asyncio.Task] = set()
+        self._out: list = []
+        self._flush_scheduled = False
         self.calls = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -249,23 +259,36 @@ class TcpConnection(asyncio.Protocol):
             parts = await self.dispatcher.handle(record, self.address, "tcp")
             if parts is not None and not self.transport.is_closing():
                 total = sum(len(p) for p in parts)
-                head = struct.pack(">I", 0x80000000 | total)
-                small = [head]
-                for p in parts:
-                    if len(p) > 65536:
-                        # big READ data: hand the buffer to the transport as is instead of joining it
-                        self.transport.write(b"".join(small))
-                        small = []
-                        self.transport.write(p)
-                    else:
-                        small.append(p)
-                if small:
-                    self.transport.write(b"".join(small))
+                self._out.append(struct.pack(">I", 0x80000000 | total))
+                self._out.extend(parts)
+                if not self._flush_scheduled:
+                    # Replies finishing in the same loop iteration leave in one send() instead of one each.
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._flush)
         finally:
             self._in_flight -= 1
             if self._paused and self._in_flight <= MAX_IN_FLIGHT // 2 and not self.transport.is_closing():
                 self._paused = False
                 self.transport.resume_reading()
+
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if not out or self.transport.is_closing():
+            return
+        small: list = []
+        for p in out:
+            if len(p) > 65536:
+                # big READ data: hand the buffer to the transport as is instead of copying it into a join
+                if small:
+                    self.transport.write(b"".join(small))
+                    small = []
+                self.transport.write(p)
+            else:
+                small.append(p)
+        if small:
+            self.transport.write(b"".join(small))
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
