@@ -86,13 +86,51 @@ class RpcClient:
         return bytes(u.opaque(64))
 
 
+
+class NfsDir:
+    """NFSv3 calls on the files of one mounted directory: just enough for tests to act like a hypervisor."""
+
+    def __init__(self, mount_port: int, nfs_port: int, directory: str, host: str = "127.0.0.1") -> None:
+        self.dir = RpcClient(host, mount_port).mount(directory)
+        self.nfs = RpcClient(host, nfs_port)
+
+    def lookup(self, name: str) -> bytes:
+        u = self.nfs.call(100003, 3, 3, Packer().opaque(self.dir).string(name).bytes())
+        status = u.u32()
+        assert status == 0, f"LOOKUP {name}: status {status}"
+        return bytes(u.opaque(64))
+
+    def write(self, fh: bytes, offset: int, data: bytes, stable: int = 2) -> int:
+        """WRITE (stable 2 = FILE_SYNC, 0 = UNSTABLE); returns the nfsstat3."""
+        u = self.nfs.call(100003, 3, 7, Packer().opaque(fh).u64(offset).u32(len(data)).u32(stable).opaque(data).bytes())
+        return u.u32()
+
+    def commit(self, fh: bytes) -> int:
+        return self.nfs.call(100003, 3, 21, Packer().opaque(fh).u64(0).u32(0).bytes()).u32()
+
+    def read(self, fh: bytes, offset: int, count: int) -> bytes:
+        u = self.nfs.call(100003, 3, 6, Packer().opaque(fh).u64(offset).u32(count).bytes())
+        status = u.u32()
+        assert status == 0, f"READ: status {status}"
+        if u.bool():  # post_op_attr
+            u.fixed(84)
+        u.u32()  # count
+        u.bool()  # eof
+        return bytes(u.opaque(1 << 21))
+
+    def read_all(self, fh: bytes, offset: int, length: int) -> bytes:
+        """READ in 1 MiB calls (the server's rtmax) until ``length`` bytes or end of file."""
+        out = bytearray()
+        while len(out) < length:
+            piece = self.read(fh, offset + len(out), min(1 << 20, length - len(out)))
+            if not piece:
+                break
+            out += piece
+        return bytes(out)
+
+
 def nfs_write(mount_port: int, nfs_port: int, directory: str, name: str, offset: int, data: bytes,
               host: str = "127.0.0.1") -> None:  # fmt: skip
     """One FILE_SYNC NFS WRITE into DIRECTORY/NAME (what a guest's disk write looks like on the wire)."""
-    folder = RpcClient(host, mount_port).mount(directory)
-    nfs = RpcClient(host, nfs_port)
-    u = nfs.call(100003, 3, 3, Packer().opaque(folder).string(name).bytes())  # LOOKUP
-    assert u.u32() == 0, "LOOKUP failed"
-    fh = bytes(u.opaque(64))
-    u = nfs.call(100003, 3, 7, Packer().opaque(fh).u64(offset).u32(len(data)).u32(2).opaque(data).bytes())
-    assert u.u32() == 0, "WRITE failed"
+    d = NfsDir(mount_port, nfs_port, directory, host)
+    assert d.write(d.lookup(name), offset, data) == 0, "WRITE failed"

@@ -67,7 +67,8 @@ class ControlServer:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
                 raise ValueError("a request is an object with a string 'op'")
-            params = req.get("params") or {}
+            params = req.get("params")
+            params = {} if params is None else params
             if not isinstance(params, dict):
                 raise ValueError("'params' must be an object")
         except ValueError as exc:
