@@ -178,7 +178,7 @@ class WriteCache:
             got = os.preadv(self._data_fd, [buf], offset, os.RWF_NOWAIT)
         except OSError:  # EAGAIN: not in the page cache
             return None
-        return bytes(buf) if got == n else None
+        return buf if got == n else None
 
     def _backing_nowait_read(self, offset: int, length: int) -> bytes | None:
         limit = self.backing_limit

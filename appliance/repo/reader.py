@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from appliance.repo.repository import Repository
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+READ_AHEAD = 4  # chunks decoded ahead of a sequential reader (a boot, a copy, a migration)
+
+# Decoding (zstd, SHA-256) releases the GIL, so a small shared pool overlaps it with the reader's own work.
+_read_ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="read-ahead")
 
 
 class ChunkCache:
@@ -98,6 +102,8 @@ class DiskReader:
         self.chunk_size = disk.chunk_size
         self._zero = bytes(disk.chunk_size)
         self._context = f"restore point {point.ref}, disk {disk.name}"
+        self._next_expected = -1  # the chunk a sequential reader will want next
+        self._ahead_until = -1  # chunks below this are already decoded or being decoded
 
     def chunk(self, index: int) -> bytes:
         """The whole (decompressed, verified) chunk ``index``; zeros for an unstored all-zero chunk."""
@@ -119,6 +125,7 @@ class DiskReader:
         hd = self.hydrated
         if hd is not None and all(hd.has(i) for i in range(first, last + 1)):
             return hd.pread(offset, end - offset)
+        self._read_ahead(first, last)
         if first == last:
             start = offset - first * cs
             data = self._chunk_hydrating(first)
@@ -129,6 +136,25 @@ class DiskReader:
             base = index * cs
             parts.append(memoryview(data)[max(offset, base) - base : min(end, base + cs) - base])
         return b"".join(parts)
+
+    def _read_ahead(self, first: int, last: int) -> None:
+        """When reads walk the disk in order, decode the next chunks in the background."""
+        sequential = first in (self._next_expected, self._next_expected - 1)
+        self._next_expected = last + 1
+        if not sequential:
+            return
+        start = max(last + 1, self._ahead_until)
+        stop = min(last + 1 + READ_AHEAD, len(self.disk.chunks))
+        for index in range(start, stop):
+            if self.disk.chunks[index] is not None and not (self.hydrated and self.hydrated.has(index)):
+                _read_ahead_pool.submit(self._prefetch, index)
+        self._ahead_until = max(self._ahead_until, stop)
+
+    def _prefetch(self, index: int) -> None:
+        try:
+            self._chunk_hydrating(index)
+        except Exception:  # noqa: BLE001 - the foreground read of this chunk reports the error
+            pass
 
     def _chunk_hydrating(self, index: int) -> bytes:
         data = self.chunk(index)
@@ -154,7 +180,7 @@ class DiskReader:
                 return None
             base = index * cs
             parts.append(memoryview(data)[max(offset, base) - base : min(end, base + cs) - base])
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # a view of an immutable chunk: no copy
 
     def is_zero(self, index: int) -> bool:
         return self.disk.chunks[index] is None
