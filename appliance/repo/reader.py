@@ -102,6 +102,7 @@ class DiskReader:
         self.chunk_size = disk.chunk_size
         self._zero = bytes(disk.chunk_size)
         self._context = f"restore point {point.ref}, disk {disk.name}"
+        self.read_ahead = READ_AHEAD
         self._next_expected = -1  # the chunk a sequential reader will want next
         self._ahead_until = -1  # chunks below this are already decoded or being decoded
 
@@ -144,7 +145,7 @@ class DiskReader:
         if not sequential:
             return
         start = max(last + 1, self._ahead_until)
-        stop = min(last + 1 + READ_AHEAD, len(self.disk.chunks))
+        stop = min(last + 1 + self.read_ahead, len(self.disk.chunks))
         for index in range(start, stop):
             if self.disk.chunks[index] is not None and not (self.hydrated and self.hydrated.has(index)):
                 _read_ahead_pool.submit(self._prefetch, index)

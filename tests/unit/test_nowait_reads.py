@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ def test_disk_reader_read_cached_only_from_the_chunk_cache(tmp_path: Path) -> No
     repo = Repository.open(tmp_path / "repo")  # a fresh, empty chunk cache
     point = repo.restore_point("vm", "latest")
     reader = repo.open_disk(point, point.disks[0].name)
+    reader.read_ahead = 0  # this test watches which chunks get loaded
     assert reader.read_cached(100, 4096) is None  # chunk 0 not loaded yet
     assert reader.read_cached(2 * MiB + 5, 4096) == bytes(4096)  # an all-zero chunk needs no load
     assert reader.read(100, 4096) == data[100:4196]
@@ -126,3 +128,29 @@ def test_read_cache_never_returns_damaged_chunks(tmp_path: Path) -> None:
     assert not reader.hydrated.has(1)
     with pytest.raises(IntegrityError):  # and again: the damaged chunk was not cached anywhere
         reader.read(MiB + 10, 10)
+
+
+def test_sequential_reads_decode_the_next_chunks_ahead(tmp_path: Path) -> None:
+    data = random.Random(7).randbytes(8 * MiB)
+    (tmp_path / "d.raw").write_bytes(data)
+    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
+    src = open_source(tmp_path / "d.raw")
+    backup_vm(repo, "vm", [src])
+    src.close()
+    repo = Repository.open(tmp_path / "repo")
+    point = repo.restore_point("vm", "latest")
+    reader = repo.open_disk(point, point.disks[0].name)
+    assert reader.read(0, MiB) == data[:MiB]
+    assert reader.read(MiB, MiB) == data[MiB : 2 * MiB]  # now sequential: chunks 2..5 are decoded ahead
+    deadline = time.monotonic() + 10
+    while reader.read_cached(5 * MiB, 10) is None:
+        assert time.monotonic() < deadline, "read-ahead did not load chunk 5"
+        time.sleep(0.01)
+    assert reader.read_cached(2 * MiB, MiB) == data[2 * MiB : 3 * MiB]
+    assert reader.read_cached(6 * MiB, 10) is None  # not further than READ_AHEAD
+    random_reader = repo.open_disk(point, point.disks[0].name)
+    repo.chunk_cache.clear()
+    random_reader.read(7 * MiB, 10)
+    random_reader.read(3 * MiB, 10)  # jumps: no read-ahead
+    time.sleep(0.2)
+    assert random_reader.read_cached(4 * MiB, 10) is None
