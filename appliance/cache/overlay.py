@@ -13,6 +13,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class WriteCache:
         self.map_path = self.directory / f"{name}.map"
         self._lock = threading.RLock()
         self._closed = False
+        self._usage, self._usage_at = 0, -1e9
         self.dirty_tracker: set[int] | None = None  # set while a migration copies the disk
         if self.map_path.exists():
             self._open_existing()
@@ -199,9 +201,11 @@ class WriteCache:
             if end > self.size:
                 self._grow(end)
             first, last = offset // bs, (end - 1) // bs if data else offset // bs
+            fresh = False  # does this write bring blocks into the cache (so the map must change)?
             for index in range(first, last + 1):
                 if self.cached(index):
                     continue
+                fresh = True
                 b0, b1 = index * bs, min((index + 1) * bs, self.size)
                 if offset <= b0 and end >= b1:
                     continue  # the write covers the whole block
@@ -210,12 +214,13 @@ class WriteCache:
             self._pwrite(data, offset)
             if sync:
                 os.fdatasync(self._data_fd)
-            for index in range(first, last + 1):
-                self._set(index)
-            self._persist_map(first, last)
-            if sync:
-                os.fdatasync(self._map_fd)
-            else:
+            if fresh:
+                for index in range(first, last + 1):
+                    self._set(index)
+                self._persist_map(first, last)
+                if sync:
+                    os.fdatasync(self._map_fd)
+            if not sync:
                 self._unsynced = True
         return len(data)
 
@@ -275,5 +280,10 @@ class WriteCache:
         return sum(bin(b).count("1") for b in self._bits)
 
     def usage_bytes(self) -> int:
-        """Bytes the cache takes on disk (the data file is sparse)."""
-        return os.fstat(self._data_fd).st_blocks * 512 + os.fstat(self._map_fd).st_blocks * 512
+        """Bytes the cache takes on disk (the data file is sparse); refreshed at most once a second, since every
+        WRITE reply carries it and two fstat calls per write cost more than the write's own bookkeeping."""
+        now = time.monotonic()
+        if now - self._usage_at > 1.0:
+            self._usage = os.fstat(self._data_fd).st_blocks * 512 + os.fstat(self._map_fd).st_blocks * 512
+            self._usage_at = now
+        return self._usage
