@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, session, url_for
@@ -94,23 +95,33 @@ def publish() -> Response:
     if not NAME.match(vm) or not NAME.match(point) or mode not in ("instant", "sandbox"):
         flash("Choose a VM, a restore point and a mode.", "error")
         return redirect(url_for("pages.index"))
-    try:
+
+    def start() -> str:
         (doc,) = daemon.call("publish", vm=vm, point=point, mode=mode, repo=repo)
-        flash(f"{mode.capitalize()} session {doc['id']} started: {doc['vm']} is at {doc['nfs_url']}", "ok")
+        return f"{mode.capitalize()} session {doc['id']} started: {doc['vm']} is at {doc['nfs_url']}"
+
+    return _act(start, f"Could not publish {vm}")
+
+
+def _act(action: Callable[[], str], failure: str) -> Response:
+    """Run a daemon action for a form, flash its outcome, and go back to the page (post/redirect/get)."""
+    try:
+        flash(action(), "ok")
     except ApiError as exc:
-        flash(f"Could not publish {vm}: {exc.message}", "error")
+        flash(f"{failure}: {exc.message}", "error")
     return redirect(url_for("pages.index"))
 
 
 @bp.post("/sessions/<sid>/stop")
 @login_required
 def stop(sid: str) -> Response:
-    try:
-        daemon.call("stop", id=sid, force=request.form.get("force") == "on")
-        flash(f"Session {sid} stopped.", "ok")
-    except ApiError as exc:
-        flash(f"Could not stop {sid}: {exc.message}", "error")
-    return redirect(url_for("pages.index"))
+    force = request.form.get("force") == "on"
+
+    def stop_it() -> str:
+        daemon.call("stop", id=sid, force=force)
+        return f"Session {sid} stopped."
+
+    return _act(stop_it, f"Could not stop {sid}")
 
 
 @bp.post("/sessions/<sid>/migrate")
@@ -120,12 +131,12 @@ def migrate(sid: str) -> Response:
     if not output.startswith("/"):
         flash("Migration target: give an absolute path on the appliance.", "error")
         return redirect(url_for("pages.index"))
-    try:
+
+    def start() -> str:
         daemon.call("migrate", id=sid, output=output)
-        flash(f"Migration of {sid} to {output} started.", "ok")
-    except ApiError as exc:
-        flash(f"Could not migrate {sid}: {exc.message}", "error")
-    return redirect(url_for("pages.index"))
+        return f"Migration of {sid} to {output} started."
+
+    return _act(start, f"Could not migrate {sid}")
 
 
 @bp.post("/tokens")
