@@ -72,6 +72,8 @@ class HydratedDisk:
         self._bits = bytearray((-(-size // chunk_size) + 7) // 8)
         self._enabled = True
         self._zeros_marked = False
+        self._writing: set[int] = set()
+        self._lock = threading.Lock()
 
     def mark_zeros(self, chunks: list[str | None]) -> None:
         """Unstored (all-zero) chunks are already right in the sparse file: mark them present, once."""
@@ -87,19 +89,24 @@ class HydratedDisk:
 
     def store(self, index: int, data: bytes) -> None:
         """Keep chunk ``index`` (already verified) unless the budget is spent; never fails the read."""
-        if not self._enabled or self.has(index) or not self.cache.take(len(data)):
-            return
+        with self._lock:  # two readers of one chunk: one writes it, and the budget counts it once
+            if not self._enabled or self.has(index) or index in self._writing or not self.cache.take(len(data)):
+                return
+            self._writing.add(index)
         try:
             view = memoryview(data)
             done = 0
             while done < len(view):
                 done += os.pwrite(self._fd, view[done:], index * self.chunk_size + done)
+            # The bit is set only after the bytes are in the file, so a reader never sees a hole as data.
+            self._bits[index >> 3] |= 1 << (index & 7)
         except OSError as exc:
             self._enabled = False  # e.g. the disk filled up: reads go on from the repository
             log.warning("read cache %s disabled: %s", self.path, exc)
             return
-        # The bit is set only after the bytes are in the file, so a reader never sees a hole as data.
-        self._bits[index >> 3] |= 1 << (index & 7)
+        finally:
+            with self._lock:
+                self._writing.discard(index)
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
