@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,7 @@ while True:
     off = rnd.randrange(0, len(base) - 70000)
     data = bytes([i % 251 + 1]) * rnd.choice([512, 4096, 70000])
     cache.write(off, data, sync=True)
-    print(off, len(data), i % 251 + 1, flush=True)   # acknowledged
+    os.write(1, f"{off} {len(data)} {i % 251 + 1}\n".encode())   # acknowledged; one write(2): never half a line
     i += 1
 """
 
@@ -102,12 +103,11 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path, base: bytes, delay:
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "c"), str(SIZE), str(root)],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
-    import time
-
     time.sleep(delay)
     proc.kill()
     out, _ = proc.communicate()
-    acked = [tuple(map(int, line.split())) for line in out.splitlines() if line.strip()]
+    # a line is complete only with its newline (the writer may die while its pipe is being read)
+    acked = [tuple(map(int, line.split())) for line in out.split("\n")[:-1] if line.strip()]
     assert acked, "the writer acknowledged nothing before it was killed"
     model = bytearray(base)
     for off, n, v in acked:
