@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance import __version__
+from web.validation import NAME
 
 
 def _ref(name: str) -> dict:
@@ -36,6 +37,8 @@ def _path_param(name: str) -> dict:
 
 
 OBJ = {"type": "object"}
+NAME_SCHEMA = {"type": "string", "pattern": NAME.pattern}
+ABS_PATH = {"type": "string", "pattern": "^/", "description": "an absolute path on the appliance"}
 TEXT = {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}
 SESSIONS = {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}
 LIST = {"type": "array", "items": OBJ}
@@ -60,7 +63,7 @@ def openapi_document() -> dict:
             "/api/v1/repositories": {"get": _op("Repositories served", _json(LIST))},
             "/api/v1/repositories/{name}": {"get": _op("One repository", _json(OBJ), params=[repo])},
             "/api/v1/repositories/{name}/points": {"get": _op("Restore points", _json(LIST), params=[
-                repo, {"name": "vm", "in": "query", "required": False, "schema": {"type": "string"}}])},
+                repo, {"name": "vm", "in": "query", "required": False, "schema": NAME_SCHEMA}])},
             "/api/v1/sessions": {
                 "get": _op("Sessions", _json(SESSIONS)),
                 "post": _op("Start instant recovery or sandbox sessions", _json(SESSIONS, "Created"),
@@ -76,7 +79,7 @@ def openapi_document() -> dict:
                 "get": _op("Migration progress", _json(_ref("Migration")), params=[sid]),
                 "post": _op("Copy the running VM's disks out (backup + changes)", _json(_ref("Migration"), "Started"),
                             params=[sid], body={"type": "object", "required": ["output"], "additionalProperties": False,
-                                                "properties": {"output": {"type": "string"}}}, code="202"),
+                                                "properties": {"output": ABS_PATH}}, code="202"),
             },
             "/api/v1/tokens": {
                 "get": _op("API tokens (without their secrets)", _json(LIST)),
@@ -93,11 +96,11 @@ def openapi_document() -> dict:
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "status": {"type": "integer"}, "message": {"type": "string"}}}}},
                 "PublishRequest": {"type": "object", "additionalProperties": False, "properties": {
-                    "vm": {"type": "string", "description": "VM name, or NAME@POINT"},
-                    "vms": {"type": "array", "items": {"type": "string"}, "description": "mass recovery"},
-                    "point": {"type": "string", "default": "latest"},
+                    "vm": {**NAME_SCHEMA, "description": "VM name, or NAME@POINT"},
+                    "vms": {"type": "array", "items": NAME_SCHEMA, "description": "mass recovery"},
+                    "point": {**NAME_SCHEMA, "default": "latest"},
                     "mode": {"type": "string", "enum": ["instant", "sandbox"], "default": "instant"},
-                    "repository": {"type": "string"}, "cache": {"type": "string", "description": "absolute path"}}},
+                    "repository": {"type": "string"}, "cache": ABS_PATH}},
                 "Session": {"type": "object", "properties": {
                     "id": {"type": "string"}, "vm": {"type": "string"}, "point": {"type": "string"},
                     "mode": {"type": "string"}, "folder": {"type": "string"}, "nfs_url": {"type": "string"},
