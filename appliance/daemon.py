@@ -54,6 +54,7 @@ class Daemon:
         self.control = ControlServer(state, self._ops())
         self.web: subprocess.Popen | None = None
         self._stop = asyncio.Event()
+        self._space_task: asyncio.Task | None = None
 
     # --- control operations ---------------------------------------------------------------------------
     def _ops(self) -> dict:
@@ -83,6 +84,7 @@ class Daemon:
             "repositories": sorted(self.repos),
             "sessions": len(self.sessions.records),
             "cache": self.sessions.check_space(self.sessions.default_cache),
+            "cache_warnings": self.sessions.space_warnings(),
             "clients": self.server.clients(),
             "allowed_networks": self.export.clients,
             "read_cache": self.read_cache.status() if self.read_cache else None,
@@ -133,8 +135,18 @@ class Daemon:
         return [p.summary() for p in repository.restore_points(vm)]
 
     # --- running --------------------------------------------------------------------------------------
+    async def _watch_space(self, every: float = 30.0) -> None:
+        """Warn while sessions run, not only at publish: guests fill caches long after they started."""
+        while True:
+            try:
+                await asyncio.to_thread(self.sessions.space_warnings)
+            except OSError as exc:
+                log.warning("cannot check cache space: %s", exc)
+            await asyncio.sleep(every)
+
     async def start(self) -> None:
         self.sessions.restore()
+        self._space_task = asyncio.get_running_loop().create_task(self._watch_space())
         ports = await self.server.start()
         await self.control.start()
         if self.config.web:
@@ -156,6 +168,8 @@ class Daemon:
         )  # fmt: skip
 
     async def shutdown(self) -> None:
+        if self._space_task is not None:
+            self._space_task.cancel()
         if self.web is not None and self.web.poll() is None:
             self.web.terminate()
             try:

@@ -40,6 +40,8 @@ def render_metrics(status: dict, sessions: list[dict], repositories: list[dict])
            [({"path": cache["path"]}, cache["total"])])  # fmt: skip
     metric("bootback_cache_min_free_bytes", "gauge", "Free space below which new sessions are refused.",
            [({"path": cache["path"]}, cache["min_free"])])  # fmt: skip
+    metric("bootback_cache_low_space", "gauge", "1 for a write-cache location short of free space.",
+           [({"path": path}, 1) for path in status.get("cache_warnings", {})])  # fmt: skip
     metric("bootback_repository_restore_points", "gauge", "Restore points in a repository.",
            [({"repository": r["name"]}, r["points"]) for r in repositories])  # fmt: skip
     clients = status["clients"]

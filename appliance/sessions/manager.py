@@ -40,6 +40,7 @@ class SessionManager:
         self.backend = backend
         self.min_free = min_free_bytes
         self.warn_fraction = warn_free_fraction
+        self._warned: dict[str, str] = {}
         self.records: dict[str, SessionRecord] = {}
         self.folders: dict[str, SessionFolder] = {}
         self.migrations: dict[str, Migration] = {}
@@ -84,6 +85,23 @@ class SessionManager:
             slot = 1
         path.write_text(str(slot + 1))
         return slot
+
+    def space_warnings(self) -> dict[str, str]:
+        """Cache locations in use (the default and each session's) that are short of space, with the reason;
+        logged once each time a location crosses into or out of a warning."""
+        bases = {self.default_cache} | {Path(r.cache_dir).parent for r in self.records.values()}
+        now = {}
+        for base in sorted(bases):
+            warning = self.check_space(base)["warning"]
+            if warning:
+                now[str(base)] = warning
+        for path, warning in now.items():
+            if self._warned.get(path) != warning:
+                log.warning("write cache %s: %s; sessions there may soon get NFS3ERR_NOSPC", path, warning)
+        for path in set(self._warned) - set(now):
+            log.info("write cache %s: free space is back above the thresholds", path)
+        self._warned = now
+        return now
 
     def check_space(self, cache_dir: Path) -> dict:
         probe = cache_dir

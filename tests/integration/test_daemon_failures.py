@@ -138,6 +138,9 @@ def test_a_full_cache_answers_nospc_and_keeps_what_was_written(repo: Path, tmp_p
         for off, data in written:  # everything acknowledged is intact
             assert nfs.read(fh, off, 65536) == data
         assert "app01" in d.cli("sessions").stdout  # the daemon still serves
+        warnings = json.loads(control(d, {"op": "status"}))["result"]["cache_warnings"]
+        assert str(small) in warnings, warnings  # and says that this cache is short of space
+        assert "may soon get NFS3ERR_NOSPC" in d.log()
     finally:
         d.stop()
         subprocess.run(["umount", str(small)], check=False)
