@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,6 +37,14 @@ def prepare(state_dir: Path, advertise: str | None = None) -> tuple[Path, Path]:
     return ensure_certificate(wdir, [advertise] if advertise else [])
 
 
+def _probe(host: str, port: int) -> None:
+    """One TLS handshake with the app (a bare TCP connect would make gunicorn log a TLS error)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # our own certificate; only liveness matters
+    with socket.create_connection((host, port), timeout=0.5) as raw, ctx.wrap_socket(raw, server_hostname=host):
+        pass
+
+
 def _gunicorn_has(setting: str) -> bool:
     from gunicorn.config import KNOWN_SETTINGS
 
@@ -64,7 +73,7 @@ def start_web(state_dir: Path, bind: str, port: int, advertise: str | None = Non
             raise ConfigError(f"the web app did not start on port {port} (exit {proc.returncode}); "
                               "is the port taken? see the log above")  # fmt: skip
         try:
-            socket.create_connection((probe, port), timeout=0.5).close()
+            _probe(probe, port)
             log.info("admin page at https://%s:%d/", probe if bind in ("0.0.0.0", "::") else bind, port)
             return proc
         except OSError:

@@ -176,20 +176,24 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the daemon answers on its control socket and the web app on its port (container HEALTHCHECK)."""
+    """Exit 0 when the web app answers on its port and reaches the daemon (container HEALTHCHECK); with
+    --port 0, when the daemon answers on its control socket."""
     import ssl
     import urllib.request
 
-    try:
-        _client(args).call("status")
-    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy", with its reason
-        print(f"unhealthy: daemon: {exc}", file=sys.stderr)
-        return 1
-    if args.port:
+    if not args.port:
+        try:
+            _client(args).call("status")
+        except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy", with its reason
+            print(f"unhealthy: daemon: {exc}", file=sys.stderr)
+            return 1
+    else:  # the web app's health endpoint asks the daemon itself, wherever its state directory is
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # our own self-signed certificate, on loopback
+        # no proxies: the check is about this host's loopback, whatever https_proxy says
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
         try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{args.port}/api/v1/health", context=ctx, timeout=5) as r:
+            with opener.open(f"https://127.0.0.1:{args.port}/api/v1/health", timeout=5) as r:
                 body = json.loads(r.read())
         except Exception as exc:  # noqa: BLE001
             print(f"unhealthy: web app: {exc}", file=sys.stderr)
