@@ -253,3 +253,38 @@ def test_full_disk_during_backup_is_a_clear_error(tmp_path: Path) -> None:
         assert (tmp_path / "o").read_bytes() == small.read_bytes()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_concurrent_backups_and_a_reader_meanwhile(repo: Path, raw_image: Path, tmp_path: Path) -> None:
+    """Two backups of overlapping disks at once (shared chunks staged by both), while a reader reads an
+    existing restore point: every point restores bit-exact and the repository verifies."""
+    from appliance.repo import Repository
+
+    run("backup", repo, "--vm", "base", raw_image)
+    variants = []
+    for k in range(2):
+        data = bytearray(raw_image.read_bytes())
+        data[k * MiB : k * MiB + 1000] = bytes([k + 7]) * 1000  # mostly the same chunks as the base
+        path = tmp_path / f"v{k}.raw"
+        path.write_bytes(bytes(data))
+        variants.append(path)
+    procs = [subprocess.Popen([*BOOTBACK, "backup", str(repo), "--vm", f"vm{k}", str(p), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, p in enumerate(variants)]  # fmt: skip
+    reader_repo = Repository.open(repo)
+    point = reader_repo.restore_point("base", "latest")
+    reader = reader_repo.open_disk(point, point.disks[0].name)
+    expected = raw_image.read_bytes()
+    rnd = random.Random(9)
+    reads = 0
+    while any(p.poll() is None for p in procs) or reads < 50:
+        off = rnd.randrange(0, len(expected) - 4096)
+        assert reader.read(off, 4096) == expected[off : off + 4096]
+        reads += 1
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    for k, path in enumerate(variants):
+        assert restore_bytes(repo, f"vm{k}@latest", f"v{k}.raw", tmp_path / f"r{k}") == path.read_bytes()
+    assert "repository OK" in run("verify", repo).stdout
+    assert not any((repo / "tmp").iterdir()), "a writer left its temp directory behind"
