@@ -80,3 +80,9 @@ class SessionNotFoundError(SessionError):
 
 class DaemonNotRunningError(BootbackError):
     exit_code = 50
+
+
+class VerificationFailedError(BootbackError):
+    """A restore point did not boot to the expected state (``bootback verify-boot``)."""
+
+    exit_code = 70

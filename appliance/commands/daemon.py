@@ -72,6 +72,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stop)
 
+    p = sub.add_parser("verify-boot", help="verify a backup: boot it as a sandbox, in isolation, and check it runs")
+    p.add_argument("vm", metavar="VM[@POINT]")
+    p.add_argument("--expect", help="a regular expression the guest's serial console must print")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the guest (default 300)")
+    p.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
+    p.add_argument("--console-log", type=Path, help="keep the guest's console output in this file")
+    _state_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify_boot)
+
     p = sub.add_parser("health", help="check that the daemon (and the web app) answer; exit 0 when healthy")
     p.add_argument("--port", type=int, default=6161, help="web app port to check (0: daemon only)")
     _state_arg(p)
@@ -202,4 +212,19 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(f"unhealthy: web app says {body}", file=sys.stderr)
             return 1
     print("healthy")
+    return 0
+
+
+def cmd_verify_boot(args: argparse.Namespace) -> int:
+    from appliance.verification import require_verified, verify_boot
+
+    report = verify_boot(_client(args), args.vm, timeout=args.timeout, expect=args.expect,
+                         console_log=args.console_log, memory_mib=args.memory)  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        state = "verified" if report["verified"] else "NOT verified"
+        print(f"{report['vm']}@{report['point']}: {state} in {report['seconds']} s (first console line after "
+              f"{report['first_console_line_seconds']} s)")  # fmt: skip
+    require_verified(report)
     return 0

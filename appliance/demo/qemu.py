@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 import time
@@ -27,15 +28,20 @@ class BootResult:
         return MARKER_LINE in self.console
 
 
-def boot(drive: str, timeout: float = 240, console_log: Path | None = None, memory_mib: int = 512) -> BootResult:
-    """Boot ``drive`` (raw) until the guest powers off or ``timeout`` passes."""
+def boot(drive: str | list[str], timeout: float = 240, console_log: Path | None = None,
+         memory_mib: int = 512, stop_when: re.Pattern[str] | None = None) -> BootResult:  # fmt: skip
+    """Boot ``drive`` (raw; several: the first boots) until the guest powers off or ``timeout`` passes.
+    The guest has no network: a recovered VM must not meet production. With ``stop_when``, the guest is
+    stopped as soon as its console matches (a verification has seen what it needed)."""
+    drives = [drive] if isinstance(drive, str) else list(drive)
     log = Path(console_log) if console_log else Path(tempfile.mkstemp(suffix=".console")[1])
     log.write_text("")
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-display", "none",
         "-no-reboot", "-monitor", "none", "-serial", f"file:{log}", "-nic", "none",
-        "-drive", f"file={drive},format=raw,if=virtio,cache=none",
     ]  # fmt: skip
+    for d in drives:
+        cmd += ["-drive", f"file={d},format=raw,if=virtio,cache=none"]
     start = time.monotonic()
     first: float | None = None
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -43,6 +49,9 @@ def boot(drive: str, timeout: float = 240, console_log: Path | None = None, memo
         while proc.poll() is None:
             if first is None and log.stat().st_size > 0:
                 first = time.monotonic() - start
+            if stop_when is not None and first is not None and stop_when.search(log.read_text(errors="replace")):
+                proc.kill()
+                break
             if time.monotonic() - start > timeout:
                 proc.kill()
                 break

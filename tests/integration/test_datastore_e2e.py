@@ -167,3 +167,20 @@ def test_hypervisor_files_and_removal_of_published_disks(setup, tmp_path: Path) 
     assert "demo-flat.vmdk" in sh("nfs-ls", other["nfs_url"]).stdout
     for d in (doc, other):
         daemon.cli("stop", d["id"])
+
+
+@pytest.mark.slow
+def test_verify_boot_boots_the_backup_in_isolation(setup, artifacts_dir: Path) -> None:
+    base, repo, daemon, disk = setup
+    before = tree_hash(repo)
+    p = daemon.cli("verify-boot", "demo", "--expect", "bootback-demo: booted", "--json", "--timeout", "240",
+                   "--console-log", str(artifacts_dir / "verify-boot-console.log"))  # fmt: skip
+    report = json.loads(p.stdout)
+    assert report["verified"] and report["matched"], report
+    assert 0 < report["first_console_line_seconds"] < 240
+    assert json.loads(daemon.cli("sessions", "--json").stdout) == [], "the sandbox was not thrown away"
+    # a boot that never shows what a healthy one prints fails, with its own exit code
+    p = daemon.cli("verify-boot", "demo", "--expect", "this is never printed", "--timeout", "120", ok=False)
+    assert p.returncode == 70 and "did not verify" in p.stderr
+    assert json.loads(daemon.cli("sessions", "--json").stdout) == []
+    assert tree_hash(repo) == before
