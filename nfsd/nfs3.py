@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nfsd import errors
+from nfsd.batchpool import BatchPool
 from nfsd.exports import Export, ExportTable
 from nfsd.rpc import Call, Program
 from nfsd.vfs import (
@@ -157,7 +158,7 @@ class NFSv3(Program):
         self.meta_pool = ThreadPoolExecutor(meta_workers, thread_name_prefix="nfs-meta")
         self.io_pool = ThreadPoolExecutor(io_workers, thread_name_prefix="nfs-io")
         # Writes to one file serialize in the backend anyway; a few threads avoid a convoy of sixteen.
-        self.write_pool = ThreadPoolExecutor(write_workers, thread_name_prefix="nfs-write")
+        self.write_pool = BatchPool(write_workers, name="nfs-write")
         # Changes at every start, so clients know to resend UNSTABLE writes the server may have lost.
         self.write_verifier = struct.pack(">Q", time.time_ns() ^ int.from_bytes(os.urandom(8), "big"))
         self.stats: dict[str, int] = {}
@@ -328,7 +329,7 @@ class NFSv3(Program):
             result = export.backend.write(obj, offset, data, StableHow(stable))
             return result, self._attr_or_none(export, obj)
 
-        result, attr = await asyncio.get_running_loop().run_in_executor(self.write_pool, do)
+        result, attr = await self.write_pool.submit(do)
         p = Packer().u32(0)
         wcc(p, None, attr)
         p.u32(result.count).u32(int(result.committed)).fixed(self.write_verifier)
@@ -553,4 +554,4 @@ class NFSv3(Program):
     def close(self) -> None:
         self.meta_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=False, cancel_futures=True)
-        self.write_pool.shutdown(wait=False, cancel_futures=True)
+        self.write_pool.shutdown()
