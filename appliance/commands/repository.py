@@ -13,7 +13,7 @@ from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import DiskSource, open_source
 from appliance.ingest.vmfolder import find_vmx, parse_vmx_disks, resolve_disk
 from appliance.progress import byte_progress
-from appliance.repo import Repository
+from appliance.repo import ChunkCache, Repository
 from appliance.repo.maintenance import prune, verify
 from appliance.repo.repository import DEFAULT_CHUNK, parse_size
 
@@ -146,6 +146,7 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
+    repo.chunk_cache = ChunkCache(64 << 20)  # a restore reads each chunk once: keep only the read-ahead window
     point = repo.resolve(args.point)
     if args.disk is None:
         if len(point.disks) != 1:
