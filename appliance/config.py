@@ -27,6 +27,8 @@ def default_export_name() -> str:
 @dataclass
 class DaemonConfig:
     repos: list[Path]
+    # Directories whose repositories are served, looked at again when asked for (new ones appear live).
+    repo_dirs: list[Path] = field(default_factory=list)
     state_dir: Path = field(default_factory=default_state_dir)
     bind: str = "0.0.0.0"
     nfs_port: int = 2049

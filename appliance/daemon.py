@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 from appliance.config import DaemonConfig
@@ -13,6 +14,7 @@ from appliance.datastore.backend import DatastoreBackend
 from appliance.errors import IntegrityError, NoSpaceError, UsageError
 from appliance.repo import Repository
 from appliance.repo.readcache import ReadCache
+from appliance.repo.repository import find_repositories
 from appliance.sessions.control import ControlServer
 from appliance.sessions.manager import SessionManager
 from nfsd import errors as nfs_errors
@@ -22,6 +24,13 @@ from nfsd.server import NFSServer
 from nfsd.vfs import Status
 
 log = logging.getLogger("bootback")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
 
 # Domain errors as the NFS client sees them (nfsd's single translation table).
 nfs_errors.register(NoSpaceError, Status.NOSPC)
@@ -34,14 +43,16 @@ class Daemon:
         state = config.state_dir = Path(config.state_dir).resolve()
         state.mkdir(parents=True, exist_ok=True)
         self.repos: dict[str, Repository] = {}
-        if not config.repos:
+        self._repos_lock = threading.Lock()
+        self._refused: dict[Path, float] = {}  # repository -> its config's mtime when it could not be opened
+        if not config.repos and not config.repo_dirs:
             raise UsageError("no repository to serve: pass --repo REPO, or --repo-dir DIR holding repositories")
         for path in config.repos:
-            repo = Repository.open(Path(path).resolve())
-            name = Path(path).resolve().name
-            if name in self.repos:
-                name = f"{name}-{repo.config.id[:6]}"
-            self.repos[name] = repo
+            self._add_repository(Repository.open(Path(path).resolve()))
+        self.rescan_repositories()
+        if not self.repos:
+            log.warning("no repository under %s yet: new ones are served as they appear",
+                        ", ".join(map(str, config.repo_dirs)))
         self.backend = DatastoreBackend(state / "datastore-root")
         self.read_cache = ReadCache(state / "read-cache", config.read_cache_bytes) if config.read_cache_bytes else None
         self.sessions = SessionManager(state, self.repos, self.backend, min_free_bytes=config.min_free_bytes,
@@ -55,6 +66,41 @@ class Daemon:
         self.web: subprocess.Popen | None = None
         self._stop = asyncio.Event()
         self._space_task: asyncio.Task | None = None
+
+    # --- repositories -------------------------------------------------------------------------------
+    def _add_repository(self, repo: Repository) -> str:
+        name = repo.path.name
+        if name in self.repos:
+            name = f"{name}-{repo.config.id[:6]}"
+        self.repos[name] = repo
+        return name
+
+    def rescan_repositories(self) -> None:
+        """Serve repositories created under the repository directories since the last look (a fleet role
+        or an operator adds them while sessions run). One that cannot be opened is logged and skipped."""
+        with self._repos_lock:
+            known = {repo.path for repo in self.repos.values()}
+            for directory in self.config.repo_dirs:
+                try:
+                    found = find_repositories(directory)
+                except UsageError as exc:
+                    log.warning("%s", exc)
+                    continue
+                for path in found:
+                    path = path.resolve()
+                    if path in known:
+                        continue
+                    stamp = _mtime(path / "config.json")
+                    if self._refused.get(path) == stamp:
+                        continue  # said once already; looked at again when its config changes
+                    try:
+                        name = self._add_repository(Repository.open(path))
+                    except Exception as exc:  # noqa: BLE001 - a bad repository must not take the others down
+                        self._refused[path] = stamp
+                        log.warning("not serving %s: %s", path, exc)
+                        continue
+                    known.add(path)
+                    log.info("serving repository %s (%s)", name, path)
 
     # --- control operations ---------------------------------------------------------------------------
     def _ops(self) -> dict:
@@ -75,6 +121,7 @@ class Daemon:
         return self.sessions.describe(rec, self.export.path, self.config.host)
 
     def op_status(self) -> dict:
+        self.rescan_repositories()
         ports = self.server.ports
         return {
             "export": self.export.path,
@@ -94,6 +141,7 @@ class Daemon:
                    mode: str = "instant", cache: str | None = None, repo: str | None = None) -> list[dict]:  # fmt: skip
         """Publish one VM or many (mass recovery); a VM may be 'name' or 'name@point'."""
         targets = list(vms or []) + ([vm] if vm else [])
+        self.rescan_repositories()
         if not targets:
             raise UsageError("publish needs 'vm' or 'vms'")
         out = []
@@ -123,6 +171,7 @@ class Daemon:
         return mig.status()
 
     def op_repositories(self) -> list[dict]:
+        self.rescan_repositories()
         out = []
         for name, repo in sorted(self.repos.items()):
             points = repo.restore_points()
@@ -131,6 +180,7 @@ class Daemon:
         return out
 
     def op_points(self, repo: str | None = None, vm: str | None = None) -> list[dict]:
+        self.rescan_repositories()
         _, repository = self.sessions.repo(repo)
         return [p.summary() for p in repository.restore_points(vm)]
 

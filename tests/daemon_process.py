@@ -37,8 +37,8 @@ def tree_hash(root: Path) -> str:
 
 class DaemonProcess:
     def __init__(self, repo: Path, state: Path, *args: str, web_port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
-        self.repo, self.state, self.args = Path(repo), Path(state), list(args)
+                 env: dict[str, str] | None = None, repo_flag: str = "--repo") -> None:  # fmt: skip
+        self.repo, self.state, self.args, self.repo_flag = Path(repo), Path(state), list(args), repo_flag
         self.web_port, self.env = web_port, env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.state.parent / f"{self.state.name}-daemon.log"
@@ -48,7 +48,7 @@ class DaemonProcess:
         self.state.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")  # noqa: SIM115
         offset = self.log_path.stat().st_size
-        cmd = [sys.executable, "-m", "appliance", "serve", "--repo", str(self.repo), "--state", str(self.state),
+        cmd = [sys.executable, "-m", "appliance", "serve", self.repo_flag, str(self.repo), "--state", str(self.state),
                "--export", EXPORT, "--min-free", "1M", *self.args]  # fmt: skip
         cmd += ["--control-port", str(self.web_port)] if self.web_port else ["--no-web"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

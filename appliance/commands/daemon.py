@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 from appliance.config import DaemonConfig, default_export_name, default_state_dir
-from appliance.errors import UsageError
 from appliance.progress import byte_progress
-from appliance.repo import Repository
-from appliance.repo.repository import parse_size
+from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
 
 
@@ -105,11 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     web = not args.no_web and importlib.util.find_spec("web.launcher") is not None
-    repos = list(args.repo)
     for d in args.repo_dir:
-        repos += find_repositories(d)
+        find_repositories(d)  # a wrong directory is a usage error now, not a silent empty appliance
     config = DaemonConfig(
-        repos=repos, cache_dir=args.cache_dir, state_dir=args.state or default_state_dir(), bind=args.bind,
+        repos=list(args.repo), repo_dirs=list(args.repo_dir), cache_dir=args.cache_dir,
+        state_dir=args.state or default_state_dir(), bind=args.bind,
         nfs_port=args.nfs_port, mount_port=args.mount_port, portmap_port=args.portmap_port or None,
         control_port=args.control_port,
         export_path=args.export or default_export_name(),
@@ -121,14 +119,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     asyncio.run(daemon.run())
     return 0
 
-
-def find_repositories(directory: Path) -> list[Path]:
-    """DIR itself if it is a repository, else its subdirectories that are (one level: one volume each)."""
-    if not directory.is_dir():
-        raise UsageError(f"--repo-dir {directory}: not a directory")
-    if Repository.is_repository(directory):
-        return [directory]
-    return sorted(p for p in directory.iterdir() if p.is_dir() and Repository.is_repository(p))
 
 
 def _print(args: argparse.Namespace, doc: object, text: str) -> None:

@@ -254,3 +254,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def find_repositories(directory: Path) -> list[Path]:
+    """DIR itself if it is a repository, else its subdirectories that are (one level: one volume each)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"repository directory {directory}: not a directory")
+    if Repository.is_repository(directory):
+        return [directory]
+    return sorted(p for p in directory.iterdir() if p.is_dir() and Repository.is_repository(p))

@@ -49,6 +49,8 @@ class SessionManager:
 
     # --- repositories ---------------------------------------------------------------------------------
     def repo(self, name: str | None) -> tuple[str, Repository]:
+        if not self.repos:
+            raise UsageError("no repository is served yet: create one in the appliance's repository directory")
         if name is None:
             if len(self.repos) != 1:
                 raise UsageError(f"several repositories are served ({', '.join(self.repos)}): name one")

@@ -175,3 +175,35 @@ def test_kill_9_keeps_acknowledged_writes(repo: Path, tmp_path: Path) -> None:
     finally:
         d.stop()
     assert tree_hash(repo) == before
+
+
+def test_an_empty_repository_directory_serves_new_repositories_as_they_appear(tmp_path: Path) -> None:
+    """A fresh appliance has no backups yet: it starts, says so, and serves a repository created later
+    (as the fleet role or an operator does) without a restart; a damaged one beside it is skipped, not fatal."""
+    repos = tmp_path / "repositories"
+    repos.mkdir()
+    d = DaemonProcess(repos, tmp_path / "state", *PRIVATE_PORTS, repo_flag="--repo-dir").start()
+    try:
+        assert "no repository under" in d.log()
+        assert json.loads(control(d, {"op": "repositories"}))["result"] == []
+        err = d.cli("publish", "web01", "--mode", "sandbox", ok=False)
+        assert err.returncode != 0 and "no repository is served yet" in err.stderr
+
+        bootback("init", repos / "main")
+        disk = tmp_path / "web01.raw"
+        disk.write_bytes(os.urandom(2 * MiB))
+        bootback("backup", repos / "main", "--vm", "web01", disk)
+        (repos / "broken").mkdir()
+        (repos / "broken" / "config.json").write_text('{"magic": "bootback-repository", "format": 99}')
+
+        listed = json.loads(control(d, {"op": "repositories"}))["result"]
+        assert [(r["name"], r["vms"]) for r in listed] == [("main", ["web01"])]
+        doc = d.publish("web01", mode="sandbox")
+        p = ports(d)
+        folder = NfsDir(p["mount"], p["nfs"], doc["path"])
+        assert folder.read_all(folder.lookup(extent_of(doc)), 0, 2 * MiB) == disk.read_bytes()
+        control(d, {"op": "status"})
+        assert d.log().count("not serving") == 1, "a refused repository is reported once, not at every look"
+        assert "format 99, newer than this bootback supports" in d.log()
+    finally:
+        d.stop()
