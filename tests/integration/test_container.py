@@ -16,21 +16,13 @@ import requests
 from tests.daemon_process import ROOT, bootback, free_port, tree_hash
 from tests.rpcclient import nfs_write
 
-docker = pytest.importorskip("docker")
 pytestmark = pytest.mark.slow
-IMAGE = "bootback:test"
 PASSWORD = "container-test-password"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"no Docker engine answers (scripts/setup.sh starts one): {exc}")
-    subprocess.run([str(ROOT / "scripts" / "build-image.sh"), IMAGE], check=True, timeout=900, cwd=ROOT)
-    return client
+def engine(docker_engine, appliance_image):
+    return docker_engine
 
 
 def wait_healthy(container, timeout: float = 90) -> None:
@@ -47,7 +39,7 @@ def wait_healthy(container, timeout: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def appliance(engine, tmp_path_factory: pytest.TempPathFactory):
+def appliance(engine, appliance_image: str, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("container")
     disk = base / "web01.raw"
     disk.write_bytes(os.urandom(2 << 20) + bytes(3 << 20) + os.urandom(1 << 20))
@@ -57,7 +49,7 @@ def appliance(engine, tmp_path_factory: pytest.TempPathFactory):
     before = tree_hash(repo)
     ports = {"2049/tcp": free_port(), "1058/tcp": free_port(), "6161/tcp": free_port()}
     container = engine.containers.run(
-        IMAGE, detach=True, name=f"bootback-test-{uuid.uuid4().hex[:6]}", hostname="appliance1",
+        appliance_image, detach=True, name=f"bootback-test-{uuid.uuid4().hex[:6]}", hostname="appliance1",
         ports={k: ("127.0.0.1", v) for k, v in ports.items()},
         volumes={str(repo): {"bind": "/repositories/main", "mode": "ro"},  # backups are read-only, always
                  str(base / "state"): {"bind": "/var/lib/bootback", "mode": "rw"},

@@ -1,0 +1,117 @@
+"""The Ansible roles on a real Docker engine: each role's molecule scenario (converge, idempotence, verify of
+the real state), then bad input — every mistake an operator can make in the variables fails early with a
+message that names it, before anything on the host changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.daemon_process import ROOT, bootback, free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def ansible_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+           "ANSIBLE_NOCOLOR": "1", "PY_COLORS": "0", "ANSIBLE_FORCE_COLOR": "0", "NO_COLOR": "1", **extra}
+    return env
+
+
+@pytest.mark.parametrize("role", ["bootback_repository", "bootback_appliance"])
+def test_molecule_scenario(role: str, appliance_image: str, artifacts_dir: Path, tmp_path: Path) -> None:
+    env = ansible_env(BOOTBACK_MOLECULE_BASE=str(tmp_path), BOOTBACK_MOLECULE_IMAGE=appliance_image,
+                      BOOTBACK_MOLECULE_WEB_PORT=str(free_port()), BOOTBACK_MOLECULE_NFS_PORT=str(free_port()),
+                      BOOTBACK_MOLECULE_MOUNT_PORT=str(free_port()))  # fmt: skip
+    p = subprocess.run([str(BIN / "molecule"), "test"], cwd=ROOT / "roles" / role, env=env, capture_output=True,
+                       text=True, timeout=900)  # fmt: skip
+    log = p.stdout + p.stderr
+    (artifacts_dir / f"molecule-{role}.log").write_text(log)
+    assert p.returncode == 0, log[-6000:]
+    for step in ("converge", "idempotence", "verify"):
+        assert f"{step}: Executed: Successful" in log, f"molecule did not run {step}:\n{log[-3000:]}"
+
+
+def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.CompletedProcess:
+    """Apply ROLE to this machine with VARIABLES (as an inventory would give them)."""
+    play = [{"name": "Apply the role", "hosts": "all", "gather_facts": False, "roles": [{"role": role}]}]
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", f"@{tmp_path / 'vars.json'}",
+         "-e", f"ansible_python_interpreter={sys.executable}", str(tmp_path / "play.yml")],
+        cwd=ROOT, env=ansible_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+APPLIANCE_OK = {
+    "bootback_appliance_admin_password": "long-enough-password",
+    "bootback_appliance_min_free": "1M",
+    "bootback_appliance_network_mode": "bridge",
+    "bootback_appliance_bind_address": "127.0.0.1",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bootback_appliance_network_mode": "nat"}, "bootback_appliance_network_mode must be one of: host, bridge"),
+        ({"bootback_appliance_admin_password": "tiny-pw"}, "must have at least 10 characters"),
+        ({"bootback_appliance_admin_password": None}, "bootback_appliance_admin_password"),
+        ({"bootback_appliance_clients": ["10.0.0.0/8", "esx-hosts"]}, '"esx-hosts" is not an address or a CIDR'),
+        ({"bootback_appliance_published_ports": {"nfs": "two"}}, "bootback_appliance_published_ports"),
+        ({"bootback_appliance_tls_cert": "/nonexistent.crt"}, "set both bootback_appliance_tls_cert"),
+        ({"bootback_appliance_min_free": "900T"}, "less than bootback_appliance_min_free (900T)"),
+        ({"bootback_appliance_image": "bootback:no-such-tag"}, "the image bootback:no-such-tag is not on"),
+    ],
+    ids=["network-mode", "short-password", "no-password", "clients-not-cidr", "port-not-a-number",
+         "cert-without-key", "cache-too-small", "image-missing"],
+)
+def test_appliance_role_refuses_bad_variables(change: dict, message: str, appliance_image: str,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    variables = {**APPLIANCE_OK, "bootback_appliance_image": appliance_image,
+                 "bootback_appliance_base_dir": str(tmp_path / "srv"),
+                 "bootback_appliance_container_name": f"bootback-bad-{tmp_path.name[-12:]}", **change}  # fmt: skip
+    variables = {k: v for k, v in variables.items() if v is not None}
+    p = run_role(tmp_path, "bootback_appliance", variables)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert message in " ".join(out.split()), out[-3000:]
+    assert variables.get("bootback_appliance_admin_password", "no password") not in out, "the password leaked"
+    assert not (tmp_path / "srv" / "secrets" / "admin-password").exists(), "changed the host before refusing"
+
+
+def test_repository_role_refuses_bad_names_sizes_and_changed_chunk_sizes(appliance_image: str,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    repos = tmp_path / "repositories"
+    base = {"bootback_repository_dir": str(repos), "bootback_repository_image": appliance_image}
+    p = run_role(tmp_path, "bootback_repository", {**base, "bootback_repository_list": [{"name": "../etc"}]})
+    assert p.returncode != 0 and "must be letters, digits" in p.stdout, p.stdout[-3000:]
+    assert not repos.exists(), "nothing may change before the names are checked"
+
+    p = run_role(tmp_path, "bootback_repository",
+                 {**base, "bootback_repository_list": [{"name": "main", "chunk_size": "3M"}]})  # fmt: skip
+    assert p.returncode != 0 and "chunk_size must be one of" in " ".join(p.stdout.split()), p.stdout[-3000:]
+
+    bootback("init", repos / "main", "--chunk-size", "256K")
+    before = (repos / "main" / "config.json").read_bytes()
+    p = run_role(tmp_path, "bootback_repository", {**base, "bootback_repository_list": [{"name": "main"}]})
+    flat = " ".join(p.stdout.split())
+    assert p.returncode != 0 and "exists with chunk size 256.00 KB, not 1M" in flat, p.stdout[-3000:]
+    assert (repos / "main" / "config.json").read_bytes() == before, "an existing repository must not change"
+    shutil.rmtree(repos, ignore_errors=True)
+
+
+def test_site_playbook_and_roles_pass_the_syntax_check() -> None:
+    p = subprocess.run([str(BIN / "ansible-playbook"), "--syntax-check", "-i", "inventory/example.yml",
+                        "playbooks/site.yml"], cwd=ROOT, env=ansible_env(), capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
