@@ -82,6 +82,12 @@ class DaemonNotRunningError(BootbackError):
     exit_code = 50
 
 
+class FileRecoveryError(BootbackError):
+    """A path, partition or filesystem inside a backed-up disk that cannot be browsed as asked."""
+
+    exit_code = 60
+
+
 class VerificationFailedError(BootbackError):
     """A restore point did not boot to the expected state (``bootback verify-boot``)."""
 

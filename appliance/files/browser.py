@@ -1,0 +1,175 @@
+"""Browse a restore point's disk like a file tree: ``/`` lists its volumes (partitions, or the whole disk
+when it has no partition table), ``/p1/etc/hostname`` is a file inside the first partition's filesystem."""
+
+from __future__ import annotations
+
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from dissect.util.stream import RangeStream
+
+from appliance.errors import BootbackError, FileRecoveryError
+from appliance.files.filesystems import Entry, FileSystem, detect, open_filesystem
+from appliance.files.stream import DiskStream
+from appliance.repo.reader import DiskReader
+
+__all__ = ["Entry", "FileBrowser", "Volume", "browse"]
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: str  # "p1", "p2" ... or "disk" for a disk without a partition table
+    offset: int
+    size: int
+    description: str
+    filesystem: str | None  # ext, xfs, ntfs, fat, or None when none is recognised
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "offset": self.offset, "size": self.size, "description": self.description,
+                "filesystem": self.filesystem}  # fmt: skip
+
+
+def _describe(partition) -> str:  # noqa: ANN001 - a dissect Partition
+    """'Linux filesystem data', 'Linux', 'Basic data partition', with the GPT name first when it has one."""
+    text = str(partition.type_str or partition.type)
+    m = re.search(r"\(([^()]*)\)\s*$", text)
+    kind = m[1] if m else text
+    name = (partition.name or "").strip("\x00 ")
+    return f"{name} ({kind})" if name else kind
+
+
+class FileBrowser:
+    """Read-only; one per user request (the parsers keep file positions, so it is not thread-safe)."""
+
+    def __init__(self, reader: DiskReader) -> None:
+        self.reader = reader
+        self._volumes: list[Volume] | None = None
+        self._filesystems: dict[str, FileSystem] = {}
+
+    def _stream(self, volume: Volume) -> BinaryIO:
+        disk = DiskStream(self.reader)
+        if volume.id == "disk":
+            return disk
+        return RangeStream(disk, volume.offset, volume.size)
+
+    def volumes(self) -> list[Volume]:
+        if self._volumes is None:
+            self._volumes = self._find_volumes()
+        return self._volumes
+
+    def _find_volumes(self) -> list[Volume]:
+        from dissect.volume.disk import Disk
+
+        disk = DiskStream(self.reader)
+        whole = Volume("disk", 0, self.reader.size, "whole disk", None)
+        kind = detect(disk)
+        if kind is not None:  # a filesystem straight on the disk, no partition table
+            return [Volume("disk", 0, self.reader.size, "whole disk", kind)]
+        try:
+            disk.seek(0)
+            parts = Disk(disk).partitions
+        except BootbackError:
+            raise
+        except Exception:  # noqa: BLE001 - dissect: no partition scheme it knows
+            return [whole]
+        out = []
+        for p in sorted(parts, key=lambda p: p.offset):
+            if p.size <= 0 or p.type in (0x05, 0x0F, 0x85):  # extended-partition containers hold no filesystem
+                continue
+            vol = Volume(f"p{p.number}", p.offset, p.size, _describe(p), None)
+            out.append(Volume(vol.id, vol.offset, vol.size, vol.description, detect(self._stream(vol))))
+        return out or [whole]
+
+    def volume(self, volume_id: str) -> Volume:
+        for v in self.volumes():
+            if v.id == volume_id:
+                return v
+        known = ", ".join(v.id for v in self.volumes())
+        raise FileRecoveryError(f"no volume {volume_id!r} on this disk (volumes: {known})")
+
+    def filesystem(self, volume_id: str) -> FileSystem:
+        if volume_id not in self._filesystems:
+            vol = self.volume(volume_id)
+            if vol.filesystem is None:
+                raise FileRecoveryError(f"volume {volume_id} ({vol.description}) holds no filesystem bootback can "
+                                        "read (ext2/3/4, XFS, NTFS, FAT)")  # fmt: skip
+            fs = open_filesystem(self._stream(vol))
+            fs.prefix = f"/{volume_id}"
+            self._filesystems[volume_id] = fs
+        return self._filesystems[volume_id]
+
+    @staticmethod
+    def split(path: str) -> tuple[str | None, str]:
+        """'/p1/etc/hostname' -> ('p1', '/etc/hostname'); '/' -> (None, '/')."""
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise FileRecoveryError(f"'..' is not allowed in paths: {path}")
+        if not parts:
+            return None, "/"
+        return parts[0], "/" + "/".join(parts[1:])
+
+    def listdir(self, path: str) -> list[Entry]:
+        vol, inner = self.split(path)
+        if vol is None:
+            return [Entry(v.id, "directory", 0, None) for v in self.volumes()]
+        return self.filesystem(vol).listdir(inner)
+
+    def stat(self, path: str) -> Entry:
+        vol, inner = self.split(path)
+        if vol is None:
+            return Entry("", "directory", 0, None)
+        if inner == "/":
+            self.volume(vol)
+            return Entry(vol, "directory", 0, None)
+        return self.filesystem(vol).stat(inner)
+
+    def open(self, path: str) -> BinaryIO:
+        vol, inner = self.split(path)
+        if vol is None or inner == "/":
+            raise FileRecoveryError(f"not a regular file: {path}")
+        return self.filesystem(vol).open(inner)
+
+    def walk(self, path: str) -> Iterator[tuple[str, Entry]]:
+        """Every entry below ``path`` (depth first), with its path relative to ``path``."""
+        for entry in self.listdir(path):
+            rel = entry.name
+            yield rel, entry
+            if entry.kind == "directory":
+                for sub, e in self.walk(f"{path.rstrip('/')}/{entry.name}"):
+                    yield f"{rel}/{sub}", e
+
+    def write_tar(self, path: str, out: BinaryIO) -> int:
+        """A directory (or one file) as an uncompressed tar stream; returns the number of files written.
+        Symlinks and special files are skipped: only their targets' contents matter to a recovery."""
+        base = path.rstrip("/").rsplit("/", 1)[-1] or "disk"
+        count = 0
+        with tarfile.open(fileobj=out, mode="w|") as tar:
+            top = self.stat(path)
+            items = [("", top)] if top.kind == "file" else [("", top), *self.walk(path)]
+            for rel, entry in items:
+                name = f"{base}/{rel}" if rel else base
+                info = tarfile.TarInfo(name)
+                info.mtime = int(entry.mtime.timestamp()) if entry.mtime else int(time.time())
+                if entry.kind == "directory":
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                elif entry.kind == "file":
+                    info.size, info.mode = entry.size, 0o644
+                    with self.open(f"{path.rstrip('/')}/{rel}" if rel else path) as fh:
+                        tar.addfile(info, fh)
+                    count += 1
+        return count
+
+
+def browse(repo, point, disk: str | None = None) -> FileBrowser:  # noqa: ANN001 - Repository, RestorePoint
+    """A browser over one disk of a restore point; ``disk`` may be omitted when the point has one disk."""
+    if disk is None:
+        if len(point.disks) != 1:
+            names = ", ".join(d.name for d in point.disks)
+            raise FileRecoveryError(f"{point.ref} has {len(point.disks)} disks ({names}): choose one")
+        disk = point.disks[0].name
+    return FileBrowser(repo.open_disk(point, disk))
