@@ -31,7 +31,7 @@ def backup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "etc/hostname": b"fs01\n",
         "home/alice/report.bin": rnd.randbytes(3 * MiB + 123),
         "deep/a/b/c/leaf.txt": b"deep leaf\n",
-        "grüße/日本.txt": "utf-8 names\n".encode(),
+        "grüße/日本.txt": b"utf-8 names\n",
         "empty.txt": b"",
     }
     for rel, data in files.items():
