@@ -88,6 +88,10 @@ class FileRecoveryError(BootbackError):
     exit_code = 60
 
 
+class FileNotFoundInBackupError(FileRecoveryError):
+    """The path or volume does not exist inside the backed-up disk."""
+
+
 class VerificationFailedError(BootbackError):
     """A restore point did not boot to the expected state (``bootback verify-boot``)."""
 

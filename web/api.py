@@ -8,7 +8,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from appliance import __version__
-from web import daemon
+from web import backup_files, daemon
 from web.metrics import render_metrics
 from web.openapi import openapi_document
 from web.security import api_auth, credentials
@@ -112,10 +112,19 @@ def points(name: str) -> Response:
 
 
 def _repository(name: str) -> dict:
-    for repo in daemon.call("repositories"):
-        if repo["name"] == name:
-            return repo
-    raise ApiError(404, f"no repository named {name!r}")
+    return daemon.repository(name)
+
+
+@bp.get("/repositories/<name>/files")
+@api_auth
+def files(name: str) -> Response:
+    return jsonify(backup_files.listing(name, *backup_files.query()))
+
+
+@bp.get("/repositories/<name>/files/content")
+@api_auth
+def file_content(name: str) -> Response:
+    return backup_files.download(name, *backup_files.query())
 
 
 # --- sessions -------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from web.validation import ApiError
 STATUS_OF = (
     (errors.SessionNotFoundError, 404),
     (errors.RestorePointNotFoundError, 404),
+    (errors.FileNotFoundInBackupError, 404),
+    (errors.FileRecoveryError, 400),
     (errors.UsageError, 400),
     (errors.ConfigError, 400),
     (errors.NoSpaceError, 507),
@@ -28,9 +30,22 @@ def call(op: str, **params: Any) -> Any:
     try:
         return ControlClient(current_app.config["STATE_DIR"], timeout=60).call(op, **params)
     except errors.BootbackError as exc:
-        for cls, status in STATUS_OF:
-            if isinstance(exc, cls):
-                raise ApiError(status, str(exc)) from None
-        raise ApiError(500, str(exc)) from None
+        raise translate(exc) from None
     except OSError as exc:
         raise ApiError(503, f"the bootback daemon did not answer: {exc}") from None
+
+
+def translate(exc: errors.BootbackError) -> ApiError:
+    """The HTTP status of a domain error, the same for the daemon's errors and the web app's own."""
+    for cls, status in STATUS_OF:
+        if isinstance(exc, cls):
+            return ApiError(status, str(exc))
+    return ApiError(500, str(exc))
+
+
+def repository(name: str) -> dict:
+    """A repository the daemon serves, by name (404 otherwise)."""
+    for repo in call("repositories"):
+        if repo["name"] == name:
+            return repo
+    raise ApiError(404, f"no repository named {name!r}")

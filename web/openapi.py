@@ -42,6 +42,19 @@ ABS_PATH = {"type": "string", "pattern": "^/", "description": "an absolute path 
 TEXT = {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}
 SESSIONS = {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}
 LIST = {"type": "array", "items": OBJ}
+BINARY = {"description": "the file's bytes, or a tar stream of the directory",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                      "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def FILE_QUERY(repo: dict) -> list[dict]:  # noqa: N802 - reads like the constant lists above
+    return [repo,
+            {"name": "point", "in": "query", "required": True, "schema": NAME_SCHEMA, "description": "VM or VM@POINT"},
+            {"name": "disk", "in": "query", "required": False, "schema": NAME_SCHEMA,
+             "description": "disk name, when the restore point has several"},
+            {"name": "path", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": "^/", "maxLength": 4096, "default": "/"},
+             "description": "/ lists the volumes; /p1/etc is a directory of the first partition"}]  # fmt: skip
 
 
 def openapi_document() -> dict:
@@ -64,6 +77,11 @@ def openapi_document() -> dict:
             "/api/v1/repositories/{name}": {"get": _op("One repository", _json(OBJ), params=[repo])},
             "/api/v1/repositories/{name}/points": {"get": _op("Restore points", _json(LIST), params=[
                 repo, {"name": "vm", "in": "query", "required": False, "schema": NAME_SCHEMA}])},
+            "/api/v1/repositories/{name}/files": {"get": _op(
+                "List the volumes (path /) or a directory inside a backed-up disk", _json(OBJ),
+                params=FILE_QUERY(repo))},
+            "/api/v1/repositories/{name}/files/content": {"get": _op(
+                "Download a file, or a directory as tar", BINARY, params=FILE_QUERY(repo))},
             "/api/v1/sessions": {
                 "get": _op("Sessions", _json(SESSIONS)),
                 "post": _op("Start instant recovery or sandbox sessions", _json(SESSIONS, "Created"),

@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, session, url_for
 
-from web import daemon
+from web import backup_files, daemon
 from web.security import credentials, csrf_token, login_required
 from web.validation import NAME, ApiError
 
@@ -157,3 +157,35 @@ def revoke_token(token_id: str) -> Response:
         abort(404)
     flash("Token revoked.", "ok")
     return redirect(url_for("pages.index"))
+
+
+@bp.get("/files")
+@login_required
+def files() -> Any:
+    """Browse a restore point's disk and download files or folders (file-level recovery)."""
+    repo = request.args.get("repository", "")
+    ctx: dict[str, Any] = {"repository": repo, "error": None, "doc": None, "disks": []}
+    try:
+        point, disk, path = backup_files.query()
+        ctx.update(point=point, disk=disk, path=path, crumbs=_crumbs(path))
+        vm, _, pid = point.partition("@")
+        points = daemon.call("points", repo=repo, vm=vm)
+        if pid in ("", "latest"):
+            points = points[-1:]
+        summary = next((p for p in points if p["id"] == pid or pid in ("", "latest")), None)
+        if summary is None:
+            raise ApiError(404, f"no restore point {point} in {repo}")
+        ctx["disks"] = [d["name"] for d in summary["disks"]]
+        if disk is None and len(ctx["disks"]) > 1:
+            return render_template("files.html", **ctx)  # choose a disk first
+        ctx["doc"] = backup_files.listing(repo, point, disk, path)
+    except ApiError as exc:
+        ctx["error"], status = exc.message, exc.status
+    else:
+        status = 200
+    return render_template("files.html", **ctx), status
+
+
+def _crumbs(path: str) -> list[tuple[str, str]]:
+    parts = [p for p in path.split("/") if p]
+    return [("/", "/")] + [(p, "/" + "/".join(parts[: i + 1])) for i, p in enumerate(parts)]

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from dissect.util.stream import RangeStream
 
-from appliance.errors import BootbackError, FileRecoveryError
+from appliance.errors import BootbackError, FileNotFoundInBackupError, FileRecoveryError
 from appliance.files.filesystems import Entry, FileSystem, detect, open_filesystem
 from appliance.files.stream import DiskStream
 from appliance.repo.reader import DiskReader
@@ -89,7 +89,7 @@ class FileBrowser:
             if v.id == volume_id:
                 return v
         known = ", ".join(v.id for v in self.volumes())
-        raise FileRecoveryError(f"no volume {volume_id!r} on this disk (volumes: {known})")
+        raise FileNotFoundInBackupError(f"no volume {volume_id!r} on this disk (volumes: {known})")
 
     def filesystem(self, volume_id: str) -> FileSystem:
         if volume_id not in self._filesystems:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
-from appliance.errors import BootbackError, FileRecoveryError
+from appliance.errors import BootbackError, FileNotFoundInBackupError, FileRecoveryError
 
 KINDS = ("file", "directory", "symlink", "other")
 
@@ -80,7 +80,7 @@ class _Base:
         return f"{self.prefix}/{'/'.join(_parts(path))}"
 
     def _missing(self, path: str) -> FileRecoveryError:
-        return FileRecoveryError(f"no such file or directory: {self._where(path)}")
+        return FileNotFoundInBackupError(f"no such file or directory: {self._where(path)}")
 
 
 class _InodeFS(_Base):

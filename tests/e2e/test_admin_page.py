@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,30 @@ def appliance(tmp_path_factory: pytest.TempPathFactory):
     repo = base / "repo"
     bootback("init", repo)
     bootback("backup", repo, "--vm", "web01", disk)
+    bootback("backup", repo, "--vm", "files01", _disk_with_files(base))
     before = tree_hash(repo)
     d, url = web_appliance(repo, base / "state", PASSWORD)
     yield {"url": url, "base": base, "daemon": d}
     d.stop()
     assert tree_hash(repo) == before
+
+
+NOTES = "quarterly numbers\n" * 1000
+
+
+def _disk_with_files(base: Path) -> Path:
+    """An MBR disk with one ext4 partition holding docs/notes.txt, made by the real tools."""
+    tree = base / "tree"
+    (tree / "docs").mkdir(parents=True)
+    (tree / "docs" / "notes.txt").write_text(NOTES)
+    part, disk = base / "part.img", base / "files01.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(part), "16M"], check=True)
+    with open(disk, "wb") as f:
+        f.truncate(20 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], input=b"start=2048, type=83\n", check=True)
+    subprocess.run(["dd", f"if={part}", f"of={disk}", "bs=512", "seek=2048", "conv=notrunc", "status=none"],
+                   check=True)  # fmt: skip
+    return disk
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +163,27 @@ def test_publish_error_is_shown_clearly(page, appliance) -> None:
     msg = page.locator(".flash.error").inner_text()
     assert msg.startswith("Could not publish web01") and "gone-point" in msg
     page.shot("publish-error")
+
+
+def test_operator_browses_a_backup_and_downloads_a_file(page, appliance, tmp_path: Path) -> None:
+    log_in(page, appliance["url"])
+    page.locator("tr[data-point^='files01@'] a.browse").click()
+    page.wait_for_selector("#files")
+    assert "ext" in page.locator("tr[data-entry=p1]").inner_text()  # the partition and its filesystem
+    page.locator("tr[data-entry=p1] a").first.click()
+    page.locator("tr[data-entry=docs] a").first.click()
+    row = page.locator("tr[data-entry='notes.txt']")
+    assert row.locator("td").nth(1).inner_text() == "file"
+    page.shot("files")
+    with page.expect_download() as info:
+        row.locator("a.download").click()
+    saved = tmp_path / "notes.txt"
+    info.value.save_as(saved)
+    assert info.value.suggested_filename == "notes.txt" and saved.read_text() == NOTES
+
+    # a path that is not there: a clear message on the page, not a stack trace
+    assert "docs" in page.url
+    page.goto(re.sub(r"path=[^&]*", "path=/p1/nope", page.url))
+    assert "no such file or directory: /p1/nope" in page.locator(".flash.error").inner_text()
+    page.console_errors.clear()  # the 404 of that page itself
+    page.shot("files-error")

@@ -179,3 +179,52 @@ def test_a_damaged_chunk_under_a_file_is_an_error_never_wrong_bytes(backup: dict
     assert not out.exists(), "a partial file was left behind"
     good = bootback("extract", backup["repo"], "fs01", "/p1/home/alice/report.bin", "--disk", "data.raw", "-o", out)
     assert good.returncode == 0 and out.read_bytes() == report, "the undamaged repository still gives the file"
+
+
+def test_the_api_lists_and_downloads_files_and_names_bad_fields(backup: dict, tmp_path: Path) -> None:
+    import requests
+
+    from tests.daemon_process import web_appliance
+
+    d, base_url = web_appliance(backup["repo"], tmp_path / "state", "flr-api-password")
+    try:
+        token = bootback("token", "create", "flr", "--state", d.state).stdout.strip()
+        api = requests.Session()
+        api.trust_env = False
+        api.verify = str(d.state / "web" / "tls.crt")
+        url = f"{base_url}/api/v1/repositories/repo/files"
+        assert api.get(url, params={"point": "fs01", "disk": "data.raw"}).status_code == 401
+        api.headers["Authorization"] = f"Bearer {token}"
+
+        top = api.get(url, params={"point": "fs01", "disk": "data.raw"}).json()
+        assert [v["filesystem"] for v in top["volumes"]] == ["ext", "fat", None]
+        assert top["point"].startswith("fs01@") and top["disk"] == "data.raw"
+        home = api.get(url, params={"point": top["point"], "disk": "data.raw", "path": "/p1/home/alice"}).json()
+        assert home["entries"] == [{**home["entries"][0], "name": "report.bin", "type": "file",
+                                    "size": len(backup["files"]["home/alice/report.bin"])}]  # fmt: skip
+
+        got = api.get(f"{url}/content", params={"point": "fs01", "disk": "data.raw",
+                                                "path": "/p1/home/alice/report.bin"})  # fmt: skip
+        assert got.status_code == 200 and got.content == backup["files"]["home/alice/report.bin"]
+        assert "report.bin" in got.headers["Content-Disposition"]
+        ntfs = api.get(f"{url}/content", params={"point": "fs01", "disk": "ntfs.raw", "path": "/disk/report.docx"})
+        assert ntfs.content == backup["ntfs"]["report.docx"]
+        tar_resp = api.get(f"{url}/content", params={"point": "fs01", "disk": "data.raw", "path": "/p1/deep"})
+        with tarfile.open(fileobj=io.BytesIO(tar_resp.content)) as tar:
+            assert tar.extractfile("deep/a/b/c/leaf.txt").read() == b"deep leaf\n"
+
+        cases = [
+            ({"point": "fs01", "disk": "data.raw", "path": "/p1/nope"}, 404, "no such file or directory: /p1/nope"),
+            ({"point": "fs01", "disk": "data.raw", "path": "/p3/x"}, 400, "holds no filesystem"),
+            ({"point": "fs01", "path": "/"}, 400, "has 2 disks"),
+            ({"point": "fs01@1999-01-01", "disk": "data.raw"}, 404, "1999-01-01"),
+            ({"point": "../etc", "disk": "data.raw"}, 400, "point:"),
+            ({"point": "fs01", "disk": "data.raw", "path": "relative"}, 400, "path:"),
+        ]
+        for params, status, message in cases:
+            resp = api.get(url, params=params)
+            assert resp.status_code == status and message in resp.json()["error"]["message"], (params, resp.text)
+        assert api.get(f"{base_url}/api/v1/repositories/other/files", params={"point": "fs01"}).status_code == 404
+    finally:
+        d.stop()
+    assert tree_hash(backup["repo"]) == backup["hash"]
