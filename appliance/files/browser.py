@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -49,8 +49,11 @@ class FileBrowser:
         self.reader = reader
         self._volumes: list[Volume] | None = None
         self._filesystems: dict[str, FileSystem] = {}
+        self._openers: dict[str, Callable[[], BinaryIO]] = {}  # volumes that are not byte ranges of the disk
 
     def _stream(self, volume: Volume) -> BinaryIO:
+        if volume.id in self._openers:
+            return self._openers[volume.id]()
         disk = DiskStream(self.reader)
         if volume.id == "disk":
             return disk
@@ -65,24 +68,56 @@ class FileBrowser:
         from dissect.volume.disk import Disk
 
         disk = DiskStream(self.reader)
-        whole = Volume("disk", 0, self.reader.size, "whole disk", None)
-        kind = detect(disk)
-        if kind is not None:  # a filesystem straight on the disk, no partition table
-            return [Volume("disk", 0, self.reader.size, "whole disk", kind)]
+        whole = Volume("disk", 0, self.reader.size, "whole disk", detect(disk))
+        if whole.filesystem is not None:  # a filesystem straight on the disk, no partition table
+            return [whole]
+        out: list[Volume] = []
         try:
             disk.seek(0)
             parts = Disk(disk).partitions
         except BootbackError:
             raise
         except Exception:  # noqa: BLE001 - dissect: no partition scheme it knows
-            return [whole]
-        out = []
+            parts = []
         for p in sorted(parts, key=lambda p: p.offset):
             if p.size <= 0 or p.type in (0x05, 0x0F, 0x85):  # extended-partition containers hold no filesystem
                 continue
             vol = Volume(f"p{p.number}", p.offset, p.size, _describe(p), None)
             out.append(Volume(vol.id, vol.offset, vol.size, vol.description, detect(self._stream(vol))))
-        return out or [whole]
+        out = out or [whole]
+        return out + [lv for vol in out if vol.filesystem is None for lv in self._logical_volumes(vol)]
+
+    def _logical_volumes(self, pv: Volume) -> list[Volume]:
+        """The LVM2 logical volumes of a physical volume (one PV per volume group: a VG spread over several
+        disks is not assembled). Named like /dev/mapper: VG-LV."""
+        fh = self._stream(pv)
+        fh.seek(512)
+        label = fh.read(32)
+        if label[:8] != b"LABELONE" or label[24:32] != b"LVM2 001":
+            return []
+        from dissect.volume.lvm import LVM2
+
+        try:
+            vg = LVM2(fh).volume_group
+            lvs = [lv for lv in vg.lv if lv.is_visible]
+        except BootbackError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - damaged or multi-disk LVM metadata
+            return [Volume(f"{pv.id}-lvm", pv.offset, pv.size, f"LVM2 physical volume that cannot be read: {exc}",
+                           None)]  # fmt: skip
+        out = []
+        for lv in lvs:
+            vid = f"{vg.name}-{lv.name}"
+            self._openers[vid] = lambda lv_name=lv.name: self._open_lv(pv, lv_name)
+            stream = self._openers[vid]()
+            size = getattr(stream, "size", None) or 0
+            out.append(Volume(vid, 0, size, f"LVM logical volume {vg.name}/{lv.name} on {pv.id}", detect(stream)))
+        return out
+
+    def _open_lv(self, pv: Volume, name: str) -> BinaryIO:
+        from dissect.volume.lvm import LVM2
+
+        return LVM2(self._stream(pv)).volume_group.logical_volumes[name].open()
 
     def volume(self, volume_id: str) -> Volume:
         for v in self.volumes():

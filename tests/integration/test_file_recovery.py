@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import subprocess
 import tarfile
@@ -228,3 +229,63 @@ def test_the_api_lists_and_downloads_files_and_names_bad_fields(backup: dict, tm
     finally:
         d.stop()
     assert tree_hash(backup["repo"]) == backup["hash"]
+
+
+LVM = 'global { activation=0 } devices { obtain_device_list_from_udev=0 } activation { udev_sync=0 udev_rules=0 }'
+
+
+def _lvm_disk(base: Path, root_img: Path, data_img: Path) -> Path:
+    """An MBR disk whose second partition is an LVM2 physical volume with two logical volumes, as Debian's
+    and RHEL's installers lay disks out. LVM's own tools write the metadata (activation off: no device-mapper
+    here); the filesystems are copied to the extents LVM assigned."""
+    pv = base / "pv.img"
+    with open(pv, "wb") as f:
+        f.truncate(64 * MiB)
+    loop = sh("losetup", "-f", "--show", pv).stdout.decode().strip()
+    env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
+    try:
+        sh("pvcreate", "-q", "-y", "-ff", "--config", LVM, loop, env=env)
+        sh("vgcreate", "-q", "--config", LVM, "vgdata", loop, env=env)
+        sh("lvcreate", "-q", "-y", "-an", "-Zn", "--config", LVM, "-L", "20M", "-n", "root", "vgdata", env=env)
+        sh("lvcreate", "-q", "-y", "-an", "-Zn", "--config", LVM, "-L", "8M", "-n", "srv", "vgdata", env=env)
+        pe_start = int(sh("pvs", "--config", LVM, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start",
+                          loop, env=env).stdout.split()[0])  # fmt: skip
+        segs = sh("lvs", "--config", LVM, "--noheadings", "--units", "b", "--nosuffix", "--segments", "-o",
+                  "lv_name,seg_pe_ranges,vg_extent_size", "vgdata", env=env).stdout.decode().split()  # fmt: skip
+    finally:
+        sh("losetup", "-d", loop)
+    for name, ranges, extent in zip(segs[0::3], segs[1::3], segs[2::3], strict=True):
+        first = int(ranges.split(":")[1].split("-")[0])
+        img = root_img if name == "root" else data_img
+        sh("dd", f"if={img}", f"of={pv}", "bs=1M", f"seek={pe_start + first * int(extent)}", "oflag=seek_bytes",
+           "conv=notrunc", "status=none")  # fmt: skip
+    disk = base / "lvm.raw"
+    with open(disk, "wb") as f:
+        f.truncate(80 * MiB)
+    sh("sfdisk", "-q", disk, input=b"start=2048, size=20480, type=83\nstart=22528, size=131072, type=8e\n")
+    sh("dd", f"if={pv}", f"of={disk}", "bs=512", "seek=22528", "conv=notrunc,sparse", "status=none")
+    return disk
+
+
+def test_logical_volumes_of_lvm_are_browsed_like_partitions(tmp_path: Path) -> None:
+    root, srv = tmp_path / "root.img", tmp_path / "srv.img"
+    (tmp_path / "rt" / "etc").mkdir(parents=True)
+    (tmp_path / "rt" / "etc" / "fstab").write_bytes(b"/dev/vgdata/root / ext4 defaults 0 1\n")
+    (tmp_path / "sv").mkdir()
+    payload = random.Random(9).randbytes(2 * MiB)
+    (tmp_path / "sv" / "site.tar").write_bytes(payload)
+    sh("mkfs.ext4", "-q", "-F", "-d", tmp_path / "rt", root, "20M")
+    sh("mkfs.ext4", "-q", "-F", "-d", tmp_path / "sv", srv, "8M")
+    repo = tmp_path / "repo"
+    bootback("init", repo)
+    bootback("backup", repo, "--vm", "lvm01", _lvm_disk(tmp_path, root, srv))
+
+    vols = json.loads(bootback("files", repo, "lvm01", "--json").stdout)
+    assert [(v["id"], v["filesystem"]) for v in vols] == [("p1", None), ("p2", None), ("vgdata-root", "ext"),
+                                                          ("vgdata-srv", "ext")]  # fmt: skip
+    assert vols[2]["size"] == 20 * MiB and "vgdata/root on p2" in vols[2]["description"]
+    out = tmp_path / "out"
+    bootback("extract", repo, "lvm01", "/vgdata-root/etc/fstab", "-o", out)
+    assert out.read_bytes() == b"/dev/vgdata/root / ext4 defaults 0 1\n"
+    bootback("extract", repo, "lvm01", "/vgdata-srv/site.tar", "-o", out)
+    assert out.read_bytes() == payload
