@@ -12,7 +12,7 @@ apt_packages=(
   libnfs-utils rpcbind qemu-utils qemu-block-extra qemu-system-x86
   busybox-static linux-image-amd64 syslinux extlinux syslinux-common fdisk e2fsprogs
   docker.io mmdebstrap chromium fio
-  golang-go golang-github-vmware-govmomi-dev dosfstools mtools ntfs-3g lvm2
+  golang-go golang-github-vmware-govmomi-dev dosfstools mtools ntfs-3g lvm2 xfsprogs
 )
 demo_packages=(
   libnfs-utils qemu-utils qemu-block-extra qemu-system-x86

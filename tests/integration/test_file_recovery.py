@@ -289,3 +289,27 @@ def test_logical_volumes_of_lvm_are_browsed_like_partitions(tmp_path: Path) -> N
     assert out.read_bytes() == b"/dev/vgdata/root / ext4 defaults 0 1\n"
     bootback("extract", repo, "lvm01", "/vgdata-srv/site.tar", "-o", out)
     assert out.read_bytes() == payload
+
+
+def test_xfs_as_rhel_installs_it(tmp_path: Path) -> None:
+    """XFS (RHEL's default) populated by mkfs.xfs from a prototype file, on a disk without partitions."""
+    payload = random.Random(13).randbytes(3 * MiB + 1)
+    (tmp_path / "big.bin").write_bytes(payload)
+    (tmp_path / "motd").write_bytes(b"welcome\n")
+    proto = tmp_path / "proto"
+    proto.write_text(f"/dev/null\n0 0\nd--755 0 0\nmotd ---644 0 0 {tmp_path / 'motd'}\n"
+                     f"var d--755 0 0\nbig.bin ---644 0 0 {tmp_path / 'big.bin'}\n$\n$\n")  # fmt: skip
+    img = tmp_path / "xfs.raw"
+    with open(img, "wb") as f:
+        f.truncate(320 * MiB)  # mkfs.xfs's minimum is 300 MiB; sparse, and zero chunks are not stored
+    sh("mkfs.xfs", "-q", "-p", proto, img)
+    repo = tmp_path / "repo"
+    bootback("init", repo)
+    bootback("backup", repo, "--vm", "rhel01", img)
+    vols = json.loads(bootback("files", repo, "rhel01", "--json").stdout)
+    assert [(v["id"], v["filesystem"]) for v in vols] == [("disk", "xfs")]
+    var = json.loads(bootback("files", repo, "rhel01", "/disk/var", "--json").stdout)
+    assert [(e["name"], e["size"]) for e in var] == [("big.bin", len(payload))]
+    out = tmp_path / "out"
+    bootback("extract", repo, "rhel01", "/disk/var/big.bin", "-o", out)
+    assert out.read_bytes() == payload
