@@ -77,6 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{ports.portmap or 'off'})",
             f"  try        : bootback publish {VM} --mode sandbox --state {demo.state}",
             f"               nfs-ls 'nfs://{host}{config.export_path}/{direct}'",
+            f"               bootback files {demo.repo} {VM} /p1     (files inside the backup; or Browse files)",
             "",
         ]  # fmt: skip
         print("\n".join(lines), flush=True)
