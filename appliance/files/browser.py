@@ -168,33 +168,38 @@ class FileBrowser:
             raise FileRecoveryError(f"not a regular file: {path}")
         return self.filesystem(vol).open(inner)
 
-    def walk(self, path: str) -> Iterator[tuple[str, Entry]]:
-        """Every entry below ``path`` (depth first), with its path relative to ``path``."""
-        for entry in self.listdir(path):
-            rel = entry.name
-            yield rel, entry
-            if entry.kind == "directory":
-                for sub, e in self.walk(f"{path.rstrip('/')}/{entry.name}"):
-                    yield f"{rel}/{sub}", e
+    def walk(self, path: str) -> Iterator[tuple[str, Entry, Callable[[], BinaryIO] | None]]:
+        """Everything below the directory ``path``, depth first: (path relative to it, entry, opener of a file)."""
+        vol, inner = self.split(path)
+        if vol is None:
+            for v in self.volumes():
+                yield v.id, Entry(v.id, "directory", 0, None), None
+                if v.filesystem is not None:
+                    for rel, entry, opener in self.filesystem(v.id).walk("/"):
+                        yield f"{v.id}/{rel}", entry, opener
+            return
+        yield from self.filesystem(vol).walk(inner)
 
     def write_tar(self, path: str, out: BinaryIO) -> int:
         """A directory (or one file) as an uncompressed tar stream; returns the number of files written.
         Symlinks and special files are skipped: only their targets' contents matter to a recovery."""
         base = path.rstrip("/").rsplit("/", 1)[-1] or "disk"
         count = 0
+        top = self.stat(path)
+        if top.kind == "file":
+            items = [("", top, lambda: self.open(path))]
+        else:
+            items = [("", top, None), *self.walk(path)]
         with tarfile.open(fileobj=out, mode="w|") as tar:
-            top = self.stat(path)
-            items = [("", top)] if top.kind == "file" else [("", top), *self.walk(path)]
-            for rel, entry in items:
-                name = f"{base}/{rel}" if rel else base
-                info = tarfile.TarInfo(name)
+            for rel, entry, opener in items:
+                info = tarfile.TarInfo(f"{base}/{rel}" if rel else base)
                 info.mtime = int(entry.mtime.timestamp()) if entry.mtime else int(time.time())
                 if entry.kind == "directory":
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tar.addfile(info)
-                elif entry.kind == "file":
+                elif entry.kind == "file" and opener is not None:
                     info.size, info.mode = entry.size, 0o644
-                    with self.open(f"{path.rstrip('/')}/{rel}" if rel else path) as fh:
+                    with opener() as fh:
                         tar.addfile(info, fh)
                     count += 1
         return count

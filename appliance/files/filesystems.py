@@ -6,6 +6,7 @@ being half-parsed."""
 from __future__ import annotations
 
 import stat as st
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
@@ -34,6 +35,7 @@ class FileSystem(Protocol):
     def stat(self, path: str) -> Entry: ...
     def listdir(self, path: str) -> list[Entry]: ...
     def open(self, path: str) -> BinaryIO: ...
+    def walk(self, path: str) -> Iterator[tuple[str, Entry, Callable[[], BinaryIO] | None]]: ...
 
 
 def detect(fh: BinaryIO) -> str | None:
@@ -74,6 +76,10 @@ def _parts(path: str) -> list[str]:
 
 
 class _Base:
+    """Path operations on top of four per-filesystem primitives on dissect's node objects: find a node by
+    path, list a directory node's children, describe a node, open a file node. Walks go node to node, so a
+    folder of thousands of files costs one directory scan each, not one lookup from the root per file."""
+
     prefix = ""  # the volume's place in the browser's tree ("/p1"), for messages
 
     def _where(self, path: str) -> str:
@@ -81,6 +87,65 @@ class _Base:
 
     def _missing(self, path: str) -> FileRecoveryError:
         return FileNotFoundInBackupError(f"no such file or directory: {self._where(path)}")
+
+    # primitives -----------------------------------------------------------------------------------------
+    def _lookup(self, path: str):  # noqa: ANN202 - a dissect node
+        raise NotImplementedError
+
+    def _children(self, node) -> Iterator[tuple[str, object]]:  # noqa: ANN001
+        raise NotImplementedError
+
+    def _entry(self, name: str, node) -> Entry:  # noqa: ANN001
+        raise NotImplementedError
+
+    def _open_node(self, node) -> BinaryIO:  # noqa: ANN001
+        raise NotImplementedError
+
+    # the interface ----------------------------------------------------------------------------------------
+    def _node(self, path: str):  # noqa: ANN202
+        if ".." in _parts(path):
+            raise FileRecoveryError(f"'..' is not allowed in paths: {path}")
+        try:
+            return self._lookup(path)
+        except BootbackError:
+            raise
+        except Exception:  # noqa: BLE001 - dissect raises its own not-found classes
+            raise self._missing(path) from None
+
+    def stat(self, path: str) -> Entry:
+        parts = _parts(path)
+        return self._entry(parts[-1] if parts else "", self._node(path))
+
+    def _listing(self, node) -> list[tuple[Entry, object]]:  # noqa: ANN001
+        out = [(self._entry(name, child), child) for name, child in self._children(node)]
+        return sorted(out, key=lambda pair: pair[0].name)
+
+    def listdir(self, path: str) -> list[Entry]:
+        node = self._node(path)
+        if self._entry("", node).kind != "directory":
+            raise FileRecoveryError(f"not a directory: {self._where(path)}")
+        return [entry for entry, _ in self._listing(node)]
+
+    def open(self, path: str) -> BinaryIO:
+        node = self._node(path)
+        if self._entry("", node).kind != "file":
+            raise FileRecoveryError(f"not a regular file: {self._where(path)}")
+        return self._open_node(node)
+
+    def walk(self, path: str) -> Iterator[tuple[str, Entry, Callable[[], BinaryIO] | None]]:
+        """Everything below the directory ``path``, depth first: (relative path, entry, opener for files)."""
+        node = self._node(path)
+        if self._entry("", node).kind != "directory":
+            raise FileRecoveryError(f"not a directory: {self._where(path)}")
+        yield from self._walk(node, "")
+
+    def _walk(self, node, rel: str) -> Iterator[tuple[str, Entry, Callable[[], BinaryIO] | None]]:  # noqa: ANN001
+        for entry, child in self._listing(node):
+            sub = f"{rel}/{entry.name}" if rel else entry.name
+            opener = (lambda c=child: self._open_node(c)) if entry.kind == "file" else None
+            yield sub, entry, opener
+            if entry.kind == "directory":
+                yield from self._walk(child, sub)
 
 
 class _InodeFS(_Base):
@@ -97,41 +162,21 @@ class _InodeFS(_Base):
             self.fs = XFS(fh)
         self.kind = kind
 
-    def _node(self, path: str):  # noqa: ANN202 - a dissect inode
-        if ".." in _parts(path):
-            raise FileRecoveryError(f"'..' is not allowed in paths: {path}")
-        try:
-            return self.fs.get("/" + "/".join(_parts(path)))
-        except BootbackError:
-            raise
-        except Exception:  # noqa: BLE001 - dissect raises its own FileNotFoundError classes
-            raise self._missing(path) from None
+    def _lookup(self, path: str):  # noqa: ANN202
+        return self.fs.get("/" + "/".join(_parts(path)))
 
-    @staticmethod
-    def _entry(name: str, node) -> Entry:  # noqa: ANN001
-        ft = node.filetype
-        kind = {st.S_IFREG: "file", st.S_IFDIR: "directory", st.S_IFLNK: "symlink"}.get(ft, "other")
+    def _children(self, node) -> Iterator[tuple[str, object]]:  # noqa: ANN001
+        return ((name, child) for name, child in node.listdir().items() if name not in (".", ".."))
+
+    def _entry(self, name: str, node) -> Entry:  # noqa: ANN001
+        kind = {st.S_IFREG: "file", st.S_IFDIR: "directory", st.S_IFLNK: "symlink"}.get(node.filetype, "other")
         try:
             mtime = node.mtime
         except Exception:  # noqa: BLE001
             mtime = None
         return Entry(name, kind, node.size if kind == "file" else 0, mtime)
 
-    def stat(self, path: str) -> Entry:
-        parts = _parts(path)
-        return self._entry(parts[-1] if parts else "", self._node(path))
-
-    def listdir(self, path: str) -> list[Entry]:
-        node = self._node(path)
-        if node.filetype != st.S_IFDIR:
-            raise FileRecoveryError(f"not a directory: {self._where(path)}")
-        return sorted((self._entry(name, child) for name, child in node.listdir().items() if name not in (".", "..")),
-                      key=lambda e: e.name)  # fmt: skip
-
-    def open(self, path: str) -> BinaryIO:
-        node = self._node(path)
-        if node.filetype != st.S_IFREG:
-            raise FileRecoveryError(f"not a regular file: {self._where(path)}")
+    def _open_node(self, node) -> BinaryIO:  # noqa: ANN001
         return node.open()
 
 
@@ -143,37 +188,21 @@ class _FatFS(_Base):
 
         self.fs = FATFS(fh)
 
-    def _node(self, path: str):  # noqa: ANN202
-        try:
-            return self.fs.get("/".join(_parts(path)))
-        except BootbackError:
-            raise
-        except Exception:  # noqa: BLE001
-            raise self._missing(path) from None
+    def _lookup(self, path: str):  # noqa: ANN202
+        return self.fs.get("/".join(_parts(path)))
 
-    @staticmethod
-    def _entry(node) -> Entry:  # noqa: ANN001
+    def _children(self, node) -> Iterator[tuple[str, object]]:  # noqa: ANN001
+        return ((c.name, c) for c in node.iterdir() if not c.is_volume_id() and c.name not in (".", ".."))
+
+    def _entry(self, name: str, node) -> Entry:  # noqa: ANN001
         is_dir = node.is_directory()
         try:
             mtime = node.mtime
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the root directory has no timestamps
             mtime = None
-        return Entry(node.name or "", "directory" if is_dir else "file", 0 if is_dir else node.size, mtime)
+        return Entry(name or node.name or "", "directory" if is_dir else "file", 0 if is_dir else node.size, mtime)
 
-    def stat(self, path: str) -> Entry:
-        return self._entry(self._node(path))
-
-    def listdir(self, path: str) -> list[Entry]:
-        node = self._node(path)
-        if not node.is_directory():
-            raise FileRecoveryError(f"not a directory: {self._where(path)}")
-        out = [self._entry(c) for c in node.iterdir() if not c.is_volume_id() and c.name not in (".", "..")]
-        return sorted(out, key=lambda e: e.name)
-
-    def open(self, path: str) -> BinaryIO:
-        node = self._node(path)
-        if node.is_directory():
-            raise FileRecoveryError(f"not a regular file: {self._where(path)}")
+    def _open_node(self, node) -> BinaryIO:  # noqa: ANN001
         return node.open()
 
 
@@ -184,49 +213,36 @@ class _NtfsFS(_Base):
         from dissect.ntfs import NTFS
 
         self.fs = NTFS(fh)
+        self.root = self.fs.mft.get("")
 
-    def _node(self, path: str):  # noqa: ANN202
-        try:
-            return self.fs.mft.get("\\".join(_parts(path)))
-        except BootbackError:
-            raise
-        except Exception:  # noqa: BLE001
-            raise self._missing(path) from None
+    def _lookup(self, path: str):  # noqa: ANN202
+        return self.fs.mft.get("\\".join(_parts(path)))
 
-    @staticmethod
-    def _entry(name: str, record) -> Entry:  # noqa: ANN001
+    def _children(self, node) -> Iterator[tuple[str, object]]:  # noqa: ANN001
+        at_root = node.segment == self.root.segment
+        for name, child in node.listdir(dereference=True, ignore_dos=True).items():
+            if name in (".", "..") or (at_root and name.startswith("$")):
+                continue  # NTFS metadata files ($MFT, $Bitmap ...) are not what users recover
+            yield name, child
+
+    def _listing(self, node) -> list[tuple[Entry, object]]:  # noqa: ANN001
+        return sorted(super()._listing(node), key=lambda pair: pair[0].name.lower())
+
+    def _entry(self, name: str, node) -> Entry:  # noqa: ANN001
         from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
 
-        is_dir = record.is_dir()
+        is_dir = node.is_dir()
         try:
-            mtime = record.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION][0].last_modification_time
+            mtime = node.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION][0].last_modification_time
         except Exception:  # noqa: BLE001
             mtime = None
         size = 0
         if not is_dir:
             try:
-                size = record.size()
+                size = node.size()
             except Exception:  # noqa: BLE001 - no unnamed data stream
                 size = 0
         return Entry(name, "directory" if is_dir else "file", size, mtime)
 
-    def stat(self, path: str) -> Entry:
-        parts = _parts(path)
-        return self._entry(parts[-1] if parts else "", self._node(path))
-
-    def listdir(self, path: str) -> list[Entry]:
-        node = self._node(path)
-        if not node.is_dir():
-            raise FileRecoveryError(f"not a directory: {self._where(path)}")
-        out = []
-        for name, child in node.listdir(dereference=True, ignore_dos=True).items():
-            if name in (".", "..") or (name.startswith("$") and not _parts(path)):
-                continue  # NTFS metadata files ($MFT, $Bitmap ...) are not what users recover
-            out.append(self._entry(name, child))
-        return sorted(out, key=lambda e: e.name.lower())
-
-    def open(self, path: str) -> BinaryIO:
-        node = self._node(path)
-        if node.is_dir():
-            raise FileRecoveryError(f"not a regular file: {self._where(path)}")
+    def _open_node(self, node) -> BinaryIO:  # noqa: ANN001
         return node.open()
