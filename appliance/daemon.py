@@ -17,6 +17,7 @@ from appliance.repo.readcache import ReadCache
 from appliance.repo.repository import find_repositories
 from appliance.sessions.control import ControlServer
 from appliance.sessions.manager import SessionManager
+from appliance.verification import Verifications
 from nfsd import errors as nfs_errors
 from nfsd.exports import Export
 from nfsd.handles import HandleCodec
@@ -62,6 +63,7 @@ class Daemon:
             [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,
             nfs_port=config.nfs_port, mount_port=config.mount_port, portmap_port=config.portmap_port,
         )  # fmt: skip
+        self.verifications = Verifications(state, self.op_publish, self.op_stop)
         self.control = ControlServer(state, self._ops())
         self.web: subprocess.Popen | None = None
         self._stop = asyncio.Event()
@@ -115,6 +117,9 @@ class Daemon:
             "repositories": self.op_repositories,
             "points": self.op_points,
             "clients": lambda: self.server.clients(),
+            "verify": self.op_verify,
+            "verifications": self.verifications.list,
+            "verification": self.verifications.get,
         }
 
     def _doc(self, rec) -> dict:
@@ -169,6 +174,15 @@ class Daemon:
         if mig is None:
             raise UsageError(f"session {rec.id} has no migration")
         return mig.status()
+
+    def op_verify(self, vm: str, point: str = "latest", repo: str | None = None, expect: str | None = None,
+                  timeout: float = 300, memory_mib: int = 1024) -> dict:  # fmt: skip
+        """Start a backup verification (boot in isolation, check the console); poll 'verification' for it."""
+        self.rescan_repositories()
+        name, _, p = vm.partition("@")
+        _, repository = self.sessions.repo(repo)
+        repository.restore_point(name, p or point)  # an unknown VM or point is the caller's error, now
+        return self.verifications.start(vm, point, repo, expect, timeout, memory_mib)
 
     def op_repositories(self) -> list[dict]:
         self.rescan_repositories()

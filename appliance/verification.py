@@ -7,8 +7,14 @@ healthy boot prints (``expect``, a regular expression), printing that. Veeam cal
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import threading
 import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +22,40 @@ from appliance.demo.qemu import boot
 from appliance.errors import UsageError, VerificationFailedError
 from appliance.sessions.control import ControlClient
 
+log = logging.getLogger("bootback.verification")
+KEEP = 50  # finished verifications kept (newest), in STATE/verifications/
+
+
+def compile_expect(expect: str | None) -> re.Pattern[str] | None:
+    try:
+        return re.compile(expect) if expect else None
+    except re.error as exc:
+        raise UsageError(f"expect: not a regular expression: {exc}") from None
+
 
 def verify_boot(client: ControlClient, vm: str, timeout: float = 300, expect: str | None = None,
                 console_log: Path | None = None, memory_mib: int = 1024) -> dict[str, Any]:  # fmt: skip
-    try:
-        pattern = re.compile(expect) if expect else None
-    except re.error as exc:
-        raise UsageError(f"--expect: not a regular expression: {exc}") from None
+    """Verify through a running daemon's control socket (the CLI's way)."""
+    def publish() -> dict:
+        (doc,) = client.call("publish", vm=vm, mode="sandbox")
+        return doc
+
+    return run_verification(publish, lambda sid: client.call("stop", id=sid), timeout, expect, console_log,
+                            memory_mib)  # fmt: skip
+
+
+def run_verification(publish: Callable[[], dict], stop: Callable[[str], object], timeout: float = 300,
+                     expect: str | None = None, console_log: Path | None = None,
+                     memory_mib: int = 1024) -> dict[str, Any]:  # fmt: skip
+    """Publish a sandbox, boot it without network, judge the console, stop the sandbox; returns the report."""
+    pattern = compile_expect(expect)
     started = time.monotonic()
-    (doc,) = client.call("publish", vm=vm, mode="sandbox")
+    doc = publish()
     try:
         drives = [f"{doc['nfs_url']}/{d['extent']}" for d in doc["disks"]]
         result = boot(drives, timeout=timeout, console_log=console_log, memory_mib=memory_mib, stop_when=pattern)
     finally:
-        client.call("stop", id=doc["id"])
+        stop(doc["id"])
     matched = bool(pattern.search(result.console)) if pattern else None
     ok = result.first_line_seconds is not None and matched is not False
     report = {
@@ -49,3 +75,85 @@ def require_verified(report: dict[str, Any]) -> None:
     else:
         why = f"the console never matched {report['expected']!r}"
     raise VerificationFailedError(f"{report['vm']}@{report['point']} did not verify: {why}")
+
+
+class Verifications:
+    """Verification jobs the daemon runs for the API and the page: one thread each, a record per job in
+    STATE/verifications/ so results outlive restarts (a job cut off by a restart says so)."""
+
+    def __init__(self, state_dir: Path, publish: Callable[..., list[dict]], stop: Callable[..., object]) -> None:
+        self.dir = Path(state_dir) / "verifications"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._publish, self._stop = publish, stop
+        self._lock = threading.Lock()
+        self.jobs: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                job = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if job.get("state") == "running":
+                job.update(state="error", error="the appliance restarted while this verification ran")
+            self.jobs[job["id"]] = job
+
+    def start(self, vm: str, point: str = "latest", repo: str | None = None, expect: str | None = None,
+              timeout: float = 300, memory_mib: int = 1024) -> dict[str, Any]:  # fmt: skip
+        compile_expect(expect)  # a bad pattern is the caller's error now, not the job's later
+        if not 10 <= timeout <= 3600:
+            raise UsageError(f"timeout: between 10 and 3600 seconds, got {timeout}")
+        if not 128 <= memory_mib <= 65536:
+            raise UsageError(f"memory_mib: between 128 and 65536, got {memory_mib}")
+        name, _, p = vm.partition("@")
+        job = {"id": uuid.uuid4().hex[:12], "vm": name, "point": p or point, "repository": repo, "expect": expect,
+               "timeout": timeout, "state": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"),
+               "finished": None, "report": None, "error": None}  # fmt: skip
+        with self._lock:
+            self.jobs[job["id"]] = job
+            self._save(job)
+            started = dict(job)  # as it starts: the thread may finish before we return
+        threading.Thread(target=self._run, args=(job, memory_mib), daemon=True, name=f"verify-{job['id']}").start()
+        return started
+
+    def _run(self, job: dict[str, Any], memory_mib: int) -> None:
+        def publish() -> dict:
+            (doc,) = self._publish(vm=job["vm"], point=job["point"], mode="sandbox", repo=job["repository"])
+            job["point"] = doc["point"]  # "latest" becomes the point actually booted
+            return doc
+
+        try:
+            report = run_verification(publish, lambda sid: self._stop(id=sid), job["timeout"], job["expect"],
+                                      self.dir / f"{job['id']}.console", memory_mib)  # fmt: skip
+            job.update(state="verified" if report["verified"] else "failed", report=report)
+        except Exception as exc:  # noqa: BLE001 - reported on the job: no qemu, unknown VM, ...
+            job.update(state="error", error=str(exc) if not isinstance(exc, FileNotFoundError)
+                       else f"cannot boot here: {exc.filename or exc} is not installed")  # fmt: skip
+        job["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        log.info("verification %s of %s@%s: %s", job["id"], job["vm"], job["point"], job["state"])
+        with self._lock:
+            self._save(job)
+            self._prune()
+
+    def _save(self, job: dict[str, Any]) -> None:
+        tmp = self.dir / f".{job['id']}.tmp"
+        tmp.write_text(json.dumps(job, indent=2))
+        tmp.replace(self.dir / f"{job['id']}.json")
+
+    def _prune(self) -> None:
+        done = sorted((j for j in self.jobs.values() if j["state"] != "running"), key=lambda j: j["started"])
+        for job in done[:-KEEP]:
+            self.jobs.pop(job["id"], None)
+            for suffix in (".json", ".console"):
+                (self.dir / f"{job['id']}{suffix}").unlink(missing_ok=True)
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(j) for j in sorted(self.jobs.values(), key=lambda j: j["started"], reverse=True)]
+
+    def get(self, id: str) -> dict[str, Any]:  # noqa: A002 - the API's field name
+        from appliance.errors import SessionNotFoundError
+
+        with self._lock:
+            job = self.jobs.get(id)
+        if job is None:
+            raise SessionNotFoundError(f"no verification {id!r}")
+        return dict(job)

@@ -153,6 +153,34 @@ def publish() -> tuple[Response, int]:
     return jsonify(created), 201
 
 
+# --- backup verification --------------------------------------------------------------------------------
+@bp.get("/verifications")
+@api_auth
+def verifications() -> Response:
+    return jsonify(daemon.call("verifications"))
+
+
+@bp.post("/verifications")
+@api_auth
+def verify() -> tuple[Response, int]:
+    body = json_body(
+        Field("vm", str, required=True, pattern=NAME), Field("point", str, default="latest", pattern=NAME),
+        Field("repository", str), Field("expect", str), Field("timeout", (int, float), default=300),
+        Field("memory_mib", int, default=1024),
+    )  # fmt: skip
+    if body["expect"] is not None and len(body["expect"]) > 500:
+        raise ApiError(400, "expect: at most 500 characters")
+    job = daemon.call("verify", vm=body["vm"], point=body["point"], repo=body["repository"], expect=body["expect"],
+                      timeout=body["timeout"], memory_mib=body["memory_mib"])  # fmt: skip
+    return jsonify(job), 202
+
+
+@bp.get("/verifications/<vid>")
+@api_auth
+def verification(vid: str) -> Response:
+    return jsonify(daemon.call("verification", id=vid))
+
+
 @bp.get("/sessions/<sid>")
 @api_auth
 def session(sid: str) -> Response:

@@ -99,6 +99,14 @@ def openapi_document() -> dict:
                             params=[sid], body={"type": "object", "required": ["output"], "additionalProperties": False,
                                                 "properties": {"output": ABS_PATH}}, code="202"),
             },
+            "/api/v1/verifications": {
+                "get": _op("Backup verifications, newest first",
+                           _json({"type": "array", "items": _ref("Verification")})),
+                "post": _op("Verify a backup: boot it as a sandbox without network and check its console",
+                            _json(_ref("Verification"), "Started"), body=_ref("VerifyRequest"), code="202"),
+            },
+            "/api/v1/verifications/{vid}": {
+                "get": _op("One verification", _json(_ref("Verification")), params=[_path_param("vid")])},
             "/api/v1/tokens": {
                 "get": _op("API tokens (without their secrets)", _json(LIST)),
                 "post": _op("Create an API token (its secret is shown once)", _json(OBJ, "Created"), code="201",
@@ -125,6 +133,18 @@ def openapi_document() -> dict:
                     "files": {"type": "array", "items": {"type": "string"}},
                     "cache_used_bytes": {"type": "integer"}, "changed_bytes": {"type": "integer"},
                     "migration": {"oneOf": [_ref("Migration"), {"type": "null"}]}}},
+                "VerifyRequest": {"type": "object", "required": ["vm"], "additionalProperties": False, "properties": {
+                    "vm": {**NAME_SCHEMA, "description": "VM name, or NAME@POINT"},
+                    "point": {**NAME_SCHEMA, "default": "latest"}, "repository": {"type": "string"},
+                    "expect": {"type": "string", "maxLength": 500,
+                               "description": "a regular expression a healthy boot prints on the serial console"},
+                    "timeout": {"type": "number", "minimum": 10, "maximum": 3600, "default": 300},
+                    "memory_mib": {"type": "integer", "minimum": 128, "maximum": 65536, "default": 1024}}},
+                "Verification": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "vm": {"type": "string"}, "point": {"type": "string"},
+                    "state": {"type": "string", "enum": ["running", "verified", "failed", "error"]},
+                    "started": {"type": "string"}, "finished": {"type": ["string", "null"]},
+                    "report": {"type": ["object", "null"]}, "error": {"type": ["string", "null"]}}},
                 "Migration": {"type": "object", "properties": {
                     "output": {"type": "string"}, "total_bytes": {"type": "integer"},
                     "copied_bytes": {"type": "integer"}, "percent": {"type": "number"},

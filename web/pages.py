@@ -81,6 +81,7 @@ def index() -> Any:
         ctx["repositories"] = daemon.call("repositories")
         ctx["points"] = {r["name"]: list(reversed(daemon.call("points", repo=r["name"]))) for r in ctx["repositories"]}
         ctx["sessions"] = daemon.call("sessions")
+        ctx["verifications"] = daemon.call("verifications")[:20]
     except ApiError as exc:
         ctx["error"] = exc.message
     ctx["tokens"] = credentials().tokens()
@@ -101,6 +102,22 @@ def publish() -> Response:
         return f"{mode.capitalize()} session {doc['id']} started: {doc['vm']} is at {doc['nfs_url']}"
 
     return _act(start, f"Could not publish {vm}")
+
+
+@bp.post("/verifications")
+@login_required
+def verify() -> Response:
+    f = request.form
+    vm, point, repo, expect = f.get("vm", ""), f.get("point", "latest"), f.get("repository") or None, f.get("expect")
+    if not NAME.match(vm) or not NAME.match(point):
+        flash("Choose a VM and a restore point.", "error")
+        return redirect(url_for("pages.index"))
+
+    def start() -> str:
+        job = daemon.call("verify", vm=vm, point=point, repo=repo, expect=(expect or "").strip() or None)
+        return f"Verification of {vm}@{job['point']} started: it boots as a sandbox without network."
+
+    return _act(start, f"Could not verify {vm}")
 
 
 def _act(action: Callable[[], str], failure: str) -> Response:

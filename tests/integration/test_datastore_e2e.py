@@ -14,7 +14,7 @@ import pytest
 from appliance.demo.bootdisk import build_boot_disk, demo_vmx, read_marker
 from appliance.demo.qemu import boot
 from nfsd.xdr import Packer
-from tests.daemon_process import EXPORT, DaemonProcess, bootback, tree_hash
+from tests.daemon_process import EXPORT, DaemonProcess, bootback, free_port, tree_hash
 from tests.rpcclient import RpcClient
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="building the boot disk needs root")
@@ -38,7 +38,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, build_cache: Path):
     repo = base / "repo"
     bootback("init", repo)
     bootback("backup", repo, "--vm", "demo", vmdir)
-    daemon = DaemonProcess(repo, base / "state").start()
+    daemon = DaemonProcess(repo, base / "state", web_port=free_port(),
+                           env={"BOOTBACK_ADMIN_PASSWORD": "e2e-page-password"}).start()  # fmt: skip
     yield base, repo, daemon, disk
     daemon.stop()
 
@@ -183,4 +184,46 @@ def test_verify_boot_boots_the_backup_in_isolation(setup, artifacts_dir: Path) -
     p = daemon.cli("verify-boot", "demo", "--expect", "this is never printed", "--timeout", "120", ok=False)
     assert p.returncode == 70 and "did not verify" in p.stderr
     assert json.loads(daemon.cli("sessions", "--json").stdout) == []
+    assert tree_hash(repo) == before
+
+
+@pytest.mark.slow
+def test_verifications_run_from_the_https_api(setup) -> None:
+    """What the page's "Verify boot" does: a job on the daemon, polled until the guest has booted."""
+    import time
+
+    import requests
+
+    base, repo, daemon, disk = setup
+    before = tree_hash(repo)
+    token = daemon.cli("token", "create", "verify").stdout.strip()
+    api = requests.Session()
+    api.trust_env = False
+    api.verify = str(daemon.state / "web" / "tls.crt")
+    api.headers["Authorization"] = f"Bearer {token}"
+    url = f"https://127.0.0.1:{daemon.web_port}/api/v1/verifications"
+
+    for body, status, message in [
+        ({"vm": "nosuchvm"}, 404, "nosuchvm"),
+        ({"vm": "demo", "expect": "(unclosed"}, 400, "expect: not a regular expression"),
+        ({"vm": "demo", "timeout": 5}, 400, "timeout: between 10 and 3600"),
+        ({"vm": "demo", "timeout": "soon"}, 400, "timeout: expected an integer or a number"),
+        ({"vm": "demo", "colour": "red"}, 400, "colour: unknown field"),
+    ]:
+        resp = api.post(url, json=body)
+        assert resp.status_code == status and message in resp.json()["error"]["message"], (body, resp.text)
+
+    job = api.post(url, json={"vm": "demo", "expect": "bootback-demo: booted", "timeout": 240}).json()
+    assert job["state"] == "running" and job["vm"] == "demo"
+    deadline = time.monotonic() + 300
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(2)
+        job = api.get(f"{url}/{job['id']}").json()
+    assert job["state"] == "verified", job
+    assert job["report"]["matched"] and "bootback-demo: booted" in job["report"]["console_tail"]
+    assert job["point"] != "latest", "the job names the restore point it booted"
+    assert [j["id"] for j in api.get(url).json()][0] == job["id"]
+    assert api.get(f"{url}/nope").status_code == 404
+    assert json.loads(daemon.cli("sessions", "--json").stdout) == [], "the sandbox was not thrown away"
+    assert (daemon.state / "verifications" / f"{job['id']}.json").exists()
     assert tree_hash(repo) == before

@@ -1,4 +1,25 @@
-// Live numbers on the admin page: cache use and migration progress, polled from the API with the login cookie.
+// Live numbers on the admin page: cache use, migration progress and running verifications, polled from the
+// API with the login cookie.
+(function () {
+  "use strict";
+  const running = document.querySelectorAll("tr[data-verification][data-state=running]");
+  if (!running.length) return;
+  async function watch() {
+    try {
+      const resp = await fetch("/api/v1/verifications", { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (resp.ok) {
+        const jobs = new Map((await resp.json()).map((j) => [j.id, j]));
+        for (const row of running) {
+          const j = jobs.get(row.dataset.verification);
+          if (j && j.state !== "running") { window.location.reload(); return; }  // the server renders the result
+        }
+      }
+    } catch (e) { /* the next poll tries again */ }
+    setTimeout(watch, 2000);
+  }
+  setTimeout(watch, 2000);
+})();
+
 (function () {
   "use strict";
   const rows = document.querySelectorAll("tr[data-session]");
