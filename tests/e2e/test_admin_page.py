@@ -187,3 +187,23 @@ def test_operator_browses_a_backup_and_downloads_a_file(page, appliance, tmp_pat
     assert "no such file or directory: /p1/nope" in page.locator(".flash.error").inner_text()
     page.console_errors.clear()  # the 404 of that page itself
     page.shot("files-error")
+
+
+def test_operator_verifies_a_backup_and_sees_the_result_arrive(page, appliance) -> None:
+    """web01's disk is random bytes: it cannot boot, and the page must say so once the job ends (the page
+    polls and reloads itself; the operator does nothing)."""
+    log_in(page, appliance["url"])
+    row = page.locator("tr[data-point^='web01@']").first
+    row.locator("input[name=expect]").fill("login:")
+    row.locator("button", has_text="Verify boot").click()
+    page.wait_for_selector(".flash.ok")
+    assert "Verification of web01@" in page.locator(".flash.ok").inner_text()
+    job = page.locator("tr[data-verification]").first
+    assert job.get_attribute("data-state") in ("running", "failed")
+    page.locator("tr[data-verification][data-state=failed]").first.wait_for(timeout=120_000)
+    result = page.locator("tr[data-verification]").first
+    assert "NOT verified" in result.inner_text()
+    result.locator("summary").click()
+    assert "login:" in result.locator("summary").inner_text()
+    page.shot("verification")
+    assert appliance["daemon"].cli("sessions", "--json").stdout.strip() == "[]", "the sandbox was not thrown away"
