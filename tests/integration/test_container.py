@@ -105,6 +105,25 @@ def test_api_and_nfs_from_the_host_and_a_restart_keeps_the_instant_session(appli
     assert data[: 3 << 20] == appliance["disk"].read_bytes()[: 3 << 20]
 
 
+def test_file_browsing_and_verification_inside_the_image(appliance) -> None:
+    """The image carries dissect's parsers (file-level recovery works on the read-only repository mount) but
+    no qemu: a verification there must end with that reason, not hang or crash."""
+    import time
+
+    api, url = appliance["api"], appliance["url"]
+    top = api.get(f"{url}/repositories/main/files", params={"point": "web01", "path": "/"})
+    assert top.status_code == 200, top.text
+    assert top.json()["volumes"] == [{"id": "disk", "offset": 0, "size": appliance["disk"].stat().st_size,
+                                      "description": "whole disk", "filesystem": None}]  # fmt: skip
+    job = api.post(f"{url}/verifications", json={"vm": "web01", "timeout": 30}).json()
+    deadline = time.monotonic() + 60
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(1)
+        job = api.get(f"{url}/verifications/{job['id']}").json()
+    assert job["state"] == "error" and "qemu-system-x86_64 is not installed" in job["error"], job
+    assert all(s["mode"] != "sandbox" for s in api.get(f"{url}/sessions").json()), "the sandbox was not stopped"
+
+
 def test_health_is_open_and_sigterm_exits_cleanly(appliance) -> None:
     api, url, container = appliance["api"], appliance["url"], appliance["container"]
     open_health = requests.get(f"{url}/health", verify=api.verify, timeout=10)
