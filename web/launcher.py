@@ -59,6 +59,9 @@ def start_web(state_dir: Path, bind: str, port: int, advertise: str | None = Non
         sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}",
         "--certfile", str(cert), "--keyfile", str(key),
         "--workers", "2", "--threads", "4", "--timeout", "120", "--graceful-timeout", "5",
+        # Scripts poll jobs every few seconds on one connection; gunicorn's 2 s default closes it just as the
+        # next request goes out (RemoteDisconnected). 75 s is what nginx and browsers live with.
+        "--keep-alive", "75",
         "--access-logfile", "-", "--access-logformat", 'web %(h)s "%(r)s" %(s)s %(b)s',
         "--name", "bootback-web", "web.wsgi:app",
     ]  # fmt: skip
