@@ -29,7 +29,9 @@ def appliance(tmp_path_factory: pytest.TempPathFactory):
     repo = base / "repo"
     bootback("init", repo)
     bootback("backup", repo, "--vm", "web01", disk)
-    bootback("backup", repo, "--vm", "files01", _disk_with_files(base))
+    files_disk = _disk_with_files(base)
+    bootback("backup", repo, "--vm", "files01", files_disk)
+    bootback("backup", repo, "--vm", "two01", files_disk, disk)  # a VM with two disks
     before = tree_hash(repo)
     d, url = web_appliance(repo, base / "state", PASSWORD)
     yield {"url": url, "base": base, "daemon": d}
@@ -207,3 +209,22 @@ def test_operator_verifies_a_backup_and_sees_the_result_arrive(page, appliance) 
     assert "login:" in result.locator("summary").inner_text()
     page.shot("verification")
     assert appliance["daemon"].cli("sessions", "--json").stdout.strip() == "[]", "the sandbox was not thrown away"
+
+
+def test_browsing_a_vm_with_two_disks_asks_for_the_disk_first(page, appliance) -> None:
+    log_in(page, appliance["url"])
+    page.locator("tr[data-point^='two01@'] a.browse").click()
+    page.wait_for_selector("ul.disks")
+    assert page.locator("ul.disks a").all_inner_texts() == ["files01.raw", "web01.raw"]
+    page.locator("ul.disks a", has_text="files01.raw").click()
+    page.locator("tr[data-entry=p1] a").first.click()
+    assert page.locator("tr[data-entry=docs]").is_visible()
+    page.go_back()
+    page.go_back()
+    page.locator("ul.disks a", has_text="web01.raw").click()
+    # random bytes: the whole disk is shown as one volume without a filesystem, and opening it says why
+    assert "no readable filesystem" in page.locator("tr[data-entry=disk]").inner_text()
+    page.locator("tr[data-entry=disk] a").first.click()
+    assert "holds no filesystem bootback can read" in page.locator(".flash.error").inner_text()
+    page.console_errors.clear()  # that page's own 400
+    page.shot("two-disks")
