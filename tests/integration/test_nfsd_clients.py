@@ -72,6 +72,11 @@ def test_rpcinfo_lists_our_programs(server: NfsdProcess) -> None:
     assert f"100003    3   tcp   {server.nfs_port}" in out
     assert f"100005    3   udp   {server.mount_port}" in out
     assert "100000    2   tcp    111" in out
+    # NULL calls from rpcinfo itself, over both transports: the programs answer on UDP as on TCP
+    for proto in ("-u", "-t"):
+        for prog in ("100003", "100005"):
+            ping = sh("rpcinfo", proto, "127.0.0.1", prog, "3").stdout
+            assert f"program {prog} version 3 ready and waiting" in ping, ping
 
 
 def test_qemu_img_and_qemu_io_over_nfs(server: NfsdProcess, export: Path, tmp_path: Path) -> None:
