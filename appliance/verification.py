@@ -34,10 +34,11 @@ def compile_expect(expect: str | None) -> re.Pattern[str] | None:
 
 
 def verify_boot(client: ControlClient, vm: str, timeout: float = 300, expect: str | None = None,
-                console_log: Path | None = None, memory_mib: int = 1024) -> dict[str, Any]:  # fmt: skip
+                console_log: Path | None = None, memory_mib: int = 1024,
+                repo: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Verify through a running daemon's control socket (the CLI's way)."""
     def publish() -> dict:
-        (doc,) = client.call("publish", vm=vm, mode="sandbox")
+        (doc,) = client.call("publish", vm=vm, mode="sandbox", repo=repo)
         return doc
 
     return run_verification(publish, lambda sid: client.call("stop", id=sid), timeout, expect, console_log,

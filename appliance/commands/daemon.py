@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from appliance.config import DaemonConfig, default_export_name, default_state_dir
+from appliance.errors import UsageError, VerificationFailedError
 from appliance.progress import byte_progress
 from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
@@ -71,11 +72,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("verify-boot", help="verify a backup: boot it as a sandbox, in isolation, and check it runs")
-    p.add_argument("vm", metavar="VM[@POINT]")
+    p.add_argument("vms", nargs="*", metavar="VM[@POINT]", help="one or more VMs (latest point unless named)")
+    p.add_argument("--all", action="store_true", help="every VM's latest restore point, one after the other "
+                   "(a nightly job); exit 70 when any does not verify")  # fmt: skip
     p.add_argument("--expect", help="a regular expression the guest's serial console must print")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the guest (default 300)")
     p.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
-    p.add_argument("--console-log", type=Path, help="keep the guest's console output in this file")
+    p.add_argument("--console-log", type=Path, help="keep the guest's console output in this file "
+                   "(a directory, VM.console in it, when several VMs are verified)")  # fmt: skip
     _state_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify_boot)
@@ -208,13 +212,33 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_verify_boot(args: argparse.Namespace) -> int:
     from appliance.verification import require_verified, verify_boot
 
-    report = verify_boot(_client(args), args.vm, timeout=args.timeout, expect=args.expect,
-                         console_log=args.console_log, memory_mib=args.memory)  # fmt: skip
+    client = _client(args)
+    targets: list[tuple[str, str | None]] = [(vm, None) for vm in args.vms]
+    if args.all:
+        repos = client.call("repositories")
+        targets += [(vm, r["name"] if len(repos) > 1 else None) for r in repos for vm in r["vms"]]
+    if not targets:
+        raise UsageError("verify-boot: name one or more VMs, or --all")
+    several = len(targets) > 1
+    if several and args.console_log:
+        args.console_log.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for vm, repo in targets:
+        log_path = args.console_log
+        if several and args.console_log:
+            log_path = args.console_log / f"{vm.replace('@', '_')}.console"
+        report = verify_boot(client, vm, timeout=args.timeout, expect=args.expect, console_log=log_path,
+                             memory_mib=args.memory, repo=repo)  # fmt: skip
+        reports.append(report)
+        if not args.json:
+            state = "verified" if report["verified"] else "NOT verified"
+            print(f"{report['vm']}@{report['point']}: {state} in {report['seconds']} s (first console line after "
+                  f"{report['first_console_line_seconds']} s)", flush=True)  # fmt: skip
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        state = "verified" if report["verified"] else "NOT verified"
-        print(f"{report['vm']}@{report['point']}: {state} in {report['seconds']} s (first console line after "
-              f"{report['first_console_line_seconds']} s)")  # fmt: skip
-    require_verified(report)
+        print(json.dumps(reports if several else reports[0], indent=2))
+    failed = [r for r in reports if not r["verified"]]
+    if several and failed:
+        names = ", ".join(f"{r['vm']}@{r['point']}" for r in failed)
+        raise VerificationFailedError(f"{len(failed)} of {len(reports)} did not verify: {names}")
+    require_verified(reports[0])
     return 0

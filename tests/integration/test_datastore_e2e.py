@@ -184,6 +184,19 @@ def test_verify_boot_boots_the_backup_in_isolation(setup, artifacts_dir: Path) -
     p = daemon.cli("verify-boot", "demo", "--expect", "this is never printed", "--timeout", "120", ok=False)
     assert p.returncode == 70 and "did not verify" in p.stderr
     assert json.loads(daemon.cli("sessions", "--json").stdout) == []
+    # a nightly run: --all is every VM's latest point (here the one VM)
+    p = daemon.cli("verify-boot", "--all", "--expect", "bootback-demo: booted", "--json", "--timeout", "240")
+    assert json.loads(p.stdout)["verified"]
+    # several at once: each gets a line in the JSON list and its own console log; the exit names the failures
+    logs = base / "nightly-logs"
+    p = daemon.cli("verify-boot", "demo", "demo@latest", "--expect", "never printed", "--timeout", "10", "--json",
+                   "--console-log", str(logs), ok=False)  # fmt: skip
+    reports = json.loads(p.stdout)
+    assert p.returncode == 70 and "2 of 2 did not verify" in p.stderr, p.stderr
+    assert [r["verified"] for r in reports] == [False, False]
+    assert sorted(f.name for f in logs.iterdir()) == ["demo.console", "demo_latest.console"]
+    assert daemon.cli("verify-boot", ok=False).returncode == 2
+    assert json.loads(daemon.cli("sessions", "--json").stdout) == []
     assert tree_hash(repo) == before
 
 
