@@ -20,7 +20,7 @@ from appliance.repo.reader import ChunkCache
 from web import daemon
 from web.validation import NAME, ApiError
 
-_repos: dict[str, Repository] = {}
+_repos: dict[str, Repository] = {}  # by the name the daemon serves it under
 _lock = threading.Lock()
 CACHE_BYTES = 64 << 20  # the page reads few chunks; the daemon keeps the big cache
 PIECE = 1 << 20
@@ -40,13 +40,23 @@ def query() -> tuple[str, str | None, str]:
     return point, disk, path
 
 
-def _browser(repo_name: str, point: str, disk: str | None) -> tuple[FileBrowser, str, str]:
-    path = daemon.repository(repo_name)["path"]
+def _repository(name: str) -> Repository:
+    """The served repository NAME, opened once per web worker. Only a name not seen yet costs a
+    'repositories' call to the daemon (which reads every restore point's manifest to answer)."""
     with _lock:
-        repo = _repos.get(path)
-        if repo is None:
-            repo = _repos[path] = Repository.open(Path(path))
-            repo.chunk_cache = ChunkCache(CACHE_BYTES)
+        repo = _repos.get(name)
+    if repo is None:
+        path = daemon.repository(name)["path"]
+        with _lock:
+            repo = _repos.get(name)
+            if repo is None:
+                repo = _repos[name] = Repository.open(Path(path))
+                repo.chunk_cache = ChunkCache(CACHE_BYTES)
+    return repo
+
+
+def _browser(repo_name: str, point: str, disk: str | None) -> tuple[FileBrowser, str, str]:
+    repo = _repository(repo_name)
     try:
         rp = repo.resolve(point)
         browser = browse(repo, rp, disk)

@@ -186,10 +186,11 @@ def files() -> Any:
         point, disk, path = backup_files.query()
         ctx.update(point=point, disk=disk, path=path, crumbs=_crumbs(path))
         vm, _, pid = point.partition("@")
-        points = daemon.call("points", repo=repo, vm=vm)
+        points = daemon.call("points", repo=repo, vm=vm)  # oldest first
         if pid in ("", "latest"):
-            points = points[-1:]
-        summary = next((p for p in points if p["id"] == pid or pid in ("", "latest")), None)
+            summary = points[-1] if points else None
+        else:
+            summary = next((p for p in points if p["id"] == pid), None)
         if summary is None:
             raise ApiError(404, f"no restore point {point} in {repo}")
         ctx["disks"] = [d["name"] for d in summary["disks"]]

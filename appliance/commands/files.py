@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from appliance.errors import NoSpaceError
-from appliance.files import browse
+from appliance.files import FileBrowser, browse
 from appliance.repo import Repository
 
 
@@ -32,10 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_extract)
 
 
-def cmd_files(args: argparse.Namespace) -> int:
+def _browser(args: argparse.Namespace) -> FileBrowser:
     repo = Repository.open(args.repo)
-    point = repo.resolve(args.point)
-    browser = browse(repo, point, args.disk)
+    return browse(repo, repo.resolve(args.point), args.disk)
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    browser = _browser(args)
     if args.path.strip("/") == "":
         volumes = browser.volumes()
         if args.json:
@@ -54,9 +57,7 @@ def cmd_files(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    repo = Repository.open(args.repo)
-    point = repo.resolve(args.point)
-    browser = browse(repo, point, args.disk)
+    browser = _browser(args)
     entry = browser.stat(args.path)  # fails before the output is created when the path is wrong
     out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
     try:

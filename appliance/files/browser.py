@@ -7,7 +7,7 @@ import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from dissect.util.stream import RangeStream
@@ -83,7 +83,7 @@ class FileBrowser:
             if p.size <= 0 or p.type in (0x05, 0x0F, 0x85):  # extended-partition containers hold no filesystem
                 continue
             vol = Volume(f"p{p.number}", p.offset, p.size, _describe(p), None)
-            out.append(Volume(vol.id, vol.offset, vol.size, vol.description, detect(self._stream(vol))))
+            out.append(replace(vol, filesystem=detect(self._stream(vol))))
         out = out or [whole]
         return out + [lv for vol in out if vol.filesystem is None for lv in self._logical_volumes(vol)]
 
@@ -108,8 +108,8 @@ class FileBrowser:
         out = []
         for lv in lvs:
             vid = f"{vg.name}-{lv.name}"
-            self._openers[vid] = lambda lv_name=lv.name: self._open_lv(pv, lv_name)
-            stream = self._openers[vid]()
+            self._openers[vid] = lambda lv_name=lv.name: self._open_lv(pv, lv_name)  # later, on a fresh stream
+            stream = lv.open()
             size = getattr(stream, "size", None) or 0
             out.append(Volume(vid, 0, size, f"LVM logical volume {vg.name}/{lv.name} on {pv.id}", detect(stream)))
         return out
