@@ -98,21 +98,17 @@ def repositories() -> Response:
 @bp.get("/repositories/<name>")
 @api_auth
 def repository(name: str) -> Response:
-    return jsonify(_repository(name))
+    return jsonify(daemon.repository(name))
 
 
 @bp.get("/repositories/<name>/points")
 @api_auth
 def points(name: str) -> Response:
-    _repository(name)
+    daemon.repository(name)
     vm = request.args.get("vm")
     if vm is not None and not NAME.match(vm):
         raise ApiError(400, f"vm: {vm!r} is not a valid VM name")
     return jsonify(daemon.call("points", repo=name, vm=vm))
-
-
-def _repository(name: str) -> dict:
-    return daemon.repository(name)
 
 
 @bp.get("/repositories/<name>/files")
