@@ -4,6 +4,15 @@ Objects are named by inode number. We remember where each inode lives as (parent
 directory updates one entry, and a handle from before a restart is found again by searching the tree once.
 Exclusive CREATE stores the client's verifier in the new file's atime/mtime (as Linux's knfsd does) until the
 client's following SETATTR replaces them.
+
+Confinement (STYLE.md rule 13): the export is a directory descriptor and nothing is ever opened by a host
+path. Every use of a handle walks from that descriptor again (``nfsd.beneath``: no symlink followed on the way,
+none at the end) to an ``O_PATH`` descriptor of the object and checks its inode, so a directory swapped for a
+symlink after LOOKUP makes the old handle STALE instead of leading elsewhere. Changes go through ``*at`` calls
+on the held directory descriptor that do not follow the final name, or through the object's own descriptor.
+A symlink is data for READLINK: used as a directory it is NOTDIR, as a file INVAL; SETATTR on it changes
+only the link (owner, times; a mode is ignored as Linux links have none) and never truncates. Only regular
+files are opened for READ/WRITE/COMMIT, so a FIFO or device node in the export is INVAL, never opened.
 """
 
 from __future__ import annotations
@@ -13,9 +22,11 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
+from nfsd.beneath import HAVE_OPENAT2, component, open_beneath
 from nfsd.vfs import (
     Attr,
     Backend,
@@ -43,6 +54,8 @@ _TYPES = {
     stat.S_IFIFO: FileType.FIFO,
 }
 MAX_OPEN_FILES = 256
+MAX_DEPTH = 4096  # a longer chain of remembered parents is a loop in our own map, not a real tree
+_GONE = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)  # the remembered path no longer leads to a real object
 
 
 def attr_from_stat(st: os.stat_result) -> Attr:
@@ -63,66 +76,123 @@ def attr_from_stat(st: os.stat_result) -> Attr:
     )
 
 
+class _Node:
+    """One object held by descriptors: ``fd`` (O_PATH, the object itself, a symlink never followed) and
+    ``dir_fd`` (O_PATH, the directory holding it as ``name``; the root is "." in itself)."""
+
+    __slots__ = ("dir_fd", "name", "fd", "st")
+
+    def __init__(self, dir_fd: int, name: str, fd: int, st: os.stat_result) -> None:
+        self.dir_fd, self.name, self.fd, self.st = dir_fd, name, fd, st
+
+    def __enter__(self) -> _Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+        os.close(self.dir_fd)
+
+
 class LocalFS(Backend):
-    def __init__(self, root: Path | str, read_only: bool = False) -> None:
+    def __init__(self, root: Path | str, read_only: bool = False, use_openat2: bool = HAVE_OPENAT2) -> None:
+        """``use_openat2`` False walks component by component (what kernels before 5.6 get); for tests."""
         self.base = Path(root).resolve()
         if not self.base.is_dir():
             raise NotADirectoryError(f"export directory {self.base} does not exist")
         self.read_only = read_only
-        st = os.lstat(self.base)
+        self._openat2 = use_openat2
+        self._root_fd = os.open(self.base, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        # Never closed while the backend lives: a reused descriptor number would make walks start elsewhere.
+        weakref.finalize(self, os.close, self._root_fd)
+        st = os.fstat(self._root_fd)
         self._root = ObjectId(st.st_ino, 0)
         self._dev = st.st_dev
         self._where: dict[int, tuple[int, str]] = {}
         self._lock = threading.RLock()
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._is_root = os.geteuid() == 0
-        self._listings: dict[tuple[int, int], list[str]] = {}
 
     # --- where objects live ---------------------------------------------------------------------------
     def root(self) -> ObjectId:
         return self._root
 
-    def path(self, obj: ObjectId) -> str:
-        ino = obj.fileid
-        if ino == self._root.fileid:
-            return str(self.base)
+    def _parts(self, ino: int) -> list[str]:
+        """The names from the root down to ``ino``, as last remembered."""
         parts: list[str] = []
         with self._lock:
-            seen = 0
             while ino != self._root.fileid:
                 loc = self._where.get(ino)
                 if loc is None:
                     loc = self._search(ino)
                 parts.append(loc[1])
                 ino = loc[0]
-                seen += 1
-                if seen > 4096:
+                if len(parts) > MAX_DEPTH:
                     raise NFSError(Status.STALE, "path loop")
-        path = os.path.join(self.base, *reversed(parts))
+        parts.reverse()
+        return parts
+
+    def _node(self, obj: ObjectId) -> _Node:
+        """Walk to ``obj`` again from the export's descriptor and check it is still that inode."""
+        parts = self._parts(obj.fileid)
+        name = parts[-1] if parts else "."
+        dir_fd = fd = -1
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            self._forget(obj.fileid)
-            raise NFSError(Status.STALE, f"object {obj.fileid} is gone") from None
+            dir_fd = open_beneath(self._root_fd, parts[:-1], os.O_PATH | os.O_DIRECTORY, self._openat2)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+            st = os.fstat(fd)
+        except OSError as exc:
+            for f in (fd, dir_fd):
+                if f >= 0:
+                    os.close(f)
+            if exc.errno in _GONE:
+                self._forget(obj.fileid)
+                raise NFSError(Status.STALE, f"object {obj.fileid} is gone from {'/'.join(parts)!r}") from None
+            raise
         if st.st_ino != obj.fileid:
+            os.close(fd)
+            os.close(dir_fd)
             self._forget(obj.fileid)
-            raise NFSError(Status.STALE, f"object {obj.fileid} was replaced")
-        return path
+            raise NFSError(Status.STALE, f"object {obj.fileid} was replaced at {'/'.join(parts)!r}")
+        return _Node(dir_fd, name, fd, st)
+
+    def _dir(self, obj: ObjectId) -> _Node:
+        """Like ``_node`` but only a real directory will do: a symlink never acts as one."""
+        node = self._node(obj)
+        if not stat.S_ISDIR(node.st.st_mode):
+            node.__exit__()
+            raise NFSError(Status.NOTDIR, f"object {obj.fileid} is not a directory")
+        return node
+
+    def path(self, obj: ObjectId) -> str:
+        """Where ``obj`` is, for messages and tests. Never open it: a host path would follow symlinks."""
+        with self._node(obj):
+            return os.path.join(self.base, *self._parts(obj.fileid))
 
     def _search(self, ino: int) -> tuple[int, str]:
         """Find an inode we have not seen since the start (a handle from before a restart)."""
-        for dirpath, dirnames, filenames in os.walk(self.base):
-            dino = os.lstat(dirpath).st_ino
-            for name in dirnames + filenames:
-                try:
-                    st = os.lstat(os.path.join(dirpath, name))
-                except FileNotFoundError:
-                    continue
-                if st.st_dev != self._dev:
-                    continue
-                self._where.setdefault(st.st_ino, (dino, name))
-                if st.st_ino == ino:
-                    return dino, name
+        pending: list[list[str]] = [[]]
+        while pending:
+            parts = pending.pop()
+            try:
+                fd = open_beneath(self._root_fd, parts, os.O_RDONLY | os.O_DIRECTORY, self._openat2)
+            except OSError:
+                continue  # removed or replaced while we walk
+            try:
+                dino = os.fstat(fd).st_ino
+                for name in os.listdir(fd):
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if st.st_dev != self._dev:
+                        continue
+                    self._where.setdefault(st.st_ino, (dino, name))
+                    if st.st_ino == ino:
+                        return dino, name
+                    if stat.S_ISDIR(st.st_mode):
+                        pending.append([*parts, name])
+            finally:
+                os.close(fd)
         raise NFSError(Status.STALE, f"object {ino} not found under {self.base}")
 
     def _remember(self, parent: ObjectId, name: str, st: os.stat_result) -> ObjectId:
@@ -137,11 +207,24 @@ class LocalFS(Backend):
         if fd is not None:
             os.close(fd)
 
-    def _child(self, directory: ObjectId, name: str) -> str:
-        d = self.path(directory)
-        if not os.path.isdir(d):
-            raise NFSError(Status.NOTDIR)
-        return os.path.join(d, name)
+    @staticmethod
+    def _regular(node: _Node, obj: ObjectId) -> None:
+        if stat.S_ISDIR(node.st.st_mode):
+            raise NFSError(Status.ISDIR, f"object {obj.fileid} is a directory")
+        if not stat.S_ISREG(node.st.st_mode):
+            kind = _TYPES.get(stat.S_IFMT(node.st.st_mode), FileType.REG).name
+            raise NFSError(Status.INVAL, f"object {obj.fileid} is a {kind}, not a regular file")
+
+    @staticmethod
+    def _reopen(node: _Node, flags: int) -> int:
+        """Open the regular file ``node`` holds for I/O: by its name in the held directory, without following a
+        link and without blocking on a FIFO swapped in meanwhile, then checked to be the same inode."""
+        fd = os.open(node.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=node.dir_fd)
+        st = os.fstat(fd)
+        if st.st_ino != node.st.st_ino or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NFSError(Status.STALE, f"object {node.st.st_ino} was replaced while being opened")
+        return fd
 
     def _fd(self, obj: ObjectId) -> int:
         with self._lock:
@@ -149,17 +232,12 @@ class LocalFS(Backend):
             if fd is not None:
                 self._fds.move_to_end(obj.fileid)
                 return fd
-        path = self.path(obj)
-        if os.path.isdir(path):
-            raise NFSError(Status.ISDIR)
-        try:
-            fd = os.open(path, (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_NOFOLLOW)
-        except PermissionError:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise NFSError(Status.INVAL, "is a symlink") from None
-            raise
+        with self._node(obj) as node:
+            self._regular(node, obj)
+            try:
+                fd = self._reopen(node, os.O_RDONLY if self.read_only else os.O_RDWR)
+            except PermissionError:
+                fd = self._reopen(node, os.O_RDONLY)
         with self._lock:
             old = self._fds.get(obj.fileid)
             if old is not None:
@@ -171,51 +249,57 @@ class LocalFS(Backend):
                 os.close(victim)
         return fd
 
-    def _own(self, path: str, cred: Cred) -> None:
+    def _own(self, dir_fd: int, name: str, cred: Cred) -> None:
         if self._is_root:
-            os.lchown(path, cred.uid, cred.gid)
+            os.chown(name, cred.uid, cred.gid, dir_fd=dir_fd, follow_symlinks=False)
 
     # --- attributes -----------------------------------------------------------------------------------
     def getattr(self, obj: ObjectId) -> Attr:
-        return attr_from_stat(os.lstat(self.path(obj)))
+        with self._node(obj) as node:
+            return attr_from_stat(node.st)
 
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        path = self.path(obj)
-        is_link = os.path.islink(path)
-        if attrs.size is not None:
-            if os.path.isdir(path):
-                raise NFSError(Status.ISDIR)
-            os.truncate(path, attrs.size)
-        if attrs.mode is not None and not is_link:
-            os.chmod(path, attrs.mode)
-        if attrs.uid is not None or attrs.gid is not None:
-            os.lchown(path, -1 if attrs.uid is None else attrs.uid, -1 if attrs.gid is None else attrs.gid)
-        if attrs.atime_ns is not None or attrs.mtime_ns is not None:
-            st = os.lstat(path)
-            now = time.time_ns()
+        with self._node(obj) as node:
+            is_link = stat.S_ISLNK(node.st.st_mode)
+            if attrs.size is not None:
+                self._regular(node, obj)
+                fd = self._reopen(node, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, attrs.size)
+                finally:
+                    os.close(fd)
+            if attrs.mode is not None and not is_link:
+                # An O_PATH descriptor cannot fchmod; its /proc link reaches exactly the inode we hold.
+                os.chmod(f"/proc/self/fd/{node.fd}", attrs.mode)
+            if attrs.uid is not None or attrs.gid is not None:
+                uid = -1 if attrs.uid is None else attrs.uid
+                gid = -1 if attrs.gid is None else attrs.gid
+                os.chown(node.name, uid, gid, dir_fd=node.dir_fd, follow_symlinks=False)
+            if attrs.atime_ns is not None or attrs.mtime_ns is not None:
+                now = time.time_ns()
 
-            def pick(v: int | None, cur: int) -> int:
-                return cur if v is None else now if v == -1 else v
+                def pick(v: int | None, cur: int) -> int:
+                    return cur if v is None else now if v == -1 else v
 
-            os.utime(path, ns=(pick(attrs.atime_ns, st.st_atime_ns), pick(attrs.mtime_ns, st.st_mtime_ns)),
-                     follow_symlinks=False)  # fmt: skip
-        return self.getattr(obj)
+                ns = (pick(attrs.atime_ns, node.st.st_atime_ns), pick(attrs.mtime_ns, node.st.st_mtime_ns))
+                os.utime(node.name, ns=ns, dir_fd=node.dir_fd, follow_symlinks=False)
+            return attr_from_stat(os.fstat(node.fd))
 
     def lookup(self, directory: ObjectId, name: str) -> ObjectId:
-        path = self._child(directory, name)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise NFSError(Status.NOENT, name) from None
+        with self._dir(directory) as d:
+            try:
+                st = os.stat(component(name), dir_fd=d.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise NFSError(Status.NOENT, name) from None
         return self._remember(directory, name, st)
 
     def parent(self, directory: ObjectId) -> ObjectId:
         if directory.fileid == self._root.fileid:
             return self._root
-        path = self.path(directory)
-        return ObjectId(os.lstat(os.path.dirname(path)).st_ino, 0)
+        with self._node(directory) as node:
+            return ObjectId(os.fstat(node.dir_fd).st_ino, 0)
 
     # --- data -----------------------------------------------------------------------------------------
     def read(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool]:
@@ -263,10 +347,10 @@ class LocalFS(Backend):
         os.fsync(self._fd(obj))
 
     def readlink(self, obj: ObjectId) -> str:
-        path = self.path(obj)
-        if not os.path.islink(path):
-            raise NFSError(Status.INVAL, "not a symlink")
-        return os.readlink(path)
+        with self._node(obj) as node:
+            if not stat.S_ISLNK(node.st.st_mode):
+                raise NFSError(Status.INVAL, f"object {obj.fileid} is not a symlink")
+            return os.readlink("", dir_fd=node.fd)  # readlinkat on the link's own O_PATH descriptor
 
     # --- namespace ------------------------------------------------------------------------------------
     def create(
@@ -274,58 +358,69 @@ class LocalFS(Backend):
     ) -> ObjectId:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        path = self._child(directory, name)
+        if mode == CreateMode.EXCLUSIVE and (verifier is None or len(verifier) != 8):
+            raise NFSError(Status.INVAL, f"exclusive create of {name!r} needs an 8-byte verifier")
         perm = 0o644 if attrs.mode is None else attrs.mode
-        if mode == CreateMode.EXCLUSIVE:
-            assert verifier is not None and len(verifier) == 8
-            atime, mtime = int.from_bytes(verifier[:4], "big"), int.from_bytes(verifier[4:], "big")
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        with self._dir(directory) as d:
+            name = component(name)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, perm)
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, perm, dir_fd=d.fd)
             except FileExistsError:
-                st = os.lstat(path)
-                if stat.S_ISREG(st.st_mode) and (int(st.st_atime), int(st.st_mtime)) == (atime, mtime):
-                    return self._remember(directory, name, st)  # a retransmission of our own create
-                raise NFSError(Status.EXIST, name) from None
-            os.close(fd)
-            self._own(path, cred)
-            os.utime(path, (atime, mtime))
-        else:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if mode == CreateMode.GUARDED else 0)
+                if mode == CreateMode.UNCHECKED:
+                    fd = -1
+                else:
+                    st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+                    mine = mode == CreateMode.EXCLUSIVE and stat.S_ISREG(st.st_mode)
+                    if mine and (int(st.st_atime), int(st.st_mtime)) == _verifier_times(verifier):
+                        return self._remember(directory, name, st)  # a retransmission of our own create
+                    raise NFSError(Status.EXIST, name) from None
+            if fd < 0:  # UNCHECKED on an existing name: keep the file (and its owner), apply the size
+                fd = os.open(name, flags, dir_fd=d.fd)
+                created = False
+            else:
+                created = True
             try:
-                fd = os.open(path, flags | os.O_NOFOLLOW, perm)
-            except FileExistsError:
-                raise NFSError(Status.EXIST, name) from None
-            os.close(fd)
-            existed_size = attrs.size
-            self._own(path, cred)
-            if existed_size is not None:
-                os.truncate(path, existed_size)
-        return self._remember(directory, name, os.lstat(path))
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise NFSError(Status.EXIST, f"{name} exists and is not a regular file")
+                if created and self._is_root:
+                    os.fchown(fd, cred.uid, cred.gid)
+                if mode == CreateMode.EXCLUSIVE:
+                    os.utime(fd, _verifier_times(verifier))
+                elif attrs.size is not None:
+                    os.ftruncate(fd, attrs.size)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        return self._remember(directory, name, st)
 
     def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        path = self._child(directory, name)
-        os.mkdir(path, 0o755 if attrs.mode is None else attrs.mode)
-        self._own(path, cred)
-        return self._remember(directory, name, os.lstat(path))
+        with self._dir(directory) as d:
+            os.mkdir(component(name), 0o755 if attrs.mode is None else attrs.mode, dir_fd=d.fd)
+            self._own(d.fd, name, cred)
+            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        return self._remember(directory, name, st)
 
     def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        path = self._child(directory, name)
-        os.symlink(target, path)
-        self._own(path, cred)
-        return self._remember(directory, name, os.lstat(path))
+        with self._dir(directory) as d:
+            os.symlink(target, component(name), dir_fd=d.fd)
+            self._own(d.fd, name, cred)
+            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        return self._remember(directory, name, st)
 
     def remove(self, directory: ObjectId, name: str) -> None:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        path = self._child(directory, name)
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise NFSError(Status.ISDIR, name)
-        os.unlink(path)
+        with self._dir(directory) as d:
+            st = os.stat(component(name), dir_fd=d.fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise NFSError(Status.ISDIR, name)
+            os.unlink(name, dir_fd=d.fd)
         if st.st_nlink <= 1:
             self._forget(st.st_ino)
         else:
@@ -336,24 +431,23 @@ class LocalFS(Backend):
     def rmdir(self, directory: ObjectId, name: str) -> None:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        path = self._child(directory, name)
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NFSError(Status.NOTDIR, name)
-        os.rmdir(path)
+        with self._dir(directory) as d:
+            st = os.stat(component(name), dir_fd=d.fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NFSError(Status.NOTDIR, name)
+            os.rmdir(name, dir_fd=d.fd)
         self._forget(st.st_ino)
 
     def rename(self, from_dir: ObjectId, from_name: str, to_dir: ObjectId, to_name: str) -> None:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        src = self._child(from_dir, from_name)
-        dst = self._child(to_dir, to_name)
-        st = os.lstat(src)
-        try:
-            replaced = os.lstat(dst)
-        except FileNotFoundError:
-            replaced = None
-        os.rename(src, dst)
+        with self._dir(from_dir) as src, self._dir(to_dir) as dst:
+            st = os.stat(component(from_name), dir_fd=src.fd, follow_symlinks=False)
+            try:
+                replaced = os.stat(component(to_name), dir_fd=dst.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                replaced = None
+            os.rename(from_name, to_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         if replaced is not None and replaced.st_ino != st.st_ino and replaced.st_nlink <= 1:
             self._forget(replaced.st_ino)
         with self._lock:
@@ -362,38 +456,59 @@ class LocalFS(Backend):
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
         if self.read_only:
             raise NFSError(Status.ROFS)
-        os.link(self.path(obj), self._child(directory, name), follow_symlinks=False)
+        with self._node(obj) as node, self._dir(directory) as d:
+            if stat.S_ISDIR(node.st.st_mode):
+                raise NFSError(Status.ISDIR, f"object {obj.fileid} is a directory")
+            os.link(node.name, component(name), src_dir_fd=node.dir_fd, dst_dir_fd=d.fd, follow_symlinks=False)
+
+    def listing(self, directory: ObjectId) -> list[tuple[str, ObjectId]]:
+        """Every name in ``directory`` (without '.' and '..') with its object, sorted by name."""
+        with self._dir(directory) as d:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d.fd)
+            try:
+                return [(n, self._remember(directory, n, st)) for n, st in self._stat_names(fd, sorted(os.listdir(fd)))]
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _stat_names(dir_fd: int, names: list[str]) -> list[tuple[str, os.stat_result]]:
+        out = []
+        for name in names:
+            try:
+                out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
+            except FileNotFoundError:
+                continue  # removed since the listing
+        return out
 
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
-        path = self.path(directory)
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NFSError(Status.NOTDIR)
-        current = st.st_mtime_ns & 0xFFFFFFFFFFFFFFFF
-        if cookie and verifier and verifier != current:
-            raise NFSError(Status.BAD_COOKIE, "directory changed since the listing began")
-        names = sorted(os.listdir(path))
-        entries: list[DirEntry] = []
-        # cookies: 1 = '.', 2 = '..', 3 + i = names[i]
-        if cookie < 1:
-            entries.append(DirEntry(".", directory, 1))
-        if cookie < 2:
-            entries.append(DirEntry("..", self.parent(directory), 2))
-        start = max(0, cookie - 2)
-        budget = max(count // 16, 16)  # no more entries than the reply could possibly hold
-        for i in range(start, len(names)):
-            if len(entries) >= budget:
-                return ReadDirResult(entries, eof=False, verifier=current)
+        with self._dir(directory) as d:
+            current = d.st.st_mtime_ns & 0xFFFFFFFFFFFFFFFF
+            if cookie and verifier and verifier != current:
+                raise NFSError(Status.BAD_COOKIE, "directory changed since the listing began")
+            parent = self._root if directory.fileid == self._root.fileid else ObjectId(os.fstat(d.dir_fd).st_ino)
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d.fd)
             try:
-                cst = os.lstat(os.path.join(path, names[i]))
-            except FileNotFoundError:
-                continue
-            entries.append(DirEntry(names[i], self._remember(directory, names[i], cst), 3 + i))
-        return ReadDirResult(entries, eof=True, verifier=current)
+                names = sorted(os.listdir(fd))
+                entries: list[DirEntry] = []
+                # cookies: 1 = '.', 2 = '..', 3 + i = names[i]
+                if cookie < 1:
+                    entries.append(DirEntry(".", directory, 1))
+                if cookie < 2:
+                    entries.append(DirEntry("..", parent, 2))
+                start = max(0, cookie - 2)
+                budget = max(count // 16, 16)  # no more entries than the reply could possibly hold
+                page = names[start : start + max(0, budget - len(entries))]
+                cookies = {n: 3 + start + i for i, n in enumerate(page)}
+                for name, st in self._stat_names(fd, page):
+                    entries.append(DirEntry(name, self._remember(directory, name, st), cookies[name]))
+            finally:
+                os.close(fd)
+        return ReadDirResult(entries, eof=start + len(page) >= len(names), verifier=current)
 
     # --- file system ----------------------------------------------------------------------------------
     def fsstat(self, obj: ObjectId) -> FsStat:
-        sv = os.statvfs(self.path(obj))
+        with self._node(obj) as node:
+            sv = os.statvfs(node.fd)
         return FsStat(
             total_bytes=sv.f_blocks * sv.f_frsize,
             free_bytes=sv.f_bfree * sv.f_frsize,
@@ -408,3 +523,8 @@ class LocalFS(Backend):
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+def _verifier_times(verifier: bytes) -> tuple[int, int]:
+    """The (atime, mtime) an exclusive create's 8-byte verifier is kept in."""
+    return int.from_bytes(verifier[:4], "big"), int.from_bytes(verifier[4:], "big")

@@ -8,7 +8,6 @@ folders and stable across restarts (slots are never reused).
 
 from __future__ import annotations
 
-import os
 import threading
 import zlib
 from pathlib import Path
@@ -209,13 +208,7 @@ class DatastoreBackend(Backend):
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
         slot, folder, local = self._route(directory)
         if folder is None:
-            path = self.rootfs.path(local)
-            names: list[tuple[str, ObjectId]] = []
-            for n in os.listdir(path):
-                try:
-                    names.append((n, self.rootfs._remember(local, n, os.lstat(os.path.join(path, n)))))
-                except FileNotFoundError:
-                    continue
+            names = self.rootfs.listing(local)  # by descriptor: a symlink handle is NOTDIR, never followed
             if local.fileid == self.rootfs.root().fileid:
                 for s, (n, f) in self._folders.items():
                     names.append((n, self._global(s, f.root())))

@@ -203,15 +203,10 @@ class SessionFolder:
 
     def listing(self, directory: ObjectId) -> list[tuple[str, ObjectId]]:
         """All names in ``directory`` (without '.' and '..'), sorted."""
-        path = self.files.path(directory)
         entries: dict[str, ObjectId] = {}
-        for name in os.listdir(path):
-            try:
-                st = os.lstat(os.path.join(path, name))
-            except FileNotFoundError:
-                continue
-            self._check_local(st.st_ino)
-            entries[name] = self.files._remember(directory, name, st)
+        for name, obj in self.files.listing(directory):  # by descriptor: a symlink handle is NOTDIR
+            self._check_local(obj.fileid)
+            entries[name] = obj
         if self.is_root(directory):
             for name, ext in self._visible().items():
                 entries[name] = ObjectId(EXTENT_BIT | ext.index, 0)
