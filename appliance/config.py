@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 GiB = 1 << 30
+CONTAINER_MIGRATIONS = "/migrations"
 
 
 def default_state_dir() -> Path:
@@ -17,6 +19,14 @@ def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/bootback")
     return Path.home() / ".local" / "state" / "bootback"
+
+
+def default_migration_dirs(state_dir: Path) -> list[Path]:
+    """Without --migration-dir: STATE/migrations, and the container's /migrations volume when it exists."""
+    dirs = [Path(state_dir) / "migrations"]
+    if Path(CONTAINER_MIGRATIONS).is_dir():
+        dirs.append(Path(CONTAINER_MIGRATIONS))
+    return dirs
 
 
 def default_export_name() -> str:
@@ -41,7 +51,22 @@ class DaemonConfig:
     advertise: str | None = None  # host name put in nfs:// URLs
     web: bool = True
     cache_dir: Path | None = None  # default write-cache location (STATE/cache when unset)
+    cache_dirs: list[Path] = field(default_factory=list)  # further places a publish may name for its cache
+    # Where migration outputs may be written (confined: nothing outside, no links followed); None: the default,
+    # see default_migration_dirs.
+    migration_dirs: list[Path] | None = None
     read_cache_bytes: int = 20 * GiB  # hydrated chunks of published disks (STATE/read-cache); 0: off
+    max_sessions: int = 100  # sessions published at once
+    max_publish: int = 25  # VMs in one publish request
+    max_verifications: int = 2  # verifications booting at once
+    verify_max_memory_mib: int = 4096  # guest RAM one verification may ask for
+
+    def allowed_migration_dirs(self) -> list[Path]:
+        return default_migration_dirs(self.state_dir) if self.migration_dirs is None else list(self.migration_dirs)
+
+    def open_to_everyone(self) -> bool:
+        """True when some allowed client network is a whole address family (0.0.0.0/0, ::/0)."""
+        return any(ipaddress.ip_network(c, strict=False).prefixlen == 0 for c in self.clients)
 
     @property
     def host(self) -> str:

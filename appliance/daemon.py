@@ -11,7 +11,7 @@ from pathlib import Path
 
 from appliance.config import DaemonConfig
 from appliance.datastore.backend import DatastoreBackend
-from appliance.errors import IntegrityError, NoSpaceError, UsageError
+from appliance.errors import DiskTooLargeError, IntegrityError, LimitExceededError, NoSpaceError, UsageError
 from appliance.repo import Repository
 from appliance.repo.readcache import ReadCache
 from appliance.repo.repository import find_repositories
@@ -33,9 +33,11 @@ def _mtime(path: Path) -> float:
     except OSError:
         return -1.0
 
+
 # Domain errors as the NFS client sees them (nfsd's single translation table).
 nfs_errors.register(NoSpaceError, Status.NOSPC)
 nfs_errors.register(IntegrityError, Status.IO)
+nfs_errors.register(DiskTooLargeError, Status.FBIG)
 
 
 class Daemon:
@@ -52,18 +54,25 @@ class Daemon:
             self._add_repository(Repository.open(Path(path).resolve()))
         self.rescan_repositories()
         if not self.repos:
-            log.warning("no repository under %s yet: new ones are served as they appear",
-                        ", ".join(map(str, config.repo_dirs)))
+            log.warning(
+                "no repository under %s yet: new ones are served as they appear", ", ".join(map(str, config.repo_dirs))
+            )
         self.backend = DatastoreBackend(state / "datastore-root")
         self.read_cache = ReadCache(state / "read-cache", config.read_cache_bytes) if config.read_cache_bytes else None
+        migration_dirs = config.allowed_migration_dirs()
+        if config.migration_dirs is None:
+            (state / "migrations").mkdir(mode=0o700, exist_ok=True)  # the default place; others are the operator's
         self.sessions = SessionManager(state, self.repos, self.backend, min_free_bytes=config.min_free_bytes,
-                                       cache_dir=config.cache_dir, read_cache=self.read_cache)  # fmt: skip
+                                       cache_dir=config.cache_dir, read_cache=self.read_cache,
+                                       cache_dirs=config.cache_dirs, migration_dirs=migration_dirs,
+                                       max_sessions=config.max_sessions)  # fmt: skip
         self.export = Export(path=config.export_path, backend=self.backend, clients=config.clients)
         self.server = NFSServer(
             [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,
             nfs_port=config.nfs_port, mount_port=config.mount_port, portmap_port=config.portmap_port,
         )  # fmt: skip
-        self.verifications = Verifications(state, self.op_publish, self.op_stop)
+        self.verifications = Verifications(state, self.op_publish, self.op_stop, config.max_verifications,
+                                           config.verify_max_memory_mib)  # fmt: skip
         self.control = ControlServer(state, self._ops())
         self.web: subprocess.Popen | None = None
         self._stop = asyncio.Event()
@@ -139,16 +148,26 @@ class Daemon:
             "cache_warnings": self.sessions.space_warnings(),
             "clients": self.server.clients(),
             "allowed_networks": self.export.clients,
+            "nfs_clients": list(self.config.clients),
+            "nfs_open_to_everyone": self.config.open_to_everyone(),
             "read_cache": self.read_cache.status() if self.read_cache else None,
         }  # fmt: skip
 
     def op_publish(self, vm: str | None = None, vms: list[str] | None = None, point: str = "latest",
                    mode: str = "instant", cache: str | None = None, repo: str | None = None) -> list[dict]:  # fmt: skip
         """Publish one VM or many (mass recovery); a VM may be 'name' or 'name@point'."""
+        if vms is not None and not (isinstance(vms, list) and all(isinstance(v, str) for v in vms)):
+            raise UsageError("publish: 'vms' is a list of VM names")
+        if vm is not None and not isinstance(vm, str):
+            raise UsageError("publish: 'vm' is a VM name")
         targets = list(vms or []) + ([vm] if vm else [])
-        self.rescan_repositories()
         if not targets:
             raise UsageError("publish needs 'vm' or 'vms'")
+        if len(targets) > self.config.max_publish:
+            raise LimitExceededError(f"publish: {len(targets)} VMs in one request, at most {self.config.max_publish} "
+                                     "(--max-publish)")  # fmt: skip
+        self.sessions.check_capacity(len(targets))
+        self.rescan_repositories()
         out = []
         for t in targets:
             name, _, p = t.partition("@")
@@ -165,8 +184,8 @@ class Daemon:
         rec = self.sessions.stop(id, force=force)
         return {"id": rec.id, "folder": rec.folder, "stopped": True}
 
-    def op_migrate(self, id: str, output: str) -> dict:  # noqa: A002
-        return self.sessions.migrate(id, output).status()
+    def op_migrate(self, id: str, output: str, overwrite: bool = False) -> dict:  # noqa: A002
+        return self.sessions.migrate(id, output, overwrite).status()
 
     def op_migrate_status(self, id: str) -> dict:  # noqa: A002
         rec = self.sessions.get(id)
@@ -209,6 +228,13 @@ class Daemon:
             await asyncio.sleep(every)
 
     async def start(self) -> None:
+        if self.config.open_to_everyone():
+            log.warning(
+                "NFS export %s is open to every address (%s), with root unsquashed for the hypervisors: anyone who "
+                "reaches this host can read and write the published disks. Name your hypervisors' networks with "
+                "--clients or BOOTBACK_CLIENTS, e.g. BOOTBACK_CLIENTS=10.0.20.0/24",
+                self.export.path, ",".join(self.config.clients),
+            )  # fmt: skip
         self.sessions.restore()
         self._space_task = asyncio.get_running_loop().create_task(self._watch_space())
         ports = await self.server.start()

@@ -96,3 +96,24 @@ class VerificationFailedError(BootbackError):
     """A restore point did not boot to the expected state (``bootback verify-boot``)."""
 
     exit_code = 70
+
+
+class PathNotAllowedError(UsageError):
+    """A path the daemon would write for a caller (migration output, write cache) lies outside the directories
+    the operator allowed, or reaches through a symbolic link."""
+
+
+class OutputExistsError(UsageError):
+    """A migration output already exists and the caller did not ask to overwrite it."""
+
+
+class LimitExceededError(SessionError):
+    """A configured bound (sessions, concurrent verifications, disk size) would be exceeded."""
+
+    exit_code = 42
+
+
+class DiskTooLargeError(BootbackError):
+    """A write or size change would grow a published disk beyond its bound (the NFS client gets NFS3ERR_FBIG)."""
+
+    exit_code = 43

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -18,25 +17,47 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import re2
+
 from appliance.demo.qemu import boot
-from appliance.errors import UsageError, VerificationFailedError
+from appliance.errors import LimitExceededError, UsageError, VerificationFailedError
 from appliance.sessions.control import ControlClient
 
 log = logging.getLogger("bootback.verification")
 KEEP = 50  # finished verifications kept (newest), in STATE/verifications/
+MAX_EXPECT = 1000  # characters of an ``expect`` pattern
+PATTERN_MEMORY = 8 << 20  # bytes RE2 may use for one compiled pattern
+MAX_CONSOLE = 1 << 20  # console bytes a verification keeps; a guest printing more is stopped there
+MAX_RUNNING = 2  # verifications booting at once (each is a qemu process with its guest's RAM)
+MAX_MEMORY_MIB = 4096  # guest RAM a verification may ask for
 
 
-def compile_expect(expect: str | None) -> re.Pattern[str] | None:
+def compile_expect(expect: str | None) -> re2._Regexp | None:
+    """The one place ``expect`` patterns are compiled. They come from API callers and are matched inside the
+    daemon, so the engine is RE2 (linear time in the text, bounded memory): a backtracking engine lets one
+    pattern like ``(.|.)*XYZ`` hold the daemon for minutes. RE2 has no backreferences or lookaround."""
+    if expect is None or expect == "":
+        return None
+    if not isinstance(expect, str):
+        raise UsageError(f"expect: a string, got {type(expect).__name__}")
+    if len(expect) > MAX_EXPECT:
+        raise UsageError(f"expect: at most {MAX_EXPECT} characters, got {len(expect)}")
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = PATTERN_MEMORY
     try:
-        return re.compile(expect) if expect else None
-    except re.error as exc:
-        raise UsageError(f"expect: not a regular expression: {exc}") from None
+        return re2.compile(expect, options)
+    except re2.error as exc:
+        why = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise UsageError(f"expect: {expect!r} is not a regular expression RE2 accepts (no backreferences or "
+                         f"lookaround): {why}") from None  # fmt: skip
 
 
 def verify_boot(client: ControlClient, vm: str, timeout: float = 300, expect: str | None = None,
                 console_log: Path | None = None, memory_mib: int = 1024,
                 repo: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Verify through a running daemon's control socket (the CLI's way)."""
+
     def publish() -> dict:
         (doc,) = client.call("publish", vm=vm, mode="sandbox", repo=repo)
         return doc
@@ -54,7 +75,8 @@ def run_verification(publish: Callable[[], dict], stop: Callable[[str], object],
     doc = publish()
     try:
         drives = [f"{doc['nfs_url']}/{d['extent']}" for d in doc["disks"]]
-        result = boot(drives, timeout=timeout, console_log=console_log, memory_mib=memory_mib, stop_when=pattern)
+        result = boot(drives, timeout=timeout, console_log=console_log, memory_mib=memory_mib, stop_when=pattern,
+                      max_console_bytes=MAX_CONSOLE)  # fmt: skip
     finally:
         stop(doc["id"])
     matched = bool(pattern.search(result.console)) if pattern else None
@@ -82,7 +104,9 @@ class Verifications:
     """Verification jobs the daemon runs for the API and the page: one thread each, a record per job in
     STATE/verifications/ so results outlive restarts (a job cut off by a restart says so)."""
 
-    def __init__(self, state_dir: Path, publish: Callable[..., list[dict]], stop: Callable[..., object]) -> None:
+    def __init__(self, state_dir: Path, publish: Callable[..., list[dict]], stop: Callable[..., object],
+                 max_running: int = MAX_RUNNING, max_memory_mib: int = MAX_MEMORY_MIB) -> None:  # fmt: skip
+        self.max_running, self.max_memory_mib = max_running, max_memory_mib
         self.dir = Path(state_dir) / "verifications"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._publish, self._stop = publish, stop
@@ -100,15 +124,22 @@ class Verifications:
     def start(self, vm: str, point: str = "latest", repo: str | None = None, expect: str | None = None,
               timeout: float = 300, memory_mib: int = 1024) -> dict[str, Any]:  # fmt: skip
         compile_expect(expect)  # a bad pattern is the caller's error now, not the job's later
+        for name, value in (("timeout", timeout), ("memory_mib", memory_mib)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UsageError(f"{name}: a number, got {value!r}")
         if not 10 <= timeout <= 3600:
             raise UsageError(f"timeout: between 10 and 3600 seconds, got {timeout}")
-        if not 128 <= memory_mib <= 65536:
-            raise UsageError(f"memory_mib: between 128 and 65536, got {memory_mib}")
+        if not 128 <= memory_mib <= self.max_memory_mib:
+            raise UsageError(f"memory_mib: between 128 and {self.max_memory_mib}, got {memory_mib}")
         name, _, p = vm.partition("@")
         job = {"id": uuid.uuid4().hex[:12], "vm": name, "point": p or point, "repository": repo, "expect": expect,
                "timeout": timeout, "state": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"),
                "finished": None, "report": None, "error": None}  # fmt: skip
         with self._lock:
+            running = sum(1 for j in self.jobs.values() if j["state"] == "running")
+            if running >= self.max_running:
+                raise LimitExceededError(f"{running} verifications are running, the most this appliance runs at "
+                                         "once (--max-verifications): try again when one finishes")  # fmt: skip
             self.jobs[job["id"]] = job
             self._save(job)
             started = dict(job)  # as it starts: the thread may finish before we return

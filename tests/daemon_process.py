@@ -49,7 +49,8 @@ class DaemonProcess:
         log = open(self.log_path, "a")  # noqa: SIM115
         offset = self.log_path.stat().st_size
         cmd = [sys.executable, "-m", "appliance", "serve", self.repo_flag, str(self.repo), "--state", str(self.state),
-               "--export", EXPORT, "--min-free", "1M", *self.args]  # fmt: skip
+               "--export", EXPORT, "--min-free", "1M", "--migration-dir", str(self.state.parent),
+               *self.args]  # fmt: skip
         cmd += ["--control-port", str(self.web_port)] if self.web_port else ["--no-web"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})  # fmt: skip

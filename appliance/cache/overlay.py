@@ -5,6 +5,12 @@ Layout: ``<name>.data``, a sparse file in which a cached block sits at the same 
 from ordering: a block's bytes reach the data file (and, for stable writes, the disk) before its bit is set
 and persisted, so after a crash a block reads either as the backup or as a whole acknowledged write; a
 torn write can only affect the blocks it was writing. The backup underneath is only ever read.
+
+Bounds (a client chooses offsets and sizes): a disk may grow, as a hypervisor extends it, up to ``max_size``
+(by default MAX_GROWTH times its published size); a WRITE or SETATTR beyond that raises DiskTooLargeError
+(NFS3ERR_FBIG) before anything is allocated. The map takes one bit per block of that bounded size, and the
+count of cached blocks is kept as blocks are set, so asking for it costs nothing whatever the disk's size.
+The files are the daemon's alone: directories 0700, files 0600 (a guest's disk is as private as the backup).
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from appliance.errors import IntegrityError
+from appliance.errors import DiskTooLargeError, IntegrityError
 
 MAP_MAGIC = b"BBWC"
 MAP_VERSION = 1
 DEFAULT_BLOCK = 64 * 1024
 _HEADER = struct.Struct(">4sBxxxIQQ")  # magic, version, block size, disk size, backing limit
 HEADER_SIZE = 64
+MAX_GROWTH = 2  # a published disk may grow to this many times its published size
+DIR_MODE, FILE_MODE = 0o700, 0o600
 
 ReadBacking = Callable[[int, int], bytes]  # (offset, length) -> bytes, zero-filled past the backing's end
 ReadBackingNowait = Callable[[int, int], "bytes | None"]  # the same, or None when it would have to wait
@@ -33,7 +42,8 @@ class WriteCache:
     """A copy-on-write overlay over a read-only disk; thread-safe."""
 
     def __init__(self, directory: Path, name: str, backing: ReadBacking, backing_size: int,
-                 block_size: int = DEFAULT_BLOCK, backing_nowait: ReadBackingNowait | None = None) -> None:  # fmt: skip
+                 block_size: int = DEFAULT_BLOCK, backing_nowait: ReadBackingNowait | None = None,
+                 max_size: int | None = None) -> None:  # fmt: skip
         self.directory = Path(directory)
         self.name = name
         self._backing = backing
@@ -44,17 +54,20 @@ class WriteCache:
         self._closed = False
         self._usage, self._usage_at = 0, -1e9
         self.dirty_tracker: set[int] | None = None  # set while a migration copies the disk
+        self.max_size = MAX_GROWTH * backing_size if max_size is None else max_size
         if self.map_path.exists():
             self._open_existing()
         else:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(self.directory, DIR_MODE)
             self.block = block_size
             self.size = backing_size
             self.backing_limit = backing_size  # bytes past this read as zeros (after a truncation)
             self._bits = bytearray(self._map_bytes(backing_size))
             self._create()
-        self._data_fd = os.open(self.data_path, os.O_RDWR)
-        self._map_fd = os.open(self.map_path, os.O_RDWR)
+        self._count = int.from_bytes(self._bits, "little").bit_count()
+        self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._unsynced = False
 
     # --- files ----------------------------------------------------------------------------------------
@@ -65,11 +78,11 @@ class WriteCache:
         return _HEADER.pack(MAP_MAGIC, MAP_VERSION, self.block, self.size, self.backing_limit).ljust(HEADER_SIZE, b"\0")
 
     def _create(self) -> None:
-        with open(self.data_path, "wb") as f:
+        with _private(self.data_path) as f:
             f.truncate(self.size)
             os.fsync(f.fileno())
         tmp = self.map_path.with_suffix(".map.tmp")
-        with open(tmp, "wb") as f:
+        with _private(tmp) as f:
             f.write(self._header() + self._bits)
             f.flush()
             os.fsync(f.fileno())
@@ -87,6 +100,12 @@ class WriteCache:
             raise IntegrityError(f"{self.map_path} is not a bootback write cache map")
         if version > MAP_VERSION:
             raise IntegrityError(f"write cache map {self.map_path} has newer version {version}")
+        if block < 512 or block & (block - 1) or block > 1 << 24:
+            raise IntegrityError(f"write cache map {self.map_path}: block size {block} is not a power of two "
+                                 "between 512 and 16 MiB")  # fmt: skip
+        if size > self.max_size:
+            raise IntegrityError(f"write cache map {self.map_path}: disk size {size} is beyond this disk's bound "
+                                 f"of {self.max_size} bytes")  # fmt: skip
         self.block, self.size, self.backing_limit = block, size, limit
         self._bits = bytearray(raw[HEADER_SIZE:].ljust(self._map_bytes(size), b"\0"))
 
@@ -111,7 +130,10 @@ class WriteCache:
         return bool(self._bits[index >> 3] & (1 << (index & 7)))
 
     def _set(self, index: int) -> None:
-        self._bits[index >> 3] |= 1 << (index & 7)
+        byte, bit = index >> 3, 1 << (index & 7)
+        if not self._bits[byte] & bit:
+            self._bits[byte] |= bit
+            self._count += 1
         if self.dirty_tracker is not None:
             self.dirty_tracker.add(index)
 
@@ -242,7 +264,13 @@ class WriteCache:
             os.fdatasync(self._map_fd)
             self._unsynced = False
 
+    def _check_size(self, new_size: int) -> None:
+        if new_size > self.max_size:
+            raise DiskTooLargeError(f"disk {self.name}: size {new_size} is beyond its bound of {self.max_size} "
+                                    f"bytes ({MAX_GROWTH}x its published size)")  # fmt: skip
+
     def _grow(self, new_size: int) -> None:
+        self._check_size(new_size)
         need = self._map_bytes(new_size)
         if need > len(self._bits):
             self._bits.extend(bytes(need - len(self._bits)))
@@ -265,9 +293,7 @@ class WriteCache:
                     b0 = index * bs
                     self._pwrite(self._backing_read(b0, new_size - b0), b0)
                     self._set(index)
-                first_dropped = -(-new_size // bs)
-                for index in range(first_dropped, len(self._bits) * 8):
-                    self._bits[index >> 3] &= ~(1 << (index & 7))
+                self._clear_from(-(-new_size // bs))
                 self.backing_limit = min(self.backing_limit, new_size)
                 self.size = new_size
                 os.ftruncate(self._data_fd, new_size)
@@ -276,8 +302,17 @@ class WriteCache:
             os.fdatasync(self._data_fd)
             os.fdatasync(self._map_fd)
 
+    def _clear_from(self, first: int) -> None:
+        """Drop blocks ``first`` and after from the map (bytes at a time, not bits: the map may be large)."""
+        byte = first >> 3
+        if first & 7 and byte < len(self._bits):
+            self._bits[byte] &= (1 << (first & 7)) - 1
+            byte += 1
+        self._bits[byte:] = bytes(max(0, len(self._bits) - byte))
+        self._count = int.from_bytes(self._bits, "little").bit_count()
+
     def cached_blocks(self) -> int:
-        return sum(bin(b).count("1") for b in self._bits)
+        return self._count
 
     def usage_bytes(self) -> int:
         """Bytes the cache takes on disk (the data file is sparse); refreshed at most once a second, since every
@@ -287,3 +322,10 @@ class WriteCache:
             self._usage = os.fstat(self._data_fd).st_blocks * 512 + os.fstat(self._map_fd).st_blocks * 512
             self._usage_at = now
         return self._usage
+
+
+def _private(path: Path) -> BinaryIO:
+    """``path`` created (or emptied) for writing with mode 0600, whatever the umask; links are not followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return os.fdopen(fd, "wb")

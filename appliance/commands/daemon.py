@@ -27,26 +27,73 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the appliance daemon: NFS datastore, sessions, control port")
     p.add_argument("--repo", type=Path, action="append", default=[], help="a repository to serve (repeatable)")
-    p.add_argument("--repo-dir", type=Path, action="append", default=[],
-                   help="serve every repository found in this directory (the container's /repositories)")
-    p.add_argument("--cache-dir", type=Path, help="where write caches go by default (default STATE/cache)")
+    p.add_argument(
+        "--repo-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="serve every repository found in this directory (the container's /repositories)",
+    )
+    p.add_argument("--cache-dir", type=Path, action="append", default=[],
+                   help="where write caches go (default STATE/cache); repeat it to let a publish name other "
+                        "directories with --cache: the first is the default, caches go nowhere else")  # fmt: skip
+    p.add_argument("--migration-dir", type=Path, action="append", default=None,
+                   help="a directory migrations may write into (repeatable; $BOOTBACK_MIGRATION_DIRS, colon-"
+                        "separated); outputs anywhere else are refused. Default: STATE/migrations, and "
+                        "/migrations when it exists (the container's volume)")  # fmt: skip
     _state_arg(p)
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--nfs-port", type=int, default=2049)
     p.add_argument("--mount-port", type=int, default=1058)
     p.add_argument("--portmap-port", type=int, default=111, help="0: no portmapper")
     p.add_argument("--control-port", type=int, default=6161)
-    p.add_argument("--export", default=os.environ.get("BOOTBACK_EXPORT"),
-                   help="export path (default /bootback-<hostname>; $BOOTBACK_EXPORT)")
-    p.add_argument("--clients", default=os.environ.get("BOOTBACK_CLIENTS", "0.0.0.0/0,::/0"),
-                   help="allowed client networks, comma-separated CIDR ($BOOTBACK_CLIENTS)")
-    p.add_argument("--min-free", default=os.environ.get("BOOTBACK_MIN_FREE", "100G"),
-                   help="refuse new sessions below this free cache space ($BOOTBACK_MIN_FREE)")
+    p.add_argument(
+        "--export",
+        default=os.environ.get("BOOTBACK_EXPORT"),
+        help="export path (default /bootback-<hostname>; $BOOTBACK_EXPORT)",
+    )
+    p.add_argument(
+        "--clients",
+        default=os.environ.get("BOOTBACK_CLIENTS", "0.0.0.0/0,::/0"),
+        help="allowed client networks, comma-separated CIDR ($BOOTBACK_CLIENTS)",
+    )
+    p.add_argument(
+        "--min-free",
+        default=os.environ.get("BOOTBACK_MIN_FREE", "100G"),
+        help="refuse new sessions below this free cache space ($BOOTBACK_MIN_FREE)",
+    )
     p.add_argument("--read-cache", default=os.environ.get("BOOTBACK_READ_CACHE", "20G"),
                    help="local space for decompressed chunks of published disks, at most half the free space; "
                         "0 turns it off ($BOOTBACK_READ_CACHE)")  # fmt: skip
-    p.add_argument("--advertise", default=os.environ.get("BOOTBACK_ADVERTISE"),
-                   help="host name or address to put in nfs:// URLs ($BOOTBACK_ADVERTISE)")
+    p.add_argument(
+        "--advertise",
+        default=os.environ.get("BOOTBACK_ADVERTISE"),
+        help="host name or address to put in nfs:// URLs ($BOOTBACK_ADVERTISE)",
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=int(os.environ.get("BOOTBACK_MAX_SESSIONS", "100")),
+        help="sessions published at once, at most (default 100; $BOOTBACK_MAX_SESSIONS)",
+    )
+    p.add_argument(
+        "--max-publish",
+        type=int,
+        default=int(os.environ.get("BOOTBACK_MAX_PUBLISH", "25")),
+        help="VMs one publish request may name, at most (default 25; $BOOTBACK_MAX_PUBLISH)",
+    )
+    p.add_argument(
+        "--max-verifications",
+        type=int,
+        default=int(os.environ.get("BOOTBACK_MAX_VERIFICATIONS", "2")),
+        help="verifications booting at once, at most (default 2; $BOOTBACK_MAX_VERIFICATIONS)",
+    )
+    p.add_argument(
+        "--verify-max-memory",
+        type=int,
+        default=int(os.environ.get("BOOTBACK_VERIFY_MAX_MEMORY", "4096")),
+        help="guest RAM in MiB a verification may ask for (default 4096; $BOOTBACK_VERIFY_MAX_MEMORY)",
+    )
     p.add_argument("--no-web", action="store_true", help="do not start the web app on the control port")
     p.set_defaults(func=cmd_serve)
 
@@ -92,6 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="copy a session's current disks (backup + changes) out, while it runs")
     p.add_argument("session")
     p.add_argument("-o", "--output", required=True, help="a file (one disk) or a directory (a whole VM folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-wait", action="store_true")
     _state_arg(p)
     p.add_argument("--json", action="store_true")
@@ -109,8 +157,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web = not args.no_web and importlib.util.find_spec("web.launcher") is not None
     for d in args.repo_dir:
         find_repositories(d)  # a wrong directory is a usage error now, not a silent empty appliance
+    migration_dirs = args.migration_dir
+    if migration_dirs is None and os.environ.get("BOOTBACK_MIGRATION_DIRS"):
+        migration_dirs = [Path(d) for d in os.environ["BOOTBACK_MIGRATION_DIRS"].split(":") if d]
+    for name in ("max_sessions", "max_publish", "max_verifications", "verify_max_memory"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")
     config = DaemonConfig(
-        repos=list(args.repo), repo_dirs=list(args.repo_dir), cache_dir=args.cache_dir,
+        repos=list(args.repo), repo_dirs=list(args.repo_dir),
+        cache_dir=args.cache_dir[0] if args.cache_dir else None, cache_dirs=list(args.cache_dir[1:]),
+        migration_dirs=migration_dirs, max_sessions=args.max_sessions, max_publish=args.max_publish,
+        max_verifications=args.max_verifications, verify_max_memory_mib=args.verify_max_memory,
         state_dir=args.state or default_state_dir(), bind=args.bind,
         nfs_port=args.nfs_port, mount_port=args.mount_port, portmap_port=args.portmap_port or None,
         control_port=args.control_port,
@@ -122,7 +179,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     asyncio.run(daemon.run())
     return 0
-
 
 
 def _print(args: argparse.Namespace, doc: object, text: str) -> None:
@@ -163,7 +219,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     client = _client(args)
     output = str(Path(args.output).resolve())
-    status = client.call("migrate", id=args.session, output=output)
+    status = client.call("migrate", id=args.session, output=output, overwrite=args.overwrite)
     if not args.no_wait:
         with byte_progress(not args.json) as update:
             while status["running"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -29,10 +30,12 @@ class BootResult:
 
 
 def boot(drive: str | list[str], timeout: float = 240, console_log: Path | None = None,
-         memory_mib: int = 512, stop_when: re.Pattern[str] | None = None) -> BootResult:  # fmt: skip
+         memory_mib: int = 512, stop_when: re.Pattern[str] | None = None,
+         max_console_bytes: int | None = None) -> BootResult:  # fmt: skip
     """Boot ``drive`` (raw; several: the first boots) until the guest powers off or ``timeout`` passes.
     The guest has no network: a recovered VM must not meet production. With ``stop_when``, the guest is
-    stopped as soon as its console matches (a verification has seen what it needed)."""
+    stopped as soon as its console matches (a verification has seen what it needed). With
+    ``max_console_bytes``, a guest that prints more is stopped and its console cut there (a bounded log)."""
     drives = [drive] if isinstance(drive, str) else list(drive)
     log = Path(console_log) if console_log else Path(tempfile.mkstemp(suffix=".console")[1])
     log.write_text("")
@@ -47,9 +50,13 @@ def boot(drive: str | list[str], timeout: float = 240, console_log: Path | None 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while proc.poll() is None:
-            if first is None and log.stat().st_size > 0:
+            size = log.stat().st_size
+            if first is None and size > 0:
                 first = time.monotonic() - start
-            if stop_when is not None and first is not None and stop_when.search(log.read_text(errors="replace")):
+            if max_console_bytes is not None and size > max_console_bytes:
+                proc.kill()
+                break
+            if stop_when is not None and first is not None and stop_when.search(_console(log, max_console_bytes)):
                 proc.kill()
                 break
             if time.monotonic() - start > timeout:
@@ -60,10 +67,17 @@ def boot(drive: str | list[str], timeout: float = 240, console_log: Path | None 
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = log.read_text(errors="replace")
+    if max_console_bytes is not None and log.stat().st_size > max_console_bytes:
+        os.truncate(log, max_console_bytes)
+    text = _console(log, max_console_bytes)
     if first is None and text:
         first = time.monotonic() - start
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if err.strip():
         text += f"\n[qemu stderr] {err}"
     return BootResult(text, time.monotonic() - start, first, proc.returncode)
+
+
+def _console(log: Path, limit: int | None) -> str:
+    with open(log, "rb") as f:
+        return f.read(-1 if limit is None else limit).decode(errors="replace")

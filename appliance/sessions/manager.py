@@ -3,6 +3,7 @@ migrate a running session's disks out, and guard the cache's free space."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,29 +14,43 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.cache.overlay import WriteCache
+from appliance.atomicfile import write_atomic
+from appliance.cache.overlay import DIR_MODE, FILE_MODE, WriteCache
 from appliance.datastore.backend import DatastoreBackend
 from appliance.datastore.descriptors import disk_names, published_vmx, vmdk_descriptor
 from appliance.datastore.folder import SessionFolder
-from appliance.errors import NoSpaceError, SessionError, SessionNotFoundError, UsageError
+from appliance.errors import LimitExceededError, NoSpaceError, SessionError, SessionNotFoundError, UsageError
 from appliance.repo import Repository
 from appliance.repo.readcache import ReadCache
+from appliance.sessions.confine import ConfinedDir
 from appliance.sessions.migrate import Migration
 from appliance.sessions.records import MODES, SessionRecord
 
 log = logging.getLogger("bootback.sessions")
 
 GiB = 1 << 30
+MAX_SESSIONS = 100  # sessions published at once (each holds two descriptors per disk, its cache, its folder)
+MAX_SLOT = (1 << 20) - 1  # slots are the top bits of file ids (datastore/backend.py) and are never reused
 
 
 class SessionManager:
     def __init__(self, state_dir: Path, repos: dict[str, Repository], backend: DatastoreBackend,
                  min_free_bytes: int = 100 * GiB, warn_free_fraction: float = 0.1,
-                 cache_dir: Path | None = None, read_cache: ReadCache | None = None) -> None:  # fmt: skip
+                 cache_dir: Path | None = None, read_cache: ReadCache | None = None,
+                 cache_dirs: list[Path] | None = None, migration_dirs: list[Path] | None = None,
+                 max_sessions: int = MAX_SESSIONS) -> None:  # fmt: skip
+        """Write caches go under ``cache_dir`` (default STATE/cache) or, when a caller names one, under one of
+        ``cache_dirs``; migration outputs only under ``migration_dirs`` (none: migration is refused)."""
         self.read_cache = read_cache
         self.state = Path(state_dir)
         self.sessions_dir = self.state / "sessions"
         self.default_cache = Path(cache_dir) if cache_dir else self.state / "cache"
+        self.cache_dirs = list(dict.fromkeys([self.default_cache, *(cache_dirs or [])]))
+        self.migration_dirs = list(migration_dirs or [])
+        self.max_sessions = max_sessions
+        self.default_cache.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if self.default_cache == self.state / "cache":
+            os.chmod(self.default_cache, DIR_MODE)  # ours: private (older versions made it world-readable)
         self.repos = repos
         self.backend = backend
         self.min_free = min_free_bytes
@@ -80,12 +95,23 @@ class SessionManager:
                 log.error("cannot restore session %s: %s", rec.id, exc)
 
     def _next_slot(self) -> int:
+        """A slot never used before: past the persisted counter and past every session record on disk (the
+        counter may be missing or stale), refused if a running session holds it."""
         path = self.state / "next-slot"
         try:
             slot = int(path.read_text())
         except (FileNotFoundError, ValueError):
             slot = 1
-        path.write_text(str(slot + 1))
+        used = [r.slot for r in self.records.values()]
+        for rec_path in self.sessions_dir.glob("*.json"):
+            try:
+                used.append(int(json.loads(rec_path.read_text())["slot"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        slot = max([slot, *(u + 1 for u in used)])
+        if slot > MAX_SLOT or slot in {r.slot for r in self.records.values()}:
+            raise SessionError(f"no free datastore slot (next would be {slot}, at most {MAX_SLOT})")
+        write_atomic(path, str(slot + 1))
         return slot
 
     def space_warnings(self) -> dict[str, str]:
@@ -118,6 +144,14 @@ class SessionManager:
             status["warning"] = f"less than {int(self.warn_fraction * 100)}% free"
         return status
 
+    def check_capacity(self, more: int) -> None:
+        """Refuse ``more`` new sessions when they would pass the total bound."""
+        if len(self.records) + more > self.max_sessions:
+            raise LimitExceededError(
+                f"{len(self.records)} sessions run and {more} more were asked for: at most {self.max_sessions} "
+                "run at once on this appliance (--max-sessions); stop some first"
+            )
+
     def publish(self, vm: str, point: str = "latest", mode: str = "instant", cache_dir: str | None = None,
                 repo: str | None = None) -> SessionRecord:  # fmt: skip
         if mode not in MODES:
@@ -125,7 +159,8 @@ class SessionManager:
         repo_key, repository = self.repo(repo)
         rp = repository.restore_point(vm, point)
         sid = uuid.uuid4().hex[:8]
-        base = Path(cache_dir) if cache_dir else self.default_cache
+        base_dir = ConfinedDir.open(self.cache_dirs, cache_dir or self.default_cache, "write cache")
+        base = base_dir.path
         space = self.check_space(base)
         if space["free"] < self.min_free:
             raise NoSpaceError(
@@ -135,19 +170,24 @@ class SessionManager:
         if space["warning"]:
             log.warning("cache %s: %s", base, space["warning"])
         with self._lock:
+            self.check_capacity(1)
             folder_name = f"{vm}-{mode}-{sid}"
             rec = SessionRecord(
                 id=sid, vm=vm, point=rp.id, repo=repo_key, mode=mode, slot=self._next_slot(), folder=folder_name,
                 cache_dir=str(base / sid), created=datetime.now(UTC).isoformat(timespec="seconds"),
             )  # fmt: skip
+            try:
+                base_dir.subdir(sid, True, "write cache").close()
+            finally:
+                base_dir.close()
             session_dir = Path(rec.cache_dir)
             files = session_dir / "files"
-            files.mkdir(parents=True)
+            files.mkdir(mode=DIR_MODE)
             published = disk_names(rp.disks)
             label = "bootback instant recovery" if mode == "instant" else "bootback sandbox"
-            (files / f"{vm}.vmx").write_text(published_vmx(vm, rp.id, rp.vmx, published, label))
+            _write_private(files / f"{vm}.vmx", published_vmx(vm, rp.id, rp.vmx, published, label))
             for d in published:
-                (files / d.descriptor_name).write_text(vmdk_descriptor(d))
+                _write_private(files / d.descriptor_name, vmdk_descriptor(d))
                 rec.disks.append({"key": d.entry.name, "descriptor": d.descriptor_name, "extent": d.extent_name,
                                   "size": d.extent_size})  # fmt: skip
             rec.save(self.sessions_dir)
@@ -233,14 +273,19 @@ class SessionManager:
         return doc
 
     # --- migration ------------------------------------------------------------------------------------
-    def migrate(self, sid: str, output: str) -> Migration:
+    def migrate(self, sid: str, output: str, overwrite: bool = False) -> Migration:
+        """Copy a session's disks out to ``output``, under the configured migration directories only; an
+        existing file there is replaced only with ``overwrite``."""
+        if not isinstance(output, str) or not isinstance(overwrite, bool):
+            raise UsageError("migrate: 'output' is a path string and 'overwrite' a boolean")
         with self._lock:
             rec = self.get(sid)
             old = self.migrations.get(rec.id)
             if old is not None and old.running:
                 raise SessionError(f"session {rec.id} is already being migrated")
             folder = self.folders[rec.id]
-            mig = Migration(rec, folder, Path(output), on_done=lambda m: self._migrated(rec, m))
+            mig = Migration(rec, folder, output, self.migration_dirs, overwrite,
+                            on_done=lambda m: self._migrated(rec, m))  # fmt: skip
             self.migrations[rec.id] = mig
             mig.start()
             return mig
@@ -264,3 +309,10 @@ class SessionManager:
                 folder.close()
         self.folders.clear()
         time.sleep(0)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """A new file of the session's folder, 0600; never through a link, never over an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

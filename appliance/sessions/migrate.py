@@ -6,16 +6,18 @@ and the last pass runs with writes held back, so the output is the disk as it wa
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import shutil
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import NoSpaceError, SessionError
+from appliance.sessions.confine import ConfinedDir, NewFile
 
 if TYPE_CHECKING:
     from appliance.datastore.folder import SessionFolder
@@ -24,14 +26,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("bootback.migrate")
 COPY_SIZE = 1 << 20
 MAX_PASSES = 6
+WHAT = "migration output"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class Migration:
-    def __init__(self, rec: SessionRecord, folder: SessionFolder, output: Path,
-                 on_done: Callable[[Migration], None] | None = None) -> None:  # fmt: skip
+    def __init__(self, rec: SessionRecord, folder: SessionFolder, output: str | Path, roots: Sequence[Path],
+                 overwrite: bool = False, on_done: Callable[[Migration], None] | None = None) -> None:  # fmt: skip
+        """Checks and opens the output now, under the configured ``roots`` (confine.py), so a refused output
+        is the caller's error at once; copying starts with ``start``."""
         self.rec = rec
         self.folder = folder
-        self.output = output
+        self.overwrite = overwrite
         self.on_done = on_done
         self.total = sum(e.cache.size for e in folder.extents)
         self.copied = 0
@@ -42,10 +53,26 @@ class Migration:
         self.running = False
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"migrate-{rec.id}", daemon=True)
-        folder_mode = output.is_dir() or not output.suffix
-        if not folder_mode and len(folder.extents) != 1:
-            raise SessionError(f"{rec.vm} has {len(folder.extents)} disks: give a directory to migrate into")
-        self.folder_mode = folder_mode
+        self._file: NewFile | None = None  # file mode: the one disk's output, created now
+        parent, name = ConfinedDir.open_parent(roots, output, WHAT)
+        self.output = parent.path / name if name else parent.path
+        try:
+            self.folder_mode = name is None or parent.is_dir(name) or not Path(name).suffix
+            if self.folder_mode:
+                self._dir = parent.subdir(name, True, WHAT) if name else parent
+                for planned in [e.key for e in folder.extents] + self._file_names():
+                    self._dir.check_new(planned, overwrite, WHAT)
+            else:
+                if len(folder.extents) != 1:
+                    raise SessionError(f"{rec.vm} has {len(folder.extents)} disks: give a directory to migrate into")
+                self._dir = parent
+                self._file = parent.create(name, overwrite, WHAT)
+        finally:
+            if parent is not getattr(self, "_dir", None):
+                parent.close()
+
+    def _file_names(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.folder.directory / "files") if not n.startswith(".lck"))
 
     def start(self) -> None:
         self.running = True
@@ -66,18 +93,18 @@ class Migration:
         }  # fmt: skip
 
     def _run(self) -> None:
+        current: NewFile | None = self._file
         try:
-            if self.folder_mode:
-                self.output.mkdir(parents=True, exist_ok=True)
             for ext in self.folder.extents:
                 if self.folder.names.get(ext.key) is None:
                     continue
-                target = self.output / ext.key if self.folder_mode else self.output
-                self._copy_extent(ext.cache, target)
+                if self.folder_mode:
+                    current = self._dir.create(ext.key, self.overwrite, WHAT)
+                self._copy_extent(ext.cache, current.fd)
+                current.commit()
+                current = None
             if self.folder_mode:
-                for item in (self.folder.directory / "files").iterdir():
-                    if item.is_file() and not item.name.startswith(".lck"):
-                        shutil.copy2(item, self.output / item.name)
+                self._copy_files()
         except OSError as exc:
             self.error = f"no space left writing {self.output}" if exc.errno == 28 else str(exc)
             log.error("migration of %s failed: %s", self.rec.id, self.error)
@@ -85,41 +112,84 @@ class Migration:
             self.error = str(exc)
             log.exception("migration of %s failed", self.rec.id)
         finally:
+            if current is not None:
+                current.abort()
+            self._dir.close()
             self.running = False
             self.finished = time.time()
             if self.on_done:
                 self.on_done(self)
 
-    def _copy_extent(self, cache, target: Path) -> None:
-        bs = cache.block
-        with open(target, "wb") as out:
-            out.truncate(cache.size)
-            fd = out.fileno()
-            cache.dirty_tracker = set()
+    def _copy_files(self) -> None:
+        """The folder's real files (.vmx, descriptors, nvram ...), which NFS clients wrote: regular files are
+        copied, symbolic links copied as links (never followed), anything else skipped."""
+        written = {e.key for e in self.folder.extents}
+        src = os.open(self.folder.directory / "files", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for name in self._file_names():
+                if name in written:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=src, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    self._dir.symlink(os.readlink(name, dir_fd=src), name, self.overwrite, WHAT)
+                elif stat.S_ISREG(st.st_mode):
+                    self._copy_file(src, name)
+        finally:
+            os.close(src)
+
+    def _copy_file(self, src_dir: int, name: str) -> None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=src_dir)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOENT):
+                return  # replaced by a link or removed since it was listed
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            out = self._dir.create(name, self.overwrite, WHAT)
             try:
-                for offset in range(0, cache.size, COPY_SIZE):
-                    if self._cancel.is_set():
-                        raise SessionError("migration cancelled")
-                    self._copy_range(cache, fd, offset, min(COPY_SIZE, cache.size - offset), sparse=True)
-                    self.copied += min(COPY_SIZE, cache.size - offset)
-                self.passes = 1
-                while True:
-                    with cache._lock:
-                        dirty, cache.dirty_tracker = cache.dirty_tracker, set()
-                        last = len(dirty) * bs < 64 * COPY_SIZE or self.passes >= MAX_PASSES
-                        if last:
-                            # final pass with writes held back: the output is one instant of the disk
-                            for index in sorted(dirty):
-                                self._copy_range(cache, fd, index * bs, min(bs, cache.size - index * bs))
-                            os.ftruncate(fd, cache.size)
-                            break
-                    for index in sorted(dirty):
-                        self._copy_range(cache, fd, index * bs, min(bs, cache.size - index * bs))
-                    self.passes += 1
+                while chunk := os.read(fd, COPY_SIZE):
+                    _write_all(out.fd, chunk)
+                os.utime(out.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                out.commit()
+            except BaseException:
+                out.abort()
+                raise
+        finally:
+            os.close(fd)
+
+    def _copy_extent(self, cache, fd: int) -> None:
+        bs = cache.block
+        os.ftruncate(fd, cache.size)
+        cache.dirty_tracker = set()
+        try:
+            for offset in range(0, cache.size, COPY_SIZE):
+                if self._cancel.is_set():
+                    raise SessionError("migration cancelled")
+                self._copy_range(cache, fd, offset, min(COPY_SIZE, cache.size - offset), sparse=True)
+                self.copied += min(COPY_SIZE, cache.size - offset)
+            self.passes = 1
+            while True:
+                with cache._lock:
+                    dirty, cache.dirty_tracker = cache.dirty_tracker, set()
+                    last = len(dirty) * bs < 64 * COPY_SIZE or self.passes >= MAX_PASSES
+                    if last:
+                        # final pass with writes held back: the output is one instant of the disk
+                        for index in sorted(dirty):
+                            self._copy_range(cache, fd, index * bs, min(bs, cache.size - index * bs))
+                        os.ftruncate(fd, cache.size)
+                        break
+                for index in sorted(dirty):
+                    self._copy_range(cache, fd, index * bs, min(bs, cache.size - index * bs))
                 self.passes += 1
-            finally:
-                cache.dirty_tracker = None
-            os.fsync(fd)
+            self.passes += 1
+        finally:
+            cache.dirty_tracker = None
 
     @staticmethod
     def _copy_range(cache, fd: int, offset: int, length: int, sparse: bool = False) -> None:

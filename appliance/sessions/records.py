@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from appliance.atomicfile import write_atomic
 
 MODES = ("instant", "sandbox")
 
@@ -25,16 +26,8 @@ class SessionRecord:
     migrated_to: str | None = None
 
     def save(self, sessions_dir: Path) -> None:
-        sessions_dir.mkdir(parents=True, exist_ok=True)
-        tmp = sessions_dir / f".{self.id}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, sessions_dir / f"{self.id}.json")
-        fd = os.open(sessions_dir, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        sessions_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(sessions_dir / f"{self.id}.json", json.dumps(asdict(self), indent=2), 0o600)
 
     @classmethod
     def load(cls, path: Path) -> SessionRecord:

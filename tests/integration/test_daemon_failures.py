@@ -119,7 +119,8 @@ def test_a_full_cache_answers_nospc_and_keeps_what_was_written(repo: Path, tmp_p
     small = tmp_path / "small-cache"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    d = DaemonProcess(repo, tmp_path / "state", *PRIVATE_PORTS).start()
+    allowed = ("--cache-dir", str(tmp_path / "state" / "cache"), "--cache-dir", str(small))  # default, then others
+    d = DaemonProcess(repo, tmp_path / "state", *PRIVATE_PORTS, *allowed).start()
     try:
         doc = d.publish("app01", mode="instant", extra=("--cache", str(small)))
         p = ports(d)
