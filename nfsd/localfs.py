@@ -186,11 +186,13 @@ class LocalFS(Backend):
                         continue
                     if st.st_dev != self._dev:
                         continue
-                    self._where.setdefault(st.st_ino, (dino, name))
+                    if stat.S_ISDIR(st.st_mode):
+                        self._where[st.st_ino] = (dino, name)  # a directory has one name: this is it now
+                        pending.append([*parts, name])
+                    else:
+                        self._where.setdefault(st.st_ino, (dino, name))  # a file may have several
                     if st.st_ino == ino:
                         return dino, name
-                    if stat.S_ISDIR(st.st_mode):
-                        pending.append([*parts, name])
             finally:
                 os.close(fd)
         raise NFSError(Status.STALE, f"object {ino} not found under {self.base}")
@@ -376,7 +378,12 @@ class LocalFS(Backend):
                         return self._remember(directory, name, st)  # a retransmission of our own create
                     raise NFSError(Status.EXIST, name) from None
             if fd < 0:  # UNCHECKED on an existing name: keep the file (and its owner), apply the size
-                fd = os.open(name, flags, dir_fd=d.fd)
+                try:
+                    fd = os.open(name, flags, dir_fd=d.fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink, or a FIFO without a reader
+                        raise NFSError(Status.EXIST, f"{name} exists and is not a regular file") from None
+                    raise
                 created = False
             else:
                 created = True
