@@ -35,13 +35,13 @@ class VerifyReport:
 
 
 def _load_all_points(repo: Repository, report: VerifyReport) -> list[RestorePoint]:
+    """Every point whole (summary and chunk lists, each checked); damaged ones go to the report."""
     points = []
-    for vm_dir in sorted((repo.path / "points").iterdir()):
-        for path in sorted(vm_dir.glob("*.point")):
-            try:
-                points.append(repo._load_point(path))
-            except BootbackError as exc:
-                report.unreadable_points[f"{vm_dir.name}@{path.stem}"] = str(exc)
+    for path in repo.point_files():
+        try:
+            points.append(repo.load_point(path))
+        except BootbackError as exc:
+            report.unreadable_points[f"{path.parent.name}@{path.stem}"] = str(exc)
     return points
 
 
@@ -113,7 +113,8 @@ def collect_garbage(repo: Repository, wait: bool = True) -> tuple[int, int]:
     """Delete chunks no restore point references and leftovers of crashed backups; (chunks, bytes) freed."""
     with repo.exclusive(wait=wait):
         live: set[str] = set()
-        for p in repo.restore_points():
+        # A damaged point file raises here: nothing is collected while a point's chunks cannot be known.
+        for p in repo.restore_points(with_chunks=True):
             for d in p.disks:
                 live.update(c for c in d.chunks if c is not None)
         deleted = freed = 0

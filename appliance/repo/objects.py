@@ -1,48 +1,134 @@
-"""Framing of every stored object: a 4-byte magic, a format version and a codec byte, then the payload.
+"""Framing of every stored object: a magic, a format version and a codec byte, then the zstd payload.
 
 Readers check magic and version before anything else, so a file that is not ours, or one written by a newer
 bootback, is refused with a message instead of being misread (STYLE.md rule 2).
+
+Two header versions exist:
+- version 1 (chunks; restore points of format-1 repositories): magic, version, codec, reserved, raw length (u32).
+  A chunk needs nothing more: its name is the SHA-256 of its raw bytes, checked on every load.
+- version 2, *sealed* (restore points): magic, version, codec, reserved, raw length (u64), stored length (u64),
+  SHA-256 of the raw payload. Self-delimiting (several sealed objects can follow each other in one file) and
+  checked whole: a damaged byte anywhere is refused, never read as other facts.
+
+Every length is checked against its bound and against the zstd frame's own content size *before* anything is
+allocated (zstd allocates the frame's declared size, whatever ``max_output_size`` says).
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
+from typing import BinaryIO
 
 import zstandard
 
 from appliance.errors import IntegrityError, UnsupportedFormatError
 
 CHUNK_MAGIC = b"BBCK"
-POINT_MAGIC = b"BBRP"
-OBJECT_VERSION = 1
+POINT_MAGIC = b"BBRP"  # a restore point's summary (version 2) or whole manifest (version 1)
+CHUNK_LIST_MAGIC = b"BBCL"  # a restore point's chunk lists (version 2, after its summary)
+OBJECT_VERSION = 1  # what chunks are written as
+SEALED_VERSION = 2
+NEWEST_VERSION = SEALED_VERSION
 
 CODEC_ZSTD = 1
 
 # magic, version, codec, reserved, raw length
 _HEADER = struct.Struct(">4sBBHI")
 HEADER_SIZE = _HEADER.size
+# magic, version, codec, reserved, raw length, stored length, sha256(raw)
+_SEALED = struct.Struct(">4sBBHQQ32s")
+SEALED_HEADER_SIZE = _SEALED.size
 
 
 def pack(magic: bytes, raw: bytes, compressed: bytes) -> bytes:
-    """Frame ``compressed`` (the zstd form of ``raw``) as an object of kind ``magic``."""
+    """Frame ``compressed`` (the zstd form of ``raw``) as a version-1 object of kind ``magic``."""
     return _HEADER.pack(magic, OBJECT_VERSION, CODEC_ZSTD, 0, len(raw)) + compressed
 
 
+def seal(magic: bytes, raw: bytes, compressed: bytes) -> bytes:
+    """Frame ``compressed`` (the zstd form of ``raw``) as a sealed (version-2) object of kind ``magic``."""
+    header = _SEALED.pack(magic, SEALED_VERSION, CODEC_ZSTD, 0, len(raw), len(compressed), hashlib.sha256(raw).digest())
+    return header + compressed
+
+
+def version_of(blob: bytes, name: str) -> int:
+    """The object version in a header's first bytes (5 are enough); refuses versions newer than we read."""
+    if len(blob) < 5:
+        raise IntegrityError(f"{name}: truncated object ({len(blob)} bytes)")
+    version = blob[4]
+    if version > NEWEST_VERSION:
+        raise UnsupportedFormatError(
+            f"{name}: object version {version} is newer than this bootback supports ({NEWEST_VERSION})"
+        )
+    return version
+
+
 def unpack(magic: bytes, blob: bytes, name: str, decompressor: zstandard.ZstdDecompressor) -> bytes:
-    """Return the payload of an object, checking its frame; ``name`` says what it is in error messages."""
+    """Return the payload of a version-1 object, checking its frame; ``name`` says what it is in error messages."""
     if len(blob) < HEADER_SIZE:
         raise IntegrityError(f"{name}: truncated object ({len(blob)} bytes, header needs {HEADER_SIZE})")
     got_magic, version, codec, _reserved, raw_len = _HEADER.unpack_from(blob)
+    _check_kind(name, magic, got_magic, codec)
+    if version != OBJECT_VERSION:
+        version_of(blob, name)  # newer: UnsupportedFormatError
+        raise IntegrityError(f"{name}: object version {version} where version {OBJECT_VERSION} is expected")
+    return _decompress(memoryview(blob)[HEADER_SIZE:], raw_len, name, decompressor)
+
+
+def read_sealed(
+    f: BinaryIO,
+    magic: bytes,
+    name: str,
+    max_raw: int,
+    decompressor: zstandard.ZstdDecompressor,
+    expect_sha256: bytes | None = None,
+) -> bytes:
+    """Read one sealed object from ``f``'s position; its raw payload may be at most ``max_raw`` bytes, and its
+    checksum must be ``expect_sha256`` when another object names it."""
+    header = f.read(SEALED_HEADER_SIZE)
+    if len(header) < SEALED_HEADER_SIZE:
+        raise IntegrityError(f"{name}: truncated ({len(header)} header bytes, need {SEALED_HEADER_SIZE})")
+    got_magic, version, codec, reserved, raw_len, stored_len, digest = _SEALED.unpack(header)
+    _check_kind(name, magic, got_magic, codec)
+    if version != SEALED_VERSION:
+        version_of(header, name)
+        raise IntegrityError(f"{name}: object version {version} where version {SEALED_VERSION} is expected")
+    if reserved:
+        raise IntegrityError(f"{name}: reserved header field is {reserved}, expected 0")
+    if expect_sha256 is not None and digest != expect_sha256:
+        raise IntegrityError(
+            f"{name}: checksum {digest.hex()[:16]}... is not the {expect_sha256.hex()[:16]}... expected"
+        )
+    if raw_len > max_raw:
+        raise IntegrityError(f"{name}: header says {raw_len} bytes, more than the {max_raw} this object may hold")
+    if stored_len > raw_len + raw_len // 128 + 1024:  # zstd's worst case is far less; more is damage, not data
+        raise IntegrityError(f"{name}: header says {stored_len} stored bytes for {raw_len} raw bytes")
+    stored = f.read(stored_len)
+    if len(stored) != stored_len:
+        raise IntegrityError(f"{name}: truncated ({len(stored)} of {stored_len} stored bytes)")
+    raw = _decompress(stored, raw_len, name, decompressor)
+    if hashlib.sha256(raw).digest() != digest:
+        raise IntegrityError(f"{name}: checksum mismatch: the object is damaged")
+    return raw
+
+
+def _check_kind(name: str, magic: bytes, got_magic: bytes, codec: int) -> None:
     if got_magic != magic:
         raise IntegrityError(f"{name}: bad magic {got_magic!r}, expected {magic!r}")
-    if version > OBJECT_VERSION:
-        raise UnsupportedFormatError(
-            f"{name}: object version {version} is newer than this bootback supports ({OBJECT_VERSION})"
-        )
     if codec != CODEC_ZSTD:
         raise IntegrityError(f"{name}: unknown codec {codec}")
+
+
+def _decompress(data: bytes | memoryview, raw_len: int, name: str, decompressor: zstandard.ZstdDecompressor) -> bytes:
     try:
-        raw = decompressor.decompress(memoryview(blob)[HEADER_SIZE:], max_output_size=raw_len)
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{name}: not a zstd frame: {exc}") from exc
+    if declared not in (-1, raw_len):  # checked before zstd allocates what the frame declares
+        raise IntegrityError(f"{name}: zstd frame declares {declared} bytes, header says {raw_len}")
+    try:
+        raw = decompressor.decompress(data, max_output_size=raw_len)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{name}: cannot decompress: {exc}") from exc
     if len(raw) != raw_len:

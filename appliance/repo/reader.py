@@ -15,9 +15,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from appliance.errors import IntegrityError
+from appliance.units import parse_size
+
 if TYPE_CHECKING:
     from appliance.repo.manifest import DiskEntry, RestorePoint
-    from appliance.repo.repository import Repository
+    from appliance.repo.readcache import HydratedDisk
+    from appliance.repo.store import ChunkStore
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024  # the floor; see default_cache_bytes()
 MAX_DEFAULT_CACHE_BYTES = 2 << 30
@@ -29,14 +33,14 @@ def default_cache_bytes() -> int:
     Override with $BOOTBACK_CHUNK_CACHE (e.g. 512M)."""
     env = os.environ.get("BOOTBACK_CHUNK_CACHE")
     if env:
-        from appliance.repo.repository import parse_size
-
         return parse_size(env)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return DEFAULT_CACHE_BYTES
     return max(DEFAULT_CACHE_BYTES, min(MAX_DEFAULT_CACHE_BYTES, ram // 16))
+
+
 READ_AHEAD = 4  # chunks decoded ahead of a sequential reader (a boot, a copy, a migration)
 
 # Decoding (zstd, SHA-256) releases the GIL, so a small shared pool overlaps it with the reader's own work.
@@ -123,15 +127,31 @@ class ChunkCache:
 
 
 class DiskReader:
-    """Read-only random access to one disk of one restore point. Thread-safe."""
+    """Read-only random access to one disk of one restore point (checked when it was loaded). Thread-safe.
 
-    def __init__(self, repo: Repository, point: RestorePoint, disk: DiskEntry, hydrated=None) -> None:  # noqa: ANN001
-        self.repo = repo
-        self.hydrated = hydrated  # a readcache.HydratedDisk, or None
+    Chunks come from ``store`` through ``cache`` (shared by the repository's readers) and, when given, the
+    read cache's ``hydrated`` file. Each chunk's length is checked where it is used, so even a chunk whose
+    content is right but which does not belong at this offset is refused, never served short or long."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        cache: ChunkCache,
+        point: RestorePoint,
+        disk: DiskEntry,
+        hydrated: HydratedDisk | None = None,
+    ) -> None:
+        if disk.chunks is None or len(disk.chunks) != disk.chunk_count:
+            raise ValueError(f"DiskReader needs the chunk list of {point.ref} disk {disk.name}")  # a caller's bug
+        self.store = store
+        self.cache = cache
+        self.hydrated = hydrated
         self.point = point
         self.disk = disk
         self.size = disk.size
         self.chunk_size = disk.chunk_size
+        self._last = len(disk.chunks) - 1
+        self._last_len = disk.size - self._last * disk.chunk_size
         self._zero = bytes(disk.chunk_size)
         self._context = f"restore point {point.ref}, disk {disk.name}"
         self.read_ahead = READ_AHEAD
@@ -143,12 +163,20 @@ class DiskReader:
         cid = self.disk.chunks[index]
         if cid is None:
             return self._zero
-        cache = self.repo.chunk_cache
-        data = cache.lookup(cid)  # the common case, without building the loader below
-        if data is not None:
-            return data
-        store = self.repo.store
-        return cache.get(cid, lambda: store.get(cid, self._context))
+        data = self.cache.lookup(cid)  # the common case, without building the loader below
+        if data is None:
+            store = self.store
+            data = self.cache.get(cid, lambda: store.get(cid, self._context))
+        return self._checked(index, cid, data)
+
+    def _checked(self, index: int, cid: str, data: bytes) -> bytes:
+        """``data`` if chunk ``index`` may have its length (one comparison: content was hash-checked on load)."""
+        expected = self.chunk_size if index < self._last else self._last_len
+        if len(data) != expected:
+            raise IntegrityError(
+                f"chunk {cid} holds {len(data)} bytes where chunk {index} needs {expected} ({self._context})"
+            )
+        return data
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; shorter only at the end of the disk, empty past it."""
@@ -212,9 +240,11 @@ class DiskReader:
         parts = []
         for index in range(first, last + 1):
             cid = self.disk.chunks[index]
-            data = self._zero if cid is None else self.repo.chunk_cache.peek(cid)
+            data = self._zero if cid is None else self.cache.peek(cid)
             if data is None:
                 return None
+            if cid is not None:
+                self._checked(index, cid, data)
             base = index * cs
             parts.append(memoryview(data)[max(offset, base) - base : min(end, base + cs) - base])
         return parts[0] if len(parts) == 1 else b"".join(parts)  # a view of an immutable chunk: no copy

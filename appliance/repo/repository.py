@@ -1,9 +1,12 @@
-"""A repository: a chunk store plus restore-point manifests, with its format recorded in ``config.json``.
+"""A repository: a chunk store plus restore-point files, with its format recorded in ``config.json``.
 
 Concurrency: writers (backups) hold a *shared* lock on ``lock`` for their whole run, so any number of
-backups may run at once (chunk writes are idempotent, manifests have unique names). Garbage collection holds
+backups may run at once (chunk writes are idempotent, point files have unique names). Garbage collection holds
 the *exclusive* lock, so it never deletes a chunk that a running backup has just deduplicated against.
-Readers take no lock: chunks are immutable and manifests appear by atomic rename.
+Readers take no lock: chunks are immutable and point files appear by atomic rename.
+
+Everything is private to the repository's owner: directories 0700, files 0600 (older repositories, with
+0444 chunks and 0755 directories, are read and written as they are).
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
 from appliance.errors import (
     NotARepositoryError,
     RepositoryLockedError,
@@ -27,16 +28,20 @@ from appliance.errors import (
     UnsupportedFormatError,
     UsageError,
 )
-from appliance.repo import objects
-from appliance.repo.manifest import RestorePoint, check_vm_name
-from appliance.repo.store import ChunkStore, fsync_dir
+from appliance.repo import pointfile
+from appliance.repo.manifest import POINT_ID_RE, RestorePoint, check_point, check_vm_name
+from appliance.repo.reader import ChunkCache, DiskReader
+from appliance.repo.store import DIR_MODE, FILE_MODE, ChunkStore, fsync_dir
+from appliance.units import MiB, parse_size
+
+__all__ = ["DEFAULT_CHUNK", "Repository", "find_repositories", "parse_size"]  # parse_size: for older importers
 
 REPO_MAGIC = "bootback-repository"
-REPO_FORMAT = 1
+REPO_FORMAT = 2  # 2: sealed (checksummed) point files with a summary; format-1 repositories are read and upgraded
 KNOWN_FEATURES: frozenset[str] = frozenset()
 MIN_CHUNK = 64 * 1024
-MAX_CHUNK = 4 * 1024 * 1024
-DEFAULT_CHUNK = 1024 * 1024
+MAX_CHUNK = 4 * MiB
+DEFAULT_CHUNK = MiB
 
 
 @dataclass
@@ -48,6 +53,10 @@ class RepoConfig:
     hash: str = "sha256"
     compression: str = "zstd,3"
 
+    def to_json(self) -> bytes:
+        doc = {"magic": REPO_MAGIC, **self.__dict__, "features": list(self.features)}
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
 
 def check_chunk_size(size: int) -> int:
     if size < MIN_CHUNK or size > MAX_CHUNK or size & (size - 1):
@@ -55,23 +64,11 @@ def check_chunk_size(size: int) -> int:
     return size
 
 
-def parse_size(text: str) -> int:
-    """'1M', '64K', '4MiB', '1048576' -> bytes."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    digits = t[:-1] if t[-1:] in "KMGT" and t[-1:] else t
-    if not digits.isdigit():
-        raise UsageError(f"invalid size {text!r}: expected e.g. 64K, 1M, 4M")
-    return int(digits) * mult
-
-
 class Repository:
     def __init__(self, path: Path, config: RepoConfig) -> None:
         self.path = Path(path)
         self.config = config
         self.store = ChunkStore(self.path)
-        from appliance.repo.reader import ChunkCache
-
         self.chunk_cache = ChunkCache()
 
     # --- creation and opening -------------------------------------------------------------------------
@@ -81,13 +78,13 @@ class Repository:
         check_chunk_size(chunk_size)
         if path.exists() and any(path.iterdir()):
             raise UsageError(f"cannot create a repository in {path}: the directory is not empty")
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(path, DIR_MODE)  # also when the (empty) directory was given
         for sub in ("chunks", "points", "tmp"):
-            (path / sub).mkdir(exist_ok=True)
-        (path / "lock").touch()
+            (path / sub).mkdir(DIR_MODE, exist_ok=True)
+        os.close(os.open(path / "lock", os.O_WRONLY | os.O_CREAT, FILE_MODE))
         config = RepoConfig(id=uuid.uuid4().hex, chunk_size=chunk_size)
-        doc = {"magic": REPO_MAGIC, **config.__dict__, "features": list(config.features)}
-        _atomic_write(path / "config.json", json.dumps(doc, indent=2).encode() + b"\n")
+        _atomic_write(path / "config.json", config.to_json())
         return cls(path, config)
 
     @staticmethod
@@ -111,16 +108,19 @@ class Repository:
         if not isinstance(doc, dict) or doc.get("magic") != REPO_MAGIC:
             raise NotARepositoryError(f"{path} is not a bootback repository (config.json has no bootback magic)")
         fmt = doc.get("format")
-        if not isinstance(fmt, int) or fmt > REPO_FORMAT:
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > REPO_FORMAT:
             raise UnsupportedFormatError(
                 f"repository {path} has format {fmt}, newer than this bootback supports ({REPO_FORMAT}): upgrade"
             )
         unknown = set(doc.get("features", [])) - KNOWN_FEATURES
         if unknown:
             raise UnsupportedFormatError(f"repository {path} uses features this bootback lacks: {sorted(unknown)}")
+        cs = doc.get("chunk_size")
+        if not isinstance(doc.get("id"), str) or not isinstance(cs, int) or isinstance(cs, bool) or fmt < 1:
+            raise NotARepositoryError(f"{path}: config.json is damaged (format {fmt!r}, id, chunk_size {cs!r})")
         config = RepoConfig(
             id=doc["id"],
-            chunk_size=check_chunk_size(int(doc["chunk_size"])),
+            chunk_size=check_chunk_size(cs),
             format=fmt,
             features=tuple(doc.get("features", [])),
             hash=doc.get("hash", "sha256"),
@@ -134,7 +134,7 @@ class Repository:
         """A backup's right to add chunks and a manifest: a shared lock plus a private temp directory."""
         with self._lock(fcntl.LOCK_SH, wait=False, what="back up"):
             tmp = self.path / "tmp" / uuid.uuid4().hex
-            tmp.mkdir(parents=True)
+            tmp.mkdir(DIR_MODE, parents=True)
             try:
                 yield tmp
             finally:
@@ -148,7 +148,7 @@ class Repository:
 
     @contextlib.contextmanager
     def _lock(self, mode: int, wait: bool, what: str) -> Iterator[None]:
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -178,74 +178,86 @@ class Repository:
 
     def commit_point(self, point: RestorePoint) -> None:
         """Make ``point`` visible; every chunk it names must already be durable (``store.sync_dirs``)."""
-        raw = point.to_json()
-        blob = objects.pack(objects.POINT_MAGIC, raw, zstandard.ZstdCompressor(level=3).compress(raw))
+        check_point(point, self.config.chunk_size, point.vm, point.id, f"new restore point {point.ref}")
+        if self.config.format < REPO_FORMAT:
+            self._upgrade_config()
         target = self._point_path(point.vm, point.id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, blob)
+        target.parent.mkdir(DIR_MODE, exist_ok=True)
+        _atomic_write(target, pointfile.encode(point))
         fsync_dir(target.parent.parent)
+
+    def _upgrade_config(self) -> None:
+        """A format-1 repository becomes format 2 before its first format-2 point is written, so an older
+        bootback refuses the repository as a whole instead of meeting a point it cannot read."""
+        self.config.format = REPO_FORMAT
+        _atomic_write(self.path / "config.json", self.config.to_json())
 
     def delete_point(self, point: RestorePoint) -> None:
         path = self._point_path(point.vm, point.id)
         path.unlink(missing_ok=True)
         fsync_dir(path.parent)
 
-    def _load_point(self, path: Path) -> RestorePoint:
-        blob = path.read_bytes()
-        name = f"restore point {path.parent.name}@{path.stem}"
-        raw = objects.unpack(objects.POINT_MAGIC, blob, name, zstandard.ZstdDecompressor())
-        return RestorePoint.from_json(raw, name)
+    def point_files(self, vm: str | None = None) -> Iterator[Path]:
+        """Every point file (of one VM if given), in name order."""
+        for name in [vm] if vm else self.vms():
+            folder = self.path / "points" / name
+            if folder.is_dir():
+                yield from sorted(folder.glob("*.point"))
+
+    def load_point(self, path: Path, with_chunks: bool = True) -> RestorePoint:
+        """The checked point in ``path``; IntegrityError names it when the file is damaged."""
+        return pointfile.load(path, self.config.chunk_size, with_chunks)
 
     def vms(self) -> list[str]:
         root = self.path / "points"
         return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.point")))
 
-    def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
-        """All restore points (of one VM if given), oldest first."""
-        names = [vm] if vm else self.vms()
-        points: list[RestorePoint] = []
-        for name in names:
-            folder = self.path / "points" / name
-            if not folder.is_dir():
-                continue
-            points.extend(self._load_point(p) for p in sorted(folder.glob("*.point")))
+    def restore_points(self, vm: str | None = None, with_chunks: bool = False) -> list[RestorePoint]:
+        """All restore points (of one VM if given), oldest first. Summaries (``disk.chunks`` is None) unless
+        ``with_chunks``: listing reads a few hundred bytes per point, whatever the size of its disks."""
+        points = [self.load_point(p, with_chunks) for p in self.point_files(vm)]
         points.sort(key=lambda p: (p.time, p.vm, p.id))
         return points
 
-    def restore_point(self, vm: str, point: str = "latest") -> RestorePoint:
+    def restore_point(self, vm: str, point: str = "latest", with_chunks: bool = True) -> RestorePoint:
         check_vm_name(vm)
         if point == "latest":
             points = self.restore_points(vm)
             if not points:
                 raise RestorePointNotFoundError(f"no restore points of VM {vm!r} in {self.path}")
-            return points[-1]
+            return self.with_chunks(points[-1]) if with_chunks else points[-1]
         path = self._point_path(vm, point)
-        if not path.exists():
+        if not POINT_ID_RE.match(point) or not path.exists():
             raise RestorePointNotFoundError(f"no restore point {vm}@{point} in {self.path}")
-        return self._load_point(path)
+        return self.load_point(path, with_chunks)
+
+    def with_chunks(self, point: RestorePoint) -> RestorePoint:
+        """``point`` with its chunk lists loaded (itself if they are)."""
+        if point.has_chunks:
+            return point
+        return self.load_point(self._point_path(point.vm, point.id))
 
     def resolve(self, ref: str) -> RestorePoint:
         """'VM@POINT' or 'VM' (latest) -> RestorePoint."""
         vm, _, point = ref.partition("@")
         return self.restore_point(vm, point or "latest")
 
-    def open_disk(self, point: RestorePoint, disk: str, read_cache=None):  # -> DiskReader  # noqa: ANN001
+    def open_disk(self, point: RestorePoint, disk: str, read_cache=None) -> DiskReader:  # noqa: ANN001
         """Random access to one disk; with a ``ReadCache``, chunks read once are served from local files."""
-        from appliance.repo.reader import DiskReader
-
+        point = self.with_chunks(point)
         entry = point.disk(disk)
         hydrated = None
         if read_cache is not None:
             hydrated = read_cache.disk(f"{self.config.id[:8]}-{point.vm}-{point.id}-{entry.name}", entry.size,
                                        entry.chunk_size)  # fmt: skip
             hydrated.mark_zeros(entry.chunks)
-        return DiskReader(self, point, entry, hydrated)
+        return DiskReader(self.store, self.chunk_cache, point, entry, hydrated)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

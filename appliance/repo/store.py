@@ -21,6 +21,8 @@ import zstandard
 from appliance.errors import IntegrityError, NoSpaceError
 from appliance.repo import objects
 
+DIR_MODE = 0o700  # a repository holds whole disks: private to its owner
+FILE_MODE = 0o600
 HASH_NAME = "sha256"  # SHA-NI makes it the fastest cryptographic hash on current x86 (~1.9 GB/s here)
 DIGEST_HEX_LEN = 64
 
@@ -65,7 +67,7 @@ class ChunkStore:
         blob = objects.pack(objects.CHUNK_MAGIC, data, self._compressor().compress(data))
         tmp = tmp_dir / cid
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
             try:
                 view = memoryview(blob)
                 while view:
@@ -86,7 +88,7 @@ class ChunkStore:
         sync_filesystem(tmp_dir)
         for cid, tmp in staged:
             final = self.path(cid)
-            final.parent.mkdir(exist_ok=True)
+            final.parent.mkdir(DIR_MODE, exist_ok=True)
             os.replace(tmp, final)
         self.sync_dirs()
 

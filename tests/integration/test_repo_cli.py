@@ -176,7 +176,7 @@ def test_bad_input_errors_leave_repository_intact(repo: Path, raw_image: Path, t
     assert p.returncode == 2 and "power of two" in p.stderr
     cfg = json.loads((repo / "config.json").read_text())
     (tmp_path / "newer").mkdir()
-    (tmp_path / "newer" / "config.json").write_text(json.dumps({**cfg, "format": 2}))
+    (tmp_path / "newer" / "config.json").write_text(json.dumps({**cfg, "format": 3}))
     p = run("points", tmp_path / "newer", ok=False)
     assert p.returncode == 12 and "newer" in p.stderr
     assert tree_hash(repo) == before

@@ -52,7 +52,7 @@ def chunk_files(repo: Repository) -> set[str]:
 def test_init_records_format_and_refuses_newer(tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "r", chunk_size=CS)
     cfg = json.loads((repo.path / "config.json").read_text())
-    assert cfg["magic"] == "bootback-repository" and cfg["format"] == 1 and cfg["chunk_size"] == CS
+    assert cfg["magic"] == "bootback-repository" and cfg["format"] == 2 and cfg["chunk_size"] == CS
     cfg["format"] = 99
     (repo.path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedFormatError, match="format 99"):
