@@ -8,9 +8,11 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from nfsd.exports import Export
+from nfsd.limits import Limits
 from nfsd.localfs import LocalFS
 from nfsd.server import NFSServer
 
@@ -29,7 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secure-ports", action="store_true", help="require privileged client source ports")
     ap.add_argument("--secret", type=Path, help="handle secret file (default: DIR/../.nfsd-secret-<name>)")
     ap.add_argument("-v", "--verbose", action="store_true")
+    lim = ap.add_argument_group("limits on what clients can make the server hold (see nfsd/limits.py)")
+    for f in fields(Limits):
+        lim.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, metavar="N",
+                         help=f"default {f.default}")  # fmt: skip
     args = ap.parse_args(argv)
+    try:
+        limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    except ValueError as exc:
+        ap.error(str(exc))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="nfsd: %(message)s")
     directory = args.dir.resolve()
     if not directory.is_dir():
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = NFSServer(
         [export], secret_path=secret, bind=args.bind, nfs_port=args.nfs_port, mount_port=args.mount_port,
-        portmap_port=args.portmap_port or None,
+        portmap_port=args.portmap_port or None, limits=limits,
     )  # fmt: skip
     return asyncio.run(_serve(server, export))
 

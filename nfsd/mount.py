@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from nfsd.exports import ExportTable
+from nfsd.ratelog import limited
 from nfsd.rpc import Call, Program
 from nfsd.vfs import FileType, NFSError, Status
 from nfsd.xdr import Packer
@@ -18,6 +19,7 @@ MNTPATHLEN = 1024
 MNT3_OK, MNT3ERR_NOENT, MNT3ERR_ACCES, MNT3ERR_NOTDIR, MNT3ERR_INVAL, MNT3ERR_NAMETOOLONG = 0, 2, 13, 20, 22, 63
 MNT3ERR_SERVERFAULT = 10006
 AUTH_NONE, AUTH_SYS = 0, 1
+MAX_MOUNT_RECORDS = 1024  # (client, export) pairs kept for DUMP; the oldest is forgotten beyond it
 
 
 class MountV3(Program):
@@ -27,7 +29,8 @@ class MountV3(Program):
 
     def __init__(self, exports: ExportTable) -> None:
         self.exports = exports
-        self.mounts: set[tuple[str, str]] = set()  # (client address, export path), for DUMP and the admin page
+        # (client address, export path), for DUMP and the admin page; a dict keeps them oldest first
+        self.mounts: dict[tuple[str, str], None] = {}
 
     def procedures(self) -> dict[int, Callable]:
         return {0: self.NULL, 1: self.MNT, 2: self.DUMP, 3: self.UMNT, 4: self.UMNTALL, 5: self.EXPORT}
@@ -40,10 +43,10 @@ class MountV3(Program):
         export, rest = self.exports.containing(path)
         client = call.address[0]
         if export is None:
-            log.info("mount of unknown export %r from %s", path, client)
+            limited.log(log, logging.INFO, "mount of unknown export %r from %s", path[:200], client)
             return [Packer().u32(MNT3ERR_NOENT).buf]
         if not export.allows(client) or (export.require_privileged_port and not call.privileged_port):
-            log.warning("refused mount of %s from %s", export.path, client)
+            limited.log(log, logging.WARNING, "refused mount of %s from %s", export.path, client)
             return [Packer().u32(MNT3ERR_ACCES).buf]
         try:
             root = export.backend.root()
@@ -57,7 +60,10 @@ class MountV3(Program):
         except Exception:  # noqa: BLE001 - a broken backend must not take the mount daemon down
             log.exception("export %s has no usable root", export.path)
             return [Packer().u32(MNT3ERR_SERVERFAULT).buf]
-        self.mounts.add((client, export.path))
+        self.mounts.pop((client, export.path), None)
+        self.mounts[(client, export.path)] = None
+        while len(self.mounts) > MAX_MOUNT_RECORDS:
+            del self.mounts[next(iter(self.mounts))]
         p = Packer().u32(MNT3_OK).opaque(self.exports.handle(export, root))
         p.u32(2).u32(AUTH_SYS).u32(AUTH_NONE)
         return [p.buf]
@@ -71,11 +77,11 @@ class MountV3(Program):
 
     async def UMNT(self, call: Call) -> list:
         path = "/" + call.args.string(MNTPATHLEN, "dirpath").strip("/")
-        self.mounts.discard((call.address[0], path))
+        self.mounts.pop((call.address[0], path), None)
         return []
 
     async def UMNTALL(self, call: Call) -> list:
-        self.mounts = {m for m in self.mounts if m[0] != call.address[0]}
+        self.mounts = {m: None for m in self.mounts if m[0] != call.address[0]}
         return []
 
     async def EXPORT(self, call: Call) -> list:

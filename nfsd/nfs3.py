@@ -296,7 +296,8 @@ class NFSv3(Program):
     async def NFSPROC3_READ(self, call: Call) -> list:
         u = call.args
         export, obj = self._resolve(call, u)
-        offset, count = u.u64("offset"), min(u.u32("count"), MAX_READ)
+        offset, count = u.u64("offset"), min(u.u32("count"), MAX_READ, call.max_data)
+        await call.reserve(count + 128)  # room for the reply before reading: a client that stops reading stalls
         # Most reads of a running VM hit memory (chunk cache, page cache): answer those right here, and
         # only hop to a worker thread when the backend would have to wait for a disk.
         fast = export.backend.read_nowait(obj, offset, count)
@@ -466,7 +467,8 @@ class NFSv3(Program):
         verifier = u.u64("cookieverf")
         dircount = u.u32("dircount") if plus else 0
         maxcount = u.u32("maxcount" if plus else "count")
-        maxcount = max(512, min(maxcount, 1 << 20))
+        maxcount = max(512, min(maxcount, 1 << 20, call.max_data))
+        await call.reserve(maxcount)
         budget = maxcount - 128  # status, dir attributes, verifier, eof
 
         def do() -> tuple[Packer, Attr | None, int]:
@@ -522,8 +524,9 @@ class NFSv3(Program):
         attr = await self._meta(self._attr_or_none, export, obj)
         p = Packer().u32(0)
         post_op(p, attr)
-        p.u32(info.rtmax).u32(info.rtpref).u32(4096).u32(info.wtmax).u32(info.wtpref).u32(4096)
-        p.u32(info.dtpref).u64(info.maxfilesize).u32(0).u32(1).u32(info.properties)  # time_delta 1 ns
+        rtmax, rtpref, dtpref = (min(v, call.max_data) for v in (info.rtmax, info.rtpref, info.dtpref))  # UDP: small
+        p.u32(rtmax).u32(rtpref).u32(4096).u32(info.wtmax).u32(info.wtpref).u32(4096)
+        p.u32(dtpref).u64(info.maxfilesize).u32(0).u32(1).u32(info.properties)  # time_delta 1 ns
         return [p.buf]
 
     async def NFSPROC3_PATHCONF(self, call: Call) -> list:

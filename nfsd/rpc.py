@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from nfsd.limits import DEFAULT, FLOOR_BYTES, Limits
+from nfsd.ratelog import limited
 from nfsd.vfs import Cred
 from nfsd.xdr import Packer, Unpacker, XDRError
 
@@ -27,7 +31,6 @@ AUTH_OK, AUTH_BADCRED, AUTH_REJECTEDCRED, AUTH_BADVERF, AUTH_REJECTEDVERF, AUTH_
 AUTH_NONE, AUTH_SYS = 0, 1
 MAX_AUTH_BYTES = 400
 MAX_RECORD = (1 << 20) + 64 * 1024  # a 1 MiB WRITE plus headers; anything bigger is hostile
-MAX_IN_FLIGHT = 64  # per connection; reading pauses beyond it
 
 _REPLY_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, MSG_ACCEPTED, verf flavor, verf len, accept_stat
 
@@ -60,6 +63,13 @@ class Call:
     args: Unpacker
     address: tuple[str, int]
     transport: str  # "tcp" or "udp"
+    flow: _Ticket | None = None
+    max_data: int = 0xFFFFFFFF  # bytes of file data or directory entries a reply may carry (small over UDP)
+
+    async def reserve(self, nbytes: int) -> None:
+        """Wait for room to hold a reply of about ``nbytes`` (a READ or READDIR asks before the backend reads)."""
+        if self.flow is not None:
+            await self.flow.reserve(nbytes)
 
     @property
     def privileged_port(self) -> bool:
@@ -119,7 +129,8 @@ class Dispatcher:
     def programs(self) -> list[Program]:
         return [p for versions in self._programs.values() for p, _ in versions.values()]
 
-    async def handle(self, record: bytes | memoryview, address: tuple[str, int], transport: str) -> list | None:
+    async def handle(self, record: bytes | memoryview, address: tuple[str, int], transport: str,
+                     flow: _Ticket | None = None, max_data: int = 0xFFFFFFFF) -> list | None:  # fmt: skip
         """Decode one call and produce the reply's parts (None: not a call, nothing to answer)."""
         u = Unpacker(record)
         try:
@@ -168,62 +179,247 @@ class Dispatcher:
             return accepted(xid, PROC_UNAVAIL)
         if flavor != AUTH_SYS and program.requires_auth_sys(proc):
             return denied(xid, AUTH_ERROR, AUTH_TOOWEAK)
-        call = Call(xid, prog, vers, proc, flavor, cred, u, address, transport)
+        call = Call(xid, prog, vers, proc, flavor, cred, u, address, transport, flow, max_data)
         try:
             body = await handler(call)
         except XDRError as exc:
-            log.info("garbage arguments from %s for %s proc %d: %s", address[0], program.name, proc, exc)
+            limited.log(log, logging.INFO, "garbage arguments from %s for %s proc %d: %s", address[0], program.name,
+                        proc, exc)  # fmt: skip
             return accepted(xid, GARBAGE_ARGS)
         except RpcError as exc:
             return accepted(xid, exc.accept_stat)
         except AuthError as exc:
             return denied(xid, AUTH_ERROR, exc.stat)
         except Exception:
-            log.exception("%s proc %d failed", program.name, proc)
+            limited.log(log, logging.ERROR, "%s proc %d failed", program.name, proc, exc_info=True)
             return accepted(xid, SYSTEM_ERR)
         return accepted(xid, SUCCESS, body)
 
 
-class TcpConnection(asyncio.Protocol):
-    """Record marking over a stream: fragments joined into records, each record a call handled concurrently."""
+class Budget:
+    """Bytes that all connections of one server hold, requests and replies (``Limits.total_bytes``).
 
-    def __init__(self, dispatcher: Dispatcher, on_close: Callable[[TcpConnection], None] | None = None) -> None:
+    Connections register in ``blocked`` while they wait for room; a release that leaves room wakes them.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.blocked: set[TcpConnection] = set()
+        self._wake_scheduled = False
+
+    def take(self, n: int) -> None:
+        self.held += n
+
+    def release(self, n: int) -> None:
+        self.held -= n
+        if self.blocked and not self._wake_scheduled and self.held < self.limit:
+            # woken from the loop, not from inside the releasing connection's own bookkeeping
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False
+        for conn in list(self.blocked):
+            conn.pump()
+
+
+class _Ticket:
+    """One call's share of its connection's reply budget."""
+
+    __slots__ = ("conn", "reserved")
+
+    def __init__(self, conn: TcpConnection) -> None:
+        self.conn = conn
+        self.reserved = 0
+
+    async def reserve(self, nbytes: int) -> None:
+        await self.conn.reserve(self, nbytes)
+
+
+class TcpConnection(asyncio.Protocol):
+    """Record marking over a stream: fragments joined into records, each record a call handled concurrently.
+
+    What the connection holds is bounded (limits.py): ``_in_held`` counts request bytes (unparsed input and
+    the records of calls in progress), ``_out_held`` reply bytes (reserved by a READ before it reads, produced,
+    or written to a socket the client has not drained). Over a bound, or with ``max_in_flight`` calls running,
+    records already received are left unparsed and the socket is not read (``pump``). The transport tells us
+    when its buffer is non-empty/empty (``pause_writing``/``resume_writing``, high water 0), which is when
+    written replies stop/start counting as drained.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, on_close: Callable[[TcpConnection], None] | None = None,
+                 limits: Limits = DEFAULT, budget: Budget | None = None,
+                 admit: Callable[[TcpConnection], bool] | None = None) -> None:  # fmt: skip
         self.dispatcher = dispatcher
         self.on_close = on_close
+        self.limits = limits
+        self.budget = budget or Budget(limits.total_bytes)
+        self.admit = admit
         self.transport: asyncio.Transport | None = None
         self.address: tuple[str, int] = ("", 0)
+        self.admitted = False
+        self.closed = False
+        self.last_active = 0.0
         self._buf = bytearray()
         self._frags: list[bytes] = []
         self._frag_total = 0
         self._in_flight = 0
-        self._paused = False
+        self._reading = True
+        self._in_held = 0
+        self._out_held = 0
+        self._unsent = 0  # written while the transport's buffer was non-empty
+        self._draining = False
+        self._waiters: deque[tuple[int, asyncio.Future, _Ticket]] = deque()
         self._tasks: set[asyncio.Task] = set()
         self._out: list = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self.calls = 0
 
+    # --- lifecycle --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
         self.address = (peer[0], peer[1])
-        transport.set_write_buffer_limits(high=8 << 20)  # type: ignore[attr-defined]
+        self.last_active = time.monotonic()
+        if self.admit is not None and not self.admit(self):
+            transport.close()
+            return
+        self.admitted = True
+        # pause_writing as soon as the socket would block, resume_writing when the buffer is empty again
+        transport.set_write_buffer_limits(0)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         for t in self._tasks:
             t.cancel()
-        if self.on_close:
+        for _, fut, _ in self._waiters:
+            fut.cancel()
+        self._waiters.clear()
+        self.budget.blocked.discard(self)
+        self.budget.release(self._in_held + self._out_held)
+        self._in_held = self._out_held = 0
+        self._buf = bytearray()
+        self._frags = []
+        self._out = []
+        if self.admitted and self.on_close:
             self.on_close(self)
 
+    def pause_writing(self) -> None:
+        self._draining = True
+
+    def resume_writing(self) -> None:
+        self._draining = False
+        self.last_active = time.monotonic()
+        n, self._unsent = self._unsent, 0
+        self._charge_out(-n)
+        self.pump()
+
+    @property
+    def idle_since(self) -> float | None:
+        """When it went idle (nothing received or drained, and no call the server is still working on for a
+        client that reads its replies), or None if it is busy."""
+        if self._in_flight and not self._unsent:
+            return None
+        return self.last_active
+
+    # --- accounting -------------------------------------------------------------------------------------
+    def _charge_in(self, n: int) -> None:
+        if self.closed:
+            return
+        self._in_held += n
+        if n > 0:
+            self.budget.take(n)
+        else:
+            self.budget.release(-n)
+
+    def _charge_out(self, n: int) -> None:
+        if self.closed:
+            return
+        self._out_held += n
+        if n > 0:
+            self.budget.take(n)
+        else:
+            self.budget.release(-n)
+
+    def _room(self) -> bool:
+        """May another call start (and the socket be read)?"""
+        lim = self.limits
+        if self._in_flight >= lim.max_in_flight:
+            return False
+        if self._in_held >= lim.connection_bytes or self._out_held >= lim.connection_bytes:
+            return False
+        b = self.budget
+        return b.held < b.limit or self._in_held + self._out_held < FLOOR_BYTES
+
+    def _fits(self, n: int) -> bool:
+        """Is there room for a reply of ``n`` bytes? A connection holding no reply may always have one."""
+        if self._out_held and self._out_held + n > self.limits.connection_bytes:
+            return False
+        return self.budget.held + n <= self.budget.limit
+
+    async def reserve(self, ticket: _Ticket, n: int) -> None:
+        if not self._waiters and self._fits(n):
+            self._charge_out(n)
+            ticket.reserved += n
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut, ticket))
+        self.budget.blocked.add(self)
+        await fut  # granted by pump(), which charges for it
+
+    def pump(self) -> None:
+        """Grant reservations, start buffered calls, and read the socket, as far as the limits allow."""
+        if self.closed or self.transport is None:
+            return
+        waiters = self._waiters
+        while waiters:
+            n, fut, ticket = waiters[0]
+            if fut.cancelled():
+                waiters.popleft()
+                continue
+            if not self._fits(n):
+                break
+            waiters.popleft()
+            self._charge_out(n)
+            ticket.reserved += n
+            fut.set_result(None)
+        self._parse()
+        room = self._room()
+        if room != self._reading and not self.transport.is_closing():
+            self._reading = room
+            if room:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+        if room and not waiters:
+            self.budget.blocked.discard(self)
+        else:
+            self.budget.blocked.add(self)
+
+    # --- input ------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        self.last_active = time.monotonic()
+        self._buf += data
+        self._charge_in(len(data))
+        self._parse()
+        if not self._room():
+            self.pump()
+
+    def _parse(self) -> None:
+        """Start the complete records in the buffer while there is room; leave the rest for later."""
         buf = self._buf
-        buf += data
         pos = 0
         n = len(buf)
-        while n - pos >= 4:
+        while n - pos >= 4 and self._room():
             (mark,) = struct.unpack_from(">I", buf, pos)
             size = mark & 0x7FFFFFFF
             if self._frag_total + size > MAX_RECORD:
-                log.warning("closing %s: record of %d+ bytes exceeds %d", self.address[0], size, MAX_RECORD)
+                limited.log(log, logging.WARNING, "closing %s: record of %d+ bytes exceeds %d",
+                            self.address[0], size, MAX_RECORD)  # fmt: skip
                 self.transport.close()
                 self._buf = bytearray()
                 return
@@ -231,6 +427,7 @@ class TcpConnection(asyncio.Protocol):
                 break
             frag = bytes(buf[pos + 4 : pos + 4 + size])
             pos += 4 + size
+            self._charge_in(-4)  # the record mark; the fragment stays held until its call is answered
             if mark & 0x80000000:
                 if self._frags:
                     self._frags.append(frag)
@@ -247,34 +444,38 @@ class TcpConnection(asyncio.Protocol):
     def _spawn(self, record: bytes) -> None:
         self.calls += 1
         self._in_flight += 1
-        if self._in_flight >= MAX_IN_FLIGHT and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self._run(record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, record: bytes) -> None:
+        ticket = _Ticket(self)
         try:
-            parts = await self.dispatcher.handle(record, self.address, "tcp")
+            parts = await self.dispatcher.handle(record, self.address, "tcp", flow=ticket)
             if parts is not None and not self.transport.is_closing():
                 total = sum(len(p) for p in parts)
+                self._charge_out(total + 4 - ticket.reserved)  # the reply replaces what was reserved for it
+                ticket.reserved = 0
                 self._out.append(struct.pack(">I", 0x80000000 | total))
                 self._out.extend(parts)
+                self._out_bytes += total + 4
                 if not self._flush_scheduled:
                     # Replies finishing in the same loop iteration leave in one send() instead of one each.
                     self._flush_scheduled = True
                     asyncio.get_running_loop().call_soon(self._flush)
         finally:
+            if ticket.reserved:
+                self._charge_out(-ticket.reserved)
             self._in_flight -= 1
-            if self._paused and self._in_flight <= MAX_IN_FLIGHT // 2 and not self.transport.is_closing():
-                self._paused = False
-                self.transport.resume_reading()
+            self._charge_in(-len(record))
+            if not self._reading or self._waiters:
+                self.pump()
 
-
+    # --- output -----------------------------------------------------------------------------------------
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        nbytes, self._out_bytes = self._out_bytes, 0
         if not out or self.transport.is_closing():
             return
         small: list = []
@@ -289,11 +490,28 @@ class TcpConnection(asyncio.Protocol):
                 small.append(p)
         if small:
             self.transport.write(b"".join(small))
+        if self._draining:
+            # What the transport still buffers is exactly what the client has not read yet.
+            left = self.transport.get_write_buffer_size()
+            freed = self._unsent + nbytes - left
+            self._unsent = left
+            if freed > 0:
+                self.last_active = time.monotonic()
+                self._charge_out(-freed)
+        else:
+            self.last_active = time.monotonic()
+            self._charge_out(-nbytes)
+            if self._waiters or not self._reading:
+                self.pump()
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    """Datagrams: at most ``udp_max_in_flight`` calls at once (more are dropped, as a full socket would), and
+    no reply larger than ``udp_max_reply``: a forged source address must not buy a large answer."""
+
+    def __init__(self, dispatcher: Dispatcher, limits: Limits = DEFAULT) -> None:
         self.dispatcher = dispatcher
+        self.limits = limits
         self.transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -301,14 +519,22 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(self._tasks) >= self.limits.udp_max_in_flight:
+            return
         task = asyncio.get_running_loop().create_task(self._run(data, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, data: bytes, addr: tuple[str, int]) -> None:
-        parts = await self.dispatcher.handle(data, (addr[0], addr[1]), "udp")
-        if parts is not None and self.transport is not None:
-            self.transport.sendto(b"".join(parts), addr)
+        parts = await self.dispatcher.handle(data, (addr[0], addr[1]), "udp", max_data=self.limits.udp_max_data)
+        if parts is None or self.transport is None or self.transport.is_closing():
+            return
+        reply = b"".join(parts)
+        if len(reply) > self.limits.udp_max_reply:
+            limited.log(log, logging.WARNING, "UDP reply of %d bytes to %s exceeds %d: answered SYSTEM_ERR",
+                        len(reply), addr[0], self.limits.udp_max_reply)  # fmt: skip
+            reply = b"".join(accepted(int.from_bytes(reply[:4], "big"), SYSTEM_ERR))
+        self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp error: %s", exc)

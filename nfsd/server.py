@@ -4,19 +4,25 @@ on 2049, each moving to the next free port when its default is taken, over TCP a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import logging
+import os
+import resource
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nfsd import portmap
 from nfsd.exports import Export, ExportTable
 from nfsd.handles import HandleCodec
+from nfsd.limits import DEFAULT, Limits
 from nfsd.mount import MOUNT_PROGRAM, MOUNT_V3, MountV3
 from nfsd.nfs3 import NFS_PROGRAM, NFS_V3, NFSv3
 from nfsd.portmap import IPPROTO_TCP, IPPROTO_UDP, Mapping, PortmapV2
-from nfsd.rpc import Dispatcher, TcpConnection, UdpEndpoint
+from nfsd.ratelog import limited
+from nfsd.rpc import Budget, Dispatcher, TcpConnection, UdpEndpoint
 
 log = logging.getLogger("nfsd")
 
@@ -79,6 +85,7 @@ class NFSServer:
         mount_port: int = DEFAULT_MOUNT_PORT,
         portmap_port: int | None = portmap.PMAP_PORT,
         codec: HandleCodec | None = None,
+        limits: Limits = DEFAULT,
     ) -> None:
         if codec is None:
             codec = HandleCodec.from_file(secret_path) if secret_path else HandleCodec(__import__("os").urandom(32))
@@ -91,7 +98,15 @@ class NFSServer:
         self.nfs = NFSv3(self.table)
         self.mount = MountV3(self.table)
         self.portmap = PortmapV2()
-        self.connections: set[TcpConnection] = set()
+        self.limits = limits
+        limited.configure(limits.log_burst, limits.log_interval)
+        self.budget = Budget(limits.total_bytes)
+        self.max_connections = limits.max_connections  # lowered at start() if descriptors are short
+        self.connections: set[TcpConnection] = set()  # touched on the event loop only (see clients())
+        self._per_client: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._previous_handler = None
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.BaseTransport] = []
         self._registered: list[Mapping] = []
@@ -101,16 +116,85 @@ class NFSServer:
         loop = asyncio.get_running_loop()
 
         def factory() -> TcpConnection:
-            conn = TcpConnection(self.dispatcher, on_close=self.connections.discard)
-            self.connections.add(conn)
-            return conn
+            return TcpConnection(self.dispatcher, on_close=self._closed, limits=self.limits, budget=self.budget,
+                                 admit=self._admit)  # fmt: skip
 
-        self._servers.append(await loop.create_server(factory, sock=tcp))
-        transport, _ = await loop.create_datagram_endpoint(lambda: UdpEndpoint(self.dispatcher), sock=udp)
+        self._servers.append(await loop.create_server(factory, sock=tcp, backlog=128))
+        endpoint = lambda: UdpEndpoint(self.dispatcher, self.limits)  # noqa: E731
+        transport, _ = await loop.create_datagram_endpoint(endpoint, sock=udp)
         self._transports.append(transport)
+
+    # --- connection limits ------------------------------------------------------------------------------
+    def _admit(self, conn: TcpConnection) -> bool:
+        """Called as a connection is accepted: within the limits it is counted, else it is closed at once."""
+        addr = conn.address[0]
+        per_client = self._per_client.get(addr, 0)
+        if len(self.connections) >= self.max_connections:
+            limited.log(log, logging.WARNING, "refused a connection from %s: %d connections open, the limit",
+                        addr, len(self.connections))  # fmt: skip
+            return False
+        if per_client >= self.limits.max_connections_per_client:
+            limited.log(log, logging.WARNING, "refused a connection from %s: it has %d open, the per-client limit",
+                        addr, per_client)  # fmt: skip
+            return False
+        self._per_client[addr] = per_client + 1
+        self.connections.add(conn)
+        return True
+
+    def _closed(self, conn: TcpConnection) -> None:
+        self.connections.discard(conn)
+        addr = conn.address[0]
+        left = self._per_client.get(addr, 1) - 1
+        if left > 0:
+            self._per_client[addr] = left
+        else:
+            self._per_client.pop(addr, None)
+
+    def _descriptor_room(self) -> int:
+        """Connections the descriptor limit allows, keeping ``fd_reserve`` for the rest of the process."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.limits.max_connections
+        try:
+            open_now = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            open_now = 64
+        return max(1, soft - open_now - self.limits.fd_reserve)
+
+    async def _sweep_idle(self) -> None:
+        """Close connections with no traffic for ``idle_timeout`` seconds (and slow readers that stalled)."""
+        timeout = self.limits.idle_timeout
+        while True:
+            await asyncio.sleep(min(max(timeout / 4, 0.05), 10.0))
+            now = time.monotonic()
+            for conn in list(self.connections):
+                since = conn.idle_since
+                if since is not None and now - since > timeout and conn.transport is not None:
+                    limited.log(log, logging.INFO, "closing a connection from %s: idle for %.0f s", conn.address[0],
+                                now - since)  # fmt: skip
+                    conn.transport.abort()
+
+    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio logs each failed accept (out of descriptors) with a traceback; one rate-limited line instead."""
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            limited.log(log, logging.WARNING, "cannot accept connections: %s", context.get("exception"))
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     async def start(self) -> Ports:
         nfs_port, mount_port, pmap_port = self.want
+        self._loop = loop = asyncio.get_running_loop()
+        room = self._descriptor_room()
+        if room < self.limits.max_connections:
+            log.warning("the descriptor limit allows %d connections, not %d: raise it (LimitNOFILE)", room,
+                        self.limits.max_connections)  # fmt: skip
+        self.max_connections = min(self.limits.max_connections, room)
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._exception_handler)
+        self._sweeper = loop.create_task(self._sweep_idle())
         for program in (self.nfs, self.mount):
             self.dispatcher.register(program)
         moved = []
@@ -167,6 +251,10 @@ class NFSServer:
             except OSError:
                 pass
         self._registered.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+            asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         for s in self._servers:
             s.close()
         for conn in list(self.connections):
@@ -183,7 +271,23 @@ class NFSServer:
             e.backend.close()
 
     def clients(self) -> list[dict]:
-        """Connected clients and mounts, for the admin page."""
+        """Connected clients and mounts, for the admin page. Safe from any thread: the connection and mount
+        sets change on the event loop, so another thread gets a snapshot taken there."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running() or _on_loop(loop):
+            return self._clients_snapshot()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def snapshot() -> None:
+            try:
+                fut.set_result(self._clients_snapshot())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                fut.set_exception(exc)
+
+        loop.call_soon_threadsafe(snapshot)
+        return fut.result(timeout=10)
+
+    def _clients_snapshot(self) -> list[dict]:
         by_addr: dict[str, dict] = {}
         for conn in self.connections:
             entry = by_addr.setdefault(conn.address[0], {"address": conn.address[0], "connections": 0, "calls": 0})
@@ -194,3 +298,10 @@ class NFSServer:
                 "mounts", []
             ).append(path)
         return sorted(by_addr.values(), key=lambda e: e["address"])
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -1,0 +1,66 @@
+"""What a client can make the NFS daemon hold, and how much of it (STYLE.md rule 14).
+
+One frozen dataclass with safe defaults, so every server (``python -m nfsd``, ``bootback serve``) gets them
+without configuration. The memory bound they give, for the bytes clients make the server hold:
+
+* per TCP connection: ``connection_bytes`` of requests (unparsed input and calls in progress, plus at most one
+  record of ``rpc.MAX_RECORD`` and one socket read of 256 KiB) and ``connection_bytes`` of replies (being
+  produced, queued, or written but not yet read by the client). A connection that exceeds either stops being
+  read until it drains; a READ/READDIR waits for room before the backend reads.
+* all connections together: ``total_bytes``; when it is reached, connections holding more than
+  ``FLOOR_BYTES`` stop being read and large replies wait, while connections that keep up still get small calls
+  (NULL, GETATTR: ESXi's heartbeat) answered. Worst case: ``total_bytes`` + about 0.6 MiB per open connection.
+* connections: ``max_connections`` in all (clamped to the descriptor limit less ``fd_reserve``, kept for the
+  control socket, the repository and the web app) and ``max_connections_per_client`` per client address; more
+  are accepted and closed at once. A connection with no traffic in either direction for ``idle_timeout``
+  seconds is closed (ESXi sends a heartbeat every few seconds; a client that stops reading its replies stops
+  being read, and so counts as idle).
+* UDP: at most ``udp_max_data`` bytes of file data or directory entries per reply (FSINFO over UDP says so),
+  any reply over ``udp_max_reply`` bytes is replaced by SYSTEM_ERR, and at most ``udp_max_in_flight`` calls
+  are in progress (more datagrams are dropped): a small request never buys a large reply.
+* logging: a line a client can cause per request is written at most ``log_burst`` times per ``log_interval``
+  seconds; the rest are counted and the count is logged with the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+FLOOR_BYTES = 64 * 1024  # under total_bytes pressure, a connection holding less than this is still read
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 512
+    max_connections_per_client: int = 16
+    idle_timeout: float = 300.0
+    connection_bytes: int = 8 << 20
+    total_bytes: int = 256 << 20
+    max_in_flight: int = 64  # calls in progress per connection
+    fd_reserve: int = 64
+    udp_max_data: int = 1024
+    udp_max_reply: int = 2048
+    udp_max_in_flight: int = 128
+    log_burst: int = 5
+    log_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"limit {f.name} must be a positive number, got {value!r}")
+        if self.connection_bytes < 2 << 20:
+            raise ValueError(f"connection_bytes {self.connection_bytes} is less than 2 MiB (a 1 MiB record or READ "
+                             "and a socket read must fit)")  # fmt: skip
+        if self.total_bytes < self.connection_bytes:
+            raise ValueError(f"total_bytes {self.total_bytes} is less than connection_bytes {self.connection_bytes}")
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_client {self.max_connections_per_client} exceeds "
+                f"max_connections {self.max_connections}"
+            )
+        if self.udp_max_reply < self.udp_max_data + 512:
+            raise ValueError(f"udp_max_reply {self.udp_max_reply} leaves no room for udp_max_data + headers")
+
+
+DEFAULT = Limits()
