@@ -153,7 +153,7 @@ def _client(args: argparse.Namespace) -> ControlClient:
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     web = not args.no_web and importlib.util.find_spec("web.launcher") is not None
     for d in args.repo_dir:
         find_repositories(d)  # a wrong directory is a usage error now, not a silent empty appliance

@@ -8,6 +8,7 @@ server, is its server. One request object per line, one response object per line
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -77,13 +78,15 @@ class ControlServer:
         if fn is None:
             return _error("UsageError", f"unknown operation {req['op']!r}; known: {', '.join(sorted(self.ops))}")
         try:
+            inspect.signature(fn).bind(**params)  # only a caller's wrong parameters are "bad parameters" ...
+        except TypeError as exc:
+            return _error("UsageError", f"bad parameters for {req['op']}: {exc}")
+        try:
             return {"result": await asyncio.to_thread(fn, **params)}
         except BootbackError as exc:
             return _error(type(exc).__name__, str(exc))
-        except TypeError as exc:
-            return _error("UsageError", f"bad parameters for {req['op']}: {exc}")
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving; the client gets the message
-            log.exception("control operation %s failed", req["op"])
+            log.exception("control operation %s failed", req["op"])  # ... a bug inside one is logged as such
             return _error("BootbackError", f"{req['op']} failed: {exc}")
 
 
