@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, InternalServerError
 
 from appliance.config import default_state_dir
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from web import api, pages
+    from web import api, logins, pages
     from web.credentials import secret_key
 
     app = Flask(__name__)
@@ -26,15 +27,30 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SECURE=True,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
-        PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=8),
-        MAX_CONTENT_LENGTH=1 << 20,
+        PERMANENT_SESSION_LIFETIME=datetime.timedelta(seconds=logins.LIFETIME),
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        MAX_FORM_MEMORY_SIZE=MAX_BODY,
+        LOGIN_POLICY=None,  # a web.throttle.Policy; None is its defaults
     )
     app.config.update(config)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
     app.after_request(_security_headers)
     app.register_error_handler(HTTPException, _api_errors_as_json)
+    app.register_error_handler(Exception, _unexpected)
     return app
+
+
+MAX_BODY = 1 << 20  # request bodies (JSON, forms) larger than this get 413 before they are read
+log = logging.getLogger("bootback.web")
+
+
+def _unexpected(exc: Exception) -> Any:
+    """A bug or an unforeseen failure: the details go to the log, the caller gets a plain 500 (no internals)."""
+    if isinstance(exc, HTTPException):
+        return _api_errors_as_json(exc)
+    log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return _api_errors_as_json(InternalServerError("internal error; the appliance's log has the details"))
 
 
 def _api_errors_as_json(exc: HTTPException) -> Any:

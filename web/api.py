@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from appliance import __version__
+from appliance.errors import UsageError
 from web import backup_files, daemon
+from web import validation as field
+from web.exposure import nfs_open_to_everyone, nfs_warning
 from web.metrics import render_metrics
 from web.openapi import openapi_document
 from web.security import api_auth, credentials
-from web.validation import NAME, ApiError, Field, json_body, query_flag
+from web.validation import NAME, ApiError, check_path_params, json_body, query_flag
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+bp.url_value_preprocessor(check_path_params)
 
 
 @bp.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> tuple[Response, int]:
     return jsonify(error={"status": exc.status, "message": exc.message}), exc.status
+
+
+@bp.errorhandler(UsageError)
+def _usage_error(exc: UsageError) -> tuple[Response, int]:
+    """The web app's own checks (credentials: token names) raise UsageError naming the field: a 400.
+    Other domain errors raised here (a damaged file in STATE/web) are the appliance's fault: a plain 500."""
+    return _api_error(ApiError(400, str(exc)))
 
 
 @bp.errorhandler(HTTPException)
@@ -54,7 +66,10 @@ def openapi() -> Response:
 @bp.get("/status")
 @api_auth
 def status() -> Response:
-    return jsonify(daemon.call("status"))
+    doc = dict(daemon.status())
+    doc["nfs_open_to_everyone"] = nfs_open_to_everyone(doc)  # the daemon's answer, else derived, else null
+    doc["warnings"] = [w for w in (nfs_warning(doc),) if w]
+    return jsonify(doc)
 
 
 @bp.get("/metrics")
@@ -106,7 +121,7 @@ def repository(name: str) -> Response:
 def points(name: str) -> Response:
     daemon.repository(name)
     vm = request.args.get("vm")
-    if vm is not None and not NAME.match(vm):
+    if vm is not None and not NAME.fullmatch(vm):
         raise ApiError(400, f"vm: {vm!r} is not a valid VM name")
     return jsonify(daemon.call("points", repo=name, vm=vm))
 
@@ -133,15 +148,8 @@ def sessions() -> Response:
 @bp.post("/sessions")
 @api_auth
 def publish() -> tuple[Response, int]:
-    body = json_body(
-        Field("vm", str, pattern=NAME), Field("vms", list), Field("point", str, default="latest", pattern=NAME),
-        Field("mode", str, choices=("instant", "sandbox"), default="instant"),
-        Field("repository", str), Field("cache", str, absolute_path=True),
-    )  # fmt: skip
+    body = json_body(field.VM, field.VMS, field.POINT, field.MODE, field.REPOSITORY, field.CACHE)
     vms = body["vms"] or []
-    for i, v in enumerate(vms):
-        if not isinstance(v, str) or not NAME.match(v):
-            raise ApiError(400, f"vms[{i}]: expected a VM name or NAME@POINT, got {v!r}")
     if not body["vm"] and not vms:
         raise ApiError(400, "vm: required (or 'vms' for several)")
     created = daemon.call("publish", vm=body["vm"], vms=vms, point=body["point"], mode=body["mode"],
@@ -159,13 +167,8 @@ def verifications() -> Response:
 @bp.post("/verifications")
 @api_auth
 def verify() -> tuple[Response, int]:
-    body = json_body(
-        Field("vm", str, required=True, pattern=NAME), Field("point", str, default="latest", pattern=NAME),
-        Field("repository", str), Field("expect", str), Field("timeout", (int, float), default=300),
-        Field("memory_mib", int, default=1024),
-    )  # fmt: skip
-    if body["expect"] is not None and len(body["expect"]) > 500:
-        raise ApiError(400, "expect: at most 500 characters")
+    body = json_body(replace(field.VM, required=True), field.POINT, field.REPOSITORY, field.EXPECT, field.TIMEOUT,
+                     field.MEMORY_MIB)  # fmt: skip
     job = daemon.call("verify", vm=body["vm"], point=body["point"], repo=body["repository"], expect=body["expect"],
                       timeout=body["timeout"], memory_mib=body["memory_mib"])  # fmt: skip
     return jsonify(job), 202
@@ -192,7 +195,7 @@ def stop(sid: str) -> Response:
 @bp.post("/sessions/<sid>/migration")
 @api_auth
 def migrate(sid: str) -> tuple[Response, int]:
-    body = json_body(Field("output", str, required=True, absolute_path=True))
+    body = json_body(field.OUTPUT)
     return jsonify(daemon.call("migrate", id=sid, output=body["output"])), 202
 
 
@@ -215,11 +218,8 @@ def tokens() -> Response:
 @bp.post("/tokens")
 @api_auth
 def create_token() -> tuple[Response, int]:
-    body = json_body(Field("name", str, required=True))
-    try:
-        return jsonify(credentials().create_token(body["name"])), 201
-    except Exception as exc:  # UsageError names the field
-        raise ApiError(400, str(exc)) from None
+    body = json_body(field.TOKEN_NAME)
+    return jsonify(credentials().create_token(body["name"])), 201
 
 
 @bp.delete("/tokens/<token_id>")

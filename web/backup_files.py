@@ -29,10 +29,10 @@ PIECE = 1 << 20
 def query() -> tuple[str, str | None, str]:
     """The (point, disk, path) query parameters, checked."""
     point = request.args.get("point", "")
-    if not NAME.match(point):
+    if not NAME.fullmatch(point):
         raise ApiError(400, f"point: expected VM or VM@POINT, got {point!r}")
     disk = request.args.get("disk") or None
-    if disk is not None and not NAME.match(disk):
+    if disk is not None and not NAME.fullmatch(disk):
         raise ApiError(400, f"disk: {disk!r} is not a valid disk name")
     path = request.args.get("path", "/")
     if not path.startswith("/") or len(path) > 4096 or "\x00" in path:

@@ -1,43 +1,38 @@
 """Who may use the appliance: admin logins (password hashes) and API tokens, kept in STATE/web/.
 
 Passwords are stored as werkzeug scrypt hashes, tokens as SHA-256 digests: a copy of the state directory
-does not hand out access. Files are replaced atomically and readable by the owner only.
+does not hand out access. Files are replaced atomically (appliance.atomicfile) and readable by the owner only;
+read-modify-write cycles hold a lock file, so two gunicorn workers creating tokens at once both keep theirs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from appliance.atomicfile import create_once, write_atomic
 from appliance.errors import ConfigError, UsageError
+from web import logins
+from web.statedir import FILE_MODE, web_dir
 
 TOKEN_PREFIX = "bbt_"
 ADMIN = "admin"
 MIN_PASSWORD = 8
 
 
-def web_dir(state_dir: Path | str) -> Path:
-    path = Path(state_dir) / "web"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
-
-
-def _write_private(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+__all__ = ["Credentials", "secret_key", "web_dir"]
+MAX_PASSWORD = 1024  # longer is no stronger, and every login attempt hashes what it is sent
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -53,7 +48,7 @@ def secret_key(state_dir: Path | str) -> bytes:
     """The Flask session signing key, shared by all gunicorn workers and stable across restarts."""
     path = web_dir(state_dir) / "session-key"
     if not path.exists():
-        _write_private(path, secrets.token_bytes(32))
+        create_once(path, secrets.token_bytes(32), FILE_MODE)  # two workers starting at once agree on one key
     return path.read_bytes()
 
 
@@ -62,6 +57,16 @@ class Credentials:
         self.dir = web_dir(state_dir)
         self.users_path = self.dir / "users.json"
         self.tokens_path = self.dir / "tokens.json"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Held around every read-modify-write of users.json or tokens.json, across processes."""
+        fd = os.open(self.dir / "credentials.lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     # --- logins -----------------------------------------------------------------------------------------
     def ensure_admin(self, password: str | None = None, password_file: str | None = None) -> str | None:
@@ -83,13 +88,19 @@ class Credentials:
         return generated
 
     def set_password(self, user: str, password: str) -> None:
-        if len(password) < MIN_PASSWORD:
-            raise UsageError(f"password: must have at least {MIN_PASSWORD} characters")
-        users = _read_json(self.users_path, {})
-        users[user] = {"hash": generate_password_hash(password), "changed": time.time()}
-        _write_private(self.users_path, json.dumps(users, indent=2))
+        """Set a password; every login of ``user`` ends (a changed password is how an admin throws out others)."""
+        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+            raise UsageError(f"password: must have {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+        entry = {"hash": generate_password_hash(password), "changed": time.time()}
+        with self._locked():
+            users = _read_json(self.users_path, {})
+            users[user] = entry
+            write_atomic(self.users_path, json.dumps(users, indent=2), FILE_MODE)
+        logins.end_all(self.dir.parent, user)
 
     def check_password(self, user: str, password: str) -> bool:
+        if len(password) > MAX_PASSWORD:
+            return False
         entry = _read_json(self.users_path, {}).get(user)
         if entry is None:
             # Same work as a real check, so timing does not reveal which user names exist.
@@ -102,10 +113,11 @@ class Credentials:
         if not name or len(name) > 64:
             raise UsageError("name: give the token a name of 1 to 64 characters")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        doc = _read_json(self.tokens_path, {"tokens": []})
         entry = {"id": secrets.token_hex(4), "name": name, "created": time.time(), "digest": _digest(token)}
-        doc["tokens"].append(entry)
-        _write_private(self.tokens_path, json.dumps(doc, indent=2))
+        with self._locked():
+            doc = _read_json(self.tokens_path, {"tokens": []})
+            doc["tokens"].append(entry)
+            write_atomic(self.tokens_path, json.dumps(doc, indent=2), FILE_MODE)
         return {"id": entry["id"], "name": name, "created": entry["created"], "token": token}
 
     def tokens(self) -> list[dict]:
@@ -113,11 +125,12 @@ class Credentials:
         return [{k: t[k] for k in ("id", "name", "created")} for t in entries]
 
     def revoke_token(self, token_id: str) -> bool:
-        doc = _read_json(self.tokens_path, {"tokens": []})
-        kept = [t for t in doc["tokens"] if t["id"] != token_id]
-        if len(kept) == len(doc["tokens"]):
-            return False
-        _write_private(self.tokens_path, json.dumps({"tokens": kept}, indent=2))
+        with self._locked():
+            doc = _read_json(self.tokens_path, {"tokens": []})
+            kept = [t for t in doc["tokens"] if t["id"] != token_id]
+            if len(kept) == len(doc["tokens"]):
+                return False
+            write_atomic(self.tokens_path, json.dumps({"tokens": kept}, indent=2), FILE_MODE)
         return True
 
     def check_token(self, token: str) -> dict | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
+from flask import current_app, g
 
 from appliance import errors
 from appliance.sessions.control import ControlClient
@@ -33,6 +33,18 @@ def call(op: str, **params: Any) -> Any:
         raise translate(exc) from None
     except OSError as exc:
         raise ApiError(503, f"the bootback daemon did not answer: {exc}") from None
+
+
+def status() -> dict:
+    """The daemon's status, asked once per request (the page and its banner both need it)."""
+    if "daemon_status" not in g:
+        try:
+            g.daemon_status = call("status")
+        except ApiError as exc:
+            g.daemon_status = exc  # a daemon that is down is asked once, not once per use
+    if isinstance(g.daemon_status, ApiError):
+        raise g.daemon_status
+    return g.daemon_status
 
 
 def translate(exc: errors.BootbackError) -> ApiError:

@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 
+from appliance.errors import UsageError
 from web import backup_files, daemon
-from web.security import credentials, csrf_token, login_required
-from web.validation import NAME, ApiError
+from web import validation as field
+from web.credentials import MAX_PASSWORD
+from web.exposure import nfs_warning
+from web.security import credentials, csrf_ok, csrf_token, current_user, log_in, log_out, login_required, safe_next
+from web.throttle import LoginThrottle
+from web.validation import ApiError, check_path_params, form_fields
 
 bp = Blueprint("pages", __name__)
+bp.url_value_preprocessor(check_path_params)
 
-MAX_FAILURES, WINDOW = 5, 300.0
 
-
-def _failures() -> dict[str, list[float]]:
-    """Failed logins per client address (per worker process): slows down password guessing."""
-    return current_app.extensions.setdefault("bootback_login_failures", defaultdict(list))
+@bp.errorhandler(ApiError)
+def _bad_request(exc: ApiError) -> Response:
+    """A form or URL the page would never send (a hand-made request): say why, back on the page."""
+    flash(exc.message, "error")
+    return redirect(url_for("pages.index"), 303)
 
 
 @bp.app_template_global()
 def csrf() -> str:
     return csrf_token()
+
+
+@bp.app_template_global("current_user")
+def _current_user() -> str | None:
+    return current_user()
+
+
+@bp.app_template_global("nfs_warning")
+def _nfs_warning() -> str | None:
+    """The banner on every admin page while NFS is open to every address (None when not, or unknown)."""
+    try:
+        return nfs_warning(daemon.status())
+    except ApiError:
+        return None
 
 
 @bp.app_template_filter("size")
@@ -41,34 +61,31 @@ def human_size(n: float | None) -> str:
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    if request.method == "POST":
-        addr = request.remote_addr or "?"
-        recent = [t for t in _failures()[addr] if t > time.time() - WINDOW]
-        _failures()[addr] = recent
-        if len(recent) >= MAX_FAILURES:
-            return render_template("login.html", error="Too many failed logins; wait a few minutes."), 429
-        sent = request.form.get("csrf_token", "")
-        if not sent or sent != session.get("csrf"):
-            return render_template("login.html", error="The login form expired; try again."), 400
-        user, password = request.form.get("username", ""), request.form.get("password", "")
-        if credentials().check_password(user, password):
-            session.clear()
-            session.permanent = True
-            session["user"] = user
-            csrf_token()
-            target = request.args.get("next", "")
-            # Only local paths: no open redirect through ?next=
-            local = target.startswith("/") and not target.startswith("//")
-            return redirect(target if local else url_for("pages.index"))
-        recent.append(time.time())
+    if request.method == "GET":
+        return render_template("login.html")
+    if not csrf_ok():
+        return render_template("login.html", error="The login form expired; try again."), 400
+    user, password = request.form.get("username", ""), request.form.get("password", "")
+    if not 0 < len(user) <= 64 or len(password) > MAX_PASSWORD:
         return render_template("login.html", error="Wrong user name or password."), 401
-    return render_template("login.html")
+    throttle = LoginThrottle(current_app.config["STATE_DIR"], current_app.config.get("LOGIN_POLICY"))
+    wait = throttle.admit(request.remote_addr)
+    if wait > 0:
+        seconds = math.ceil(wait)
+        page = render_template("login.html", error=f"Too many failed logins from your address; try again in "
+                                                   f"{seconds} s.")  # fmt: skip
+        return page, 429, {"Retry-After": str(seconds)}
+    if not credentials().check_password(user, password):
+        return render_template("login.html", error="Wrong user name or password."), 401
+    throttle.succeeded(request.remote_addr)
+    log_in(user)
+    return redirect(safe_next(request.args.get("next")) or url_for("pages.index"))
 
 
 @bp.post("/logout")
 @login_required
 def logout() -> Response:
-    session.clear()
+    log_out()
     return redirect(url_for("pages.login"))
 
 
@@ -77,7 +94,7 @@ def logout() -> Response:
 def index() -> Any:
     ctx: dict[str, Any] = {"error": None}
     try:
-        ctx["status"] = daemon.call("status")
+        ctx["status"] = daemon.status()
         ctx["repositories"] = daemon.call("repositories")
         ctx["points"] = {r["name"]: list(reversed(daemon.call("points", repo=r["name"]))) for r in ctx["repositories"]}
         ctx["sessions"] = daemon.call("sessions")
@@ -91,33 +108,29 @@ def index() -> Any:
 @bp.post("/sessions")
 @login_required
 def publish() -> Response:
-    f = request.form
-    vm, point, mode, repo = f.get("vm", ""), f.get("point", "latest"), f.get("mode", ""), f.get("repository") or None
-    if not NAME.match(vm) or not NAME.match(point) or mode not in ("instant", "sandbox"):
-        flash("Choose a VM, a restore point and a mode.", "error")
-        return redirect(url_for("pages.index"))
-
     def start() -> str:
-        (doc,) = daemon.call("publish", vm=vm, point=point, mode=mode, repo=repo)
-        return f"{mode.capitalize()} session {doc['id']} started: {doc['vm']} is at {doc['nfs_url']}"
+        f = form_fields(replace(field.VM, required=True), field.POINT, replace(field.MODE, required=True),
+                        field.REPOSITORY)  # fmt: skip
+        (doc,) = daemon.call("publish", vm=f["vm"], point=f["point"], mode=f["mode"], repo=f["repository"])
+        return f"{f['mode'].capitalize()} session {doc['id']} started: {doc['vm']} is at {doc['nfs_url']}"
 
-    return _act(start, f"Could not publish {vm}")
+    return _act(start, f"Could not publish {_shown('vm')}")
 
 
 @bp.post("/verifications")
 @login_required
 def verify() -> Response:
-    f = request.form
-    vm, point, repo, expect = f.get("vm", ""), f.get("point", "latest"), f.get("repository") or None, f.get("expect")
-    if not NAME.match(vm) or not NAME.match(point):
-        flash("Choose a VM and a restore point.", "error")
-        return redirect(url_for("pages.index"))
-
     def start() -> str:
-        job = daemon.call("verify", vm=vm, point=point, repo=repo, expect=(expect or "").strip() or None)
-        return f"Verification of {vm}@{job['point']} started: it boots as a sandbox without network."
+        f = form_fields(replace(field.VM, required=True), field.POINT, field.REPOSITORY, field.EXPECT)
+        job = daemon.call("verify", vm=f["vm"], point=f["point"], repo=f["repository"], expect=f["expect"])
+        return f"Verification of {f['vm']}@{job['point']} started: it boots as a sandbox without network."
 
-    return _act(start, f"Could not verify {vm}")
+    return _act(start, f"Could not verify {_shown('vm')}")
+
+
+def _shown(name: str) -> str:
+    """A form value for a message (flash text is escaped by the template; this only keeps it short)."""
+    return request.form.get(name, "")[:100]
 
 
 def _act(action: Callable[[], str], failure: str) -> Response:
@@ -144,12 +157,8 @@ def stop(sid: str) -> Response:
 @bp.post("/sessions/<sid>/migrate")
 @login_required
 def migrate(sid: str) -> Response:
-    output = request.form.get("output", "").strip()
-    if not output.startswith("/"):
-        flash("Migration target: give an absolute path on the appliance.", "error")
-        return redirect(url_for("pages.index"))
-
     def start() -> str:
+        output = form_fields(field.OUTPUT)["output"]
         daemon.call("migrate", id=sid, output=output)
         return f"Migration of {sid} to {output} started."
 
@@ -159,10 +168,11 @@ def migrate(sid: str) -> Response:
 @bp.post("/tokens")
 @login_required
 def create_token() -> Response:
+    name = form_fields(field.TOKEN_NAME)["name"]  # an ApiError is flashed by _bad_request
     try:
-        tok = credentials().create_token(request.form.get("name", "").strip())
+        tok = credentials().create_token(name)
         flash(f"API token '{tok['name']}' created; copy it now, it is not shown again: {tok['token']}", "token")
-    except Exception as exc:  # noqa: BLE001 - UsageError with a message for the user
+    except UsageError as exc:
         flash(str(exc), "error")
     return redirect(url_for("pages.index"))
 

@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance.atomicfile import write_atomic
 from appliance.errors import ConfigError
+from web.statedir import FILE_MODE
 
 
 def ensure_certificate(web_dir: Path, extra_names: list[str] | None = None) -> tuple[Path, Path]:
@@ -58,8 +60,6 @@ def _self_signed(cert_path: Path, key_path: Path, extra_names: list[str]) -> Non
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))  # fmt: skip
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()), FILE_MODE)  # fmt: skip
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), FILE_MODE)
