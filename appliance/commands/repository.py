@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import stat
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.errors import NoSpaceError, SourceError, UsageError
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import DiskSource, open_source
 from appliance.ingest.vmfolder import find_vmx, parse_vmx_disks, resolve_disk
 from appliance.progress import byte_progress
-from appliance.repo import ChunkCache, Repository
+from appliance.repo import ChunkCache, DiskReader, Repository
 from appliance.repo.maintenance import prune, verify
-from appliance.repo.repository import DEFAULT_CHUNK, parse_size
+from appliance.repo.repository import DEFAULT_CHUNK
+from appliance.units import GiB, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -139,7 +146,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     if not points:
         print("no restore points")
     for p in points:
-        disks = ", ".join(f"{d.name} ({d.size / 2**30:.2f} GiB)" for d in p.disks)
+        disks = ", ".join(f"{d.name} ({d.size / GiB:.2f} GiB)" for d in p.disks)
         print(f"{p.ref}  {p.time:%Y-%m-%d %H:%M:%S} UTC  {disks}")
     return 0
 
@@ -155,28 +162,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         args.disk = point.disks[0].name
     reader = repo.open_disk(point, args.disk)
     to_stdout = args.output == "-"
-    out = sys.stdout.buffer if to_stdout else open(args.output, "wb")  # noqa: SIM115
     try:
-        with byte_progress(not args.json and not to_stdout) as update:
-            for index in range(len(reader.disk.chunks)):
-                base = index * reader.chunk_size
-                length = min(reader.chunk_size, reader.size - base)
-                if reader.is_zero(index) and not to_stdout:
-                    out.seek(length, os.SEEK_CUR)  # keep the output sparse
-                else:
-                    out.write(reader.read(base, length))
-                update(args.disk, base + length, reader.size)
-            if not to_stdout:
-                out.truncate(reader.size)
-                out.flush()
-                os.fsync(out.fileno())
+        with restore_output(args.output) as (out, sparse), byte_progress(not args.json and not to_stdout) as update:
+            _copy_disk(reader, out, sparse, lambda done: update(args.disk, done, reader.size))
     except OSError as exc:
-        if exc.errno == 28:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpaceError(f"no space left writing {args.output}") from exc
-        raise
-    finally:
-        if not to_stdout:
-            out.close()
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from exc
     if not to_stdout:
         _emit(
             args,
@@ -184,6 +176,50 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f"restored {point.ref} disk {args.disk} ({reader.size} bytes) to {args.output}",
         )
     return 0
+
+
+def _copy_disk(reader: DiskReader, out: BinaryIO, sparse: bool, progress: Callable[[int], None]) -> None:
+    for index in range(len(reader.disk.chunks)):
+        base = index * reader.chunk_size
+        length = min(reader.chunk_size, reader.size - base)
+        if sparse and reader.is_zero(index):
+            out.seek(length, os.SEEK_CUR)  # keep a regular output file sparse
+        else:
+            out.write(reader.read(base, length))
+        progress(base + length)
+    if sparse:
+        out.truncate(reader.size)
+
+
+@contextlib.contextmanager
+def restore_output(target: str) -> Iterator[tuple[BinaryIO, bool]]:
+    """Where a restore writes: (stream, whether it may skip zeros by seeking).
+
+    A regular file is written beside the target under a temporary name and renamed over it only when whole, so
+    a failed restore leaves no partial file (and keeps any older one). Anything else (stdout, a pipe, a device
+    such as /dev/null or a disk) is written in order, zeros included: seeking would keep a device's old bytes."""
+    if target == "-":
+        yield sys.stdout.buffer, False
+        sys.stdout.buffer.flush()
+        return
+    path = Path(target)
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as out:  # a device or FIFO: no truncate, no rename
+            yield out, False
+            out.flush()
+            if stat.S_ISBLK(os.fstat(out.fileno()).st_mode):
+                os.fsync(out.fileno())
+        return
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # 0600, O_EXCL
+    tmp = Path(name)
+    try:
+        with open(fd, "wb") as out:
+            yield out, True
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a partial file after a failure
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -197,7 +233,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for ref, bad in sorted(report.damaged_points.items()):
             print(f"DAMAGED {ref}: {len(bad)} bad chunk(s), e.g. {bad[0]}")
         for ref, err in sorted(report.unreadable_points.items()):
-            print(f"UNREADABLE {ref}: {err}")
+            print(f"DAMAGED MANIFEST {ref}: {err}")
         print("repository OK" if report.ok else "repository DAMAGED")
     return 0 if report.ok else 1
 

@@ -288,3 +288,83 @@ def test_concurrent_backups_and_a_reader_meanwhile(repo: Path, raw_image: Path, 
         assert restore_bytes(repo, f"vm{k}@latest", f"v{k}.raw", tmp_path / f"r{k}") == path.read_bytes()
     assert "repository OK" in run("verify", repo).stdout
     assert not any((repo / "tmp").iterdir()), "a writer left its temp directory behind"
+
+
+def test_damaged_manifest_refused_by_restore_and_reported_by_verify(repo: Path, tmp_path: Path) -> None:
+    """One flipped bit in a restore point file: restore refuses it naming the point (exit 15) and leaves no
+    output; verify reports the damaged manifest and exits 1; listing another VM's points still works."""
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(random.Random(5).randbytes(3 * MiB + 100))
+    out = json.loads(run("backup", repo, "--vm", "a", disk, "--json").stdout)
+    run("backup", repo, "--vm", "b", disk)
+    victim = repo / "points" / "a" / f"{out['id']}.point"
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) - 40] ^= 0x10  # inside the chunk lists
+    victim.write_bytes(bytes(blob))
+    p = run("restore", repo, "a@latest", "-o", tmp_path / "o", ok=False)
+    assert p.returncode == 15 and f"a@{out['id']}" in p.stderr and "damaged" in p.stderr, p.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+    p = run("verify", repo, ok=False)
+    assert p.returncode == 1 and f"DAMAGED MANIFEST a@{out['id']}" in p.stdout and "repository DAMAGED" in p.stdout
+    assert restore_bytes(repo, "b@latest", "d.raw", tmp_path / "b.raw") == disk.read_bytes()
+    p = run("prune", repo, "--vm", "b", "--keep", "1", ok=False)  # garbage collection cannot know a's chunks
+    assert p.returncode == 15 and f"a@{out['id']}" in p.stderr
+
+
+def test_restore_failure_leaves_no_partial_file_and_keeps_an_older_one(repo: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(random.Random(6).randbytes(4 * MiB))
+    run("backup", repo, "--vm", "a", disk)
+    files = sorted(p for p in (repo / "chunks").rglob("*") if p.is_file())
+    victim = files[-1]
+    blob = bytearray(victim.read_bytes())
+    blob[-1] ^= 0xFF
+    os.chmod(victim, 0o600)
+    victim.write_bytes(bytes(blob))
+    target = tmp_path / "restored.raw"
+    p = run("restore", repo, "a@latest", "-o", target, ok=False)
+    assert p.returncode == 15 and victim.name in p.stderr
+    assert not target.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["d.raw", "repo"]
+    target.write_bytes(b"an older restore")
+    assert run("restore", repo, "a@latest", "-o", target, ok=False).returncode == 15
+    assert target.read_bytes() == b"an older restore"
+
+
+def test_restore_to_dev_null_a_pipe_and_stdout(repo: Path, tmp_path: Path) -> None:
+    data = bytearray(random.Random(7).randbytes(2 * MiB + 5))
+    data[256 * 1024 : 768 * 1024] = bytes(512 * 1024)  # zero chunks: written as zeros where seeking cannot work
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(data))
+    run("backup", repo, "--vm", "a", disk)
+    p = run("restore", repo, "a@latest", "-o", "/dev/null")
+    assert p.returncode == 0 and p.stderr == "" and "to /dev/null" in p.stdout
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*BOOTBACK, "restore", str(repo), "a@latest", "-o", str(fifo)], stderr=subprocess.PIPE)
+    with open(fifo, "rb") as f:
+        assert f.read() == bytes(data)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    stdout = subprocess.run([*BOOTBACK, "restore", str(repo), "a@latest", "-o", "-"], capture_output=True, check=True)
+    assert stdout.stdout == bytes(data)
+    p = run("restore", repo, "a@latest", "-o", tmp_path / "no" / "such" / "dir", ok=False)
+    assert p.returncode == 2 and "cannot write" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_new_repository_is_private_and_an_old_readable_one_still_works(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    run("init", repo, "--chunk-size", "64K")
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(random.Random(8).randbytes(MiB))
+    run("backup", repo, "--vm", "a", disk)
+    modes = {p.relative_to(repo).as_posix(): p.stat().st_mode & 0o777 for p in [repo, *repo.rglob("*")]}
+    dirs = {k: m for k, m in modes.items() if (repo / k).is_dir()}
+    files = {k: m for k, m in modes.items() if (repo / k).is_file()}
+    assert set(dirs.values()) == {0o700}, dirs
+    assert set(files.values()) == {0o600}, files
+    assert any(k.startswith("chunks/") for k in files) and any(k.startswith("points/") for k in files)
+    for p in [repo, *repo.rglob("*")]:  # as an older bootback left it: world-readable, read-only chunks
+        os.chmod(p, 0o755 if p.is_dir() else (0o444 if "chunks" in p.parts else 0o644))
+    run("backup", repo, "--vm", "a", disk)
+    assert restore_bytes(repo, "a@latest", "d.raw", tmp_path / "o") == disk.read_bytes()
+    assert run("prune", repo, "--vm", "a", "--keep", "1").returncode == 0
+    assert "repository OK" in run("verify", repo).stdout
