@@ -113,3 +113,24 @@ def test_read_only_backend_refuses_changes(tmp_path: Path) -> None:
     with pytest.raises(NFSError) as e:
         ro.create(ro.root(), "x", CreateMode.UNCHECKED, SetAttr(), None, CRED)
     assert e.value.status == Status.ROFS
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files get the caller's owner only when the server runs as root")
+def test_unchecked_create_of_an_existing_file_keeps_its_owner(fs: LocalFS) -> None:
+    """CREATE UNCHECKED on an existing name opens that file; it must not hand it to the caller."""
+    path = fs.base / "d" / "f.txt"
+    os.chown(path, 1234, 1234)
+    d = fs.lookup(fs.root(), "d")
+    other = Cred(uid=4321, gid=4321)
+    obj = fs.create(d, "f.txt", CreateMode.UNCHECKED, SetAttr(size=2), None, other)
+    assert (path.stat().st_uid, path.stat().st_gid) == (1234, 1234) and path.read_bytes() == b"he"
+    new = fs.getattr(fs.create(d, "new.txt", CreateMode.UNCHECKED, SetAttr(), None, other))
+    assert (new.uid, new.gid) == (4321, 4321)  # a file it creates is the caller's
+    assert obj == fs.lookup(d, "f.txt")
+
+
+def test_exclusive_create_without_a_verifier_is_refused_before_creating(fs: LocalFS) -> None:
+    with pytest.raises(NFSError) as e:
+        fs.create(fs.root(), "x", CreateMode.EXCLUSIVE, SetAttr(), None, CRED)
+    assert e.value.status == Status.INVAL and "x" in str(e.value)
+    assert not (fs.base / "x").exists()
