@@ -319,7 +319,7 @@ class LocalFS(Backend):
     def parent(self, directory: ObjectId) -> ObjectId:
         if directory.fileid == self._root.fileid:
             return self._root
-        with self._node(directory) as node:
+        with self._dir(directory) as node:  # '..' of a symlink or file is NOTDIR, as LOOKUP in it would be
             return ObjectId(os.fstat(node.dir_fd).st_ino, 0)
 
     # --- data -----------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def test_a_symlink_never_acts_as_a_directory(fs: LocalFS, canary: Canary, target
     assert fs.getattr(esc).type == FileType.LNK
     assert fs.readlink(esc) == dest  # still readable as data
     refused(Status.NOTDIR, fs.lookup, esc, "secret.txt")
+    refused(Status.NOTDIR, fs.parent, esc)
     refused(Status.NOTDIR, fs.readdir, esc, 0, 0, 4096)
     refused(Status.NOTDIR, fs.listing, esc)
     refused(Status.NOTDIR, fs.create, esc, "planted", CreateMode.UNCHECKED, SetAttr(), None, CRED)
