@@ -62,7 +62,7 @@ def start_web(state_dir: Path, bind: str, port: int, advertise: str | None = Non
         # Scripts poll jobs every few seconds on one connection; gunicorn's 2 s default closes it just as the
         # next request goes out (RemoteDisconnected). 75 s is what nginx and browsers live with.
         "--keep-alive", "75",
-        "--access-logfile", "-", "--access-logformat", 'web %(h)s "%(r)s" %(s)s %(b)s',
+        "--access-logfile", "-", "--access-logformat", 'web %(h)s "%(r)s" %(s)s %(b)s pid=%(p)s',
         "--name", "bootback-web", "web.wsgi:app",
     ]  # fmt: skip
     if _gunicorn_has("control_socket_disable"):

@@ -6,10 +6,15 @@ disk, and the repository's hash before and after.
 
 from __future__ import annotations
 
+import http.client
 import os
+import re
+import ssl
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -140,3 +145,36 @@ def test_tokens_via_the_api(appliance) -> None:
     assert other.get(f"{url}/metrics").status_code == 200
     assert api.delete(f"{url}/tokens/{tok['id']}").status_code == 200
     assert other.get(f"{url}/metrics").status_code == 401
+
+
+def _login_attempt(url: str, cafile: str, password: str, source: str = "127.0.0.1") -> int:
+    """One login on its own TCP connection from ``source`` (a loopback address): the form, then the POST."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx, source_address=(source, 0), timeout=30)
+    try:
+        conn.request("GET", "/login")
+        resp = conn.getresponse()
+        page, cookie = resp.read().decode(), resp.getheader("Set-Cookie").split(";")[0]
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)[1]
+        form = urlencode({"csrf_token": csrf, "username": "admin", "password": password})
+        conn.request("POST", "/login", body=form, headers={"Cookie": cookie,
+                     "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_login_throttle_is_shared_by_the_gunicorn_workers(appliance) -> None:
+    """gunicorn runs 2 workers: concurrent guesses on separate connections land on both, and still only the
+    policy's 5 free guesses get their password checked; the admin on another address logs in meanwhile."""
+    url, cafile, d = appliance["url"].removesuffix("/api/v1"), appliance["api"].verify, appliance["daemon"]
+    offset = len(d.log())
+    with ThreadPoolExecutor(12) as pool:
+        codes = sorted(pool.map(lambda i: _login_attempt(url, cafile, f"guess-{i}"), range(12)))
+    assert codes == [401] * 5 + [429] * 7, codes
+    pids = set(re.findall(r'web 127\.0\.0\.1 "POST /login HTTP/1\.1" \d+ \S+ pid=<?(\d+)', d.log()[offset:]))
+    assert len(pids) == 2, f"the guesses did not reach both workers: {pids}"
+    assert _login_attempt(url, cafile, PASSWORD, source="127.0.0.2") == 302
