@@ -228,3 +228,29 @@ def test_browsing_a_vm_with_two_disks_asks_for_the_disk_first(page, appliance) -
     assert "holds no filesystem bootback can read" in page.locator(".flash.error").inner_text()
     page.console_errors.clear()  # that page's own 400
     page.shot("two-disks")
+
+
+def test_open_nfs_banner_and_a_logout_that_ends_the_login(page, browser, appliance) -> None:
+    """The appliance serves every address by default: every admin page says so. Logging out ends the login
+    on the server: a copy of the cookie taken before (another browser, a stolen cookie) no longer works."""
+    url = appliance["url"]
+    log_in(page, url)
+    assert "NFS is open to every address" in page.locator("#nfs-open-warning").inner_text()
+    page.locator("tr[data-point^='files01@'] a.browse").click()
+    page.wait_for_selector("#files")
+    assert page.locator("#nfs-open-warning").is_visible()
+    page.shot("banner")
+    kept = page.context.cookies()
+    assert any(c["name"] == "bootback_session" for c in kept)
+    page.click("header .logout button")
+    page.wait_for_url("**/login")
+    assert page.locator("#nfs-open-warning").count() == 0  # not shown to whoever is not logged in
+    other = browser.new_context(ignore_https_errors=True)
+    try:
+        other.add_cookies(kept)
+        replay = other.new_page()
+        replay.goto(f"{url}/")
+        assert "/login" in replay.url
+        assert replay.request.get(f"{url}/api/v1/sessions").status == 401
+    finally:
+        other.close()
