@@ -145,14 +145,12 @@ class LocalFS(Backend):
                 if f >= 0:
                     os.close(f)
             if exc.errno in _GONE:
-                self._forget(obj.fileid)
-                raise NFSError(Status.STALE, f"object {obj.fileid} is gone from {'/'.join(parts)!r}") from None
+                raise self._stale(obj, parts, "is gone from") from None
             raise
         if st.st_ino != obj.fileid:
             os.close(fd)
             os.close(dir_fd)
-            self._forget(obj.fileid)
-            raise NFSError(Status.STALE, f"object {obj.fileid} was replaced at {'/'.join(parts)!r}")
+            raise self._stale(obj, parts, "was replaced at")
         return _Node(dir_fd, name, fd, st)
 
     def _stat(self, obj: ObjectId) -> os.stat_result:
@@ -163,17 +161,21 @@ class LocalFS(Backend):
             fd = open_beneath(self._root_fd, parts, os.O_PATH, self._openat2)
         except OSError as exc:
             if exc.errno in _GONE:
-                self._forget(obj.fileid)
-                raise NFSError(Status.STALE, f"object {obj.fileid} is gone from {'/'.join(parts)!r}") from None
+                raise self._stale(obj, parts, "is gone from") from None
             raise
         try:
             st = os.fstat(fd)
         finally:
             os.close(fd)
         if st.st_ino != obj.fileid:
-            self._forget(obj.fileid)
-            raise NFSError(Status.STALE, f"object {obj.fileid} was replaced at {'/'.join(parts)!r}")
+            raise self._stale(obj, parts, "was replaced at")
         return st
+
+    def _stale(self, obj: ObjectId, parts: list[str], what: str) -> NFSError:
+        """The remembered path no longer leads to ``obj`` (removed, replaced, or a symlink on the way): forget it,
+        so the next use searches the real tree for it."""
+        self._forget(obj.fileid)
+        return NFSError(Status.STALE, f"object {obj.fileid} {what} {'/'.join(parts)!r}")
 
     def _dir(self, obj: ObjectId) -> _Node:
         """Like ``_node`` but only a real directory will do: a symlink never acts as one."""
