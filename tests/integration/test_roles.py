@@ -18,14 +18,23 @@ import pytest
 import yaml
 
 from tests.daemon_process import ROOT, bootback, free_port
+from tests.integration.firewall_lab import delete_nft_table, firewall_lab
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
 def ansible_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-           "ANSIBLE_NOCOLOR": "1", "PY_COLORS": "0", "ANSIBLE_FORCE_COLOR": "0", "NO_COLOR": "1", **extra}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "PY_COLORS": "0",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "NO_COLOR": "1",
+        **extra,
+    }
     return env
 
 
@@ -66,9 +75,16 @@ def molecule(role: str, artifacts_dir: Path, **env: str) -> None:
 
 @pytest.mark.parametrize("role", ["bootback_repository", "bootback_appliance"])
 def test_molecule_scenario(role: str, appliance_image: str, artifacts_dir: Path, tmp_path: Path) -> None:
-    molecule(role, artifacts_dir, BOOTBACK_MOLECULE_BASE=str(tmp_path), BOOTBACK_MOLECULE_IMAGE=appliance_image,
-             BOOTBACK_MOLECULE_WEB_PORT=str(free_port()), BOOTBACK_MOLECULE_NFS_PORT=str(free_port()),
-             BOOTBACK_MOLECULE_MOUNT_PORT=str(free_port()))  # fmt: skip
+    """The appliance's verify also probes its firewall from an allowed and a refused network namespace."""
+    table = f"bbmolecule{os.urandom(3).hex()}"
+    with firewall_lab() as lab:
+        try:
+            molecule(role, artifacts_dir, BOOTBACK_MOLECULE_BASE=str(tmp_path), BOOTBACK_MOLECULE_IMAGE=appliance_image,
+                     BOOTBACK_MOLECULE_WEB_PORT=str(free_port()), BOOTBACK_MOLECULE_NFS_PORT=str(free_port()),
+                     BOOTBACK_MOLECULE_MOUNT_PORT=str(free_port()), BOOTBACK_MOLECULE_PORTMAP_PORT=str(free_port()),
+                     BOOTBACK_MOLECULE_FW_TABLE=table, **lab.env())  # fmt: skip
+        finally:
+            delete_nft_table(table)
 
 
 def test_molecule_scenario_esxi_datastore(vcenter: int, artifacts_dir: Path) -> None:
@@ -93,6 +109,8 @@ APPLIANCE_OK = {
     "bootback_appliance_min_free": "1M",
     "bootback_appliance_network_mode": "bridge",
     "bootback_appliance_bind_address": "127.0.0.1",
+    "bootback_appliance_nfs_client_networks": ["10.1.0.0/16"],
+    "bootback_appliance_admin_networks": ["10.9.0.0/24"],
 }
 
 
@@ -102,14 +120,20 @@ APPLIANCE_OK = {
         ({"bootback_appliance_network_mode": "nat"}, "bootback_appliance_network_mode must be one of: host, bridge"),
         ({"bootback_appliance_admin_password": "tiny-pw"}, "must have at least 10 characters"),
         ({"bootback_appliance_admin_password": None}, "missing required arguments: bootback_appliance_admin_password"),
-        ({"bootback_appliance_clients": ["10.0.0.0/8", "esx-hosts"]}, '"esx-hosts" is not an address or a CIDR'),
         ({"bootback_appliance_published_ports": {"nfs": "two"}}, "bootback_appliance_published_ports"),
         ({"bootback_appliance_tls_cert": "/nonexistent.crt"}, "set both bootback_appliance_tls_cert"),
         ({"bootback_appliance_min_free": "900T"}, "less than bootback_appliance_min_free (900T)"),
         ({"bootback_appliance_image": "bootback:no-such-tag"}, "the image bootback:no-such-tag is not on"),
     ],
-    ids=["network-mode", "short-password", "no-password", "clients-not-cidr", "port-not-a-number",
-         "cert-without-key", "cache-too-small", "image-missing"],
+    ids=[
+        "network-mode",
+        "short-password",
+        "no-password",
+        "port-not-a-number",
+        "cert-without-key",
+        "cache-too-small",
+        "image-missing",
+    ],
 )
 def test_appliance_role_refuses_bad_variables(change: dict, message: str, appliance_image: str,
                                               tmp_path: Path) -> None:  # fmt: skip
