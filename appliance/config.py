@@ -8,7 +8,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GiB = 1 << 30
+from appliance.units import GiB
+
 CONTAINER_MIGRATIONS = "/migrations"
 
 
