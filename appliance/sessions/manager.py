@@ -152,15 +152,7 @@ class SessionManager:
                 "run at once on this appliance (--max-sessions); stop some first"
             )
 
-    def publish(self, vm: str, point: str = "latest", mode: str = "instant", cache_dir: str | None = None,
-                repo: str | None = None) -> SessionRecord:  # fmt: skip
-        if mode not in MODES:
-            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        repo_key, repository = self.repo(repo)
-        rp = repository.restore_point(vm, point)
-        sid = uuid.uuid4().hex[:8]
-        base_dir = ConfinedDir.open(self.cache_dirs, cache_dir or self.default_cache, "write cache")
-        base = base_dir.path
+    def _check_free(self, base: Path) -> None:
         space = self.check_space(base)
         if space["free"] < self.min_free:
             raise NoSpaceError(
@@ -169,17 +161,29 @@ class SessionManager:
             )
         if space["warning"]:
             log.warning("cache %s: %s", base, space["warning"])
+
+    def publish(self, vm: str, point: str = "latest", mode: str = "instant", cache_dir: str | None = None,
+                repo: str | None = None) -> SessionRecord:  # fmt: skip
+        if mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        repo_key, repository = self.repo(repo)
+        rp = repository.restore_point(vm, point)
+        sid = uuid.uuid4().hex[:8]
+        base_dir = ConfinedDir.open(self.cache_dirs, cache_dir or self.default_cache, "write cache")
         with self._lock:
-            self.check_capacity(1)
-            folder_name = f"{vm}-{mode}-{sid}"
-            rec = SessionRecord(
-                id=sid, vm=vm, point=rp.id, repo=repo_key, mode=mode, slot=self._next_slot(), folder=folder_name,
-                cache_dir=str(base / sid), created=datetime.now(UTC).isoformat(timespec="seconds"),
-            )  # fmt: skip
             try:
+                base = base_dir.path
+                self._check_free(base)
+                self.check_capacity(1)
+                slot = self._next_slot()
                 base_dir.subdir(sid, True, "write cache").close()
             finally:
                 base_dir.close()
+            folder_name = f"{vm}-{mode}-{sid}"
+            rec = SessionRecord(
+                id=sid, vm=vm, point=rp.id, repo=repo_key, mode=mode, slot=slot, folder=folder_name,
+                cache_dir=str(base / sid), created=datetime.now(UTC).isoformat(timespec="seconds"),
+            )  # fmt: skip
             session_dir = Path(rec.cache_dir)
             files = session_dir / "files"
             files.mkdir(mode=DIR_MODE)
