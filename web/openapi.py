@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance import __version__
-from web.validation import NAME
+from web.validation import MAX_ITEMS, MAX_STRING, NAME
 
 
 def _ref(name: str) -> dict:
@@ -33,18 +33,27 @@ def _op(summary: str, ok: dict, *, body: dict | None = None, params: list | None
 
 
 def _path_param(name: str) -> dict:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    return {"name": name, "in": "path", "required": True, "schema": NAME_SCHEMA}
 
 
 OBJ = {"type": "object"}
 NAME_SCHEMA = {"type": "string", "pattern": NAME.pattern}
-ABS_PATH = {"type": "string", "pattern": "^/", "description": "an absolute path on the appliance"}
+ABS_PATH = {
+    "type": "string",
+    "pattern": "^/",
+    "maxLength": MAX_STRING,
+    "description": "an absolute path on the appliance",
+}
 TEXT = {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}
 SESSIONS = {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}
 LIST = {"type": "array", "items": OBJ}
-BINARY = {"description": "the file's bytes, or a tar stream of the directory",
-          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                      "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}
+BINARY = {
+    "description": "the file's bytes, or a tar stream of the directory",
+    "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
 
 
 def FILE_QUERY(repo: dict) -> list[dict]:  # noqa: N802 - reads like the constant lists above
@@ -67,7 +76,9 @@ def openapi_document() -> dict:
         "security": [{"bearer": []}],
         "paths": {
             "/api/v1/health": {"get": {**_op("Liveness and daemon reachability", _json(OBJ)), "security": []}},
-            "/api/v1/status": {"get": _op("Ports, export, cache and clients", _json(OBJ))},
+            "/api/v1/status": {"get": _op("Ports, export, cache and clients; nfs_open_to_everyone (true, false or null "
+                                          "when the daemon does not say) and warnings, a list of sentences for people",
+                                          _json(OBJ))},
             "/api/v1/metrics": {"get": _op("Prometheus metrics", TEXT)},
             "/api/v1/openapi.json": {"get": _op("This document", _json(OBJ))},
             "/api/v1/exports": {"get": _op("NFS exports", _json(LIST))},
@@ -123,10 +134,11 @@ def openapi_document() -> dict:
                     "status": {"type": "integer"}, "message": {"type": "string"}}}}},
                 "PublishRequest": {"type": "object", "additionalProperties": False, "properties": {
                     "vm": {**NAME_SCHEMA, "description": "VM name, or NAME@POINT"},
-                    "vms": {"type": "array", "items": NAME_SCHEMA, "description": "mass recovery"},
+                    "vms": {"type": "array", "items": NAME_SCHEMA, "maxItems": MAX_ITEMS,
+                            "description": "mass recovery"},
                     "point": {**NAME_SCHEMA, "default": "latest"},
                     "mode": {"type": "string", "enum": ["instant", "sandbox"], "default": "instant"},
-                    "repository": {"type": "string"}, "cache": ABS_PATH}},
+                    "repository": NAME_SCHEMA, "cache": ABS_PATH}},
                 "Session": {"type": "object", "properties": {
                     "id": {"type": "string"}, "vm": {"type": "string"}, "point": {"type": "string"},
                     "mode": {"type": "string"}, "folder": {"type": "string"}, "nfs_url": {"type": "string"},
@@ -135,7 +147,7 @@ def openapi_document() -> dict:
                     "migration": {"oneOf": [_ref("Migration"), {"type": "null"}]}}},
                 "VerifyRequest": {"type": "object", "required": ["vm"], "additionalProperties": False, "properties": {
                     "vm": {**NAME_SCHEMA, "description": "VM name, or NAME@POINT"},
-                    "point": {**NAME_SCHEMA, "default": "latest"}, "repository": {"type": "string"},
+                    "point": {**NAME_SCHEMA, "default": "latest"}, "repository": NAME_SCHEMA,
                     "expect": {"type": "string", "maxLength": 500,
                                "description": "a regular expression a healthy boot prints on the serial console"},
                     "timeout": {"type": "number", "minimum": 10, "maximum": 3600, "default": 300},

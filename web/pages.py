@@ -193,6 +193,7 @@ def files() -> Any:
     repo = request.args.get("repository", "")
     ctx: dict[str, Any] = {"repository": repo, "error": None, "doc": None, "disks": []}
     try:
+        field.REPOSITORY.check(repo)
         point, disk, path = backup_files.query()
         ctx.update(point=point, disk=disk, path=path, crumbs=_crumbs(path))
         vm, _, pid = point.partition("@")

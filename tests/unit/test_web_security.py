@@ -326,6 +326,8 @@ def test_page_forms_use_the_same_rules(state: Path) -> None:
     assert "repository: &#39;../x&#39; is not a valid name" in resp.get_data(as_text=True)
     resp = client.post(f"{BASE}/sessions/{'s' * 300}/stop", data={"csrf_token": csrf}, follow_redirects=True)
     assert "sid: " in resp.get_data(as_text=True)
+    resp = client.get(f"{BASE}/files", query_string={"repository": "a\nb", "point": "web01"})
+    assert resp.status_code == 400 and "repository: &#39;a\\nb&#39; is not a valid name" in resp.get_data(True)
 
 
 def test_big_bodies_are_refused_before_they_are_read(state: Path) -> None:
