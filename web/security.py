@@ -58,12 +58,13 @@ def log_out() -> None:
 
 def current_user() -> str | None:
     """The logged-in user of this request's cookie, checked against the server-side logins (once per request).
-    A cookie whose login was ended or expired is emptied, so the browser drops it."""
+    A cookie whose login was ended or expired loses it, so the browser stops sending it."""
     if "user" not in g:
         sid = session.get("sid")
         g.user = logins.check(current_app.config["STATE_DIR"], sid) if isinstance(sid, str) else None
         if g.user is None and ("sid" in session or "user" in session):
-            session.clear()
+            session.pop("sid", None)  # the CSRF token stays: a page may already have rendered it into a form
+            session.pop("user", None)
     return g.user
 
 

@@ -106,6 +106,8 @@ def test_logout_ends_the_session_for_a_kept_cookie(state: Path) -> None:
     assert resp.status_code == 302 and resp.headers["Location"].startswith("/login")
     # and in another worker (another app on the same state) as well
     assert _replay(make_app(state), kept).get(f"{BASE}/api/v1/tokens").status_code == 401
+    assert login(stolen, PASSWORD).status_code == 302  # a stale cookie does not get in the way of a new login
+    assert stolen.get(f"{BASE}/api/v1/tokens").status_code == 200
 
 
 def test_a_password_change_ends_every_login(state: Path) -> None:
