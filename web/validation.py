@@ -76,7 +76,10 @@ TOKEN_NAME = Field("name", str, required=True, max_length=64)
 
 def json_body(*fields: Field) -> dict[str, Any]:
     """The request's JSON object, checked against ``fields``; unknown fields are refused, not ignored."""
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json raises it, not ValueError, for arrays nested thousands deep
+        raise ApiError(400, "body: JSON nested too deeply") from None
     if body is None:
         if request.content_length and not request.is_json:
             raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'")
