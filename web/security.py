@@ -123,7 +123,8 @@ def login_required(view: Callable) -> Callable:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         user = current_user()
         if not user:
-            return redirect(url_for("pages.login", next=request.full_path.rstrip("?")))
+            back = request.full_path.rstrip("?") if request.method == "GET" else None  # a form post can't resume
+            return redirect(url_for("pages.login", next=back))
         if request.method not in SAFE_METHODS and not csrf_ok():
             abort(400, "The form has expired or was not sent by this page (CSRF check); reload and try again.")
         g.who = f"user:{user}"
