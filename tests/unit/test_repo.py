@@ -205,6 +205,8 @@ def test_restore_point_lookup_errors(repo: Repository) -> None:
         repo.open_disk(point, "nope")
     with pytest.raises(UsageError, match="invalid VM name"):
         repo.restore_point("../etc")
+    with pytest.raises(UsageError, match="invalid VM name"):
+        backup_vm(repo, "vm\n", [src("d", b"x" * 100)])
 
 
 def test_truncated_source_leaves_no_point(repo: Repository) -> None:

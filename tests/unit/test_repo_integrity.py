@@ -152,6 +152,17 @@ def _set(attr: str, value: object):  # noqa: ANN202
         (_set("geometry", {"heads": "x"}), r"malformed geometry"),
         (lambda p: p.disks[0].chunks.__setitem__(0, "zz" * 32), r"chunk 0 has a malformed id 'zzzz"),
         (lambda p: p.disks[0].chunks.__setitem__(0, 7), r"chunk 0 has a malformed id 7"),
+        (
+            lambda p: p.disks[0].chunks.__setitem__(1, p.disks[0].chunks[1][:63] + "\n"),  # 64 characters
+            r"chunk 1 has a malformed id '.*\\n'",
+        ),
+        (lambda p: p.disks[0].chunks.__setitem__(2, p.disks[0].chunks[2].upper()), r"chunk 2 has a malformed id"),
+        (
+            lambda p: p.disks[0].chunks.__setitem__(
+                slice(0, 2), [p.disks[0].chunks[0][:63], p.disks[0].chunks[1] + "a"]
+            ),
+            r"chunk 0 has a malformed id",
+        ),
         (lambda p: p.disks.append(p.disks[0]), r"two disks are named 'd'"),
         (lambda p: p.disks.clear(), r"0 disks"),
         (lambda p: setattr(p, "vm", "other"), r"names VM 'other', but is stored under 'vm'"),
