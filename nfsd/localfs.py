@@ -1,7 +1,8 @@
 """A backend over a plain directory: the test export, and the home of files a hypervisor creates.
 
 Objects are named by inode number. We remember where each inode lives as (parent inode, name), so renaming a
-directory updates one entry, and a handle from before a restart is found again by searching the tree once.
+directory updates one entry, and a handle from before a restart is found again by searching the tree once
+(``nfsd.treesearch``: bounded, so a client repeating a stale handle cannot make the server walk the tree per call).
 Exclusive CREATE stores the client's verifier in the new file's atime/mtime (as Linux's knfsd does) until the
 client's following SETATTR replaces them.
 
@@ -27,6 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from nfsd.beneath import HAVE_OPENAT2, component, open_beneath
+from nfsd.treesearch import Found, SearchLimits, TreeSearch
 from nfsd.vfs import (
     Attr,
     Backend,
@@ -94,7 +96,8 @@ class _Node:
 
 
 class LocalFS(Backend):
-    def __init__(self, root: Path | str, read_only: bool = False, use_openat2: bool = HAVE_OPENAT2) -> None:
+    def __init__(self, root: Path | str, read_only: bool = False, use_openat2: bool = HAVE_OPENAT2,
+                 search_limits: SearchLimits = SearchLimits()) -> None:  # fmt: skip
         """``use_openat2`` False walks component by component (what kernels before 5.6 get); for tests."""
         self.base = Path(root).resolve()
         if not self.base.is_dir():
@@ -111,25 +114,41 @@ class LocalFS(Backend):
         self._lock = threading.RLock()
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._is_root = os.geteuid() == 0
+        self._search = TreeSearch(self._root_fd, self._dev, use_openat2, search_limits)
+        # Counts our own namespace changes, so a search's merge knows whether its view is still the newest.
+        self._changes = 0
 
     # --- where objects live ---------------------------------------------------------------------------
     def root(self) -> ObjectId:
         return self._root
 
     def _parts(self, ino: int) -> list[str]:
-        """The names from the root down to ``ino``, as last remembered."""
+        """The names from the root down to ``ino``, as last remembered; an inode we do not know is searched for
+        (bounded: ``nfsd.treesearch``), never while holding the map's lock."""
+        parts, missing = self._chain(ino)
+        if missing is None:
+            return parts
+        seen = self._changes
+        self._search.refresh(lambda found: self._record(found, seen), ino)
+        parts, missing = self._chain(ino)
+        if missing is None:
+            return parts
+        raise NFSError(Status.STALE, f"object {ino} not found under {self.base}")
+
+    def _chain(self, ino: int) -> tuple[list[str], int | None]:
+        """(names from the root down to ``ino``, None), or (partial, the first inode whose place is unknown)."""
         parts: list[str] = []
         with self._lock:
             while ino != self._root.fileid:
                 loc = self._where.get(ino)
                 if loc is None:
-                    loc = self._search(ino)
+                    return parts, ino
                 parts.append(loc[1])
                 ino = loc[0]
                 if len(parts) > MAX_DEPTH:
                     raise NFSError(Status.STALE, "path loop")
         parts.reverse()
-        return parts
+        return parts, None
 
     def _node(self, obj: ObjectId) -> _Node:
         """Walk to ``obj`` again from the export's descriptor and check it is still that inode."""
@@ -172,9 +191,10 @@ class LocalFS(Backend):
         return st
 
     def _stale(self, obj: ObjectId, parts: list[str], what: str) -> NFSError:
-        """The remembered path no longer leads to ``obj`` (removed, replaced, or a symlink on the way): forget it,
-        so the next use searches the real tree for it."""
+        """The remembered path no longer leads to ``obj`` (removed, replaced, or a symlink on the way): the tree
+        changed behind our back. Forget it, so the next use searches the real tree for it."""
         self._forget(obj.fileid)
+        self._search.invalidate()
         return NFSError(Status.STALE, f"object {obj.fileid} {what} {'/'.join(parts)!r}")
 
     def _dir(self, obj: ObjectId) -> _Node:
@@ -190,43 +210,28 @@ class LocalFS(Backend):
         with self._node(obj):
             return os.path.join(self.base, *self._parts(obj.fileid))
 
-    def _search(self, ino: int) -> tuple[int, str]:
-        """Find an inode we have not seen since the start (a handle from before a restart)."""
-        pending: list[list[str]] = [[]]
-        while pending:
-            parts = pending.pop()
-            try:
-                fd = open_beneath(self._root_fd, parts, os.O_RDONLY | os.O_DIRECTORY, self._openat2)
-            except OSError:
-                continue  # removed or replaced while we walk
-            try:
-                dino = os.fstat(fd).st_ino
-                for name in os.listdir(fd):
-                    try:
-                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if st.st_dev != self._dev:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        self._where[st.st_ino] = (dino, name)  # a directory has one name: this is it now
-                        pending.append([*parts, name])
-                    else:
-                        self._where.setdefault(st.st_ino, (dino, name))  # a file may have several
-                    if st.st_ino == ino:
-                        return dino, name
-            finally:
-                os.close(fd)
-        raise NFSError(Status.STALE, f"object {ino} not found under {self.base}")
+    def _record(self, found: list[Found], changes_before: int) -> None:
+        """Merge what a search saw into the map. A directory has one name, so where the walk saw it is where it
+        is now, unless we changed the tree ourselves meanwhile: then what we know wins."""
+        with self._lock:
+            changed = self._changes != changes_before
+            for f in found:
+                if f.is_dir and not changed:
+                    self._where[f.ino] = (f.parent, f.name)
+                else:
+                    self._where.setdefault(f.ino, (f.parent, f.name))  # a file may have several names
 
-    def _remember(self, parent: ObjectId, name: str, st: os.stat_result) -> ObjectId:
+    def _remember(self, parent: ObjectId, name: str, st: os.stat_result, change: bool = False) -> ObjectId:
+        """Record where ``st`` lives; ``change`` when we just made it there (create, mkdir, rename...)."""
         with self._lock:
             self._where[st.st_ino] = (parent.fileid, name)
+            self._changes += change
         return ObjectId(st.st_ino, 0)
 
     def _forget(self, ino: int) -> None:
         with self._lock:
             self._where.pop(ino, None)
+            self._changes += 1
             fd = self._fds.pop(ino, None)
         if fd is not None:
             os.close(fd)
@@ -421,7 +426,7 @@ class LocalFS(Backend):
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
-        return self._remember(directory, name, st)
+        return self._remember(directory, name, st, change=True)
 
     def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
         if self.read_only:
@@ -430,7 +435,7 @@ class LocalFS(Backend):
             os.mkdir(component(name), 0o755 if attrs.mode is None else attrs.mode, dir_fd=d.fd)
             self._own(d.fd, name, cred)
             st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-        return self._remember(directory, name, st)
+        return self._remember(directory, name, st, change=True)
 
     def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
         if self.read_only:
@@ -439,7 +444,7 @@ class LocalFS(Backend):
             os.symlink(target, component(name), dir_fd=d.fd)
             self._own(d.fd, name, cred)
             st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-        return self._remember(directory, name, st)
+        return self._remember(directory, name, st, change=True)
 
     def remove(self, directory: ObjectId, name: str) -> None:
         if self.read_only:
@@ -455,6 +460,8 @@ class LocalFS(Backend):
             with self._lock:
                 if self._where.get(st.st_ino) == (directory.fileid, name):
                     del self._where[st.st_ino]
+                    self._changes += 1
+                    self._search.invalidate()  # it lives on under a name we do not know: let a search find it
 
     def rmdir(self, directory: ObjectId, name: str) -> None:
         if self.read_only:
@@ -478,8 +485,7 @@ class LocalFS(Backend):
             os.rename(from_name, to_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         if replaced is not None and replaced.st_ino != st.st_ino and replaced.st_nlink <= 1:
             self._forget(replaced.st_ino)
-        with self._lock:
-            self._where[st.st_ino] = (to_dir.fileid, to_name)
+        self._remember(to_dir, to_name, st, change=True)
 
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
         if self.read_only:
