@@ -46,30 +46,34 @@ def _load_all_points(repo: Repository, report: VerifyReport) -> list[RestorePoin
 
 
 def verify(repo: Repository, progress: Progress | None = None, workers: int = 4) -> VerifyReport:
-    """Read and hash-check every chunk any restore point references; report damaged restore points."""
+    """Read and hash-check every chunk any restore point references, and check it has the length each of its
+    places needs (as a reader does); report damaged restore points and damaged point files."""
     report = VerifyReport()
     points = _load_all_points(repo, report)
-    users: dict[str, list[str]] = {}
+    users: dict[str, dict[int, set[str]]] = {}  # chunk id -> length a place needs -> points needing it
     for p in points:
         for d in p.disks:
-            for cid in d.chunks:
+            cs, last = d.chunk_size, len(d.chunks) - 1
+            tail = d.size - last * cs
+            for i, cid in enumerate(d.chunks):
                 if cid is not None:
-                    users.setdefault(cid, []).append(p.ref)
+                    users.setdefault(cid, {}).setdefault(cs if i < last else tail, set()).add(p.ref)
     ids = sorted(users)
 
-    def check(cid: str) -> tuple[str, str | None]:
+    def check(cid: str) -> tuple[str, int, str | None]:
         try:
-            repo.store.get(cid)
-            return cid, None
+            return cid, len(repo.store.get(cid)), None
         except BootbackError as exc:
-            return cid, str(exc)
+            return cid, -1, str(exc)
 
     with ThreadPoolExecutor(workers) as pool:
-        for n, (cid, err) in enumerate(pool.map(check, ids), 1):
+        for n, (cid, got, err) in enumerate(pool.map(check, ids), 1):
             report.chunks_checked = n
-            if err:
-                report.bad_chunks[cid] = err
-                for ref in sorted(set(users[cid])):
+            for length, refs in sorted(users[cid].items()):
+                if err is None and length == got:
+                    continue
+                report.bad_chunks[cid] = err or f"chunk {cid} holds {got} bytes where {min(refs)} needs {length}"
+                for ref in sorted(refs):
                     report.damaged_points.setdefault(ref, []).append(cid)
             if progress:
                 progress(n, len(ids))

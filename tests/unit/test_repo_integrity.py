@@ -265,6 +265,9 @@ def test_a_chunk_of_the_wrong_length_is_never_served(tmp_path: Path) -> None:
     reader.read(3 * CS, 5)  # the tail itself, now in the chunk cache
     with pytest.raises(IntegrityError, match="holds 5 bytes where chunk 0 needs 65536"):
         reader.read_cached(0, 10)
+    report = verify(repo)
+    assert not report.ok and list(report.damaged_points) == [point.ref]
+    assert report.bad_chunks == {chunks[-1]: f"chunk {chunks[-1]} holds 5 bytes where {point.ref} needs 65536"}
 
 
 # --- summaries: listing never reads chunk lists, and a damaged summary is refused ------------------------
