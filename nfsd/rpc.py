@@ -68,8 +68,15 @@ class Call:
 
     async def reserve(self, nbytes: int) -> None:
         """Wait for room to hold a reply of about ``nbytes`` (a READ or READDIR asks before the backend reads)."""
-        if self.flow is not None:
-            await self.flow.reserve(nbytes)
+        ticket = self.flow
+        if ticket is None:
+            return
+        conn = ticket.conn
+        if not conn._waiters and conn._fits(nbytes):  # the usual case: no await, no future
+            conn._charge_out(nbytes)
+            ticket.reserved += nbytes
+        else:
+            await conn.wait_for_room(ticket, nbytes)
 
     @property
     def privileged_port(self) -> bool:
@@ -208,12 +215,10 @@ class Budget:
         self.blocked: set[TcpConnection] = set()
         self._wake_scheduled = False
 
-    def take(self, n: int) -> None:
+    def charge(self, n: int) -> None:
+        """Count ``n`` more bytes held (negative: released)."""
         self.held += n
-
-    def release(self, n: int) -> None:
-        self.held -= n
-        if self.blocked and not self._wake_scheduled and self.held < self.limit:
+        if n < 0 and self.blocked and not self._wake_scheduled and self.held < self.limit:
             # woken from the loop, not from inside the releasing connection's own bookkeeping
             self._wake_scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)
@@ -232,9 +237,6 @@ class _Ticket:
     def __init__(self, conn: TcpConnection) -> None:
         self.conn = conn
         self.reserved = 0
-
-    async def reserve(self, nbytes: int) -> None:
-        await self.conn.reserve(self, nbytes)
 
 
 class TcpConnection(asyncio.Protocol):
@@ -298,7 +300,7 @@ class TcpConnection(asyncio.Protocol):
             fut.cancel()
         self._waiters.clear()
         self.budget.blocked.discard(self)
-        self.budget.release(self._in_held + self._out_held)
+        self.budget.charge(-(self._in_held + self._out_held))
         self._in_held = self._out_held = 0
         self._buf = bytearray()
         self._frags = []
@@ -326,22 +328,14 @@ class TcpConnection(asyncio.Protocol):
 
     # --- accounting -------------------------------------------------------------------------------------
     def _charge_in(self, n: int) -> None:
-        if self.closed:
-            return
-        self._in_held += n
-        if n > 0:
-            self.budget.take(n)
-        else:
-            self.budget.release(-n)
+        if not self.closed:
+            self._in_held += n
+            self.budget.charge(n)
 
     def _charge_out(self, n: int) -> None:
-        if self.closed:
-            return
-        self._out_held += n
-        if n > 0:
-            self.budget.take(n)
-        else:
-            self.budget.release(-n)
+        if not self.closed:
+            self._out_held += n
+            self.budget.charge(n)
 
     def _room(self) -> bool:
         """May another call start (and the socket be read)?"""
@@ -359,11 +353,7 @@ class TcpConnection(asyncio.Protocol):
             return False
         return self.budget.held + n <= self.budget.limit
 
-    async def reserve(self, ticket: _Ticket, n: int) -> None:
-        if not self._waiters and self._fits(n):
-            self._charge_out(n)
-            ticket.reserved += n
-            return
+    async def wait_for_room(self, ticket: _Ticket, n: int) -> None:
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((n, fut, ticket))
         self.budget.blocked.add(self)
