@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from nfsd.exports import ExportTable
+from nfsd.names import check_name
 from nfsd.ratelog import limited
 from nfsd.rpc import Call, Program
 from nfsd.vfs import FileType, NFSError, Status
@@ -19,6 +20,11 @@ MNTPATHLEN = 1024
 MNT3_OK, MNT3ERR_NOENT, MNT3ERR_ACCES, MNT3ERR_NOTDIR, MNT3ERR_INVAL, MNT3ERR_NAMETOOLONG = 0, 2, 13, 20, 22, 63
 MNT3ERR_SERVERFAULT = 10006
 AUTH_NONE, AUTH_SYS = 0, 1
+# nfsstat3 of a failed walk below the export -> mountstat3 (anything else: MNT3ERR_ACCES)
+_MOUNTSTAT = {
+    Status.NOENT: MNT3ERR_NOENT, Status.STALE: MNT3ERR_NOENT, Status.NOTDIR: MNT3ERR_NOTDIR,
+    Status.INVAL: MNT3ERR_INVAL, Status.NAMETOOLONG: MNT3ERR_NAMETOOLONG,
+}  # fmt: skip
 MAX_MOUNT_RECORDS = 1024  # (client, export) pairs kept for DUMP; the oldest is forgotten beyond it
 
 
@@ -52,11 +58,11 @@ class MountV3(Program):
             root = export.backend.root()
             # Clients may mount a directory below the export (libnfs mounts the whole URL path).
             for name in rest:
-                root = export.backend.lookup(root, name)
+                root = export.backend.lookup(root, check_name(name, dots=Status.ACCES))
             if export.backend.getattr(root).type != FileType.DIR:
                 return [Packer().u32(MNT3ERR_NOTDIR).buf]
         except NFSError as exc:
-            return [Packer().u32(MNT3ERR_NOENT if exc.status in (Status.NOENT, Status.STALE) else MNT3ERR_ACCES).buf]
+            return [Packer().u32(_MOUNTSTAT.get(exc.status, MNT3ERR_ACCES)).buf]
         except Exception:  # noqa: BLE001 - a broken backend must not take the mount daemon down
             log.exception("export %s has no usable root", export.path)
             return [Packer().u32(MNT3ERR_SERVERFAULT).buf]

@@ -17,6 +17,7 @@ from typing import Any
 from nfsd import errors
 from nfsd.batchpool import BatchPool
 from nfsd.exports import Export, ExportTable
+from nfsd.names import check_name, check_symlink_data
 from nfsd.rpc import Call, Program
 from nfsd.vfs import (
     Attr,
@@ -34,8 +35,8 @@ NFS_PROGRAM = 100003
 NFS_V3 = 3
 FHSIZE3 = 64
 MAX_READ = 1 << 20  # FSINFO's rtmax: larger READ counts are clamped (RFC 1813 allows a short read)
-NAME_MAX = 255
-PATH_MAX = 4096
+MAX_OFFSET = (1 << 63) - 1  # no file is larger (off_t): an offset3/size3 beyond it names nothing
+UNBOUNDED = 0xFFFFFFFF  # filename3<> and nfspath3<>: only the bytes left in the record bound them
 
 ACCESS_READ, ACCESS_LOOKUP, ACCESS_MODIFY, ACCESS_EXTEND, ACCESS_DELETE, ACCESS_EXECUTE = 1, 2, 4, 8, 16, 32
 
@@ -102,22 +103,22 @@ def unpack_sattr(u: Unpacker) -> SetAttr:
     if u.bool("set_gid"):
         s.gid = u.u32("gid")
     if u.bool("set_size"):
-        s.size = u.u64("size")
+        s.size = unpack_size(u, "size")
     s.atime_ns = unpack_time(u, "set_atime")
     s.mtime_ns = unpack_time(u, "set_mtime")
     return s
 
 
-def check_name(name: str) -> str:
-    if not name:
-        raise NFSError(Status.INVAL, "empty name")
-    if name in (".", ".."):
-        raise NFSError(Status.EXIST, f"{name!r} always exists")
-    if "/" in name or "\0" in name:
-        raise NFSError(Status.INVAL, f"invalid name {name!r}")
-    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        raise NFSError(Status.NAMETOOLONG, name[:40])
-    return name
+def unpack_name(u: Unpacker, what: str, dots: Status | None = Status.EXIST) -> str:
+    """A filename3, judged by nfsd.names (a long one is NAMETOOLONG there, not garbage here)."""
+    return check_name(u.string(UNBOUNDED, what), dots)
+
+
+def unpack_size(u: Unpacker, what: str) -> int:
+    size = u.u64(what)
+    if size > MAX_OFFSET:
+        raise NFSError(Status.FBIG, f"{what} {size} is beyond the largest file size {MAX_OFFSET}")
+    return size
 
 
 def access_bits(attr: Attr, cred_uid: int, cred_gids: set[int], wanted: int, read_only: bool) -> int:
@@ -249,7 +250,7 @@ class NFSv3(Program):
     async def NFSPROC3_LOOKUP(self, call: Call) -> list:
         u = call.args
         export, d = self._resolve(call, u)
-        name = u.string(NAME_MAX, "name")
+        name = unpack_name(u, "name", dots=None)
 
         def do() -> tuple[ObjectId, Attr | None, Attr | None]:
             if name == ".":
@@ -257,7 +258,7 @@ class NFSv3(Program):
             elif name == "..":
                 child = export.backend.parent(d)
             else:
-                child = export.backend.lookup(d, check_name(name))
+                child = export.backend.lookup(d, name)
             return child, self._attr_or_none(export, child), self._attr_or_none(export, d)
 
         try:
@@ -296,7 +297,8 @@ class NFSv3(Program):
     async def NFSPROC3_READ(self, call: Call) -> list:
         u = call.args
         export, obj = self._resolve(call, u)
-        offset, count = u.u64("offset"), min(u.u32("count"), MAX_READ, call.max_data)
+        # An offset past the largest file size reads nothing, like one past the end (Linux clamps it too).
+        offset, count = min(u.u64("offset"), MAX_OFFSET), min(u.u32("count"), MAX_READ, call.max_data)
         await call.reserve(count + 128)  # room for the reply before reading: a client that stops reading stalls
         # Most reads of a running VM hit memory (chunk cache, page cache): answer those right here, and
         # only hop to a worker thread when the backend would have to wait for a disk.
@@ -325,6 +327,8 @@ class NFSv3(Program):
         data = u.opaque(1 << 24, "data")
         if count != len(data):
             raise NFSError(Status.INVAL, f"count {count} != data length {len(data)}")
+        if offset + count > MAX_OFFSET:
+            raise NFSError(Status.FBIG, f"write of {count} bytes at {offset} ends beyond {MAX_OFFSET}")
 
         def do() -> tuple[Any, Attr | None]:
             result = export.backend.write(obj, offset, data, StableHow(stable))
@@ -355,7 +359,7 @@ class NFSv3(Program):
     async def NFSPROC3_CREATE(self, call: Call) -> list:
         u = call.args
         export, d = self._resolve(call, u, modifying=True)
-        name = check_name(u.string(NAME_MAX, "name"))
+        name = unpack_name(u, "name")
         mode = u.u32("createmode")
         if mode > 2:
             raise XDRError(f"createmode {mode}")
@@ -373,7 +377,7 @@ class NFSv3(Program):
     async def NFSPROC3_MKDIR(self, call: Call) -> list:
         u = call.args
         export, d = self._resolve(call, u, modifying=True)
-        name = check_name(u.string(NAME_MAX, "name"))
+        name = unpack_name(u, "name")
         sattr = unpack_sattr(u)
         cred = export.effective(call.cred)
         return await self._created(call, export, d, lambda: export.backend.mkdir(d, name, sattr, cred))
@@ -381,16 +385,16 @@ class NFSv3(Program):
     async def NFSPROC3_SYMLINK(self, call: Call) -> list:
         u = call.args
         export, d = self._resolve(call, u, modifying=True)
-        name = check_name(u.string(NAME_MAX, "name"))
+        name = unpack_name(u, "name")
         sattr = unpack_sattr(u)
-        target = u.string(PATH_MAX, "symlink data")
+        target = check_symlink_data(u.string(UNBOUNDED, "symlink data"))
         cred = export.effective(call.cred)
         return await self._created(call, export, d, lambda: export.backend.symlink(d, name, target, sattr, cred))
 
     async def NFSPROC3_MKNOD(self, call: Call) -> list:
         u = call.args
         self._resolve(call, u, modifying=True)
-        check_name(u.string(NAME_MAX, "name"))
+        unpack_name(u, "name")
         ftype = u.u32("ftype")
         if ftype in (FileType.CHR, FileType.BLK):
             unpack_sattr(u)
@@ -405,7 +409,7 @@ class NFSv3(Program):
     async def _removed(self, call: Call, fn_name: str) -> list:
         u = call.args
         export, d = self._resolve(call, u, modifying=True)
-        name = check_name(u.string(NAME_MAX, "name"))
+        name = unpack_name(u, "name", dots=Status.ACCES)
         fn = getattr(export.backend, fn_name)
 
         def do() -> Attr | None:
@@ -426,9 +430,9 @@ class NFSv3(Program):
     async def NFSPROC3_RENAME(self, call: Call) -> list:
         u = call.args
         export, fd = self._resolve(call, u, modifying=True)
-        fname = check_name(u.string(NAME_MAX, "from name"))
+        fname = unpack_name(u, "from name", dots=Status.ACCES)
         export2, td = self._resolve(call, u, modifying=True)
-        tname = check_name(u.string(NAME_MAX, "to name"))
+        tname = unpack_name(u, "to name", dots=Status.ACCES)
         if export2 is not export:
             raise NFSError(Status.XDEV)
 
@@ -446,7 +450,7 @@ class NFSv3(Program):
         u = call.args
         export, obj = self._resolve(call, u, modifying=True)
         export2, d = self._resolve(call, u, modifying=True)
-        name = check_name(u.string(NAME_MAX, "name"))
+        name = unpack_name(u, "name")
         if export2 is not export:
             raise NFSError(Status.XDEV)
 
