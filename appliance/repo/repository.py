@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.atomicfile import fsync_dir, write_atomic
 from appliance.errors import (
     NotARepositoryError,
     RepositoryLockedError,
@@ -31,7 +32,7 @@ from appliance.errors import (
 from appliance.repo import pointfile
 from appliance.repo.manifest import POINT_ID_RE, RestorePoint, check_point, check_vm_name
 from appliance.repo.reader import ChunkCache, DiskReader
-from appliance.repo.store import DIR_MODE, FILE_MODE, ChunkStore, fsync_dir
+from appliance.repo.store import DIR_MODE, FILE_MODE, ChunkStore
 from appliance.units import MiB, parse_size
 
 __all__ = ["DEFAULT_CHUNK", "Repository", "find_repositories", "parse_size"]  # parse_size: for older importers
@@ -84,7 +85,7 @@ class Repository:
             (path / sub).mkdir(DIR_MODE, exist_ok=True)
         os.close(os.open(path / "lock", os.O_WRONLY | os.O_CREAT, FILE_MODE))
         config = RepoConfig(id=uuid.uuid4().hex, chunk_size=chunk_size)
-        _atomic_write(path / "config.json", config.to_json())
+        write_atomic(path / "config.json", config.to_json(), FILE_MODE)
         return cls(path, config)
 
     @staticmethod
@@ -183,14 +184,14 @@ class Repository:
             self._upgrade_config()
         target = self._point_path(point.vm, point.id)
         target.parent.mkdir(DIR_MODE, exist_ok=True)
-        _atomic_write(target, pointfile.encode(point))
+        write_atomic(target, pointfile.encode(point), FILE_MODE)
         fsync_dir(target.parent.parent)
 
     def _upgrade_config(self) -> None:
         """A format-1 repository becomes format 2 before its first format-2 point is written, so an older
         bootback refuses the repository as a whole instead of meeting a point it cannot read."""
         self.config.format = REPO_FORMAT
-        _atomic_write(self.path / "config.json", self.config.to_json())
+        write_atomic(self.path / "config.json", self.config.to_json(), FILE_MODE)
 
     def delete_point(self, point: RestorePoint) -> None:
         path = self._point_path(point.vm, point.id)
@@ -252,20 +253,6 @@ class Repository:
                                        entry.chunk_size)  # fmt: skip
             hydrated.mark_zeros(entry.chunks)
         return DiskReader(self.store, self.chunk_cache, point, entry, hydrated)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def find_repositories(directory: Path) -> list[Path]:

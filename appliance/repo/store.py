@@ -18,6 +18,7 @@ from pathlib import Path
 
 import zstandard
 
+from appliance.atomicfile import fsync_dir
 from appliance.errors import IntegrityError, NoSpaceError
 from appliance.repo import objects
 
@@ -158,11 +159,3 @@ def _libc(name: str):  # noqa: ANN202
 
 _syncfs = _libc("syncfs")
 _sync_file_range = _libc("sync_file_range")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
