@@ -34,7 +34,6 @@ from nfsd.vfs import (
     Backend,
     CreateMode,
     Cred,
-    DirEntry,
     FileType,
     FsStat,
     NFSError,
@@ -44,6 +43,7 @@ from nfsd.vfs import (
     StableHow,
     Status,
     WriteResult,
+    readdir_page,
 )
 
 _TYPES = {
@@ -516,28 +516,22 @@ class LocalFS(Backend):
 
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
         with self._dir(directory) as d:
-            current = d.st.st_mtime_ns & 0xFFFFFFFFFFFFFFFF
-            if cookie and verifier and verifier != current:
-                raise NFSError(Status.BAD_COOKIE, "directory changed since the listing began")
+            current = d.st.st_mtime_ns & 0xFFFFFFFFFFFFFFFF  # any change of the directory changes its mtime
             parent = self._root if directory.fileid == self._root.fileid else ObjectId(os.fstat(d.dir_fd).st_ino)
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d.fd)
             try:
+
+                def resolve(_: int, name: str) -> ObjectId | None:
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        return None  # removed since the listing
+                    return self._remember(directory, name, st)
+
                 names = sorted(os.listdir(fd))
-                entries: list[DirEntry] = []
-                # cookies: 1 = '.', 2 = '..', 3 + i = names[i]
-                if cookie < 1:
-                    entries.append(DirEntry(".", directory, 1))
-                if cookie < 2:
-                    entries.append(DirEntry("..", parent, 2))
-                start = max(0, cookie - 2)
-                budget = max(count // 16, 16)  # no more entries than the reply could possibly hold
-                page = names[start : start + max(0, budget - len(entries))]
-                cookies = {n: 3 + start + i for i, n in enumerate(page)}
-                for name, st in self._stat_names(fd, page):
-                    entries.append(DirEntry(name, self._remember(directory, name, st), cookies[name]))
+                return readdir_page(directory, parent, names, cookie, verifier, current, count, resolve)
             finally:
                 os.close(fd)
-        return ReadDirResult(entries, eof=start + len(page) >= len(names), verifier=current)
 
     # --- file system ----------------------------------------------------------------------------------
     def fsstat(self, obj: ObjectId) -> FsStat:

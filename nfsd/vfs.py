@@ -11,6 +11,7 @@ NFS3ERR_IO or NFS3ERR_SERVERFAULT in one place (``nfsd.errors``).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -181,6 +182,44 @@ class ReadDirResult:
     eof: bool
     verifier: int = 0
     extra: dict = field(default_factory=dict)
+
+
+READDIR_ENTRY_BYTES = 16  # no entry takes fewer bytes in a reply: a page never holds more than count // 16
+READDIR_MIN_ENTRIES = 16
+
+
+def readdir_page(
+    directory: ObjectId,
+    parent: ObjectId,
+    names: Sequence[str],
+    cookie: int,
+    verifier: int,
+    current: int,
+    count: int,
+    resolve: Callable[[int, str], ObjectId | None],
+) -> ReadDirResult:
+    """READDIR cookie paging, the one place every backend uses (STYLE.md rule 15).
+
+    ``names`` are the directory's entries without '.' and '..', in a stable (sorted) order; ``current`` is the
+    directory's verifier now, ``verifier`` the one the client got with ``cookie``: a non-zero cookie with a
+    non-zero verifier that is no longer ``current`` is NFSError(BAD_COOKIE). Cookies: 1 is '.', 2 is '..',
+    3 + i is ``names[i]``; a page starts after ``cookie`` and holds at most ``max(count // 16, 16)`` entries.
+    ``resolve(i, name)`` gives the object of ``names[i]`` for this page only (so a backend stats no more than
+    a page), or None if it vanished meanwhile: it is left out and the other cookies keep their numbers."""
+    if cookie and verifier and verifier != current:
+        raise NFSError(Status.BAD_COOKIE, f"directory {directory.fileid} changed since the listing began")
+    entries: list[DirEntry] = []
+    if cookie < 1:
+        entries.append(DirEntry(".", directory, 1))
+    if cookie < 2:
+        entries.append(DirEntry("..", parent, 2))
+    start = max(0, cookie - 2)
+    stop = min(len(names), start + max(0, max(count // READDIR_ENTRY_BYTES, READDIR_MIN_ENTRIES) - len(entries)))
+    for i in range(start, stop):
+        obj = resolve(i, names[i])
+        if obj is not None:
+            entries.append(DirEntry(names[i], obj, 3 + i))
+    return ReadDirResult(entries, eof=stop >= len(names), verifier=current)
 
 
 class Backend:

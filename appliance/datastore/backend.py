@@ -19,7 +19,6 @@ from nfsd.vfs import (
     Backend,
     CreateMode,
     Cred,
-    DirEntry,
     FsStat,
     NFSError,
     ObjectId,
@@ -28,6 +27,7 @@ from nfsd.vfs import (
     StableHow,
     Status,
     WriteResult,
+    readdir_page,
 )
 
 SLOT_SHIFT = 44
@@ -208,29 +208,19 @@ class DatastoreBackend(Backend):
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
         slot, folder, local = self._route(directory)
         if folder is None:
-            names = self.rootfs.listing(local)  # by descriptor: a symlink handle is NOTDIR, never followed
+            found = dict(self.rootfs.listing(local))  # by descriptor: a symlink handle is NOTDIR, never followed
             if local.fileid == self.rootfs.root().fileid:
                 for s, (n, f) in self._folders.items():
-                    names.append((n, self._global(s, f.root())))
-            names.sort()
+                    found[n] = self._global(s, f.root())  # a published folder hides a real entry of its name
+            names = sorted(found.items(), key=lambda e: e[0])
             parent = self.parent(directory)
         else:
             names = [(n, self._global(slot, o)) for n, o in folder.listing(local)]
             parent = self.parent(directory)
-        current = zlib.crc32("\0".join(n for n, _ in names).encode()) or 1
-        if cookie and verifier and verifier != current:
-            raise NFSError(Status.BAD_COOKIE)
-        entries: list[DirEntry] = []
-        if cookie < 1:
-            entries.append(DirEntry(".", directory, 1))
-        if cookie < 2:
-            entries.append(DirEntry("..", parent, 2))
-        budget = max(count // 16, 16)
-        for i in range(max(0, cookie - 2), len(names)):
-            if len(entries) >= budget:
-                return ReadDirResult(entries, eof=False, verifier=current)
-            entries.append(DirEntry(names[i][0], names[i][1], 3 + i))
-        return ReadDirResult(entries, eof=True, verifier=current)
+        current = zlib.crc32("\0".join(n for n, _ in names).encode()) or 1  # the names are what the client sees
+        return readdir_page(
+            directory, parent, [n for n, _ in names], cookie, verifier, current, count, lambda i, _: names[i][1]
+        )
 
     def fsstat(self, obj: ObjectId) -> FsStat:
         slot, folder, local = self._route(obj)
