@@ -1,25 +1,28 @@
 """What a client can make the NFS daemon hold, and how much of it (STYLE.md rule 14).
 
 One frozen dataclass with safe defaults, so every server (``python -m nfsd``, ``bootback serve``) gets them
-without configuration. The memory bound they give, for the bytes clients make the server hold:
+without configuration; ``python -m nfsd --help`` lists them as options. What they bound:
 
-* per TCP connection: ``connection_bytes`` of requests (unparsed input and calls in progress, plus at most one
-  record of ``rpc.MAX_RECORD`` and one socket read of 256 KiB) and ``connection_bytes`` of replies (being
-  produced, queued, or written but not yet read by the client). A connection that exceeds either stops being
-  read until it drains; a READ/READDIR waits for room before the backend reads.
-* all connections together: ``total_bytes``; when it is reached, connections holding more than
-  ``FLOOR_BYTES`` stop being read and large replies wait, while connections that keep up still get small calls
-  (NULL, GETATTR: ESXi's heartbeat) answered. Worst case: ``total_bytes`` + about 0.6 MiB per open connection.
-* connections: ``max_connections`` in all (clamped to the descriptor limit less ``fd_reserve``, kept for the
-  control socket, the repository and the web app) and ``max_connections_per_client`` per client address; more
-  are accepted and closed at once. A connection with no traffic in either direction for ``idle_timeout``
-  seconds is closed (ESXi sends a heartbeat every few seconds; a client that stops reading its replies stops
-  being read, and so counts as idle).
-* UDP: at most ``udp_max_data`` bytes of file data or directory entries per reply (FSINFO over UDP says so),
-  any reply over ``udp_max_reply`` bytes is replaced by SYSTEM_ERR, and at most ``udp_max_in_flight`` calls
-  are in progress (more datagrams are dropped): a small request never buys a large reply.
-* logging: a line a client can cause per request is written at most ``log_burst`` times per ``log_interval``
-  seconds; the rest are counted and the count is logged with the next one.
+* Bytes per TCP connection: ``connection_bytes`` of requests (unparsed input and the records of calls in
+  progress; one socket read of up to 256 KiB may go over) and ``connection_bytes`` of replies (reserved by a
+  READ/READDIR before the backend reads, produced, or written but not yet read by the client). A connection
+  over either bound, or with ``max_in_flight`` calls running, is not read and its buffered records are not
+  started until it drains. Defaults: about 16.5 MiB per connection.
+* Bytes of all connections together: ``total_bytes``. When reached, READ/READDIR replies wait for room and
+  connections holding over ``FLOOR_BYTES`` are not read, while connections that keep up still get small calls
+  (NULL, GETATTR: ESXi's heartbeat) answered. Worst case ``total_bytes`` + about 0.6 MiB per open connection.
+* Connections: to the NFS port only from addresses some export allows, at most ``max_connections``
+  in all (lowered at start to the descriptor limit less those open less ``fd_reserve``, which stay free for
+  the control socket, the repository and the web app) and ``max_connections_per_client`` per address; others
+  are accepted and closed at once. A connection with nothing received or drained for ``idle_timeout`` seconds
+  is closed (ESXi sends a heartbeat every few seconds; a client that stops reading its replies is no longer
+  read, so it goes idle too). With the defaults one address holds at most 16 x 16.5 MiB (264 MiB), about half
+  of ``total_bytes``: starving other clients' READs takes several allowed addresses.
+* UDP: at most ``udp_max_data`` bytes of file data or directory entries per reply (FSINFO over UDP advertises
+  it), a reply over ``udp_max_reply`` bytes is replaced by SYSTEM_ERR, and at most ``udp_max_in_flight``
+  calls run at once (further datagrams are dropped): a small request never buys a large reply.
+* Logging: a line a client can cause per request is written at most ``log_burst`` times per ``log_interval``
+  seconds per message; the next one written says how many were left out.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Limits:
     max_connections_per_client: int = 16
     idle_timeout: float = 300.0
     connection_bytes: int = 8 << 20
-    total_bytes: int = 256 << 20
+    total_bytes: int = 512 << 20
     max_in_flight: int = 64  # calls in progress per connection
     fd_reserve: int = 64
     udp_max_data: int = 1024

@@ -251,16 +251,13 @@ class TcpConnection(asyncio.Protocol):
     """
 
     def __init__(self, dispatcher: Dispatcher, on_close: Callable[[TcpConnection], None] | None = None,
-                 limits: Limits = DEFAULT, budget: Budget | None = None,
-                 admit: Callable[[TcpConnection], bool] | None = None) -> None:  # fmt: skip
+                 limits: Limits = DEFAULT, budget: Budget | None = None) -> None:  # fmt: skip
         self.dispatcher = dispatcher
         self.on_close = on_close
         self.limits = limits
         self.budget = budget or Budget(limits.total_bytes)
-        self.admit = admit
         self.transport: asyncio.Transport | None = None
         self.address: tuple[str, int] = ("", 0)
-        self.admitted = False
         self.closed = False
         self.last_active = 0.0
         self._buf = bytearray()
@@ -285,10 +282,6 @@ class TcpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         self.address = (peer[0], peer[1])
         self.last_active = time.monotonic()
-        if self.admit is not None and not self.admit(self):
-            transport.close()
-            return
-        self.admitted = True
         # pause_writing as soon as the socket would block, resume_writing when the buffer is empty again
         transport.set_write_buffer_limits(0)  # type: ignore[attr-defined]
 
@@ -305,7 +298,7 @@ class TcpConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._frags = []
         self._out = []
-        if self.admitted and self.on_close:
+        if self.on_close:
             self.on_close(self)
 
     def pause_writing(self) -> None:
@@ -390,8 +383,6 @@ class TcpConnection(asyncio.Protocol):
 
     # --- input ------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if not self.admitted:
-            return
         self.last_active = time.monotonic()
         self._buf += data
         self._charge_in(len(data))

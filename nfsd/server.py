@@ -7,10 +7,7 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
-import os
-import resource
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from nfsd import portmap
 from nfsd.exports import Export, ExportTable
 from nfsd.handles import HandleCodec
 from nfsd.limits import DEFAULT, Limits
+from nfsd.listener import Connections
 from nfsd.mount import MOUNT_PROGRAM, MOUNT_V3, MountV3
 from nfsd.nfs3 import NFS_PROGRAM, NFS_V3, NFSv3
 from nfsd.portmap import IPPROTO_TCP, IPPROTO_UDP, Mapping, PortmapV2
@@ -101,100 +99,30 @@ class NFSServer:
         self.limits = limits
         limited.configure(limits.log_burst, limits.log_interval)
         self.budget = Budget(limits.total_bytes)
-        self.max_connections = limits.max_connections  # lowered at start() if descriptors are short
-        self.connections: set[TcpConnection] = set()  # touched on the event loop only (see clients())
-        self._per_client: dict[str, int] = {}
+        self.conns = Connections(limits, self._new_connection, self._allowed)
+        self.connections = self.conns.open  # changes on the event loop only (see clients())
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sweeper: asyncio.Task | None = None
-        self._previous_handler = None
-        self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.BaseTransport] = []
         self._registered: list[Mapping] = []
         self.ports: Ports | None = None
 
-    async def _listen(self, tcp: socket.socket, udp: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-
-        def factory() -> TcpConnection:
-            return TcpConnection(self.dispatcher, on_close=self._closed, limits=self.limits, budget=self.budget,
-                                 admit=self._admit)  # fmt: skip
-
-        self._servers.append(await loop.create_server(factory, sock=tcp, backlog=128))
+    async def _listen(self, tcp: socket.socket, udp: socket.socket, exports_only: bool = True) -> None:
+        """Serve both sockets; ``exports_only``: TCP connections only from addresses some export allows."""
+        self.conns.listen(tcp, exports_only)
         endpoint = lambda: UdpEndpoint(self.dispatcher, self.limits)  # noqa: E731
-        transport, _ = await loop.create_datagram_endpoint(endpoint, sock=udp)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(endpoint, sock=udp)
         self._transports.append(transport)
 
-    # --- connection limits ------------------------------------------------------------------------------
-    def _admit(self, conn: TcpConnection) -> bool:
-        """Called as a connection is accepted: within the limits it is counted, else it is closed at once."""
-        addr = conn.address[0]
-        per_client = self._per_client.get(addr, 0)
-        if len(self.connections) >= self.max_connections:
-            limited.log(log, logging.WARNING, "refused a connection from %s: %d connections open, the limit",
-                        addr, len(self.connections))  # fmt: skip
-            return False
-        if per_client >= self.limits.max_connections_per_client:
-            limited.log(log, logging.WARNING, "refused a connection from %s: it has %d open, the per-client limit",
-                        addr, per_client)  # fmt: skip
-            return False
-        self._per_client[addr] = per_client + 1
-        self.connections.add(conn)
-        return True
+    def _new_connection(self) -> TcpConnection:
+        return TcpConnection(self.dispatcher, on_close=self.conns.closed, limits=self.limits, budget=self.budget)
 
-    def _closed(self, conn: TcpConnection) -> None:
-        self.connections.discard(conn)
-        addr = conn.address[0]
-        left = self._per_client.get(addr, 1) - 1
-        if left > 0:
-            self._per_client[addr] = left
-        else:
-            self._per_client.pop(addr, None)
-
-    def _descriptor_room(self) -> int:
-        """Connections the descriptor limit allows, keeping ``fd_reserve`` for the rest of the process."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return self.limits.max_connections
-        try:
-            open_now = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            open_now = 64
-        return max(1, soft - open_now - self.limits.fd_reserve)
-
-    async def _sweep_idle(self) -> None:
-        """Close connections with no traffic for ``idle_timeout`` seconds (and slow readers that stalled)."""
-        timeout = self.limits.idle_timeout
-        while True:
-            await asyncio.sleep(min(max(timeout / 4, 0.05), 10.0))
-            now = time.monotonic()
-            for conn in list(self.connections):
-                since = conn.idle_since
-                if since is not None and now - since > timeout and conn.transport is not None:
-                    limited.log(log, logging.INFO, "closing a connection from %s: idle for %.0f s", conn.address[0],
-                                now - since)  # fmt: skip
-                    conn.transport.abort()
-
-    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        """asyncio logs each failed accept (out of descriptors) with a traceback; one rate-limited line instead."""
-        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
-            limited.log(log, logging.WARNING, "cannot accept connections: %s", context.get("exception"))
-            return
-        if self._previous_handler is not None:
-            self._previous_handler(loop, context)
-        else:
-            loop.default_exception_handler(context)
+    def _allowed(self, address: str) -> bool:
+        return any(e.allows(address) for e in self.table.all())
 
     async def start(self) -> Ports:
         nfs_port, mount_port, pmap_port = self.want
-        self._loop = loop = asyncio.get_running_loop()
-        room = self._descriptor_room()
-        if room < self.limits.max_connections:
-            log.warning("the descriptor limit allows %d connections, not %d: raise it (LimitNOFILE)", room,
-                        self.limits.max_connections)  # fmt: skip
-        self.max_connections = min(self.limits.max_connections, room)
-        self._previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(self._exception_handler)
-        self._sweeper = loop.create_task(self._sweep_idle())
+        self._loop = asyncio.get_running_loop()
+        self.conns.start()
         for program in (self.nfs, self.mount):
             self.dispatcher.register(program)
         moved = []
@@ -208,7 +136,7 @@ class NFSServer:
         for msg in moved:
             log.warning(msg)
         await self._listen(*nfs_socks)
-        await self._listen(*mount_socks)
+        await self._listen(*mount_socks, exports_only=False)  # a refused client is told MNT3ERR_ACCES here
         mappings = [
             Mapping(NFS_PROGRAM, NFS_V3, IPPROTO_TCP, got_nfs),
             Mapping(NFS_PROGRAM, NFS_V3, IPPROTO_UDP, got_nfs),
@@ -240,7 +168,7 @@ class NFSServer:
                 self.portmap.set(Mapping(portmap.PMAP_PROGRAM, portmap.PMAP_V2, IPPROTO_UDP, got_pmap))
                 for m in mappings:
                     self.portmap.set(m)
-                await self._listen(*pm_socks)
+                await self._listen(*pm_socks, exports_only=False)
         self.ports = Ports(got_pmap, got_nfs, got_mount, external, moved)
         return self.ports
 
@@ -251,20 +179,10 @@ class NFSServer:
             except OSError:
                 pass
         self._registered.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-            asyncio.get_running_loop().set_exception_handler(self._previous_handler)
-        for s in self._servers:
-            s.close()
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
-        for s in self._servers:
-            await s.wait_closed()
+        self.conns.close()
+        await asyncio.sleep(0)  # let the connections' connection_lost run
         for t in self._transports:
             t.close()
-        self._servers.clear()
         self._transports.clear()
         self.nfs.close()
         for e in self.table.all():

@@ -4,6 +4,7 @@ second, and its memory, descriptors and log stay bounded. Every loop here is bou
 
 from __future__ import annotations
 
+import resource
 import socket
 import subprocess
 import time
@@ -51,8 +52,8 @@ def nfs_cat(srv: NfsdProcess, name: str) -> str:
     return subprocess.run(["nfs-cat", srv.url(name)], capture_output=True, text=True, timeout=20, check=True).stdout
 
 
-def mount_root(srv: NfsdProcess) -> bytes:
-    c = client(srv.mount_port)
+def mount_root(srv: NfsdProcess, source: str = "127.0.0.1") -> bytes:
+    c = client(srv.mount_port, source)
     try:
         return c.mount(str(srv.directory))
     finally:
@@ -168,7 +169,7 @@ def test_fast_pipelined_reads_still_flow(server: NfsdProcess) -> None:
 
 @pytest.mark.parametrize("server", [("--max-connections-per-client", "4", "--max-connections", "8")], indirect=True)
 def test_connections_are_capped_per_client_and_in_total(server: NfsdProcess) -> None:
-    root = mount_root(server)
+    root = mount_root(server, "127.0.0.5")  # its connection may still count for a moment after it closes
     mine = [client(server.nfs_port) for _ in range(12)]
     refused = [s for s in mine if closed_by_server(s.sock, 0.5)]
     assert len(refused) == 8, f"{len(refused)} of 12 connections from one client were closed, expected 8"
@@ -176,6 +177,7 @@ def test_connections_are_capped_per_client_and_in_total(server: NfsdProcess) -> 
     for c in kept:
         c.call(NFS, 3, 0)  # the first four still work
     assert getattr_ok(server, root, "127.0.0.2") < 1.0  # another client is served
+    time.sleep(0.3)  # until the server has seen that connection close
     others = [client(server.nfs_port, "127.0.0.3") for _ in range(4)]  # 4 + 4 = the total of 8
     assert not any(closed_by_server(c.sock, 0.3) for c in others)
     late = client(server.nfs_port, "127.0.0.4")
@@ -185,6 +187,49 @@ def test_connections_are_capped_per_client_and_in_total(server: NfsdProcess) -> 
     time.sleep(0.3)
     assert getattr_ok(server, root, "127.0.0.4") < 1.0  # closing frees the places
     assert nfs_cat(server, "hello.txt") == "hello from nfsd\n"
+
+
+@pytest.mark.parametrize("server", [("--clients", "127.0.0.1/32")], indirect=True)
+def test_connections_from_addresses_no_export_allows_are_closed(server: NfsdProcess) -> None:
+    root = mount_root(server)
+    stranger = client(server.nfs_port, "127.0.0.9")
+    assert closed_by_server(stranger.sock, 1.0), "a connection from a network no export allows was kept"
+    stranger.close()
+    assert getattr_ok(server, root) < 1.0
+
+
+def test_descriptor_limit_keeps_a_reserve(export: Path) -> None:
+    """Under a low descriptor limit, a flood of connections is refused before the process runs out of
+    descriptors: an open connection can still read a file (which needs one), and the log stays small."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))  # the server inherits it
+    try:
+        srv = NfsdProcess(export, *PRIVATE_PORTS).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    flood: list[socket.socket] = []
+    try:
+        root = mount_root(srv)
+        fh = lookup(srv, root, "big.bin")
+        kept = client(srv.nfs_port)
+        before = len(srv.log())
+        for i in range(400):  # 25 addresses x 16: far beyond 200 descriptors
+            try:
+                flood.append(socket.create_connection(("127.0.0.1", srv.nfs_port), timeout=2,
+                                                      source_address=(f"127.0.1.{i // 16 + 1}", 0)))  # fmt: skip
+            except OSError:
+                pass
+        time.sleep(0.5)
+        u = kept.call(NFS, 3, 6, Packer().opaque(fh).u64(0).u32(4096).bytes())
+        assert u.u32() == 0, "READ failed on an open connection: the server ran out of descriptors"
+        log = srv.log()[before:]
+        assert "Too many open files" not in log and "out of system resource" not in log, log[-2000:]
+        assert len(log) < 4000, log[-2000:]
+        kept.close()
+    finally:
+        for s in flood:
+            s.close()
+        srv.stop()
 
 
 @pytest.mark.parametrize("server", [("--idle-timeout", "1")], indirect=True)
