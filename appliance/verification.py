@@ -49,8 +49,9 @@ def compile_expect(expect: str | None) -> re2._Regexp | None:
         return re2.compile(expect, options)
     except re2.error as exc:
         why = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise UsageError(f"expect: {expect!r} is not a regular expression RE2 accepts (no backreferences or "
-                         f"lookaround): {why}") from None  # fmt: skip
+        raise UsageError(
+            f"expect: not a regular expression RE2 accepts (no backreferences or lookaround) in {expect!r}: {why}"
+        ) from None  # fmt: skip
 
 
 def verify_boot(client: ControlClient, vm: str, timeout: float = 300, expect: str | None = None,

@@ -92,7 +92,7 @@ def test_boot_from_published_backup_instant_sandbox_migrate(setup, tmp_path: Pat
     # migrate: the output holds the guest's marker; the instant session can then be stopped
     p = daemon.cli("stop", doc["id"], ok=False)
     assert p.returncode == 40 and "never migrated" in p.stderr
-    out = tmp_path / "migrated"
+    out = base / "migrated"  # migration writes only under its allowed directories (the daemon's base here)
     daemon.cli("migrate", doc["id"], "-o", out)
     assert sorted(f.name for f in out.iterdir()) == ["demo-flat.vmdk", "demo.vmdk", "demo.vmx"]
     marker = read_marker(out / "demo-flat.vmdk")
