@@ -516,7 +516,6 @@ class LocalFS(Backend):
 
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
         with self._dir(directory) as d:
-            current = d.st.st_mtime_ns & 0xFFFFFFFFFFFFFFFF  # any change of the directory changes its mtime
             parent = self._root if directory.fileid == self._root.fileid else ObjectId(os.fstat(d.dir_fd).st_ino)
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d.fd)
             try:
@@ -529,7 +528,7 @@ class LocalFS(Backend):
                     return self._remember(directory, name, st)
 
                 names = sorted(os.listdir(fd))
-                return readdir_page(directory, parent, names, cookie, verifier, current, count, resolve)
+                return readdir_page(directory, parent, names, cookie, verifier, count, resolve)
             finally:
                 os.close(fd)
 

@@ -11,6 +11,7 @@ NFS3ERR_IO or NFS3ERR_SERVERFAULT in one place (``nfsd.errors``).
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -188,24 +189,33 @@ READDIR_ENTRY_BYTES = 16  # no entry takes fewer bytes in a reply: a page never 
 READDIR_MIN_ENTRIES = 16
 
 
+def names_verifier(names: Sequence[str]) -> int:
+    """A non-zero 64-bit cookie verifier for a directory holding ``names`` in this order."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in names:
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+    return int.from_bytes(digest.digest(), "big") or 1
+
+
 def readdir_page(
     directory: ObjectId,
     parent: ObjectId,
     names: Sequence[str],
     cookie: int,
     verifier: int,
-    current: int,
     count: int,
     resolve: Callable[[int, str], ObjectId | None],
 ) -> ReadDirResult:
     """READDIR cookie paging, the one place every backend uses (STYLE.md rule 15).
 
-    ``names`` are the directory's entries without '.' and '..', in a stable (sorted) order; ``current`` is the
-    directory's verifier now, ``verifier`` the one the client got with ``cookie``: a non-zero cookie with a
-    non-zero verifier that is no longer ``current`` is NFSError(BAD_COOKIE). Cookies: 1 is '.', 2 is '..',
-    3 + i is ``names[i]``; a page starts after ``cookie`` and holds at most ``max(count // 16, 16)`` entries.
-    ``resolve(i, name)`` gives the object of ``names[i]`` for this page only (so a backend stats no more than
-    a page), or None if it vanished meanwhile: it is left out and the other cookies keep their numbers."""
+    ``names`` are the directory's entries without '.' and '..', in a stable (sorted) order. Cookies: 1 is '.',
+    2 is '..', 3 + i is ``names[i]``; a page starts after ``cookie`` and holds at most ``max(count // 16, 16)``
+    entries. The verifier is a hash of the names, so it changes exactly when cookies stop meaning the same
+    positions (a directory's mtime can miss a change made within the same clock tick, and changes when only
+    times are set): a non-zero cookie with a non-zero ``verifier`` that is no longer the names' is
+    NFSError(BAD_COOKIE). ``resolve(i, name)`` gives the object of ``names[i]`` for this page only (so a backend
+    stats no more than a page), or None if it vanished meanwhile: it is left out, the other cookies keep theirs."""
+    current = names_verifier(names)
     if cookie and verifier and verifier != current:
         raise NFSError(Status.BAD_COOKIE, f"directory {directory.fileid} changed since the listing began")
     entries: list[DirEntry] = []

@@ -217,10 +217,7 @@ class DatastoreBackend(Backend):
         else:
             names = [(n, self._global(slot, o)) for n, o in folder.listing(local)]
             parent = self.parent(directory)
-        current = zlib.crc32("\0".join(n for n, _ in names).encode()) or 1  # the names are what the client sees
-        return readdir_page(
-            directory, parent, [n for n, _ in names], cookie, verifier, current, count, lambda i, _: names[i][1]
-        )
+        return readdir_page(directory, parent, [n for n, _ in names], cookie, verifier, count, lambda i, _: names[i][1])
 
     def fsstat(self, obj: ObjectId) -> FsStat:
         slot, folder, local = self._route(obj)

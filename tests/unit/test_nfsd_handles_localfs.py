@@ -94,10 +94,49 @@ def test_readdir_cookies_and_verifier(fs: LocalFS) -> None:
             break
         cookie, verifier = res.entries[-1].cookie, res.verifier
     assert names[:2] == [".", ".."] and len(names) == 2 + 51 and len(set(names)) == len(names)
-    fs.create(root, "late", CreateMode.GUARDED, SetAttr(), None, CRED)
-    with pytest.raises(NFSError) as e:
-        fs.readdir(root, cookie, verifier + 1, 4096)
-    assert e.value.status == Status.BAD_COOKIE
+
+
+def bad_cookie(fs: LocalFS, directory: ObjectId, cookie: int, verifier: int) -> bool:
+    try:
+        fs.readdir(directory, cookie, verifier, 4096)
+        return False
+    except NFSError as e:
+        assert e.status == Status.BAD_COOKIE, e
+        return True
+
+
+def test_readdir_verifier_outlives_reads_but_not_changes(fs: LocalFS) -> None:
+    """A listing's cookies stay good while the directory's entries stay; any change of them (through us or
+    behind our back, in the same clock tick or not) makes the OLD verifier BAD_COOKIE."""
+    root = fs.root()
+    d = fs.lookup(root, "d")
+    f = fs.lookup(d, "f.txt")
+    for i in range(40):
+        fs.create(root, f"file{i:02d}", CreateMode.GUARDED, SetAttr(), None, CRED)
+
+    def begin() -> tuple[int, int]:
+        first = fs.readdir(root, 0, 0, 16 * 16)
+        assert not first.eof
+        return first.entries[-1].cookie, first.verifier
+
+    cookie, old = begin()
+    fs.getattr(f)
+    fs.write(f, 0, memoryview(b"changed data"), StableHow.FILE_SYNC)
+    fs.setattr(root, SetAttr(mtime_ns=1_000_000_000), CRED)  # times and contents are not entries
+    assert not bad_cookie(fs, root, cookie, old), "an unchanged directory refused its own verifier"
+    assert fs.readdir(root, cookie, old, 4096).entries[0].cookie == cookie + 1
+    changes = [
+        lambda: fs.create(root, "late", CreateMode.GUARDED, SetAttr(), None, CRED),
+        lambda: fs.remove(root, "late"),
+        lambda: fs.rename(root, "file05", root, "file05.renamed"),
+        lambda: fs.mkdir(root, "sub", SetAttr(), CRED),
+        lambda: (fs.base / "from-the-host").write_bytes(b""),
+        lambda: os.unlink(fs.base / "from-the-host"),
+    ]
+    for change in changes:
+        cookie, old = begin()
+        change()
+        assert bad_cookie(fs, root, cookie, old), "a changed directory still accepted the old verifier"
 
 
 def test_setattr_truncate_extend_mode_times(fs: LocalFS) -> None:

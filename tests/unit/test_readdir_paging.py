@@ -8,26 +8,27 @@ import pytest
 
 from appliance.datastore.backend import DatastoreBackend
 from nfsd.localfs import LocalFS
-from nfsd.vfs import Backend, NFSError, ObjectId, ReadDirResult, Status, readdir_page
+from nfsd.vfs import Backend, NFSError, ObjectId, ReadDirResult, Status, names_verifier, readdir_page
 
 DIR, PARENT = ObjectId(10), ObjectId(1)
 NAMES = [f"n{i:03d}" for i in range(100)]
+V = names_verifier(NAMES)
 
 
 def objects(i: int, name: str) -> ObjectId:
     return ObjectId(1000 + i)
 
 
-def page(cookie: int, verifier: int = 0, current: int = 7, count: int = 0, names: list[str] = NAMES,
-         resolve=objects) -> ReadDirResult:  # fmt: skip  # noqa: ANN001
-    return readdir_page(DIR, PARENT, names, cookie, verifier, current, count, resolve)
+def page(cookie: int, verifier: int = 0, count: int = 0, names: list[str] = NAMES, resolve=objects  # noqa: ANN001
+         ) -> ReadDirResult:  # fmt: skip
+    return readdir_page(DIR, PARENT, names, cookie, verifier, count, resolve)
 
 
 def test_first_page_has_dot_dotdot_then_names_with_their_cookies() -> None:
     res = page(0, count=16 * 20)
     assert [(e.name, e.obj, e.cookie) for e in res.entries[:3]] == [(".", DIR, 1), ("..", PARENT, 2),
                                                                     ("n000", ObjectId(1000), 3)]  # fmt: skip
-    assert len(res.entries) == 20 and not res.eof and res.verifier == 7
+    assert len(res.entries) == 20 and not res.eof and res.verifier == V
     assert [e.cookie for e in res.entries] == list(range(1, 21))
 
 
@@ -35,7 +36,7 @@ def test_first_page_has_dot_dotdot_then_names_with_their_cookies() -> None:
 def test_paging_from_each_last_cookie_yields_every_name_once_in_order(count: int) -> None:
     seen, cookie, pages = [], 0, 0
     while True:
-        res = page(cookie, verifier=7 if cookie else 0, count=count)
+        res = page(cookie, verifier=V if cookie else 0, count=count)
         assert len(res.entries) <= max(count // 16, 16)
         seen += [e.name for e in res.entries]
         pages += 1
@@ -48,17 +49,23 @@ def test_paging_from_each_last_cookie_yields_every_name_once_in_order(count: int
 
 
 def test_the_page_that_ends_exactly_at_the_last_name_says_eof() -> None:
-    assert page(2 + 84, verifier=7, count=16 * 16).eof  # names 84..99: 16 entries, the last ones
-    assert not page(2 + 83, verifier=7, count=16 * 16).eof
-    assert page(500, verifier=7).entries == [] and page(500, verifier=7).eof  # past the end
+    assert page(2 + 84, verifier=V, count=16 * 16).eof  # names 84..99: 16 entries, the last ones
+    assert not page(2 + 83, verifier=V, count=16 * 16).eof
+    assert page(500, verifier=V).entries == [] and page(500, verifier=V).eof  # past the end
 
 
-def test_a_changed_verifier_is_bad_cookie_but_a_fresh_listing_is_not() -> None:
-    with pytest.raises(NFSError) as e:
-        page(5, verifier=6, current=7)
-    assert e.value.status == Status.BAD_COOKIE and "10" in str(e.value)
-    assert page(0, verifier=6, current=7).entries[0].name == "."  # cookie 0 starts over whatever the verifier
-    assert page(5, verifier=0, current=7).entries[0].cookie == 6  # no verifier: nothing to check
+def test_the_verifier_follows_the_names_exactly() -> None:
+    renamed = [*NAMES[:50], "n050-renamed", *NAMES[51:]]
+    for changed in (NAMES[:-1], [*NAMES, "n100"], renamed, ["", *NAMES]):
+        assert names_verifier(changed) != V
+        with pytest.raises(NFSError) as e:
+            page(5, verifier=V, names=changed)  # a cookie from before the change
+        assert e.value.status == Status.BAD_COOKIE and "10" in str(e.value)
+    assert names_verifier(list(NAMES)) == V and page(5, verifier=V).entries[0].cookie == 6  # unchanged: accepted
+    assert names_verifier(["ab", "c"]) != names_verifier(["a", "bc"]) and names_verifier([]) != 0
+    assert names_verifier(["caf\udce9"]) != names_verifier(["caf\udce8"])  # names that are not UTF-8
+    assert page(0, verifier=V + 1).entries[0].name == "."  # cookie 0 starts over whatever the verifier
+    assert page(5, verifier=0).entries[0].cookie == 6  # no verifier: nothing to check
 
 
 def test_only_the_page_is_resolved_and_vanished_names_keep_the_others_cookies() -> None:
@@ -68,7 +75,7 @@ def test_only_the_page_is_resolved_and_vanished_names_keep_the_others_cookies() 
         asked.append(i)
         return None if name == "n021" else ObjectId(1000 + i)
 
-    res = page(2 + 20, verifier=7, count=16 * 16, resolve=resolve)
+    res = page(2 + 20, verifier=V, count=16 * 16, resolve=resolve)
     assert asked == list(range(20, 36))
     assert [(e.name, e.cookie) for e in res.entries[:2]] == [("n020", 23), ("n022", 25)]
 
