@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import open_source
 from appliance.repo import Repository
 from appliance.repo.readcache import ReadCache
+from appliance.repo.reader import _read_ahead_pool
 from nfsd.localfs import LocalFS
 
 MiB = 1 << 20
@@ -146,11 +148,30 @@ def test_sequential_reads_decode_the_next_chunks_ahead(tmp_path: Path) -> None:
     while reader.read_cached(5 * MiB, 10) is None:
         assert time.monotonic() < deadline, "read-ahead did not load chunk 5"
         time.sleep(0.01)
+    drain_read_ahead()
     assert reader.read_cached(2 * MiB, MiB) == data[2 * MiB : 3 * MiB]
     assert reader.read_cached(6 * MiB, 10) is None  # not further than READ_AHEAD
     random_reader = repo.open_disk(point, point.disks[0].name)
     repo.chunk_cache.clear()
-    random_reader.read(7 * MiB, 10)
-    random_reader.read(3 * MiB, 10)  # jumps: no read-ahead
-    time.sleep(0.2)
-    assert random_reader.read_cached(4 * MiB, 10) is None
+    loads = repo.chunk_cache.misses
+    for chunk in (3, 0, 6):  # jumps: no read-ahead (after 3, it would load 4 to 7)
+        random_reader.read(chunk * MiB, 10)
+    drain_read_ahead()  # whatever these reads queued has run now
+    assert repo.chunk_cache.misses - loads == 3, "chunks were loaded besides the three read"
+    assert [i for i in range(8) if random_reader.read_cached(i * MiB, 10) is not None] == [0, 3, 6]
+
+
+def drain_read_ahead() -> None:
+    """Return once every read-ahead queued so far has finished: a task that waits for the others is put on each
+    worker thread; they can all run at once only when the FIFO queue ahead of them is done. If that made the pool
+    start a thread, the busy one may still be working: again with the new count, until it holds still."""
+    while True:
+        workers = [t for t in threading.enumerate() if t.name.startswith("read-ahead")]
+        if not workers:
+            return  # nothing was ever queued: a submit starts a thread before it returns
+        barrier = threading.Barrier(len(workers) + 1)
+        for _ in workers:
+            _read_ahead_pool.submit(barrier.wait, 10)
+        barrier.wait(10)
+        if len([t for t in threading.enumerate() if t.name.startswith("read-ahead")]) == len(workers):
+            return
