@@ -195,8 +195,8 @@ def stop(sid: str) -> Response:
 @bp.post("/sessions/<sid>/migration")
 @api_auth
 def migrate(sid: str) -> tuple[Response, int]:
-    body = json_body(field.OUTPUT)
-    return jsonify(daemon.call("migrate", id=sid, output=body["output"])), 202
+    body = json_body(field.OUTPUT, field.OVERWRITE)
+    return jsonify(daemon.call("migrate", id=sid, output=body["output"], overwrite=body["overwrite"])), 202
 
 
 @bp.get("/sessions/<sid>/migration")

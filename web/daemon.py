@@ -19,6 +19,7 @@ STATUS_OF = (
     (errors.UsageError, 400),
     (errors.ConfigError, 400),
     (errors.NoSpaceError, 507),
+    (errors.LimitExceededError, 429),
     (errors.SessionError, 409),
     (errors.RepositoryLockedError, 409),
     (errors.DaemonNotRunningError, 503),

@@ -108,7 +108,9 @@ def openapi_document() -> dict:
                 "get": _op("Migration progress", _json(_ref("Migration")), params=[sid]),
                 "post": _op("Copy the running VM's disks out (backup + changes)", _json(_ref("Migration"), "Started"),
                             params=[sid], body={"type": "object", "required": ["output"], "additionalProperties": False,
-                                                "properties": {"output": ABS_PATH}}, code="202"),
+                                                "properties": {"output": ABS_PATH, "overwrite": {
+                                    "type": "boolean", "default": False,
+                                    "description": "replace an existing output file (else 400)"}}}, code="202"),
             },
             "/api/v1/verifications": {
                 "get": _op("Backup verifications, newest first",

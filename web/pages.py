@@ -159,7 +159,7 @@ def stop(sid: str) -> Response:
 def migrate(sid: str) -> Response:
     def start() -> str:
         output = form_fields(field.OUTPUT)["output"]
-        daemon.call("migrate", id=sid, output=output)
+        daemon.call("migrate", id=sid, output=output, overwrite=request.form.get("overwrite") == "on")
         return f"Migration of {sid} to {output} started."
 
     return _act(start, f"Could not migrate {sid}")

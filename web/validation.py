@@ -71,6 +71,7 @@ EXPECT = Field("expect", str, max_length=500)
 TIMEOUT = Field("timeout", (int, float), default=300)
 MEMORY_MIB = Field("memory_mib", int, default=1024)
 OUTPUT = Field("output", str, required=True, absolute_path=True)
+OVERWRITE = Field("overwrite", bool, default=False)
 TOKEN_NAME = Field("name", str, required=True, max_length=64)
 
 

@@ -125,6 +125,21 @@ def test_instant_session_migrates_with_progress_then_stops(appliance) -> None:
     expected[4 << 20 : (4 << 20) + 1000] = b"guest data" * 100
     migrated = [p for p in out.iterdir() if p.name.endswith("-flat.vmdk") or p.suffix == ".raw"]
     assert migrated and migrated[0].read_bytes() == bytes(expected)
+    assert migrated[0].stat().st_mode & 0o077 == 0  # the disk a guest wrote is nobody else's to read
+    # The same target again: refused while the first copy stands, replaced only when asked.
+    resp = api.post(f"{url}/sessions/{sid}/migration", json={"output": str(out)})
+    assert resp.status_code == 400 and "exists" in resp.json()["error"]["message"], resp.text
+    resp = api.post(f"{url}/sessions/{sid}/migration", json={"output": str(out), "overwrite": "yes"})
+    assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("overwrite:")
+    resp = api.post(f"{url}/sessions/{sid}/migration", json={"output": str(out), "overwrite": True})
+    assert resp.status_code == 202, resp.text
+    while api.get(f"{url}/sessions/{sid}/migration").json()["running"]:
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.2)
+    # Outside the directories the operator allowed: refused, nothing created.
+    outside = appliance["base"].parent / f"outside-{sid}"
+    resp = api.post(f"{url}/sessions/{sid}/migration", json={"output": str(outside / "web01")})
+    assert resp.status_code == 400 and not outside.exists(), resp.text
     assert api.delete(f"{url}/sessions/{sid}").status_code == 200
 
 
