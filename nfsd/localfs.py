@@ -495,6 +495,16 @@ class LocalFS(Backend):
                 raise NFSError(Status.ISDIR, f"object {obj.fileid} is a directory")
             os.link(node.name, component(name), src_dir_fd=node.dir_fd, dst_dir_fd=d.fd, follow_symlinks=False)
 
+    def names_in(self, directory: ObjectId) -> list[str]:
+        """Every name in ``directory`` (without '.' and '..'), sorted, nothing stat'ed: what a READDIR page needs
+        before it looks up only the names it returns."""
+        with self._dir(directory) as d:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d.fd)
+            try:
+                return sorted(os.listdir(fd))
+            finally:
+                os.close(fd)
+
     def listing(self, directory: ObjectId) -> list[tuple[str, ObjectId]]:
         """Every name in ``directory`` (without '.' and '..') with its object, sorted by name."""
         with self._dir(directory) as d:

@@ -208,16 +208,22 @@ class DatastoreBackend(Backend):
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
         slot, folder, local = self._route(directory)
         if folder is None:
-            found = dict(self.rootfs.listing(local))  # by descriptor: a symlink handle is NOTDIR, never followed
+            names = set(self.rootfs.names_in(local))  # by descriptor: a symlink handle is NOTDIR, never followed
             if local.fileid == self.rootfs.root().fileid:
-                for s, (n, f) in self._folders.items():
-                    found[n] = self._global(s, f.root())  # a published folder hides a real entry of its name
-            names = sorted(found.items(), key=lambda e: e[0])
-            parent = self.parent(directory)
+                names.update(n for n, _ in self._folders.values())  # a published folder hides a real entry
+            names = sorted(names)
         else:
-            names = [(n, self._global(slot, o)) for n, o in folder.listing(local)]
-            parent = self.parent(directory)
-        return readdir_page(directory, parent, [n for n, _ in names], cookie, verifier, count, lambda i, _: names[i][1])
+            names = folder.names_in(local)
+
+        def resolve(_: int, name: str) -> ObjectId | None:  # only the page's names are looked up
+            try:
+                return self.lookup(directory, name)
+            except NFSError as exc:
+                if exc.status == Status.NOENT:
+                    return None  # removed since the listing
+                raise
+
+        return readdir_page(directory, self.parent(directory), names, cookie, verifier, count, resolve)
 
     def fsstat(self, obj: ObjectId) -> FsStat:
         slot, folder, local = self._route(obj)

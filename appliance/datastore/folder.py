@@ -201,6 +201,13 @@ class SessionFolder:
         except NFSError:
             return False
 
+    def names_in(self, directory: ObjectId) -> list[str]:
+        """All names in ``directory`` (without '.' and '..'), sorted, none looked up (``lookup`` gives each)."""
+        names = set(self.files.names_in(directory))  # by descriptor: a symlink handle is NOTDIR
+        if self.is_root(directory):
+            names.update(self._visible())
+        return sorted(names)
+
     def listing(self, directory: ObjectId) -> list[tuple[str, ObjectId]]:
         """All names in ``directory`` (without '.' and '..'), sorted."""
         entries: dict[str, ObjectId] = {}

@@ -103,3 +103,19 @@ def test_localfs_and_the_datastore_page_alike(tmp_path: Path) -> None:
     with pytest.raises(NFSError) as e:
         ds.readdir(ds.root(), first.entries[-1].cookie, first.verifier, 16 * 16)
     assert e.value.status == Status.BAD_COOKIE
+
+
+def test_the_datastore_looks_up_only_the_names_of_the_page(tmp_path: Path) -> None:
+    """A page of a big directory must not cost a stat of every entry (a client can make directories big)."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    for i in range(500):
+        (root / f"f{i:04d}").write_bytes(b"")
+    ds = DatastoreBackend(root)
+    res = ds.readdir(ds.root(), 0, 0, 16 * 16)
+    assert [e.name for e in res.entries[2:4]] == ["f0000", "f0001"] and not res.eof
+    assert len(ds.rootfs._where) <= 16, f"{len(ds.rootfs._where)} entries looked up for a page of 16"
+    (root / "f0005").unlink()  # the names changed: the old verifier is refused
+    with pytest.raises(NFSError) as e:
+        ds.readdir(ds.root(), res.entries[-1].cookie, res.verifier, 16 * 16)
+    assert e.value.status == Status.BAD_COOKIE
