@@ -279,8 +279,9 @@ class TcpConnection(asyncio.Protocol):
     # --- lifecycle --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.address = (peer[0], peer[1])
+        if not self.address[0]:  # the listener sets it as it accepts; peername is None once the peer is gone
+            peer = transport.get_extra_info("peername") or ("", 0)
+            self.address = (peer[0], peer[1])
         self.last_active = time.monotonic()
         # pause_writing as soon as the socket would block, resume_writing when the buffer is empty again
         transport.set_write_buffer_limits(0)  # type: ignore[attr-defined]

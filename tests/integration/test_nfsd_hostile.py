@@ -145,8 +145,43 @@ def test_slow_reader_cannot_grow_memory(server: NfsdProcess) -> None:
     hog.close()
 
 
+@pytest.mark.parametrize("server", [("--connection-bytes", str(4 * MiB), "--total-bytes", str(16 * MiB))],
+                         indirect=True)  # fmt: skip
+def test_many_slow_readers_are_held_to_total_bytes(server: NfsdProcess) -> None:
+    """16 connections from 4 addresses that never read could hold 16 x 4 MiB of replies; together they get
+    total_bytes (16 MiB). Heartbeats on another connection are answered meanwhile; READs wait for room."""
+    root = mount_root(server)
+    fh = lookup(server, root, "big.bin")
+    base = rss_mib(server.proc.pid)
+    hogs = [client(server.nfs_port, f"127.0.2.{i % 4 + 1}") for i in range(16)]
+    for h in hogs:
+        h.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        h.sock.settimeout(0.05)
+    cred = auth_sys()
+    batch = b"".join(record(call_bytes(i, NFS, 3, 6, Packer().opaque(fh).u64(i * MiB).u32(MiB).bytes(), cred))
+                     for i in range(16))  # fmt: skip
+    peak = base
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for h in hogs:
+            try:
+                h.sock.sendall(batch)
+            except TimeoutError:
+                pass
+        peak = max(peak, rss_mib(server.proc.pid))
+        if peak - base > 48:
+            break
+    assert peak - base <= 48, f"RSS grew {peak - base:.0f} MiB with total_bytes 16 MiB"
+    print(f"16 slow readers: RSS {base:.0f} -> peak {peak:.0f} MiB")
+    assert getattr_ok(server, root, "127.0.0.7") < 1.0
+    for h in hogs:
+        h.close()
+    time.sleep(0.5)
+    assert nfs_cat(server, "hello.txt") == "hello from nfsd\n"  # room again once they are gone
+
+
 def test_fast_pipelined_reads_still_flow(server: NfsdProcess) -> None:
-    """The bounds do not starve a client that reads: 256 pipelined 1 MiB READs all arrive, in order of xid."""
+    """The bounds do not starve a client that reads: 256 pipelined 1 MiB READs all arrive."""
     root = mount_root(server)
     fh = lookup(server, root, "big.bin")
     c = client(server.nfs_port, timeout=20)
