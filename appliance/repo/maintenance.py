@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from appliance.errors import BootbackError
-from appliance.repo.manifest import RestorePoint
+from appliance.errors import BootbackError, IntegrityError, UsageError
+from appliance.repo.manifest import DamagedPoint, RestorePoint, check_vm_name
 from appliance.repo.repository import Repository
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -92,35 +92,40 @@ class PruneReport:
 
 
 def prune(repo: Repository, vm: str, keep: int, wait: bool = True, dry_run: bool = False) -> PruneReport:
-    """Keep the newest ``keep`` restore points of ``vm``, delete the rest, then collect garbage."""
+    """Keep the newest ``keep`` restore points of ``vm``, delete the rest, then collect garbage. Refused, before
+    anything is deleted, while any point file is damaged (its chunks, and which points are newest, are unknown)."""
     if keep < 1:
-        from appliance.errors import UsageError
-
         raise UsageError(f"--keep must be at least 1, got {keep}")
-    points = repo.restore_points(vm)
+    check_vm_name(vm)
+    listing = repo.list_points()  # every VM: garbage collection below needs every point
+    if listing.damaged:
+        raise _damaged(repo, "prune", listing.damaged)
+    points = [p for p in listing.points if p.vm == vm]
     report = PruneReport()
     doomed = points[: max(0, len(points) - keep)]
     report.kept_points = [p.ref for p in points[len(doomed) :]]
     report.deleted_points = [p.ref for p in doomed]
     if dry_run:
         return report
-    # Deleting a manifest is safe at any moment (readers that loaded it keep their chunk list); chunks go
-    # only in the collection below, under the exclusive lock, so no running backup loses a deduplicated chunk.
-    for p in doomed:
-        repo.delete_point(p)
-    deleted, freed = collect_garbage(repo, wait=wait)
-    report.deleted_chunks, report.freed_bytes = deleted, freed
+    report.deleted_chunks, report.freed_bytes = collect_garbage(repo, wait=wait, doomed=doomed)
     return report
 
 
-def collect_garbage(repo: Repository, wait: bool = True) -> tuple[int, int]:
-    """Delete chunks no restore point references and leftovers of crashed backups; (chunks, bytes) freed."""
+def collect_garbage(repo: Repository, wait: bool = True, doomed: Sequence[RestorePoint] = ()) -> tuple[int, int]:
+    """Delete the ``doomed`` points, then chunks no restore point references and leftovers of crashed backups;
+    returns (chunks, bytes) freed. Under the exclusive lock, so no running backup loses a deduplicated chunk."""
     with repo.exclusive(wait=wait):
+        listing = repo.list_points(with_chunks=True)
+        if listing.damaged:  # nothing is collected while a point's chunks cannot be known
+            raise _damaged(repo, "collect garbage in", listing.damaged)
+        gone = {p.ref for p in doomed}
+        for p in doomed:
+            repo.delete_point(p)
         live: set[str] = set()
-        # A damaged point file raises here: nothing is collected while a point's chunks cannot be known.
-        for p in repo.restore_points(with_chunks=True):
-            for d in p.disks:
-                live.update(c for c in d.chunks if c is not None)
+        for p in listing.points:
+            if p.ref not in gone:
+                for d in p.disks:
+                    live.update(c for c in d.chunks if c is not None)
         deleted = freed = 0
         for cid in list(repo.store.iter_ids()):
             if cid not in live:
@@ -135,3 +140,12 @@ def collect_garbage(repo: Repository, wait: bool = True) -> tuple[int, int]:
             stale.unlink(missing_ok=True)
         repo.chunk_cache.clear()
     return deleted, freed
+
+
+def _damaged(repo: Repository, what: str, damaged: list[DamagedPoint]) -> IntegrityError:
+    reasons = "; ".join(d.error for d in damaged)
+    return IntegrityError(
+        f"cannot {what} {repo.path}: {len(damaged)} restore point file(s) cannot be read, so the chunks they need "
+        f"are unknown and nothing was deleted ({reasons}); restore the file from a copy, or remove it if its "
+        "point is lost ('bootback verify' lists them)"
+    )

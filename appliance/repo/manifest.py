@@ -26,7 +26,14 @@ MAX_DISKS = 256
 MAX_DISK_SIZE = 1 << 48  # 256 TiB: above every hypervisor's disk limit (VMDK 62 TB, VHDX 64 TB)
 MAX_NAME = 255
 MAX_SHORT_TEXT = 64  # source_format, adapter, controller
+MAX_NESTING = 8  # source and stats are a level or two deep; deeper would break every JSON encoder downstream
 CHUNK_ENTRY_MAX = 67  # longest JSON form of one chunk list entry: '"<64 hex>",'
+
+
+def point_ref(vm: str, point_id: str) -> str:
+    """``vm@id`` as read from a file's path; names that are not well formed (a stray file) are quoted, so they
+    print harmlessly."""
+    return f"{vm if VM_NAME_RE.match(vm) else repr(vm)}@{point_id if POINT_ID_RE.match(point_id) else repr(point_id)}"
 
 
 def check_vm_name(name: str) -> str:
@@ -131,6 +138,23 @@ class RestorePoint:
 
 
 @dataclass(frozen=True)
+class DamagedPoint:
+    """A point file that cannot be read: only what its path says (VM folder, file name) and why. Listings show
+    it beside the good points, so one damaged file hides nothing else and is itself never shown with facts."""
+
+    vm: str
+    id: str
+    error: str
+
+    @property
+    def ref(self) -> str:
+        return point_ref(self.vm, self.id)
+
+    def summary(self) -> dict[str, Any]:
+        return {"vm": self.vm, "id": self.id, "damaged": True, "error": self.error}
+
+
+@dataclass(frozen=True)
 class ChunkListsRef:
     """What a summary says about its point's chunk-list section."""
 
@@ -155,7 +179,7 @@ def parse_chunk_lists(raw: bytes, point: RestorePoint, name: str) -> None:
     """Attach the chunk lists of a format-2 point (``check_chunks`` checks them)."""
     try:
         lists = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
         raise IntegrityError(f"{name}: malformed chunk lists: {exc}") from exc
     if not isinstance(lists, list) or len(lists) != len(point.disks):
         got = len(lists) if isinstance(lists, list) else type(lists).__name__
@@ -176,7 +200,7 @@ def parse_v1(raw: bytes, name: str) -> RestorePoint:
 def _json_object(raw: bytes, name: str) -> dict:
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
         raise IntegrityError(f"{name}: malformed manifest: {exc}") from exc
     if not isinstance(doc, dict):
         raise IntegrityError(f"{name}: malformed manifest: a {type(doc).__name__}, expected an object")
@@ -259,6 +283,9 @@ def check_point(point: RestorePoint, chunk_size: int, vm: str, point_id: str, na
         raise bad(f"names point id {point.id!r}, but is stored as {point_id!r}")
     if point.time.utcoffset() is None or new_point_id(point.time) != point.id:
         raise bad(f"time {point.time.isoformat()} does not match its id {point.id}")
+    for key, value in (("source", point.source), ("stats", point.stats)):
+        if _depth(value) > MAX_NESTING:
+            raise bad(f"{key} is nested more than {MAX_NESTING} levels deep")
     if not 1 <= len(point.disks) <= MAX_DISKS:
         raise bad(f"{len(point.disks)} disks (1 to {MAX_DISKS} allowed)")
     seen: set[str] = set()
@@ -282,6 +309,14 @@ def check_point(point: RestorePoint, chunk_size: int, vm: str, point_id: str, na
         if d.chunks is not None:
             check_chunks(d, name)
     return point
+
+
+def _depth(value: object, limit: int = MAX_NESTING + 1) -> int:
+    """How deep ``value`` nests lists and dicts, counted no further than ``limit``."""
+    if limit <= 0 or not isinstance(value, dict | list):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
 
 
 def check_chunks(disk: DiskEntry, name: str) -> None:

@@ -11,7 +11,10 @@ is still read, with the same field checks but no checksum.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -25,6 +28,7 @@ from appliance.repo.manifest import (
     parse_chunk_lists,
     parse_summary,
     parse_v1,
+    point_ref,
 )
 
 MAX_SUMMARY_BYTES = 16 << 20  # a summary holds the .vmx text, the source and stats: kilobytes in practice
@@ -42,7 +46,21 @@ def encode(point: RestorePoint) -> bytes:
 
 
 def point_name(path: Path) -> str:
-    return f"restore point {path.parent.name}@{path.stem}"
+    return f"restore point {point_ref(path.parent.name, path.stem)}"
+
+
+def _open_regular(path: Path, name: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file: a FIFO would block a listing forever, a directory
+    or device is no point file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise IntegrityError(f"{name}: {path} is not a regular file (mode {stat.filemode(mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
@@ -50,7 +68,7 @@ def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
     ``with_chunks`` only its summary is read (a format-1 file is always read whole)."""
     vm, point_id, name = path.parent.name, path.stem, point_name(path)
     dctx = zstandard.ZstdDecompressor()
-    with open(path, "rb") as f:
+    with _open_regular(path, name) as f:
         if objects.version_of(f.read(5), name) == objects.OBJECT_VERSION:
             f.seek(0)
             blob = f.read(_V1_MAX_BYTES + objects.HEADER_SIZE + 1)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from appliance.atomicfile import fsync_dir, write_atomic
 from appliance.errors import (
+    BootbackError,
+    IntegrityError,
     NotARepositoryError,
     RepositoryLockedError,
     RestorePointNotFoundError,
@@ -30,12 +32,13 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.repo import pointfile
-from appliance.repo.manifest import POINT_ID_RE, RestorePoint, check_point, check_vm_name
+from appliance.repo.manifest import POINT_ID_RE, DamagedPoint, RestorePoint, check_point, check_vm_name
 from appliance.repo.reader import ChunkCache, DiskReader
 from appliance.repo.store import DIR_MODE, FILE_MODE, ChunkStore
 from appliance.units import MiB, parse_size
 
-__all__ = ["DEFAULT_CHUNK", "Repository", "find_repositories", "parse_size"]  # parse_size: for older importers
+# parse_size: for older importers
+__all__ = ["DEFAULT_CHUNK", "PointListing", "Repository", "find_repositories", "parse_size"]
 
 REPO_MAGIC = "bootback-repository"
 REPO_FORMAT = 2  # 2: sealed (checksummed) point files with a summary; format-1 repositories are read and upgraded
@@ -57,6 +60,24 @@ class RepoConfig:
     def to_json(self) -> bytes:
         doc = {"magic": REPO_MAGIC, **self.__dict__, "features": list(self.features)}
         return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+@dataclass
+class PointListing:
+    """What ``Repository.list_points`` found: readable points (oldest first) and damaged point files."""
+
+    points: list[RestorePoint]
+    damaged: list[DamagedPoint]
+
+    def entries(self) -> list[RestorePoint | DamagedPoint]:
+        """Both, in point id (time) order: how a listing shows them."""
+        return sorted([*self.points, *self.damaged], key=lambda p: (p.id, p.vm))
+
+    def as_json(self) -> list[dict]:
+        """The listing's JSON: each point's summary with ``"damaged": false``, each damaged file as
+        ``{"vm", "id", "damaged": true, "error"}``."""
+        return [p.summary() if isinstance(p, DamagedPoint) else {**p.summary(), "damaged": False}
+                for p in self.entries()]  # fmt: skip
 
 
 def check_chunk_size(size: int) -> int:
@@ -200,7 +221,7 @@ class Repository:
 
     def point_files(self, vm: str | None = None) -> Iterator[Path]:
         """Every point file (of one VM if given), in name order."""
-        for name in [vm] if vm else self.vms():
+        for name in [check_vm_name(vm)] if vm else self.vms():
             folder = self.path / "points" / name
             if folder.is_dir():
                 yield from sorted(folder.glob("*.point"))
@@ -211,26 +232,58 @@ class Repository:
 
     def vms(self) -> list[str]:
         root = self.path / "points"
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.point")))
+        try:
+            return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.point")))
+        except OSError as exc:
+            raise IntegrityError(f"repository {self.path}: cannot list {root}: {exc.strerror or exc}") from None
+
+    def list_points(self, vm: str | None = None, with_chunks: bool = False) -> PointListing:
+        """Every point file (of one VM if given): the good points, oldest first, and the damaged ones with the
+        reason. One unreadable file (damage, a newer format, an I/O error) never hides the others."""
+        listing = PointListing([], [])
+        for path in self.point_files(vm):
+            try:
+                listing.points.append(self.load_point(path, with_chunks))
+            except FileNotFoundError:
+                continue  # deleted since the folder was listed (prune): gone, not damaged
+            except (BootbackError, OSError) as exc:
+                reason = str(exc) if isinstance(exc, BootbackError) else f"{pointfile.point_name(path)}: {exc}"
+                listing.damaged.append(DamagedPoint(path.parent.name, path.stem, reason))
+        listing.points.sort(key=lambda p: (p.time, p.vm, p.id))
+        return listing
 
     def restore_points(self, vm: str | None = None, with_chunks: bool = False) -> list[RestorePoint]:
-        """All restore points (of one VM if given), oldest first. Summaries (``disk.chunks`` is None) unless
-        ``with_chunks``: listing reads a few hundred bytes per point, whatever the size of its disks."""
-        points = [self.load_point(p, with_chunks) for p in self.point_files(vm)]
-        points.sort(key=lambda p: (p.time, p.vm, p.id))
-        return points
+        """The readable restore points (of one VM if given), oldest first; ``damaged_points`` names the others.
+        Summaries (``disk.chunks`` is None) unless ``with_chunks``: listing reads a few hundred bytes per
+        point, whatever the size of its disks."""
+        return self.list_points(vm, with_chunks).points
+
+    def damaged_points(self, vm: str | None = None) -> list[DamagedPoint]:
+        """The point files (of one VM if given) whose summary cannot be read, with the reason."""
+        return self.list_points(vm).damaged
 
     def restore_point(self, vm: str, point: str = "latest", with_chunks: bool = True) -> RestorePoint:
         check_vm_name(vm)
         if point == "latest":
-            points = self.restore_points(vm)
-            if not points:
-                raise RestorePointNotFoundError(f"no restore points of VM {vm!r} in {self.path}")
-            return self.with_chunks(points[-1]) if with_chunks else points[-1]
+            latest = self._latest(vm)
+            return self.with_chunks(latest) if with_chunks else latest
         path = self._point_path(vm, point)
         if not POINT_ID_RE.match(point) or not path.exists():
             raise RestorePointNotFoundError(f"no restore point {vm}@{point} in {self.path}")
         return self.load_point(path, with_chunks)
+
+    def _latest(self, vm: str) -> RestorePoint:
+        """The newest point of ``vm``. Never an older one in place of a damaged newer one (or of a damaged file
+        whose name tells no time): the caller would get other data than it asked for without knowing."""
+        listing = self.list_points(vm)
+        newest = listing.points[-1] if listing.points else None
+        for bad in listing.damaged:
+            if newest is None or not (POINT_ID_RE.match(bad.id) and bad.id < newest.id):
+                older = f"name an older point explicitly, e.g. {newest.ref}" if newest else "no other point exists"
+                raise IntegrityError(f"the latest restore point of VM {vm!r} cannot be read: {bad.error}; {older}")
+        if newest is None:
+            raise RestorePointNotFoundError(f"no restore points of VM {vm!r} in {self.path}")
+        return newest
 
     def with_chunks(self, point: RestorePoint) -> RestorePoint:
         """``point`` with its chunk lists loaded (itself if they are)."""

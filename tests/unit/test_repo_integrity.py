@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
+import re
 import struct
+import threading
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,11 +17,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from appliance.errors import BootbackError, IntegrityError, RestorePointNotFoundError
+from appliance.errors import BootbackError, IntegrityError, RestorePointNotFoundError, UsageError
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import DiskSource
 from appliance.repo import Repository, objects, pointfile
-from appliance.repo.maintenance import verify
+from appliance.repo.maintenance import collect_garbage, prune, verify
 
 CS = 64 * 1024
 
@@ -46,6 +49,20 @@ def observe(repo: Repository, vm: str, pid: str) -> tuple[list[dict], dict, dict
     point = repo.restore_point(vm, pid)
     disks = {d.name: repo.open_disk(point, d.name).read(0, d.size + 1) for d in point.disks}
     return listed, point.summary(), disks
+
+
+def damaged_in_listing(repo: Repository, vm: str, pid: str, reason: str, with_chunks: bool = False) -> None:
+    """The point file vm/pid is listed as damaged with ``reason`` (a regex), no point is made of it, and neither
+    naming it nor 'latest' gives another point in its place."""
+    listing = repo.list_points(with_chunks=with_chunks)
+    (bad,) = [d for d in listing.damaged if (d.vm, d.id) == (vm, pid)]
+    assert re.search(reason, bad.error), bad.error
+    assert (vm, pid) not in {(p.vm, p.id) for p in listing.points}
+    assert bad.summary() == {"vm": vm, "id": pid, "damaged": True, "error": bad.error}
+    with pytest.raises(IntegrityError, match=reason):
+        repo.restore_point(vm, pid)
+    with pytest.raises(IntegrityError, match=reason):
+        repo.restore_point(vm, "latest")
 
 
 def flip_outcomes(
@@ -181,8 +198,9 @@ def test_impossible_facts_are_refused_by_listing_opening_and_verify(tmp_path: Pa
     assert f"restore point vm@{path.stem}" in str(err.value)
     report = verify(repo)
     assert not report.ok and list(report.unreadable_points) == [f"vm@{path.stem}"]
-    with pytest.raises(IntegrityError):
-        repo.restore_points(with_chunks=True)
+    damaged_in_listing(repo, "vm", path.stem, message, with_chunks=True)
+    with pytest.raises(IntegrityError, match=message):  # its chunks are unknown: nothing may be collected
+        collect_garbage(repo)
 
 
 def test_chunk_size_1048577_refused(tmp_path: Path) -> None:
@@ -191,8 +209,7 @@ def test_chunk_size_1048577_refused(tmp_path: Path) -> None:
     point = backup(repo, "vm", {"d": random.Random(1).randbytes((1 << 20) + 1)})
     point.disks[0].chunk_size = 1048577
     write_point(repo, point)
-    with pytest.raises(IntegrityError, match="chunk size 1048577, but the repository's is 1048576"):
-        repo.restore_points()
+    damaged_in_listing(repo, "vm", point.id, "chunk size 1048577, but the repository's is 1048576")
 
 
 def test_a_point_moved_to_another_vm_folder_is_refused(tmp_path: Path) -> None:
@@ -201,8 +218,7 @@ def test_a_point_moved_to_another_vm_folder_is_refused(tmp_path: Path) -> None:
     moved = repo.path / "points" / "web02" / f"{point.id}.point"
     moved.parent.mkdir()
     point_path(repo, point).rename(moved)
-    with pytest.raises(IntegrityError, match="names VM 'vm', but is stored under 'web02'"):
-        repo.restore_points("web02")
+    damaged_in_listing(repo, "web02", point.id, "names VM 'vm', but is stored under 'web02'")
 
 
 def test_restore_point_ids_are_ids_not_paths(tmp_path: Path) -> None:
@@ -231,8 +247,7 @@ def test_huge_lengths_are_refused_before_anything_is_allocated(tmp_path: Path) -
     blob[8:16] = (1 << 40).to_bytes(8, "big")
     path.write_bytes(blob)
     tracemalloc.start()
-    with pytest.raises(IntegrityError, match="1099511627776 bytes, more than the 16777216"):
-        repo.restore_points()
+    damaged_in_listing(repo, "vm", point.id, "1099511627776 bytes, more than the 16777216")
     # a disk of 256 TiB whose chunk list is short: refused before a reader or read cache sizes anything
     path.write_bytes(good)
     point.disks[0].size = 1 << 48
@@ -285,8 +300,7 @@ def test_listing_reads_only_summaries(tmp_path: Path) -> None:
     blob = bytearray(whole)
     blob[summary_len - 3] ^= 1  # inside the summary
     path.write_bytes(blob)
-    with pytest.raises(IntegrityError, match=rf"restore point vm@{point.id} \(summary\)"):
-        repo.restore_points()
+    damaged_in_listing(repo, "vm", point.id, rf"restore point vm@{point.id} \(summary\)")
 
 
 def test_a_chunk_list_section_from_another_point_is_refused(tmp_path: Path) -> None:
@@ -364,5 +378,123 @@ def test_a_format1_point_with_impossible_facts_is_refused(tmp_path: Path) -> Non
     doc["disks"][0]["chunk_size"] = 1048577
     raw = json.dumps(doc).encode()
     path.write_bytes(b"BBRP" + struct.pack(">BBHI", 1, 1, 0, len(raw)) + zstandard.ZstdCompressor().compress(raw))
-    with pytest.raises(IntegrityError, match=f"restore point old@{POINT1}: disk d: chunk size 1048577"):
-        Repository.open(tmp_path / "repo").restore_points()
+    damaged_in_listing(
+        Repository.open(tmp_path / "repo"), "old", POINT1, f"restore point old@{POINT1}: disk d: chunk size"
+    )
+
+
+# --- listing goes on: a damaged point file is reported beside the others, never hidden, never guessed past ------
+def damage_summary(path: Path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[objects.SEALED_HEADER_SIZE + int.from_bytes(blob[16:24], "big") - 3] ^= 1  # inside the summary
+    path.write_bytes(blob)
+
+
+def test_one_damaged_point_file_hides_nothing_else_and_latest_never_falls_back(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    old = backup(repo, "web01", {"d": disk_bytes(2, 9, 21)})
+    new = backup(repo, "web01", {"d": disk_bytes(2, 9, 22)})
+    db = backup(repo, "db01", {"d": disk_bytes(1, 3, 23)})
+    damage_summary(point_path(repo, new))
+
+    listing = repo.list_points()
+    assert [p.ref for p in listing.points] == [old.ref, db.ref]
+    (bad,) = listing.damaged
+    assert (bad.vm, bad.id, bad.ref) == ("web01", new.id, new.ref) and f"{new.ref} (summary)" in bad.error
+    assert [p.ref for p in repo.restore_points()] == [old.ref, db.ref] and repo.damaged_points() == [bad]
+    assert repo.damaged_points("db01") == [] and repo.damaged_points("web01") == [bad]
+    shown = listing.as_json()
+    assert [(e["vm"], e["id"], e["damaged"]) for e in shown] == [
+        ("web01", old.id, False),
+        ("web01", new.id, True),
+        ("db01", db.id, False),
+    ]
+    assert shown[1] == {"vm": "web01", "id": new.id, "damaged": True, "error": bad.error}  # no facts guessed
+
+    with pytest.raises(IntegrityError) as err:  # not the older point in its place
+        repo.restore_point("web01", "latest")
+    assert bad.error in str(err.value) and f"name an older point explicitly, e.g. {old.ref}" in str(err.value)
+    assert repo.restore_point("web01", old.id).id == old.id  # named explicitly, the older one opens
+    assert repo.open_disk(repo.restore_point("db01"), "d").read(0, 10) == disk_bytes(1, 3, 23)[:10]
+
+    before = sorted(p.name for p in repo.path.rglob("*"))
+    with pytest.raises(IntegrityError, match=rf"cannot prune .*{re.escape(new.ref)} \(summary\)"):
+        prune(repo, "db01", keep=1)
+    with pytest.raises(IntegrityError, match="nothing was deleted"):
+        prune(repo, "web01", keep=1, dry_run=True)
+    assert sorted(p.name for p in repo.path.rglob("*")) == before
+
+
+def test_a_damaged_older_point_leaves_latest_alone(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    old = backup(repo, "web01", {"d": disk_bytes(2, 9, 24)})
+    new = backup(repo, "web01", {"d": disk_bytes(2, 9, 25)})
+    damage_summary(point_path(repo, old))
+    assert repo.restore_point("web01").id == new.id and [d.id for d in repo.damaged_points()] == [old.id]
+
+
+def test_stray_files_are_damaged_points_quoted_and_latest_refuses_them(tmp_path: Path) -> None:
+    """A file whose name tells no time may be newer than every point: 'latest' cannot be known."""
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    point = backup(repo, "web01", {"d": disk_bytes(1, 0, 26)})
+    folder = repo.path / "points" / "web01"
+    (folder / "notes\x1b[31m.point").write_bytes(b"hello")
+    (folder / "dir.point").mkdir()
+    damaged = {d.ref: d.error for d in repo.damaged_points()}
+    assert set(damaged) == {"web01@'dir'", "web01@'notes\\x1b[31m'"}, damaged
+    assert "is not a regular file" in damaged["web01@'dir'"] and "\x1b" not in "".join(damaged.values())
+    with pytest.raises(IntegrityError, match="the latest restore point of VM 'web01' cannot be read"):
+        repo.restore_point("web01")
+    assert repo.restore_point("web01", point.id).id == point.id
+    with pytest.raises(UsageError, match="invalid VM name"):
+        repo.list_points("../web01")
+
+
+def test_a_fifo_named_like_a_point_does_not_block_the_listing(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    point = backup(repo, "web01", {"d": disk_bytes(1, 0, 27)})
+    fifo = repo.path / "points" / "web01" / "2020-01-01T00-00-00.000000Z.point"
+    os.mkfifo(fifo)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(repo.list_points()), daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # unblock the reader so the test ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("listing blocked on a FIFO")
+    (listing,) = result
+    assert [p.ref for p in listing.points] == [point.ref]
+    (bad,) = listing.damaged
+    assert bad.id == fifo.stem and "is not a regular file (mode prw" in bad.error
+
+
+def forge(path: Path, summary: bytes, chunk_lists: bytes) -> None:
+    """A point file with valid checksums around whatever JSON we like (as someone who can write the repository)."""
+    cctx = zstandard.ZstdCompressor()
+    path.write_bytes(
+        objects.seal(objects.POINT_MAGIC, summary, cctx.compress(summary))
+        + objects.seal(objects.CHUNK_LIST_MAGIC, chunk_lists, cctx.compress(chunk_lists))
+    )
+
+
+def test_json_nested_too_deep_is_a_damaged_point_not_a_crash(tmp_path: Path) -> None:
+    """json raises RecursionError (not ValueError) on deep nesting; and a deep 'source' or 'stats' that json
+    reads would break the daemon's and the API's encoders: all three are damage, named."""
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    other = backup(repo, "other", {"d": disk_bytes(1, 0, 28)})
+    point = backup(repo, "vm", {"d": bytes(200 * CS)})
+    path = point_path(repo, point)
+    deep = b"[" * 5000 + b"]" * 5000  # the recursion limit is 1000
+    forge(path, deep, point.chunk_lists_json())
+    damaged_in_listing(repo, "vm", point.id, "malformed manifest: maximum recursion depth")
+
+    summary = point.summary_json(len(deep), hashlib.sha256(deep).hexdigest())  # within the bound of 200 chunks
+    forge(path, summary, deep)
+    assert repo.restore_points()[-1].ref == point.ref  # the summary itself is fine
+    with pytest.raises(IntegrityError, match="malformed chunk lists: maximum recursion depth"):
+        repo.restore_point("vm", point.id)
+
+    point.source = {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}
+    write_point(repo, point)
+    damaged_in_listing(repo, "vm", point.id, "source is nested more than 8 levels deep")
+    assert [p.ref for p in repo.restore_points()] == [other.ref]
