@@ -21,6 +21,7 @@ from appliance.ingest.vmfolder import find_vmx, parse_vmx_disks, resolve_disk
 from appliance.progress import byte_progress
 from appliance.repo import ChunkCache, DiskReader, Repository
 from appliance.repo.maintenance import prune, verify
+from appliance.repo.manifest import DamagedPoint
 from appliance.repo.repository import DEFAULT_CHUNK
 from appliance.units import GiB, parse_size
 
@@ -138,14 +139,22 @@ def _mb(n: int) -> str:
 
 
 def cmd_points(args: argparse.Namespace) -> int:
+    """Exit 0 when the listing was read, damaged files included: each is a DAMAGED line in its place (and
+    ``"damaged": true`` in JSON), with a warning on stderr; ``verify`` is the command that fails on damage."""
     repo = Repository.open(args.repo)
-    points = repo.restore_points(args.vm)
+    listing = repo.list_points(args.vm)
+    if listing.damaged:
+        print(f"bootback: {len(listing.damaged)} restore point file(s) DAMAGED in {repo.path}: they cannot be "
+              "published or restored; run 'bootback verify' for details", file=sys.stderr)  # fmt: skip
     if args.json:
-        print(json.dumps([p.summary() for p in points], indent=2))
+        print(json.dumps(listing.as_json(), indent=2))
         return 0
-    if not points:
+    if not listing.points and not listing.damaged:
         print("no restore points")
-    for p in points:
+    for p in listing.entries():
+        if isinstance(p, DamagedPoint):
+            print(f"{p.ref}  DAMAGED  {p.error}")
+            continue
         disks = ", ".join(f"{d.name} ({d.size / GiB:.2f} GiB)" for d in p.disks)
         print(f"{p.ref}  {p.time:%Y-%m-%d %H:%M:%S} UTC  {disks}")
     return 0

@@ -311,6 +311,39 @@ def test_damaged_manifest_refused_by_restore_and_reported_by_verify(repo: Path, 
     assert p.returncode == 15 and f"a@{out['id']}" in p.stderr
 
 
+def test_points_lists_the_others_and_a_damaged_summary_as_damaged(repo: Path, tmp_path: Path) -> None:
+    """A flipped bit in the summary of a's newest point: 'points' still lists every other point (exit 0) and a
+    DAMAGED line with the reason in its place; 'latest' of a is refused (exit 15) instead of restoring the
+    older point, which still restores when named; prune refuses and deletes nothing."""
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(random.Random(6).randbytes(MiB + 100))
+    a_old = json.loads(run("backup", repo, "--vm", "a", disk, "--json").stdout)["id"]
+    a_new = json.loads(run("backup", repo, "--vm", "a", disk, "--json").stdout)["id"]
+    b = json.loads(run("backup", repo, "--vm", "b", disk, "--json").stdout)["id"]
+    victim = repo / "points" / "a" / f"{a_new}.point"
+    blob = bytearray(victim.read_bytes())
+    blob[56 + int.from_bytes(blob[16:24], "big") - 3] ^= 0x10  # the summary's last stored bytes (56: its header)
+    victim.write_bytes(bytes(blob))
+
+    p = run("points", repo)
+    lines = p.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [f"a@{a_old}", f"a@{a_new}", f"b@{b}"], p.stdout
+    assert lines[1].startswith(f"a@{a_new}  DAMAGED  restore point a@{a_new} (summary): "), lines[1]
+    assert "1 restore point file(s) DAMAGED" in p.stderr and "bootback verify" in p.stderr
+    listed = json.loads(run("points", repo, "--vm", "a", "--json").stdout)
+    assert [(e["id"], e["damaged"]) for e in listed] == [(a_old, False), (a_new, True)]
+    assert set(listed[1]) == {"vm", "id", "damaged", "error"} and "(summary)" in listed[1]["error"]
+
+    p = run("restore", repo, "a", "-o", tmp_path / "o", ok=False)
+    assert p.returncode == 15 and f"restore point a@{a_new} (summary)" in p.stderr, p.stderr
+    assert f"name an older point explicitly, e.g. a@{a_old}" in p.stderr and not (tmp_path / "o").exists()
+    assert restore_bytes(repo, f"a@{a_old}", "d.raw", tmp_path / "a.raw") == disk.read_bytes()
+    before = tree_hash(repo)
+    p = run("prune", repo, "--vm", "a", "--keep", "1", ok=False)
+    assert p.returncode == 15 and f"a@{a_new}" in p.stderr and "nothing was deleted" in p.stderr, p.stderr
+    assert tree_hash(repo) == before
+
+
 def test_restore_failure_leaves_no_partial_file_and_keeps_an_older_one(repo: Path, tmp_path: Path) -> None:
     disk = tmp_path / "d.raw"
     disk.write_bytes(random.Random(6).randbytes(4 * MiB))
