@@ -218,7 +218,11 @@ class Budget:
     def charge(self, n: int) -> None:
         """Count ``n`` more bytes held (negative: released)."""
         self.held += n
-        if n < 0 and self.blocked and not self._wake_scheduled and self.held < self.limit:
+        if n < 0 and self.blocked:
+            self.released()
+
+    def released(self) -> None:
+        if not self._wake_scheduled and self.held < self.limit:
             # woken from the loop, not from inside the releasing connection's own bookkeeping
             self._wake_scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)
@@ -324,12 +328,18 @@ class TcpConnection(asyncio.Protocol):
     def _charge_in(self, n: int) -> None:
         if not self.closed:
             self._in_held += n
-            self.budget.charge(n)
+            b = self.budget
+            b.held += n
+            if n < 0 and b.blocked:
+                b.released()
 
     def _charge_out(self, n: int) -> None:
         if not self.closed:
             self._out_held += n
-            self.budget.charge(n)
+            b = self.budget
+            b.held += n
+            if n < 0 and b.blocked:
+                b.released()
 
     def _room(self) -> bool:
         """May another call start (and the socket be read)?"""
@@ -393,10 +403,13 @@ class TcpConnection(asyncio.Protocol):
 
     def _parse(self) -> None:
         """Start the complete records in the buffer while there is room; leave the rest for later."""
+        if not self._room():
+            return
         buf = self._buf
-        pos = 0
+        pos = marks = 0
         n = len(buf)
-        while n - pos >= 4 and self._room():
+        max_in_flight = self.limits.max_in_flight  # starting calls changes nothing else _room() looks at
+        while n - pos >= 4 and self._in_flight < max_in_flight:
             (mark,) = struct.unpack_from(">I", buf, pos)
             size = mark & 0x7FFFFFFF
             if self._frag_total + size > MAX_RECORD:
@@ -409,7 +422,7 @@ class TcpConnection(asyncio.Protocol):
                 break
             frag = bytes(buf[pos + 4 : pos + 4 + size])
             pos += 4 + size
-            self._charge_in(-4)  # the record mark; the fragment stays held until its call is answered
+            marks += 1
             if mark & 0x80000000:
                 if self._frags:
                     self._frags.append(frag)
@@ -422,6 +435,7 @@ class TcpConnection(asyncio.Protocol):
                 self._frag_total += size
         if pos:
             del buf[:pos]
+            self._charge_in(-4 * marks)  # the record marks; fragments stay held until their call is answered
 
     def _spawn(self, record: bytes) -> None:
         self.calls += 1
