@@ -11,7 +11,14 @@ from pathlib import Path
 
 from appliance.config import DaemonConfig
 from appliance.datastore.backend import DatastoreBackend
-from appliance.errors import DiskTooLargeError, IntegrityError, LimitExceededError, NoSpaceError, UsageError
+from appliance.errors import (
+    BootbackError,
+    DiskTooLargeError,
+    IntegrityError,
+    LimitExceededError,
+    NoSpaceError,
+    UsageError,
+)
 from appliance.repo import Repository
 from appliance.repo.readcache import ReadCache
 from appliance.repo.repository import find_repositories
@@ -204,18 +211,27 @@ class Daemon:
         return self.verifications.start(vm, point, repo, expect, timeout, memory_mib)
 
     def op_repositories(self) -> list[dict]:
+        """Each repository with its readable points counted and its damaged point files listed; one that cannot
+        be listed at all carries an "error" instead of failing the others."""
         self.rescan_repositories()
         out = []
         for name, repo in sorted(self.repos.items()):
-            points = repo.restore_points()
-            out.append({"name": name, "path": str(repo.path), "chunk_size": repo.config.chunk_size,
-                        "vms": sorted({p.vm for p in points}), "points": len(points)})  # fmt: skip
+            doc = {"name": name, "path": str(repo.path), "chunk_size": repo.config.chunk_size}
+            try:
+                listing = repo.list_points()
+            except BootbackError as exc:
+                out.append({**doc, "vms": [], "points": 0, "damaged_points": [], "error": str(exc)})
+                continue
+            vms = {p.vm for p in listing.points} | {d.vm for d in listing.damaged}
+            out.append({**doc, "vms": sorted(vms), "points": len(listing.points),
+                        "damaged_points": [d.summary() for d in listing.damaged]})  # fmt: skip
         return out
 
     def op_points(self, repo: str | None = None, vm: str | None = None) -> list[dict]:
+        """Oldest first; a damaged point file is an entry {"vm", "id", "damaged": true, "error"}."""
         self.rescan_repositories()
         _, repository = self.sessions.repo(repo)
-        return [p.summary() for p in repository.restore_points(vm)]
+        return repository.list_points(vm).as_json()
 
     # --- running --------------------------------------------------------------------------------------
     async def _watch_space(self, every: float = 30.0) -> None:

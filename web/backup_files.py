@@ -42,7 +42,7 @@ def query() -> tuple[str, str | None, str]:
 
 def _repository(name: str) -> Repository:
     """The served repository NAME, opened once per web worker. Only a name not seen yet costs a
-    'repositories' call to the daemon (which reads every restore point's manifest to answer)."""
+    'repositories' call to the daemon (which reads every restore point's summary, not its chunk lists)."""
     with _lock:
         repo = _repos.get(name)
     if repo is None:

@@ -84,10 +84,14 @@ def openapi_document() -> dict:
             "/api/v1/exports": {"get": _op("NFS exports", _json(LIST))},
             "/api/v1/clients": {"get": _op("Connected NFS clients", _json(LIST))},
             "/api/v1/cache": {"get": _op("Write cache space and per-session use", _json(OBJ))},
-            "/api/v1/repositories": {"get": _op("Repositories served", _json(LIST))},
-            "/api/v1/repositories/{name}": {"get": _op("One repository", _json(OBJ), params=[repo])},
-            "/api/v1/repositories/{name}/points": {"get": _op("Restore points", _json(LIST), params=[
-                repo, {"name": "vm", "in": "query", "required": False, "schema": NAME_SCHEMA}])},
+            "/api/v1/repositories": {"get": _op("Repositories served", _json(
+                {"type": "array", "items": _ref("Repository")}))},
+            "/api/v1/repositories/{name}": {"get": _op("One repository", _json(_ref("Repository")), params=[repo])},
+            "/api/v1/repositories/{name}/points": {"get": _op(
+                "Restore points, oldest first; a point file that cannot be read is listed with damaged: true and "
+                "the error (publishing or browsing it, or 'latest' while it is the newest, is refused)",
+                _json({"type": "array", "items": _ref("RestorePoint")}), params=[
+                    repo, {"name": "vm", "in": "query", "required": False, "schema": NAME_SCHEMA}])},
             "/api/v1/repositories/{name}/files": {"get": _op(
                 "List the volumes (path /) or a directory inside a backed-up disk", _json(OBJ),
                 params=FILE_QUERY(repo))},
@@ -134,6 +138,19 @@ def openapi_document() -> dict:
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "status": {"type": "integer"}, "message": {"type": "string"}}}}},
+                "Repository": {"type": "object", "required": ["name", "path", "points"], "properties": {
+                    "name": {"type": "string"}, "path": {"type": "string"}, "chunk_size": {"type": "integer"},
+                    "vms": {"type": "array", "items": {"type": "string"}},
+                    "points": {"type": "integer", "description": "readable restore points"},
+                    "damaged_points": {"type": "array", "items": _ref("RestorePoint"),
+                                       "description": "point files that cannot be read (damaged: true)"},
+                    "error": {"type": "string", "description": "present when the repository cannot be listed"}}},
+                "RestorePoint": {"type": "object", "required": ["vm", "id", "damaged"], "properties": {
+                    "vm": {"type": "string"}, "id": {"type": "string"}, "damaged": {"type": "boolean"},
+                    "error": {"type": "string", "description": "why a damaged point cannot be read; its other "
+                                                               "facts are absent, never guessed"},
+                    "time": {"type": "string"}, "disks": LIST, "has_vmx": {"type": "boolean"},
+                    "source": OBJ, "stats": OBJ}},
                 "PublishRequest": {"type": "object", "additionalProperties": False, "properties": {
                     "vm": {**NAME_SCHEMA, "description": "VM name, or NAME@POINT"},
                     "vms": {"type": "array", "items": NAME_SCHEMA, "maxItems": MAX_ITEMS,

@@ -96,7 +96,8 @@ def index() -> Any:
     try:
         ctx["status"] = daemon.status()
         ctx["repositories"] = daemon.call("repositories")
-        ctx["points"] = {r["name"]: list(reversed(daemon.call("points", repo=r["name"]))) for r in ctx["repositories"]}
+        ctx["points"] = {r["name"]: list(reversed(daemon.call("points", repo=r["name"])))
+                         for r in ctx["repositories"] if not r.get("error")}  # fmt: skip
         ctx["sessions"] = daemon.call("sessions")
         ctx["verifications"] = daemon.call("verifications")[:20]
     except ApiError as exc:
@@ -204,6 +205,8 @@ def files() -> Any:
             summary = next((p for p in points if p["id"] == pid), None)
         if summary is None:
             raise ApiError(404, f"no restore point {point} in {repo}")
+        if summary.get("damaged"):  # never browsed, nor replaced by an older point
+            raise ApiError(500, summary["error"])
         ctx["disks"] = [d["name"] for d in summary["disks"]]
         if disk is None and len(ctx["disks"]) > 1:
             return render_template("files.html", **ctx)  # choose a disk first

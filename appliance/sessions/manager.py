@@ -25,10 +25,10 @@ from appliance.repo.readcache import ReadCache
 from appliance.sessions.confine import ConfinedDir
 from appliance.sessions.migrate import Migration
 from appliance.sessions.records import MODES, SessionRecord
+from appliance.units import GiB
 
 log = logging.getLogger("bootback.sessions")
 
-GiB = 1 << 30
 MAX_SESSIONS = 100  # sessions published at once (each holds two descriptors per disk, its cache, its folder)
 MAX_SLOT = (1 << 20) - 1  # slots are the top bits of file ids (datastore/backend.py) and are never reused
 
