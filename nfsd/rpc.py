@@ -3,7 +3,9 @@ and the two transports: TCP with record marking (many calls in flight, replies a
 
 Hostile input never crashes the server: a record over ``MAX_RECORD`` closes the connection, a call that
 does not decode gets GARBAGE_ARGS (or is dropped if not even its xid is readable), and a handler that raises
-something unexpected gets SYSTEM_ERR.
+something unexpected gets SYSTEM_ERR. What a client makes the server hold is bounded (nfsd/limits.py): a TCP
+connection whose replies are not drained stops being read, a READ waits for room before it reads, a UDP reply
+stays small, and log lines a client can cause are rate-limited (nfsd/ratelog.py).
 """
 
 from __future__ import annotations
