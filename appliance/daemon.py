@@ -55,6 +55,7 @@ class Daemon:
         self.repos: dict[str, Repository] = {}
         self._repos_lock = threading.Lock()
         self._refused: dict[Path, float] = {}  # repository -> its config's mtime when it could not be opened
+        self._damaged_logged: set[tuple[str, str]] = set()  # (repository, error) logged once, not at every look
         if not config.repos and not config.repo_dirs:
             raise UsageError("no repository to serve: pass --repo REPO, or --repo-dir DIR holding repositories")
         for path in config.repos:
@@ -77,6 +78,7 @@ class Daemon:
         self.server = NFSServer(
             [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,
             nfs_port=config.nfs_port, mount_port=config.mount_port, portmap_port=config.portmap_port,
+            limits=config.nfs_limits, fixed_ports=config.fixed_ports,
         )  # fmt: skip
         self.verifications = Verifications(state, self.op_publish, self.op_stop, config.max_verifications,
                                            config.verify_max_memory_mib)  # fmt: skip
@@ -222,6 +224,10 @@ class Daemon:
             except BootbackError as exc:
                 out.append({**doc, "vms": [], "points": 0, "damaged_points": [], "error": str(exc)})
                 continue
+            for bad in listing.damaged:
+                if (name, bad.error) not in self._damaged_logged:
+                    self._damaged_logged.add((name, bad.error))
+                    log.error("repository %s: damaged restore point file: %s", name, bad.error)
             vms = {p.vm for p in listing.points} | {d.vm for d in listing.damaged}
             out.append({**doc, "vms": sorted(vms), "points": len(listing.points),
                         "damaged_points": [d.summary() for d in listing.damaged]})  # fmt: skip

@@ -75,6 +75,7 @@ def test_listings_go_on_and_flag_the_damaged_point(appliance) -> None:
     ]
     assert points[2] == bad and points[0]["disks"][0]["size"] == appliance["web_disk"].stat().st_size
     assert "bootback_repository_restore_points" in api.get(f"{url}/metrics").text
+    assert appliance["daemon"].log().count(f"damaged restore point file: restore point {new} (summary)") == 1
 
 
 def _read_over_nfs(api: requests.Session, url: str, doc: dict, out: Path) -> bytes:
