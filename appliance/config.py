@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.units import GiB
+from nfsd.limits import DEFAULT as DEFAULT_NFS_LIMITS
+from nfsd.limits import Limits
 
 CONTAINER_MIGRATIONS = "/migrations"
 
@@ -61,6 +63,8 @@ class DaemonConfig:
     max_publish: int = 25  # VMs in one publish request
     max_verifications: int = 2  # verifications booting at once
     verify_max_memory_mib: int = 4096  # guest RAM one verification may ask for
+    nfs_limits: Limits = DEFAULT_NFS_LIMITS  # what NFS clients can make the daemon hold (docs/security.md)
+    fixed_ports: bool = False  # refuse to start when NFS/MOUNT ports are taken instead of moving them
 
     def allowed_migration_dirs(self) -> list[Path]:
         return default_migration_dirs(self.state_dir) if self.migration_dirs is None else list(self.migration_dirs)

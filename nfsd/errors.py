@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from nfsd.ratelog import limited
 from nfsd.vfs import NFSError, Status
 
 log = logging.getLogger("nfsd")
@@ -47,9 +48,9 @@ def status_for(exc: BaseException) -> Status:
         return exc.status
     for exc_type, status in _REGISTERED:
         if isinstance(exc, exc_type):
-            log.warning("%s: %s", status.name, exc)
+            limited.log(log, logging.WARNING, "%s: %s", status.name, exc)  # a client can cause one per call
             return status
     if isinstance(exc, OSError) and exc.errno in _ERRNO:
         return _ERRNO[exc.errno]
-    log.error("unexpected backend error", exc_info=exc)
+    limited.log(log, logging.ERROR, "unexpected backend error: %s", exc, exc_info=exc)
     return Status.SERVERFAULT

@@ -27,7 +27,8 @@ without configuration; ``python -m nfsd --help`` lists them as options. What the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
 
 FLOOR_BYTES = 64 * 1024  # under total_bytes pressure, a connection holding less than this is still read
 
@@ -67,3 +68,19 @@ class Limits:
 
 
 DEFAULT = Limits()
+
+
+def parse_limits(pairs: Iterable[str], base: Limits = DEFAULT) -> Limits:
+    """``base`` with ``name=value`` settings applied (``bootback serve --nfs-limit``); ValueError names a bad one."""
+    kinds = {f.name: type(f.default) for f in fields(Limits)}
+    changes: dict[str, int | float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in kinds:
+            raise ValueError(f"NFS limit {pair!r}: expected NAME=VALUE with NAME one of {', '.join(kinds)}")
+        try:
+            changes[name] = kinds[name](value.strip())
+        except ValueError:
+            raise ValueError(f"NFS limit {name}: {value.strip()!r} is not a {kinds[name].__name__}") from None
+    return replace(base, **changes)

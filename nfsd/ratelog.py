@@ -24,7 +24,9 @@ class RateLimitedLog:
     def configure(self, burst: int, interval: float) -> None:
         self.burst, self.interval = burst, interval
 
-    def log(self, logger: logging.Logger, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
+    def log(
+        self, logger: logging.Logger, level: int, msg: str, *args: object, exc_info: bool | BaseException = False
+    ) -> bool:
         """Log ``msg % args`` unless its template was written ``burst`` times this interval; True if written."""
         if not logger.isEnabledFor(level):
             return False

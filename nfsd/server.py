@@ -70,6 +70,8 @@ def _bind_first_free(host: str, port: int, search: bool) -> tuple[socket.socket,
             if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
                 raise
             last = exc
+    if not search or not port:
+        raise PortError(errno.EADDRINUSE, f"port {port} on {host} is taken (fixed ports: not moving): {last}")
     raise PortError(errno.EADDRINUSE, f"no free port from {port} to {port + PORT_SEARCH - 1} on {host}: {last}")
 
 
@@ -84,7 +86,10 @@ class NFSServer:
         portmap_port: int | None = portmap.PMAP_PORT,
         codec: HandleCodec | None = None,
         limits: Limits = DEFAULT,
+        fixed_ports: bool = False,
     ) -> None:
+        """``fixed_ports``: refuse to start when the NFS or MOUNT port is taken instead of moving to the next
+        free one (a firewall opened for the configured ports then always matches)."""
         if codec is None:
             codec = HandleCodec.from_file(secret_path) if secret_path else HandleCodec(__import__("os").urandom(32))
         self.table = ExportTable(codec)
@@ -92,6 +97,7 @@ class NFSServer:
             self.table.add(e)
         self.bind = bind
         self.want = (nfs_port, mount_port, portmap_port)
+        self.fixed_ports = fixed_ports
         self.dispatcher = Dispatcher()
         self.nfs = NFSv3(self.table)
         self.mount = MountV3(self.table)
@@ -126,8 +132,8 @@ class NFSServer:
         for program in (self.nfs, self.mount):
             self.dispatcher.register(program)
         moved = []
-        nfs_socks = _bind_first_free(self.bind, nfs_port, search=True)
-        mount_socks = _bind_first_free(self.bind, mount_port, search=True)
+        nfs_socks = _bind_first_free(self.bind, nfs_port, search=not self.fixed_ports)
+        mount_socks = _bind_first_free(self.bind, mount_port, search=not self.fixed_ports)
         got_nfs, got_mount = nfs_socks[0].getsockname()[1], mount_socks[0].getsockname()[1]
         if nfs_port and got_nfs != nfs_port:
             moved.append(f"NFS port {nfs_port} is taken; using {got_nfs}")

@@ -17,6 +17,7 @@ from appliance.errors import UsageError, VerificationFailedError
 from appliance.progress import byte_progress
 from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
+from nfsd.limits import parse_limits
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
@@ -72,27 +73,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-sessions",
-        type=int,
-        default=int(os.environ.get("BOOTBACK_MAX_SESSIONS", "100")),
+        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_MAX_SESSIONS is a usage error
+        default=os.environ.get("BOOTBACK_MAX_SESSIONS", "100"),
         help="sessions published at once, at most (default 100; $BOOTBACK_MAX_SESSIONS)",
     )
     p.add_argument(
         "--max-publish",
-        type=int,
-        default=int(os.environ.get("BOOTBACK_MAX_PUBLISH", "25")),
+        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_MAX_PUBLISH is a usage error
+        default=os.environ.get("BOOTBACK_MAX_PUBLISH", "25"),
         help="VMs one publish request may name, at most (default 25; $BOOTBACK_MAX_PUBLISH)",
     )
     p.add_argument(
         "--max-verifications",
-        type=int,
-        default=int(os.environ.get("BOOTBACK_MAX_VERIFICATIONS", "2")),
+        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_MAX_VERIFICATIONS is a usage error
+        default=os.environ.get("BOOTBACK_MAX_VERIFICATIONS", "2"),
         help="verifications booting at once, at most (default 2; $BOOTBACK_MAX_VERIFICATIONS)",
     )
     p.add_argument(
         "--verify-max-memory",
-        type=int,
-        default=int(os.environ.get("BOOTBACK_VERIFY_MAX_MEMORY", "4096")),
+        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_VERIFY_MAX_MEMORY is a usage error
+        default=os.environ.get("BOOTBACK_VERIFY_MAX_MEMORY", "4096"),
         help="guest RAM in MiB a verification may ask for (default 4096; $BOOTBACK_VERIFY_MAX_MEMORY)",
+    )
+    p.add_argument(
+        "--nfs-limit",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="a bound on what NFS clients can make the daemon hold, e.g. max_connections_per_client=8 "
+        "(repeatable; $BOOTBACK_NFS_LIMITS, comma-separated; names and defaults in docs/security.md)",
+    )
+    p.add_argument(
+        "--fixed-ports",
+        action="store_true",
+        default=os.environ.get("BOOTBACK_FIXED_PORTS", "") not in ("", "0", "false", "no"),
+        help="refuse to start when the NFS or MOUNT port is taken instead of moving to the next free one, so a "
+        "firewall opened for them always matches ($BOOTBACK_FIXED_PORTS=1)",
     )
     p.add_argument("--no-web", action="store_true", help="do not start the web app on the control port")
     p.set_defaults(func=cmd_serve)
@@ -163,6 +179,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_sessions", "max_publish", "max_verifications", "verify_max_memory"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")
+    pairs = args.nfs_limit
+    if pairs is None:
+        pairs = [p for p in os.environ.get("BOOTBACK_NFS_LIMITS", "").split(",") if p.strip()]
+    try:
+        nfs_limits = parse_limits(pairs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     config = DaemonConfig(
         repos=list(args.repo), repo_dirs=list(args.repo_dir),
         cache_dir=args.cache_dir[0] if args.cache_dir else None, cache_dirs=list(args.cache_dir[1:]),
@@ -174,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         export_path=args.export or default_export_name(),
         clients=[c.strip() for c in args.clients.split(",") if c.strip()],
         min_free_bytes=parse_size(args.min_free), read_cache_bytes=parse_size(args.read_cache),
-        advertise=args.advertise, web=web,
+        advertise=args.advertise, web=web, nfs_limits=nfs_limits, fixed_ports=args.fixed_ports,
     )  # fmt: skip
     daemon = Daemon(config)
     asyncio.run(daemon.run())

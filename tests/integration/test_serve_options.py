@@ -1,0 +1,84 @@
+"""`bootback serve` hands its NFS bounds and port policy to the real server: `--nfs-limit`, `--fixed-ports`."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_process import ROOT, DaemonProcess, bootback, free_port
+from tests.rpcclient import RpcClient
+
+NFS_PROG, NFS_VERS = 100003, 3
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("serveopts") / "repo"
+    bootback("init", path)
+    return path
+
+
+def null_answers(port: int) -> bool:
+    """Whether a fresh connection gets an answer to NFS NULL (a refused one is closed at once)."""
+    try:
+        c = RpcClient("127.0.0.1", port, timeout=5)
+    except OSError:
+        return False
+    try:
+        c.call(NFS_PROG, NFS_VERS, 0)
+        return True
+    except (OSError, struct.error, ConnectionError):
+        return False
+    finally:
+        c.close()
+
+
+def test_nfs_limit_reaches_the_server(repo: Path, tmp_path: Path) -> None:
+    d = DaemonProcess(repo, tmp_path / "state", "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
+                      "--portmap-port", "0", "--nfs-limit", "max_connections_per_client=2").start()  # fmt: skip
+    try:
+        held = [RpcClient("127.0.0.1", d.nfs_port, timeout=5) for _ in range(2)]
+        for c in held:
+            c.call(NFS_PROG, NFS_VERS, 0)
+        assert not null_answers(d.nfs_port), "a third connection from one address was served"
+        held.pop().close()
+        # the slot freed is usable again (the server notices the close on its next loop turn)
+        assert any(null_answers(d.nfs_port) for _ in range(20))
+        for c in held:
+            c.close()
+    finally:
+        d.stop()
+
+
+def test_a_bad_limit_stops_the_start_naming_it(repo: Path, tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(tmp_path / "state"),
+         "--no-web", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "BOOTBACK_NFS_LIMITS": "max_connections=lots"},
+    )  # fmt: skip
+    assert p.returncode != 0 and "max_connections" in p.stderr and "'lots'" in p.stderr, p.stderr
+
+
+def test_fixed_ports_refuse_a_taken_port_instead_of_moving(repo: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        common = ["--bind", "127.0.0.1", "--nfs-port", str(port), "--mount-port", "0", "--portmap-port", "0"]
+        moved = DaemonProcess(repo, tmp_path / "moves", *common).start()
+        try:
+            assert moved.nfs_port != port  # the default: the next free port
+        finally:
+            moved.stop()
+        p = subprocess.run(
+            [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(tmp_path / "fixed"),
+             "--no-web", *common, "--fixed-ports"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode != 0 and f"port {port}" in p.stderr and "taken" in p.stderr, p.stderr
