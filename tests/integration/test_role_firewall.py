@@ -41,6 +41,7 @@ def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(
     tag = os.urandom(3).hex()
     table, name = f"bbtest{tag}", f"bootback-fw-{tag}"
     nft_file = tmp_path / "nftables.d" / f"{table}.nft"
+    unit = tmp_path / "systemd" / f"{table}-firewall.service"
     ports = {"portmap": free_port(), "nfs": free_port(), "mount": free_port(), "web": free_port()}
     variables = {
         **APPLIANCE_OK, "bootback_appliance_image": appliance_image, "bootback_appliance_container_name": name,
@@ -50,7 +51,7 @@ def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(
         "bootback_appliance_nfs_client_networks": [lab.allowed_net],
         "bootback_appliance_admin_networks": [f"{lab.refused_addr}/32"],
         "bootback_appliance_firewall_table": table, "bootback_appliance_firewall_file": str(nft_file),
-        "bootback_appliance_healthcheck_interval": "2s",
+        "bootback_appliance_firewall_unit": str(unit), "bootback_appliance_healthcheck_interval": "2s",
     }  # fmt: skip
     # Someone else holds the NFS port: the appliance moves to the next free one, and the firewall must follow.
     holder = socket.create_server(("0.0.0.0", ports["nfs"]))
@@ -67,6 +68,11 @@ def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(
         nfs_ports = {ports["portmap"], used["ports"]["nfs"], used["ports"]["mount"]}
         assert dports(listed) == {"nfs": nfs_ports, "admin": {ports["web"]}}, listed
         assert nft_file.read_text().count(f"table inet {table}") == 3, "the file must own its table only"
+        # At boot the table comes back before Docker restarts the container.
+        assert f"ExecStart=/usr/sbin/nft --file {nft_file}\n" in unit.read_text()
+        assert "Before=docker.service\n" in unit.read_text()
+        check = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr
 
         assert lab.probe(lab.allowed_ns, "tcp", used["ports"]["nfs"]) == "open"
         assert lab.probe(lab.allowed_ns, "tcp", used["ports"]["mount"]) == "open"
@@ -88,6 +94,7 @@ def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(
         p = run_role(tmp_path, "bootback_appliance", {**variables, "bootback_appliance_firewall": False})
         assert p.returncode == 0, p.stdout[-3000:]
         assert nft_table(table) == "" and not nft_file.exists(), "firewall: false must remove the table"
+        assert not unit.exists(), "firewall: false must remove the boot unit"
     finally:
         holder.close()
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
