@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.daemon_process import bootback, tree_hash, web_appliance
-from tests.rpcclient import nfs_write
+from tests.rpcclient import NfsDir, nfs_write
 
 PASSWORD = "api-test-password"
 
@@ -76,8 +76,16 @@ def test_publish_read_over_nfs_and_stop(appliance, tmp_path: Path) -> None:
     out = tmp_path / "extent"
     subprocess.run(["nfs-cp", nfs, str(out)], check=True, capture_output=True, timeout=60)
     assert out.read_bytes() == appliance["disk"].read_bytes()
-    clients = api.get(f"{url}/clients").json()
-    assert isinstance(clients, list)
+    held = NfsDir(ports["mount"], ports["nfs"], doc["path"])  # a client still connected while the API is asked
+    try:
+        fh = held.lookup(extent)
+        assert held.read(fh, 0, 4096) == appliance["disk"].read_bytes()[:4096]
+        clients = api.get(f"{url}/clients").json()
+    finally:
+        held.nfs.close()
+    me = next((c for c in clients if c["address"] == "127.0.0.1"), None)
+    assert me is not None, clients
+    assert me["connections"] >= 1 and me["calls"] >= 2 and status["export"] in me["mounts"], me
     assert doc["id"] in api.get(f"{url}/metrics").text
     cache = api.get(f"{url}/cache").json()
     assert cache["free"] > 0 and any(s["id"] == doc["id"] for s in cache["sessions"])

@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from appliance.errors import UsageError
 from web import create_app
 from web.credentials import Credentials
 from web.metrics import render_metrics
@@ -194,7 +195,7 @@ def test_credentials_refuse_short_passwords_and_generate_one_once(tmp_path) -> N
     assert creds.ensure_admin() is None  # printed once only
     assert oct((tmp_path / "fresh" / "web" / "users.json").stat().st_mode & 0o777) == "0o600"
     assert generated not in (tmp_path / "fresh" / "web" / "users.json").read_text()
-    with pytest.raises(Exception, match="password: must have 8 to"):
+    with pytest.raises(UsageError, match="password: must have 8 to"):
         creds.set_password("admin", "short")
 
 
