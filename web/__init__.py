@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, flash, jsonify, redirect, request, url_for
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from appliance.config import default_state_dir
+from appliance.errors import UsageError
+from web.validation import ApiError
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -36,6 +38,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
     app.after_request(_security_headers)
+    # The one place requests' errors become answers (STYLE rule 15): expected ones (ApiError, and the
+    # UsageError the web's own checks raise) say why; anything else is a bug or an unforeseen failure.
+    app.register_error_handler(ApiError, _expected)
+    app.register_error_handler(UsageError, _expected)
     app.register_error_handler(HTTPException, _api_errors_as_json)
     app.register_error_handler(Exception, _unexpected)
     return app
@@ -43,6 +49,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 MAX_BODY = 1 << 20  # request bodies (JSON, forms) larger than this get 413 before they are read
 log = logging.getLogger("bootback.web")
+
+
+def _expected(exc: ApiError | UsageError) -> Any:
+    """JSON {error: {status, message}} for the API; for the page, the message flashed back on the dashboard
+    (a form or URL the page would never send, or an action the daemon refused: post/redirect/get)."""
+    if isinstance(exc, UsageError):
+        exc = ApiError(400, str(exc))
+    if request.path.startswith("/api/"):
+        return jsonify(error={"status": exc.status, "message": exc.message}), exc.status
+    flash(exc.message, "error")
+    return redirect(url_for("pages.index"), 303)
 
 
 def _unexpected(exc: Exception) -> Any:
@@ -56,6 +73,8 @@ def _unexpected(exc: Exception) -> Any:
 def _api_errors_as_json(exc: HTTPException) -> Any:
     """Unknown API paths and wrong methods answer JSON like the rest of the API; pages keep HTML."""
     if request.path.startswith("/api/"):
+        if exc.response is not None:  # already a JSON answer (abort with one)
+            return exc.response
         return jsonify(error={"status": exc.code, "message": exc.description}), exc.code
     return exc
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
 
 from appliance import __version__
-from appliance.errors import UsageError
 from web import backup_files, daemon
 from web import validation as field
 from web.exposure import nfs_open_to_everyone, nfs_warning
@@ -20,25 +17,6 @@ from web.validation import NAME, ApiError, check_path_params, json_body, query_f
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 bp.url_value_preprocessor(check_path_params)
-
-
-@bp.errorhandler(ApiError)
-def _api_error(exc: ApiError) -> tuple[Response, int]:
-    return jsonify(error={"status": exc.status, "message": exc.message}), exc.status
-
-
-@bp.errorhandler(UsageError)
-def _usage_error(exc: UsageError) -> tuple[Response, int]:
-    """The web app's own checks (credentials: token names) raise UsageError naming the field: a 400.
-    Other domain errors raised here (a damaged file in STATE/web) are the appliance's fault: a plain 500."""
-    return _api_error(ApiError(400, str(exc)))
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Any:
-    if exc.response is not None:  # already a JSON response (abort with one)
-        return exc.response
-    return jsonify(error={"status": exc.code, "message": exc.description}), exc.code
 
 
 # --- open -----------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 from flask import Response, request
 
-from appliance.errors import BootbackError
 from appliance.files import FileBrowser, browse
 from appliance.repo import Repository
 from appliance.repo.reader import ChunkCache
@@ -57,29 +56,25 @@ def _repository(name: str) -> Repository:
 
 def _browser(repo_name: str, point: str, disk: str | None) -> tuple[FileBrowser, str, str]:
     repo = _repository(repo_name)
-    try:
+    with daemon.domain_errors():
         rp = repo.resolve(point)
         browser = browse(repo, rp, disk)
-    except BootbackError as exc:
-        raise daemon.translate(exc) from None
     return browser, rp.ref, browser.reader.disk.name
 
 
 def listing(repo_name: str, point: str, disk: str | None, path: str) -> dict:
     browser, ref, disk_name = _browser(repo_name, point, disk)
-    try:
+    with daemon.domain_errors():
         doc = {"repository": repo_name, "point": ref, "disk": disk_name, "path": path,
                "entries": [e.to_json() for e in browser.listdir(path)]}  # fmt: skip
         if FileBrowser.split(path)[0] is None:
             doc["volumes"] = [v.to_json() for v in browser.volumes()]
-    except BootbackError as exc:
-        raise daemon.translate(exc) from None
     return doc
 
 
 def download(repo_name: str, point: str, disk: str | None, path: str) -> Response:
     browser, _, _ = _browser(repo_name, point, disk)
-    try:
+    with daemon.domain_errors():
         entry = browser.stat(path)
         name = path.rstrip("/").rsplit("/", 1)[-1] or "disk"
         if entry.kind == "file":
@@ -89,8 +84,6 @@ def download(repo_name: str, point: str, disk: str | None, path: str) -> Respons
             body, mimetype, size, name = _tar(browser, path), "application/x-tar", None, f"{name}.tar"
         else:
             raise ApiError(400, f"path: {path} is a {entry.kind}, not a file or directory")
-    except BootbackError as exc:
-        raise daemon.translate(exc) from None
     headers = {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"}
     if size is not None:
         headers["Content-Length"] = str(size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import current_app, g
@@ -29,9 +31,8 @@ STATUS_OF = (
 
 def call(op: str, **params: Any) -> Any:
     try:
-        return ControlClient(current_app.config["STATE_DIR"], timeout=60).call(op, **params)
-    except errors.BootbackError as exc:
-        raise translate(exc) from None
+        with domain_errors():
+            return ControlClient(current_app.config["STATE_DIR"], timeout=60).call(op, **params)
     except OSError as exc:
         raise ApiError(503, f"the bootback daemon did not answer: {exc}") from None
 
@@ -46,6 +47,16 @@ def status() -> dict:
     if isinstance(g.daemon_status, ApiError):
         raise g.daemon_status
     return g.daemon_status
+
+
+@contextmanager
+def domain_errors() -> Iterator[None]:
+    """Domain errors of the appliance services the web calls (the daemon, file recovery) become ApiErrors
+    with their HTTP status, which the app's one error handler answers."""
+    try:
+        yield
+    except errors.BootbackError as exc:
+        raise translate(exc) from None
 
 
 def translate(exc: errors.BootbackError) -> ApiError:

@@ -9,7 +9,6 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 
-from appliance.errors import UsageError
 from web import backup_files, daemon
 from web import validation as field
 from web.credentials import MAX_PASSWORD
@@ -20,13 +19,6 @@ from web.validation import ApiError, check_path_params, form_fields
 
 bp = Blueprint("pages", __name__)
 bp.url_value_preprocessor(check_path_params)
-
-
-@bp.errorhandler(ApiError)
-def _bad_request(exc: ApiError) -> Response:
-    """A form or URL the page would never send (a hand-made request): say why, back on the page."""
-    flash(exc.message, "error")
-    return redirect(url_for("pages.index"), 303)
 
 
 @bp.app_template_global()
@@ -169,12 +161,9 @@ def migrate(sid: str) -> Response:
 @bp.post("/tokens")
 @login_required
 def create_token() -> Response:
-    name = form_fields(field.TOKEN_NAME)["name"]  # an ApiError is flashed by _bad_request
-    try:
-        tok = credentials().create_token(name)
-        flash(f"API token '{tok['name']}' created; copy it now, it is not shown again: {tok['token']}", "token")
-    except UsageError as exc:
-        flash(str(exc), "error")
+    name = form_fields(field.TOKEN_NAME)["name"]  # an ApiError or UsageError is flashed by web._expected
+    tok = credentials().create_token(name)
+    flash(f"API token '{tok['name']}' created; copy it now, it is not shown again: {tok['token']}", "token")
     return redirect(url_for("pages.index"))
 
 
