@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from appliance.config import DaemonConfig
@@ -25,7 +26,7 @@ from appliance.repo.repository import find_repositories
 from appliance.sessions.control import ControlServer
 from appliance.sessions.manager import SessionManager
 from appliance.verification import Verifications
-from nfsd import errors as nfs_errors
+from nfsd.errors import StatusMapping
 from nfsd.exports import Export
 from nfsd.handles import HandleCodec
 from nfsd.server import NFSServer
@@ -41,10 +42,34 @@ def _mtime(path: Path) -> float:
         return -1.0
 
 
-# Domain errors as the NFS client sees them (nfsd's single translation table).
-nfs_errors.register(NoSpaceError, Status.NOSPC)
-nfs_errors.register(IntegrityError, Status.IO)
-nfs_errors.register(DiskTooLargeError, Status.FBIG)
+# Domain errors as the NFS client sees them, added to this daemon's NFS server's one translation table.
+NFS_STATUS_OF: tuple[StatusMapping, ...] = (
+    (NoSpaceError, Status.NOSPC),
+    (IntegrityError, Status.IO),
+    (DiskTooLargeError, Status.FBIG),
+)
+
+
+class ServedRepositories(Mapping[str, Repository]):
+    """The repositories served, by name; shared by reference with the session manager, whose threads (control
+    operations, NFS workers) iterate it while a rescan adds one. Copy-on-write: an addition publishes a new
+    dict, so a reader iterates a snapshot that never changes under it (no "changed size during iteration")."""
+
+    def __init__(self) -> None:
+        self._map: dict[str, Repository] = {}
+
+    def __getitem__(self, name: str) -> Repository:
+        return self._map[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def add(self, name: str, repo: Repository) -> None:
+        """Callers hold the daemon's lock (one writer); readers need none."""
+        self._map = {**self._map, name: repo}
 
 
 class Daemon:
@@ -52,14 +77,16 @@ class Daemon:
         self.config = config
         state = config.state_dir = Path(config.state_dir).resolve()
         state.mkdir(parents=True, exist_ok=True)
-        self.repos: dict[str, Repository] = {}
-        self._repos_lock = threading.Lock()
+        self.repos = ServedRepositories()
+        self._repos_lock = threading.Lock()  # one writer of self.repos at a time
         self._refused: dict[Path, float] = {}  # repository -> its config's mtime when it could not be opened
         self._damaged_logged: set[tuple[str, str]] = set()  # (repository, error) logged once, not at every look
         if not config.repos and not config.repo_dirs:
             raise UsageError("no repository to serve: pass --repo REPO, or --repo-dir DIR holding repositories")
         for path in config.repos:
-            self._add_repository(Repository.open(Path(path).resolve()))
+            repo = Repository.open(Path(path).resolve())
+            with self._repos_lock:
+                self._add_repository(repo)
         self.rescan_repositories()
         if not self.repos:
             log.warning(
@@ -78,7 +105,7 @@ class Daemon:
         self.server = NFSServer(
             [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,
             nfs_port=config.nfs_port, mount_port=config.mount_port, portmap_port=config.portmap_port,
-            limits=config.nfs_limits, fixed_ports=config.fixed_ports,
+            limits=config.nfs_limits, fixed_ports=config.fixed_ports, error_statuses=NFS_STATUS_OF,
         )  # fmt: skip
         self.verifications = Verifications(state, self.op_publish, self.op_stop, config.max_verifications,
                                            config.verify_max_memory_mib)  # fmt: skip
@@ -89,10 +116,11 @@ class Daemon:
 
     # --- repositories -------------------------------------------------------------------------------
     def _add_repository(self, repo: Repository) -> str:
+        """Under self._repos_lock."""
         name = repo.path.name
         if name in self.repos:
             name = f"{name}-{repo.config.id[:6]}"
-        self.repos[name] = repo
+        self.repos.add(name, repo)
         return name
 
     def rescan_repositories(self) -> None:

@@ -34,23 +34,25 @@ _ERRNO = {
     errno.EOPNOTSUPP: Status.NOTSUPP,
 }
 
-# Domain errors of the layers above (e.g. the appliance's NoSpaceError) register their status here, so this
-# package needs to know nothing about them.
-_REGISTERED: list[tuple[type[BaseException], Status]] = []
+StatusMapping = tuple[type[BaseException], Status]
 
 
-def register(exc_type: type[BaseException], status: Status) -> None:
-    _REGISTERED.append((exc_type, status))
+class ErrorTable:
+    """One server's exception -> nfsstat3 table: NFSError's own status, then the domain errors of the layers
+    above (given by whoever builds the server, e.g. the appliance's NoSpaceError -> NOSPC, so this package
+    knows nothing about them), then errno; anything else is a bug: SERVERFAULT, logged."""
 
+    def __init__(self, extra: tuple[StatusMapping, ...] | list[StatusMapping] = ()) -> None:
+        self.extra = tuple(extra)
 
-def status_for(exc: BaseException) -> Status:
-    if isinstance(exc, NFSError):
-        return exc.status
-    for exc_type, status in _REGISTERED:
-        if isinstance(exc, exc_type):
-            limited.log(log, logging.WARNING, "%s: %s", status.name, exc)  # a client can cause one per call
-            return status
-    if isinstance(exc, OSError) and exc.errno in _ERRNO:
-        return _ERRNO[exc.errno]
-    limited.log(log, logging.ERROR, "unexpected backend error: %s", exc, exc_info=exc)
-    return Status.SERVERFAULT
+    def status_for(self, exc: BaseException) -> Status:
+        if isinstance(exc, NFSError):
+            return exc.status
+        for exc_type, status in self.extra:
+            if isinstance(exc, exc_type):
+                limited.log(log, logging.WARNING, "%s: %s", status.name, exc)  # a client can cause one per call
+                return status
+        if isinstance(exc, OSError) and exc.errno in _ERRNO:
+            return _ERRNO[exc.errno]
+        limited.log(log, logging.ERROR, "unexpected backend error: %s", exc, exc_info=exc)
+        return Status.SERVERFAULT

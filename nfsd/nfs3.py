@@ -154,8 +154,10 @@ class NFSv3(Program):
     name = "NFSv3"
 
     def __init__(self, exports: ExportTable, meta_workers: int = 8, io_workers: int = 16,
-                 write_workers: int = 2) -> None:  # fmt: skip
+                 write_workers: int = 2, error_statuses: tuple[errors.StatusMapping, ...] = ()) -> None:  # fmt: skip
+        """``error_statuses``: (exception class, nfsstat3) pairs for the domain errors of the backends."""
         self.exports = exports
+        self.errors = errors.ErrorTable(error_statuses)
         self.meta_pool = ThreadPoolExecutor(meta_workers, thread_name_prefix="nfs-meta")
         self.io_pool = ThreadPoolExecutor(io_workers, thread_name_prefix="nfs-io")
         # Writes to one file serialize in the backend anyway; a few threads avoid a convoy of sixteen.
@@ -184,7 +186,7 @@ class NFSv3(Program):
             except XDRError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every backend failure becomes an nfsstat3
-                status = errors.status_for(exc)
+                status = self.errors.status_for(exc)
                 return [struct.pack(">I", int(status)) + tail]
 
         return handler
@@ -264,7 +266,7 @@ class NFSv3(Program):
         try:
             child, cattr, dattr = await self._meta(do)
         except Exception as exc:  # noqa: BLE001
-            status = errors.status_for(exc)
+            status = self.errors.status_for(exc)
             p = Packer().u32(int(status))
             post_op(p, await self._meta(self._attr_or_none, export, d))
             return [p.buf]
@@ -348,7 +350,7 @@ class NFSv3(Program):
         try:
             obj, attr, dattr = await self._meta(do)
         except Exception as exc:  # noqa: BLE001
-            p = Packer().u32(int(errors.status_for(exc)))
+            p = Packer().u32(int(self.errors.status_for(exc)))
             wcc(p, None, await self._meta(self._attr_or_none, export, d))
             return [p.buf]
         p = Packer().u32(0).u32(1).opaque(self.exports.handle(export, obj))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nfsd import portmap
+from nfsd.errors import StatusMapping
 from nfsd.exports import Export, ExportTable
 from nfsd.handles import HandleCodec
 from nfsd.limits import DEFAULT, Limits
@@ -87,9 +88,11 @@ class NFSServer:
         codec: HandleCodec | None = None,
         limits: Limits = DEFAULT,
         fixed_ports: bool = False,
+        error_statuses: tuple[StatusMapping, ...] = (),
     ) -> None:
         """``fixed_ports``: refuse to start when the NFS or MOUNT port is taken instead of moving to the next
-        free one (a firewall opened for the configured ports then always matches)."""
+        free one (a firewall opened for the configured ports then always matches). ``error_statuses``: the
+        backends' domain errors as (exception class, nfsstat3) pairs, this server's only."""
         if codec is None:
             codec = HandleCodec.from_file(secret_path) if secret_path else HandleCodec(__import__("os").urandom(32))
         self.table = ExportTable(codec)
@@ -99,7 +102,7 @@ class NFSServer:
         self.want = (nfs_port, mount_port, portmap_port)
         self.fixed_ports = fixed_ports
         self.dispatcher = Dispatcher()
-        self.nfs = NFSv3(self.table)
+        self.nfs = NFSv3(self.table, error_statuses=error_statuses)
         self.mount = MountV3(self.table)
         self.portmap = PortmapV2()
         self.limits = limits

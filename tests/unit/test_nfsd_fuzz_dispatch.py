@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import appliance.daemon  # noqa: F401 - registers the appliance's errors with nfsd.errors, as the daemon runs
 from appliance.cache.overlay import WriteCache
+from appliance.daemon import NFS_STATUS_OF  # the appliance's domain errors, as the daemon maps them
 from appliance.datastore.backend import DatastoreBackend
 from appliance.datastore.folder import SessionFolder
 from nfsd.exports import Export, ExportTable
@@ -159,7 +159,7 @@ def serve(tmp: Path) -> Iterator[World]:
     table.add(Export("/ds", datastore))
     loop = asyncio.new_event_loop()
     dispatcher = Dispatcher()
-    nfs, mount = NFSv3(table), MountV3(table)
+    nfs, mount = NFSv3(table, error_statuses=NFS_STATUS_OF), MountV3(table)
     dispatcher.register(nfs)
     dispatcher.register(mount)
     w = World(tmp, loop, dispatcher, table, codec, [nfs, mount])
