@@ -61,7 +61,8 @@ def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(
         assert p.returncode == 0, out[-4000:]
         used = ControlClient(tmp_path / "srv" / "state").call("status")
         assert used["ports"]["nfs"] != ports["nfs"], "the NFS port was taken, the appliance should have moved"
-        assert "which were taken); the firewall opens the ports in use" in " ".join(out.split())
+        moved = f"the appliance uses NFS port {used['ports']['nfs']} and MOUNT port {used['ports']['mount']}"
+        assert moved in " ".join(out.split()) and "the firewall opens the ports in use" in " ".join(out.split())
         assert used["allowed_networks"] == [lab.allowed_net], "BOOTBACK_CLIENTS must match the firewall"
 
         listed = nft_table(table)
