@@ -7,7 +7,7 @@ import logging
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from appliance.config import DaemonConfig
@@ -72,9 +72,16 @@ class ServedRepositories(Mapping[str, Repository]):
         self._map = {**self._map, name: repo}
 
 
+# Starts the web app as a child process: (state_dir, bind=, port=, advertise=) -> the process. Passed in by the
+# composition root (the CLI): the domain does not import the web layer above it.
+WebStarter = Callable[..., subprocess.Popen]
+
+
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, start_web: WebStarter | None = None) -> None:
+        """``start_web``: how to start the web app when ``config.web`` (None: no web app)."""
         self.config = config
+        self._start_web = start_web
         state = config.state_dir = Path(config.state_dir).resolve()
         state.mkdir(parents=True, exist_ok=True)
         self.repos = ServedRepositories()
@@ -289,11 +296,9 @@ class Daemon:
         self._space_task = asyncio.get_running_loop().create_task(self._watch_space())
         ports = await self.server.start()
         await self.control.start()
-        if self.config.web:
-            from web.launcher import start_web
-
+        if self.config.web and self._start_web is not None:
             self.web = await asyncio.to_thread(
-                start_web,
+                self._start_web,
                 self.config.state_dir,
                 bind=self.config.bind,
                 port=self.config.control_port,

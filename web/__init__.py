@@ -16,8 +16,9 @@ from web.validation import ApiError
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from web import api, logins, pages
-    from web.credentials import secret_key
+    from appliance.access import logins
+    from appliance.access.credentials import secret_key
+    from web import api, pages
 
     app = Flask(__name__)
     config = dict(test_config or {})

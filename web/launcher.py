@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from appliance.access.credentials import Credentials, secret_key, web_dir
 from appliance.errors import ConfigError
-from web.credentials import Credentials, secret_key, web_dir
 from web.tls import ensure_certificate
 
 log = logging.getLogger("bootback.web")

@@ -9,9 +9,9 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 
+from appliance.access.credentials import MAX_PASSWORD
 from web import backup_files, daemon
 from web import validation as field
-from web.credentials import MAX_PASSWORD
 from web.exposure import nfs_warning
 from web.security import credentials, csrf_ok, csrf_token, current_user, log_in, log_out, login_required, safe_next
 from web.throttle import LoginThrottle

@@ -1,7 +1,7 @@
 """Authentication, CSRF and safe redirects for the API and the page.
 
 Scripts send ``Authorization: Bearer <token>``; the browser has a login cookie. The cookie (signed by Flask)
-holds a login session id that must still be in STATE/web/auth.db (``web.logins``): logout and password
+holds a login session id that must still be in STATE/web/auth.db (``appliance.access.logins``): logout and password
 changes end it server-side. Every state-changing request made with the cookie must carry the session's CSRF
 token (form field ``csrf_token`` or header ``X-CSRF-Token``); bearer requests need none, since browsers never
 attach bearer tokens on their own.
@@ -18,8 +18,8 @@ from urllib.parse import unquote, urlsplit
 
 from flask import abort, current_app, g, jsonify, redirect, request, session, url_for
 
-from web import logins
-from web.credentials import Credentials
+from appliance.access import logins
+from appliance.access.credentials import Credentials
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 

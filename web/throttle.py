@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from web.authdb import transaction
+from appliance.access.authdb import transaction
 
 EVERYONE = "*"  # the key of the overall counter
 

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance.access.statedir import FILE_MODE
 from appliance.atomicfile import write_atomic
 from appliance.errors import ConfigError
-from web.statedir import FILE_MODE
 
 
 def ensure_certificate(web_dir: Path, extra_names: list[str] | None = None) -> tuple[Path, Path]:

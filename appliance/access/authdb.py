@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from web.statedir import FILE_MODE, web_dir
+from appliance.access.statedir import FILE_MODE, web_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logins (digest TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL,

@@ -21,10 +21,10 @@ from typing import Any
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from appliance.access import logins
+from appliance.access.statedir import FILE_MODE, web_dir
 from appliance.atomicfile import create_once, write_atomic
 from appliance.errors import ConfigError, UsageError
-from web import logins
-from web.statedir import FILE_MODE, web_dir
 
 TOKEN_PREFIX = "bbt_"
 ADMIN = "admin"

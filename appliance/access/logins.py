@@ -9,7 +9,7 @@ import secrets
 import time
 from pathlib import Path
 
-from web.authdb import transaction
+from appliance.access.authdb import transaction
 
 LIFETIME = 8 * 3600.0  # a login lasts at most this long, however active (absolute, not sliding)
 MAX_PER_USER = 32  # logins kept per user; the oldest is ended when a new one would exceed this

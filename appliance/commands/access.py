@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from appliance.access.credentials import Credentials
 from appliance.config import default_state_dir
 from appliance.errors import UsageError
 
@@ -26,9 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_password)
 
 
-def _creds(args: argparse.Namespace):  # noqa: ANN202 - web is imported lazily: the CLI works without Flask
-    from web.credentials import Credentials
-
+def _creds(args: argparse.Namespace) -> Credentials:
     return Credentials(args.state or default_state_dir())
 
 
@@ -56,5 +55,6 @@ def cmd_password(args: argparse.Namespace) -> int:
     else:
         pw = sys.stdin.readline().rstrip("\n")
     _creds(args).set_password(args.user, pw)
-    print(f"password of {args.user!r} changed; it applies at the next login", file=sys.stderr)
+    print(f"password of {args.user!r} changed; every login of {args.user!r} has ended (log in again with it)",
+          file=sys.stderr)  # fmt: skip
     return 0

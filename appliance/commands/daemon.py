@@ -8,9 +8,11 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.config import DaemonConfig, default_export_name, default_state_dir
 from appliance.errors import UsageError, VerificationFailedError
@@ -199,9 +201,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         min_free_bytes=parse_size(args.min_free), read_cache_bytes=parse_size(args.read_cache),
         advertise=args.advertise, web=web, nfs_limits=nfs_limits, fixed_ports=args.fixed_ports,
     )  # fmt: skip
-    daemon = Daemon(config)
+    daemon = Daemon(config, start_web=start_web_app if web else None)
     asyncio.run(daemon.run())
     return 0
+
+
+def start_web_app(*args: Any, **kwargs: Any) -> subprocess.Popen:
+    """The web app's starter, wired into the daemon here (the composition root): the domain never imports web.
+    Imported late, so commands that do not serve work without the web layer."""
+    from web.launcher import start_web
+
+    return start_web(*args, **kwargs)
 
 
 def _print(args: argparse.Namespace, doc: object, text: str) -> None:

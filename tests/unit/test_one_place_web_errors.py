@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from appliance.access.credentials import Credentials
 from appliance.errors import IntegrityError, UsageError
 from tests.unit.test_web_app import BASE, bearer, login
 from web import create_app
-from web.credentials import Credentials
 from web.security import api_auth, login_required
 from web.validation import ApiError
 

@@ -12,9 +12,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from appliance.access.credentials import Credentials
 from appliance.errors import UsageError
 from web import create_app
-from web.credentials import Credentials
 from web.metrics import render_metrics
 from web.throttle import Policy
 

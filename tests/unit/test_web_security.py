@@ -18,11 +18,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from appliance.access.credentials import Credentials
 from appliance.atomicfile import create_once, write_atomic
 from tests.daemon_process import DaemonProcess, bootback
 from tests.unit.test_web_app import BASE, bearer, login
 from web import create_app
-from web.credentials import Credentials
 from web.exposure import nfs_open_to_everyone
 from web.launcher import prepare
 from web.throttle import Policy
