@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -76,9 +77,10 @@ def test_fixed_ports_refuse_a_taken_port_instead_of_moving(repo: Path, tmp_path:
             assert moved.nfs_port != port  # the default: the next free port
         finally:
             moved.stop()
-        p = subprocess.run(
-            [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(tmp_path / "fixed"),
-             "--no-web", *common, "--fixed-ports"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert p.returncode != 0 and f"port {port}" in p.stderr and "taken" in p.stderr, p.stderr
+        for how, env in ((["--fixed-ports"], {}), ([], {"BOOTBACK_FIXED_PORTS": "1"})):  # the role sets the env
+            p = subprocess.run(
+                [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(tmp_path / "fixed"),
+                 "--no-web", *common, *how],
+                cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+            )  # fmt: skip
+            assert p.returncode != 0 and f"port {port}" in p.stderr and "taken" in p.stderr, (how, env, p.stderr)
