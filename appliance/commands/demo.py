@@ -9,10 +9,11 @@ import importlib.util
 import logging
 import os
 import secrets
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
-from appliance.commands.daemon import start_web_app
 from appliance.config import DaemonConfig
 
 
@@ -43,6 +44,20 @@ def _demo_password(data: Path) -> str:
     return path.read_text().strip()
 
 
+def command_as_typed(argv0: str) -> str:
+    """How to call this same bootback from the current directory, for the printed "try" lines: `bootback` only
+    when PATH finds this one (`./run demo` starts .venv/bin/bootback, which is not on PATH), else its path
+    (relative when under the current directory), or `python -m appliance` when started that way."""
+    script = os.path.abspath(argv0)
+    if os.path.basename(script) != "bootback":
+        return f"{shlex.quote(sys.executable)} -m appliance"
+    found = shutil.which("bootback")
+    if found and os.path.abspath(found) == script:
+        return "bootback"
+    relative = os.path.relpath(script)
+    return shlex.quote(relative if not relative.startswith("..") else script)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon
     from appliance.demo.embedded import VM, prepare_demo
@@ -62,13 +77,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         portmap_port=args.portmap_port or None, control_port=args.control_port, export_path="/bootback-demo",
         min_free_bytes=1 << 30, web=web,
     )  # fmt: skip
-    daemon = Daemon(config, start_web=start_web_app if web else None)
+    daemon = Daemon(config)
 
     async def run() -> None:
         await daemon.start()
         ports = daemon.server.ports
         host = config.host
         direct = f"?nfsport={ports.nfs}&mountport={ports.mount}"
+        me, state, repo = command_as_typed(sys.argv[0]), shlex.quote(str(demo.state)), shlex.quote(str(demo.repo))
         lines = [
             "",
             "bootback demo is running (Ctrl-C stops it; instant sessions come back next time)",
@@ -76,9 +92,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if web else "  admin page : off (--no-web)",
             f"  NFS export : {host}:{config.export_path}  (NFS {ports.nfs}, MOUNT {ports.mount}, portmapper "
             f"{ports.portmap or 'off'})",
-            f"  try        : bootback publish {VM} --mode sandbox --state {demo.state}",
+            f"  try        : {me} publish {VM} --mode sandbox --state {state}",
             f"               nfs-ls 'nfs://{host}{config.export_path}/{direct}'",
-            f"               bootback files {demo.repo} {VM} /p1     (files inside the backup; or Browse files)",
+            f"               {me} files {repo} {VM} /p1   # files inside the backup (or Browse files)",
             "",
         ]  # fmt: skip
         print("\n".join(lines), flush=True)
