@@ -98,7 +98,9 @@ class _Node:
 class LocalFS(Backend):
     def __init__(self, root: Path | str, read_only: bool = False, use_openat2: bool = HAVE_OPENAT2,
                  search_limits: SearchLimits = SearchLimits()) -> None:  # fmt: skip
-        """``use_openat2`` False walks component by component (what kernels before 5.6 get); for tests."""
+        """``read_only``: files are opened read-only and the protocol layer refuses changes (ROFS) before they
+        reach this backend. ``use_openat2`` False walks component by component (what kernels before 5.6 get);
+        for tests."""
         self.base = Path(root).resolve()
         if not self.base.is_dir():
             raise NotADirectoryError(f"export directory {self.base} does not exist")
@@ -287,8 +289,6 @@ class LocalFS(Backend):
         return attr_from_stat(self._stat(obj))
 
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         with self._node(obj) as node:
             is_link = stat.S_ISLNK(node.st.st_mode)
             if attrs.size is not None:
@@ -359,8 +359,6 @@ class LocalFS(Backend):
         return buf, offset + n >= st.st_size, attr_from_stat(st)
 
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         fd = self._fd(obj)
         written = 0
         while written < len(data):
@@ -384,8 +382,6 @@ class LocalFS(Backend):
     def create(
         self, directory: ObjectId, name: str, mode: CreateMode, attrs: SetAttr, verifier: bytes | None, cred: Cred
     ) -> ObjectId:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         if mode == CreateMode.EXCLUSIVE and (verifier is None or len(verifier) != 8):
             raise NFSError(Status.INVAL, f"exclusive create of {name!r} needs an 8-byte verifier")
         perm = 0o644 if attrs.mode is None else attrs.mode
@@ -429,8 +425,6 @@ class LocalFS(Backend):
         return self._remember(directory, name, st, change=True)
 
     def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         with self._dir(directory) as d:
             os.mkdir(component(name), 0o755 if attrs.mode is None else attrs.mode, dir_fd=d.fd)
             self._own(d.fd, name, cred)
@@ -438,8 +432,6 @@ class LocalFS(Backend):
         return self._remember(directory, name, st, change=True)
 
     def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         with self._dir(directory) as d:
             os.symlink(target, component(name), dir_fd=d.fd)
             self._own(d.fd, name, cred)
@@ -447,8 +439,6 @@ class LocalFS(Backend):
         return self._remember(directory, name, st, change=True)
 
     def remove(self, directory: ObjectId, name: str) -> None:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         with self._dir(directory) as d:
             st = os.stat(component(name), dir_fd=d.fd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
@@ -464,8 +454,6 @@ class LocalFS(Backend):
                     self._search.invalidate()  # it lives on under a name we do not know: let a search find it
 
     def rmdir(self, directory: ObjectId, name: str) -> None:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         with self._dir(directory) as d:
             st = os.stat(component(name), dir_fd=d.fd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
@@ -474,8 +462,6 @@ class LocalFS(Backend):
         self._forget(st.st_ino)
 
     def rename(self, from_dir: ObjectId, from_name: str, to_dir: ObjectId, to_name: str) -> None:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         with self._dir(from_dir) as src, self._dir(to_dir) as dst:
             st = os.stat(component(from_name), dir_fd=src.fd, follow_symlinks=False)
             try:
@@ -488,8 +474,6 @@ class LocalFS(Backend):
         self._remember(to_dir, to_name, st, change=True)
 
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
-        if self.read_only:
-            raise NFSError(Status.ROFS)
         with self._node(obj) as node, self._dir(directory) as d:
             if stat.S_ISDIR(node.st.st_mode):
                 raise NFSError(Status.ISDIR, f"object {obj.fileid} is a directory")

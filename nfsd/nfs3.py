@@ -148,6 +148,12 @@ def access_bits(attr: Attr, cred_uid: int, cred_gids: set[int], wanted: int, rea
     return granted & wanted
 
 
+def _read_only(export: Export) -> bool:
+    """The one read-only rule: the export is configured read-only, or its backend cannot change (a backup
+    view). Modifying procedures are refused with ROFS here, before the backend is called."""
+    return export.read_only or export.backend.read_only
+
+
 class NFSv3(Program):
     prog = NFS_PROGRAM
     vers = NFS_V3
@@ -199,8 +205,8 @@ class NFSv3(Program):
             raise NFSError(Status.ACCES, f"{call.address[0]} may not use {export.path}")
         if export.require_privileged_port and not call.privileged_port:
             raise NFSError(Status.PERM, "privileged source port required")
-        if modifying and export.read_only:
-            raise NFSError(Status.ROFS)
+        if modifying and _read_only(export):
+            raise NFSError(Status.ROFS, f"{export.path} is read-only")
         return export, obj
 
     async def _meta(self, fn: Callable, *args: Any) -> Any:
@@ -281,8 +287,7 @@ class NFSv3(Program):
         wanted = u.u32("access")
         attr = await self._meta(export.backend.getattr, obj)
         cred = export.effective(call.cred)
-        read_only = export.read_only or export.backend.read_only
-        granted = access_bits(attr, cred.uid, {cred.gid, *cred.gids}, wanted, read_only)
+        granted = access_bits(attr, cred.uid, {cred.gid, *cred.gids}, wanted, _read_only(export))
         p = Packer().u32(0)
         post_op(p, attr)
         p.u32(granted)

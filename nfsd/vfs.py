@@ -233,8 +233,11 @@ def readdir_page(
 
 
 class Backend:
-    """What an export serves. Subclasses override what they support; the rest answers NFS3ERR_NOTSUPP
-    (or ROFS for changes), so a read-only backend only implements the read side."""
+    """What an export serves. Subclasses override what they support; the rest answers NFS3ERR_NOTSUPP.
+
+    ``read_only`` is the backend's own fact (a backup view, a directory opened read-only): the protocol layer
+    then refuses every modifying procedure with ROFS before calling the backend, as for a read-only export,
+    so a read-only backend only implements the read side and needs no checks of its own."""
 
     read_only: bool = False
 
@@ -250,7 +253,7 @@ class Backend:
         raise NotImplementedError
 
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def lookup(self, directory: ObjectId, name: str) -> ObjectId:
         raise NotImplementedError
@@ -271,7 +274,7 @@ class Backend:
         return None
 
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def commit(self, obj: ObjectId, offset: int, count: int) -> None:
         """Make earlier UNSTABLE writes to ``obj`` durable."""
@@ -285,25 +288,25 @@ class Backend:
     ) -> ObjectId:
         """CREATE. EXCLUSIVE mode passes an 8-byte ``verifier`` that must be stored with the file, so a
         retransmitted create with the same verifier succeeds and one with another fails with EXIST."""
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def remove(self, directory: ObjectId, name: str) -> None:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def rmdir(self, directory: ObjectId, name: str) -> None:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def rename(self, from_dir: ObjectId, from_name: str, to_dir: ObjectId, to_name: str) -> None:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
-        raise NFSError(Status.ROFS if self.read_only else Status.NOTSUPP)
+        raise NFSError(Status.NOTSUPP)
 
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
         """Entries after ``cookie`` (0 = from the start, '.' and '..' included), at most about ``count``

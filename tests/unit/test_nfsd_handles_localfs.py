@@ -147,13 +147,6 @@ def test_setattr_truncate_extend_mode_times(fs: LocalFS) -> None:
     assert fs.setattr(f, SetAttr(size=3), CRED).size == 3
 
 
-def test_read_only_backend_refuses_changes(tmp_path: Path) -> None:
-    ro = LocalFS(tmp_path, read_only=True)
-    with pytest.raises(NFSError) as e:
-        ro.create(ro.root(), "x", CreateMode.UNCHECKED, SetAttr(), None, CRED)
-    assert e.value.status == Status.ROFS
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="files get the caller's owner only when the server runs as root")
 def test_unchecked_create_of_an_existing_file_keeps_its_owner(fs: LocalFS) -> None:
     """CREATE UNCHECKED on an existing name opens that file; it must not hand it to the caller."""
