@@ -40,14 +40,6 @@ UNBOUNDED = 0xFFFFFFFF  # filename3<> and nfspath3<>: only the bytes left in the
 
 ACCESS_READ, ACCESS_LOOKUP, ACCESS_MODIFY, ACCESS_EXTEND, ACCESS_DELETE, ACCESS_EXECUTE = 1, 2, 4, 8, 16, 32
 
-# What a failed reply carries after its status: absent post_op_attr (4 bytes) / wcc_data (8 bytes).
-_FAIL_TAIL = {
-    1: b"", 2: bytes(8), 3: bytes(4), 4: bytes(4), 5: bytes(4), 6: bytes(4), 7: bytes(8), 8: bytes(8),
-    9: bytes(8), 10: bytes(8), 11: bytes(8), 12: bytes(8), 13: bytes(8), 14: bytes(16), 15: bytes(12),
-    16: bytes(4), 17: bytes(4), 18: bytes(4), 19: bytes(4), 20: bytes(4), 21: bytes(8),
-}  # fmt: skip
-_MODIFYING = {2, 7, 8, 9, 10, 11, 12, 13, 14, 15, 21}
-
 _FATTR = struct.Struct(">IIIIIQQIIQQIIIIII")
 
 
@@ -80,6 +72,43 @@ def wcc(p: Packer, before: Attr | None, after: Attr | None) -> None:
         p.u32(_time(before.mtime_ns)[0]).u32(_time(before.mtime_ns)[1])
         p.u32(_time(before.ctime_ns)[0]).u32(_time(before.ctime_ns)[1])
     post_op(p, after)
+
+
+def _encoded(encode: Callable[[Packer], None]) -> bytes:
+    p = Packer()
+    encode(p)
+    return bytes(p.buf)
+
+
+# What a failed reply carries after its status: RFC 1813's resfail arms, built by the encoders above.
+_NO_ATTR = _encoded(lambda p: post_op(p, None))  # post_op_attr, absent
+_NO_WCC = _encoded(lambda p: wcc(p, None, None))  # wcc_data, both halves absent
+
+# Every procedure in number order (RFC 1813 section 3), with its resfail tail.
+PROCEDURES: tuple[tuple[str, bytes], ...] = (
+    ("NULL", b""),
+    ("GETATTR", b""),
+    ("SETATTR", _NO_WCC),  # obj_wcc
+    ("LOOKUP", _NO_ATTR),  # dir_attributes
+    ("ACCESS", _NO_ATTR),  # obj_attributes
+    ("READLINK", _NO_ATTR),  # symlink_attributes
+    ("READ", _NO_ATTR),  # file_attributes
+    ("WRITE", _NO_WCC),  # file_wcc
+    ("CREATE", _NO_WCC),  # dir_wcc
+    ("MKDIR", _NO_WCC),  # dir_wcc
+    ("SYMLINK", _NO_WCC),  # dir_wcc
+    ("MKNOD", _NO_WCC),  # dir_wcc
+    ("REMOVE", _NO_WCC),  # dir_wcc
+    ("RMDIR", _NO_WCC),  # dir_wcc
+    ("RENAME", _NO_WCC + _NO_WCC),  # fromdir_wcc, todir_wcc
+    ("LINK", _NO_ATTR + _NO_WCC),  # file_attributes, linkdir_wcc
+    ("READDIR", _NO_ATTR),  # dir_attributes
+    ("READDIRPLUS", _NO_ATTR),  # dir_attributes
+    ("FSSTAT", _NO_ATTR),  # obj_attributes
+    ("FSINFO", _NO_ATTR),  # obj_attributes
+    ("PATHCONF", _NO_ATTR),  # obj_attributes
+    ("COMMIT", _NO_WCC),  # file_wcc
+)
 
 
 def unpack_time(u: Unpacker, what: str) -> int | None:
@@ -176,16 +205,9 @@ class NFSv3(Program):
         return False  # AUTH_NONE callers are treated as nobody
 
     def procedures(self) -> dict[int, Callable]:
-        names = [
-            "NULL", "GETATTR", "SETATTR", "LOOKUP", "ACCESS", "READLINK", "READ", "WRITE", "CREATE", "MKDIR",
-            "SYMLINK", "MKNOD", "REMOVE", "RMDIR", "RENAME", "LINK", "READDIR", "READDIRPLUS", "FSSTAT",
-            "FSINFO", "PATHCONF", "COMMIT",
-        ]  # fmt: skip
-        return {i: self._wrap(i, getattr(self, f"NFSPROC3_{n}")) for i, n in enumerate(names)}
+        return {i: self._wrap(getattr(self, f"NFSPROC3_{name}"), tail) for i, (name, tail) in enumerate(PROCEDURES)}
 
-    def _wrap(self, proc: int, fn: Callable) -> Callable:
-        tail = _FAIL_TAIL.get(proc, b"")
-
+    def _wrap(self, fn: Callable, tail: bytes) -> Callable:
         async def handler(call: Call) -> list:
             try:
                 return await fn(call)
@@ -531,8 +553,7 @@ class NFSv3(Program):
 
     async def NFSPROC3_FSINFO(self, call: Call) -> list:
         export, obj = self._resolve(call, call.args)
-        info = export.backend.fsinfo(obj)
-        attr = await self._meta(self._attr_or_none, export, obj)
+        info, attr = await self._meta(lambda: (export.backend.fsinfo(obj), self._attr_or_none(export, obj)))
         p = Packer().u32(0)
         post_op(p, attr)
         rtmax, rtpref, dtpref = (min(v, call.max_data) for v in (info.rtmax, info.rtpref, info.dtpref))  # UDP: small
@@ -542,8 +563,7 @@ class NFSv3(Program):
 
     async def NFSPROC3_PATHCONF(self, call: Call) -> list:
         export, obj = self._resolve(call, call.args)
-        pc = export.backend.pathconf(obj)
-        attr = await self._meta(self._attr_or_none, export, obj)
+        pc, attr = await self._meta(lambda: (export.backend.pathconf(obj), self._attr_or_none(export, obj)))
         p = Packer().u32(0)
         post_op(p, attr)
         p.u32(pc.linkmax).u32(pc.name_max).bool(pc.no_trunc).bool(pc.chown_restricted)
