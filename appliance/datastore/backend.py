@@ -1,9 +1,12 @@
-"""The NFS backend of the datastore: a root listing the published VM folders, each a SessionFolder.
+"""The NFS backend of the datastore: a stack of layers, one per slot, and nothing else.
 
-It stacks, it does not branch: the root is a directory of real files (hypervisors keep things like
-.vSphere-HA there) with the session folders laid over it, and every folder is its own stack of real files
-and backup-backed extents. File ids carry the folder's slot in their top 20 bits, so they are unique across
-folders and stable across restarts (slots are never reused).
+Slot 0 is the ``RootLayer`` (the datastore's top folder: its own real files with the published folders laid
+over them as junctions); every other slot holds a published ``SessionFolder``. Each layer is an
+``nfsd.vfs.Backend`` over local ids; this class only maps a file id's slot (its top 20 bits) to its layer and
+translates ids on the way down and up, as nfs-ganesha's stacked FSALs forward to the layer below. Two rules
+join the layers: a junction id from a layer's LOOKUP/READDIR becomes the root of the slot it names, and the
+top of a session folder has the datastore's root as its '..'. Ids are unique across folders and stable across
+restarts (slots are never reused); nothing moves or links between slots (XDEV).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import threading
 import zlib
 from pathlib import Path
 
-from appliance.datastore.folder import LOCAL_MASK, SessionFolder
+from appliance.datastore.folder import SessionFolder
+from appliance.datastore.layer import LOCAL_BITS, LOCAL_MASK, Layer
+from appliance.datastore.rootlayer import RootLayer
 from nfsd.localfs import LocalFS
 from nfsd.vfs import (
     Attr,
@@ -27,47 +32,58 @@ from nfsd.vfs import (
     StableHow,
     Status,
     WriteResult,
-    readdir_page,
 )
 
-SLOT_SHIFT = 44
+SLOT_SHIFT = LOCAL_BITS
+ROOT_SLOT = 0
+MAX_SLOT = (1 << 20) - 1
 
 
 class DatastoreBackend(Backend):
     def __init__(self, root_dir: Path) -> None:
         root_dir.mkdir(parents=True, exist_ok=True)
-        self.rootfs = LocalFS(root_dir)
-        self._folders: dict[int, tuple[str, SessionFolder]] = {}
+        self.top = RootLayer(root_dir)
+        self._layers: dict[int, Layer] = {ROOT_SLOT: self.top}
         self._lock = threading.RLock()
         self.fsid = zlib.crc32(str(root_dir).encode())
 
+    @property
+    def rootfs(self) -> LocalFS:
+        """The real files of the datastore's top folder."""
+        return self.top.files
+
     # --- publishing -----------------------------------------------------------------------------------
     def add_folder(self, slot: int, name: str, folder: SessionFolder) -> None:
-        if not 0 < slot < (1 << 20):
-            raise ValueError(f"slot {slot} out of range")
+        if not ROOT_SLOT < slot <= MAX_SLOT:
+            raise ValueError(f"slot {slot} out of range 1..{MAX_SLOT}")
         with self._lock:
-            if any(n == name for n, _ in self._folders.values()):
-                raise ValueError(f"a folder named {name} is already published")
-            self._folders[slot] = (name, folder)
+            if slot in self._layers:
+                raise ValueError(f"slot {slot} already holds a published folder")
+            self._layers[slot] = folder  # before the junction, so whoever finds the name finds the folder
+            try:
+                self.top.mount(name, slot)
+            except ValueError:
+                del self._layers[slot]
+                raise
 
     def remove_folder(self, slot: int) -> SessionFolder | None:
+        if slot == ROOT_SLOT:
+            return None
         with self._lock:
-            entry = self._folders.pop(slot, None)
-        return entry[1] if entry else None
+            self.top.unmount(slot)
+            layer = self._layers.pop(slot, None)
+        return layer if isinstance(layer, SessionFolder) else None
 
     def folder_names(self) -> list[str]:
-        return sorted(n for n, _ in self._folders.values())
+        return self.top.mounted()
 
-    # --- id routing -----------------------------------------------------------------------------------
-    def _route(self, obj: ObjectId) -> tuple[int, SessionFolder | None, ObjectId]:
+    # --- id translation -------------------------------------------------------------------------------
+    def _route(self, obj: ObjectId) -> tuple[int, Layer, ObjectId]:
         slot = obj.fileid >> SLOT_SHIFT
-        local = ObjectId(obj.fileid & LOCAL_MASK, obj.generation)
-        if slot == 0:
-            return 0, None, local
-        entry = self._folders.get(slot)
-        if entry is None:
+        layer = self._layers.get(slot)
+        if layer is None:
             raise NFSError(Status.STALE, f"folder {slot} is no longer published")
-        return slot, entry[1], local
+        return slot, layer, ObjectId(obj.fileid & LOCAL_MASK, obj.generation)
 
     @staticmethod
     def _global(slot: int, local: ObjectId) -> ObjectId:
@@ -75,161 +91,125 @@ class DatastoreBackend(Backend):
             raise NFSError(Status.SERVERFAULT, f"file id {local.fileid} too large")
         return ObjectId((slot << SLOT_SHIFT) | local.fileid, local.generation)
 
+    def _up(self, slot: int, layer: Layer, local: ObjectId) -> ObjectId:
+        """A local id a layer's LOOKUP/READDIR gave, as a datastore id: a junction is its folder's root."""
+        target = layer.junction(local)
+        if target is None:
+            return self._global(slot, local)
+        folder = self._layers.get(target)
+        if folder is None:
+            raise NFSError(Status.NOENT, f"folder {target} was unpublished meanwhile")
+        return self._global(target, folder.root())
+
     def _fix(self, slot: int, attr: Attr) -> Attr:
         attr.fileid = (slot << SLOT_SHIFT) | attr.fileid
         attr.fsid = self.fsid
         return attr
 
-    def _folder_by_name(self, name: str) -> tuple[int, SessionFolder] | None:
-        for slot, (n, folder) in self._folders.items():
-            if n == name:
-                return slot, folder
-        return None
+    @staticmethod
+    def _same_slot(a: int, b: int) -> None:
+        if a != b:
+            raise NFSError(Status.XDEV, "files cannot move or link between published folders")
 
     # --- Backend --------------------------------------------------------------------------------------
     def root(self) -> ObjectId:
-        return self.rootfs.root()
+        return self._global(ROOT_SLOT, self.top.root())
 
     def getattr(self, obj: ObjectId) -> Attr:
-        slot, folder, local = self._route(obj)
-        if folder is None:
-            return self._fix(0, self.rootfs.getattr(local))
-        return self._fix(slot, folder.getattr(local))
+        slot, layer, local = self._route(obj)
+        return self._fix(slot, layer.getattr(local))
 
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
-        slot, folder, local = self._route(obj)
-        if folder is None:
-            return self._fix(0, self.rootfs.setattr(local, attrs, cred))
-        return self._fix(slot, folder.setattr(local, attrs, cred))
+        slot, layer, local = self._route(obj)
+        return self._fix(slot, layer.setattr(local, attrs, cred))
 
     def lookup(self, directory: ObjectId, name: str) -> ObjectId:
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            if local.fileid == self.rootfs.root().fileid:
-                hit = self._folder_by_name(name)
-                if hit is not None:
-                    return self._global(hit[0], hit[1].root())
-            return self.rootfs.lookup(local, name)
-        return self._global(slot, folder.lookup(local, name))
+        slot, layer, local = self._route(directory)
+        return self._up(slot, layer, layer.lookup(local, name))
 
     def parent(self, directory: ObjectId) -> ObjectId:
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            return self.rootfs.parent(local)
-        if folder.is_root(local):
-            return self.root()
-        return self._global(slot, folder.parent(local))
+        slot, layer, local = self._route(directory)
+        up = layer.parent(local)  # raises NOTDIR for what is not a directory, at any level
+        if slot != ROOT_SLOT and local.fileid == layer.root().fileid:
+            return self.root()  # every folder is published at the top
+        return self._global(slot, up)
 
-    def read(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool]:
-        slot, folder, local = self._route(obj)
-        return (self.rootfs if folder is None else folder).read(local, offset, count)
+    def read(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes | memoryview, bool]:
+        slot, layer, local = self._route(obj)
+        return layer.read(local, offset, count)
 
-    def read_nowait(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool, Attr] | None:
-        slot, folder, local = self._route(obj)
-        hit = (self.rootfs if folder is None else folder).read_nowait(local, offset, count)
+    def read_nowait(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes | memoryview, bool, Attr] | None:
+        slot, layer, local = self._route(obj)
+        hit = layer.read_nowait(local, offset, count)
         if hit is None:
             return None
         return hit[0], hit[1], self._fix(slot, hit[2])
 
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
-        slot, folder, local = self._route(obj)
-        return (self.rootfs if folder is None else folder).write(local, offset, data, stable)
+        slot, layer, local = self._route(obj)
+        return layer.write(local, offset, data, stable)
 
     def commit(self, obj: ObjectId, offset: int, count: int) -> None:
-        slot, folder, local = self._route(obj)
-        (self.rootfs if folder is None else folder).commit(local, offset, count)
+        slot, layer, local = self._route(obj)
+        layer.commit(local, offset, count)
 
     def readlink(self, obj: ObjectId) -> str:
-        slot, folder, local = self._route(obj)
-        return (self.rootfs if folder is None else folder).readlink(local)
+        slot, layer, local = self._route(obj)
+        return layer.readlink(local)
 
-    def _in_root_clash(self, local: ObjectId, name: str) -> None:
-        if local.fileid == self.rootfs.root().fileid and self._folder_by_name(name) is not None:
-            raise NFSError(Status.EXIST, name)
-
-    def create(self, directory: ObjectId, name: str, mode: CreateMode, attrs: SetAttr, verifier: bytes | None,
-               cred: Cred) -> ObjectId:  # fmt: skip
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            self._in_root_clash(local, name)
-            return self.rootfs.create(local, name, mode, attrs, verifier, cred)
-        return self._global(slot, folder.create(local, name, mode, attrs, verifier, cred))
+    def create(
+        self, directory: ObjectId, name: str, mode: CreateMode, attrs: SetAttr, verifier: bytes | None, cred: Cred
+    ) -> ObjectId:
+        slot, layer, local = self._route(directory)
+        return self._global(slot, layer.create(local, name, mode, attrs, verifier, cred))
 
     def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            self._in_root_clash(local, name)
-            return self.rootfs.mkdir(local, name, attrs, cred)
-        return self._global(slot, folder.mkdir(local, name, attrs, cred))
+        slot, layer, local = self._route(directory)
+        return self._global(slot, layer.mkdir(local, name, attrs, cred))
 
     def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            self._in_root_clash(local, name)
-            return self.rootfs.symlink(local, name, target, attrs, cred)
-        return self._global(slot, folder.symlink(local, name, target, attrs, cred))
+        slot, layer, local = self._route(directory)
+        return self._global(slot, layer.symlink(local, name, target, attrs, cred))
 
     def remove(self, directory: ObjectId, name: str) -> None:
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            if local.fileid == self.rootfs.root().fileid and self._folder_by_name(name):
-                raise NFSError(Status.ISDIR, name)
-            return self.rootfs.remove(local, name)
-        folder.remove(local, name)
+        slot, layer, local = self._route(directory)
+        layer.remove(local, name)
 
     def rmdir(self, directory: ObjectId, name: str) -> None:
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            if local.fileid == self.rootfs.root().fileid and self._folder_by_name(name):
-                raise NFSError(Status.ACCES, "stop the session to remove its folder")
-            return self.rootfs.rmdir(local, name)
-        folder.rmdir(local, name)
+        slot, layer, local = self._route(directory)
+        layer.rmdir(local, name)
 
     def rename(self, from_dir: ObjectId, from_name: str, to_dir: ObjectId, to_name: str) -> None:
-        s1, f1, l1 = self._route(from_dir)
-        s2, f2, l2 = self._route(to_dir)
-        if s1 != s2:
-            raise NFSError(Status.XDEV, "files cannot move between published folders")
-        if f1 is None:
-            self._in_root_clash(l1, from_name)
-            self._in_root_clash(l2, to_name)
-            return self.rootfs.rename(l1, from_name, l2, to_name)
-        f1.rename(l1, from_name, l2, to_name)
+        s1, layer, l1 = self._route(from_dir)
+        s2, _, l2 = self._route(to_dir)
+        self._same_slot(s1, s2)
+        layer.rename(l1, from_name, l2, to_name)
 
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
-        s1, f1, l1 = self._route(obj)
-        s2, f2, l2 = self._route(directory)
-        if s1 != s2:
-            raise NFSError(Status.XDEV)
-        if f1 is None:
-            return self.rootfs.link(l1, l2, name)
-        f1.link(l1, l2, name)
+        s1, layer, l1 = self._route(obj)
+        s2, _, l2 = self._route(directory)
+        self._same_slot(s1, s2)
+        layer.link(l1, l2, name)
 
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
-        slot, folder, local = self._route(directory)
-        if folder is None:
-            names = set(self.rootfs.names_in(local))  # by descriptor: a symlink handle is NOTDIR, never followed
-            if local.fileid == self.rootfs.root().fileid:
-                names.update(n for n, _ in self._folders.values())  # a published folder hides a real entry
-            names = sorted(names)
-        else:
-            names = folder.names_in(local)
-
-        def resolve(_: int, name: str) -> ObjectId | None:  # only the page's names are looked up
+        slot, layer, local = self._route(directory)
+        res = layer.readdir(local, cookie, verifier, count)  # the layer pages (nfsd.vfs.readdir_page)
+        entries = []
+        for e in res.entries:
             try:
-                return self.lookup(directory, name)
+                e.obj = self.parent(directory) if e.name == ".." else self._up(slot, layer, e.obj)
             except NFSError as exc:
                 if exc.status == Status.NOENT:
-                    return None  # removed since the listing
+                    continue  # a folder unpublished since the layer's listing: left out, cookies keep theirs
                 raise
-
-        return readdir_page(directory, self.parent(directory), names, cookie, verifier, count, resolve)
+            entries.append(e)
+        res.entries = entries
+        return res
 
     def fsstat(self, obj: ObjectId) -> FsStat:
-        slot, folder, local = self._route(obj)
-        return self.rootfs.fsstat(self.rootfs.root()) if folder is None else folder.fsstat()
+        slot, layer, local = self._route(obj)
+        return layer.fsstat(local)
 
     def close(self) -> None:
-        self.rootfs.close()
-        for _, f in self._folders.values():
-            f.close()
+        for layer in list(self._layers.values()):
+            layer.close()

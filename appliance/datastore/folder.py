@@ -2,7 +2,8 @@
 whatever the hypervisor creates: .lck-*, .vswp, vmware.log, .nvram, redo logs) with the -flat.vmdk extents
 laid over them as virtual files whose reads come from the backup and whose writes go to the write cache.
 
-Object ids inside a folder: a real file's inode number, or EXTENT_BIT | disk index for an extent.
+It is an ``nfsd.vfs.Backend`` over folder-local ids (``appliance.datastore.layer``): a real file's inode
+number, or EXTENT_BIT | disk index for an extent. Its files/ directory is a LocalFS it only calls publicly.
 """
 
 from __future__ import annotations
@@ -15,11 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.cache.overlay import WriteCache
+from appliance.datastore.layer import TAG_BIT, Layer, page_by_lookup, real
 from nfsd.localfs import LocalFS
-from nfsd.vfs import Attr, FileType, NFSError, ObjectId, SetAttr, StableHow, Status, WriteResult
+from nfsd.vfs import (
+    Attr,
+    CreateMode,
+    Cred,
+    FileType,
+    FsStat,
+    NFSError,
+    ObjectId,
+    ReadDirResult,
+    SetAttr,
+    StableHow,
+    Status,
+    WriteResult,
+)
 
-EXTENT_BIT = 1 << 43
-LOCAL_MASK = (1 << 44) - 1
+EXTENT_BIT = TAG_BIT
 
 
 @dataclass
@@ -31,7 +45,7 @@ class Extent:
     ctime_ns: int
 
 
-class SessionFolder:
+class SessionFolder(Layer):
     def __init__(self, directory: Path, extents: dict[str, WriteCache]) -> None:
         """``directory`` holds files/ (the real files) and names.json (current names of the extents)."""
         self.directory = Path(directory)
@@ -71,10 +85,6 @@ class SessionFolder:
     def _visible(self) -> dict[str, Extent]:
         return {self.names[e.key]: e for e in self.extents if self.names.get(e.key)}
 
-    def _check_local(self, st_ino: int) -> None:
-        if st_ino & ~((1 << 43) - 1):
-            raise NFSError(Status.SERVERFAULT, f"inode {st_ino} too large for this datastore's file ids")
-
     # --- the Backend methods, on folder-local ids -----------------------------------------------------
     def getattr(self, obj: ObjectId) -> Attr:
         ext = self._extent(obj)
@@ -87,7 +97,7 @@ class SessionFolder:
             fileid=obj.fileid, atime_ns=ext.mtime_ns, mtime_ns=ext.mtime_ns, ctime_ns=ext.ctime_ns,
         )  # fmt: skip
 
-    def setattr(self, obj: ObjectId, attrs: SetAttr, cred) -> Attr:
+    def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
         ext = self._extent(obj)
         if ext is None:
             return self.files.setattr(obj, attrs, cred)
@@ -104,9 +114,7 @@ class SessionFolder:
             ext = self._visible().get(name)
             if ext is not None:
                 return ObjectId(EXTENT_BIT | ext.index, 0)
-        obj = self.files.lookup(directory, name)
-        self._check_local(obj.fileid)
-        return obj
+        return real(self.files.lookup(directory, name))
 
     def read(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool]:
         ext = self._extent(obj)
@@ -143,19 +151,21 @@ class SessionFolder:
         if self.is_root(directory) and name in self._visible():
             raise NFSError(Status.EXIST, name)
 
-    def create(self, directory, name, mode, attrs, verifier, cred) -> ObjectId:
+    def create(
+        self, directory: ObjectId, name: str, mode: CreateMode, attrs: SetAttr, verifier: bytes | None, cred: Cred
+    ) -> ObjectId:
         self._no_clash(directory, name)
-        return self.files.create(directory, name, mode, attrs, verifier, cred)
+        return real(self.files.create(directory, name, mode, attrs, verifier, cred))
 
-    def mkdir(self, directory, name, attrs, cred) -> ObjectId:
+    def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
         self._no_clash(directory, name)
-        return self.files.mkdir(directory, name, attrs, cred)
+        return real(self.files.mkdir(directory, name, attrs, cred))
 
-    def symlink(self, directory, name, target, attrs, cred) -> ObjectId:
+    def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
         self._no_clash(directory, name)
-        return self.files.symlink(directory, name, target, attrs, cred)
+        return real(self.files.symlink(directory, name, target, attrs, cred))
 
-    def link(self, obj, directory, name) -> None:
+    def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
         if self._extent(obj) is not None:
             raise NFSError(Status.NOTSUPP, "the published extent cannot be hard-linked")
         self._no_clash(directory, name)
@@ -212,12 +222,14 @@ class SessionFolder:
         """All names in ``directory`` (without '.' and '..'), sorted."""
         entries: dict[str, ObjectId] = {}
         for name, obj in self.files.listing(directory):  # by descriptor: a symlink handle is NOTDIR
-            self._check_local(obj.fileid)
-            entries[name] = obj
+            entries[name] = real(obj)
         if self.is_root(directory):
             for name, ext in self._visible().items():
                 entries[name] = ObjectId(EXTENT_BIT | ext.index, 0)
         return sorted(entries.items())
+
+    def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
+        return page_by_lookup(self, directory, self.names_in(directory), cookie, verifier, count)
 
     def readlink(self, obj: ObjectId) -> str:
         if self._extent(obj) is not None:
@@ -227,7 +239,7 @@ class SessionFolder:
     def parent(self, obj: ObjectId) -> ObjectId:
         return self.files.parent(obj)
 
-    def fsstat(self):
+    def fsstat(self, obj: ObjectId) -> FsStat:
         return self.files.fsstat(self.files.root())
 
     def flush(self) -> None:
