@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from appliance.atomicfile import write_atomic
 from appliance.errors import DiskTooLargeError, IntegrityError
 
 MAP_MAGIC = b"BBWC"
@@ -81,15 +82,8 @@ class WriteCache:
         with _private(self.data_path) as f:
             f.truncate(self.size)
             os.fsync(f.fileno())
-        tmp = self.map_path.with_suffix(".map.tmp")
-        with _private(tmp) as f:
-            f.write(self._header() + self._bits)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.map_path)
-        fd = os.open(self.directory, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        # The map appears whole or not at all; its directory fsync also makes the data file's name durable.
+        write_atomic(self.map_path, self._header() + self._bits, FILE_MODE)
 
     def _open_existing(self) -> None:
         raw = self.map_path.read_bytes()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from appliance.atomicfile import fsync_dir
 from appliance.errors import NoSpaceError, SourceError, UsageError
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import DiskSource, open_source
@@ -226,7 +227,8 @@ def restore_output(target: str) -> Iterator[tuple[BinaryIO, bool]]:
             yield out, True
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # streamed, so not write_atomic; its directory step is the same helper's
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a partial file after a failure
 

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.atomicfile import fsync_dir
 from appliance.errors import BootbackError
 
 LABEL = "bootroot"
@@ -150,7 +151,15 @@ def build_boot_disk(cache_dir: Path, size_mib: int = 96) -> BootDisk:
                 run(["umount", str(mnt)])
         finally:
             run([tools["losetup"], "-d", loop])
+        # Built by external tools, so not write_atomic; the same order: data durable, rename, directory durable,
+        # or a crash could leave a cached name over a partial image that later runs would trust.
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(img, out)
+        fsync_dir(cache_dir)
     return BootDisk(out, out.stat().st_size)
 
 
