@@ -74,6 +74,31 @@ def vmdk_descriptor(d: PublishedDisk, adapter: str | None = None) -> str:
     )
 
 
+# A value naming something outside the VM's own folder: an absolute POSIX, drive-letter or UNC path, or a '..'.
+_OUTSIDE = re.compile(r"^\s*(/|[A-Za-z]:[\\/]|\\\\)|(^|[\\/])\.\.([\\/]|$)")
+_DISK_DEVICE = re.compile(r"^(scsi|sata|ide|nvme)\d+:\d+$")
+
+
+def _points_outside(value: str) -> bool:
+    return bool(_OUTSIDE.search(value))
+
+
+def _devices_to_drop(parsed: list[tuple[str, re.Match[str] | None]], published: dict[str, PublishedDisk]) -> set[str]:
+    """Devices of the backed-up .vmx that must not reach the hypervisor: a disk device whose file is not one we
+    publish, and any device whose file lies outside the published folder (a raw device, another VM's disk, a host
+    file behind a serial port). The whole device goes, so no half-configured device is left to fail power-on."""
+    drop = set()
+    for _, m in parsed:
+        if m is None or not m.group(1).lower().endswith(".filename"):
+            continue
+        device = m.group(1).lower().rsplit(".", 1)[0]
+        if device in published:
+            continue
+        if _DISK_DEVICE.match(device) or _points_outside(m.group(2)):
+            drop.add(device)
+    return drop
+
+
 def published_vmx(vm: str, point_id: str, vmx_text: str | None, disks: list[PublishedDisk], label: str) -> str:
     """The backed-up .vmx with its disk paths pointing at the published descriptors and a display name that
     marks the recovery; a minimal .vmx when the backup has none."""
@@ -102,20 +127,30 @@ def published_vmx(vm: str, point_id: str, vmx_text: str | None, disks: list[Publ
         dev = by_file.get(d.entry.name)
         if dev:
             device_to_disk[dev.lower()] = d
+    parsed = [(line, _VMX_LINE.match(line)) for line in vmx_text.splitlines()]
+    dropped = _devices_to_drop(parsed, device_to_disk)
     out = []
     seen_display = False
-    for line in vmx_text.splitlines():
-        m = _VMX_LINE.match(line)
-        if m:
-            key, value = m.group(1), m.group(2)
-            lower = key.lower()
-            if lower.endswith(".filename") and lower[: -len(".filename")] in device_to_disk:
-                line = f'{key} = "{device_to_disk[lower[: -len(".filename")]].descriptor_name}"'
-            elif lower == "displayname":
-                line = f'{key} = "{value} ({label} {point_id})"'
-                seen_display = True
-            elif lower in ("sched.swap.derivedname", "checkpoint.vmstate"):
-                continue  # points into the original datastore
+    for line, m in parsed:
+        if m is None:
+            if line.strip() and not line.lstrip().startswith("#"):
+                continue  # not .vmx grammar: never hand the hypervisor something we did not understand
+            out.append(line)
+            continue
+        key, value = m.group(1), m.group(2)
+        lower = key.lower()
+        device = lower.rsplit(".", 1)[0]
+        if device in dropped:
+            continue
+        if lower.endswith(".filename") and device in device_to_disk:
+            line = f'{key} = "{device_to_disk[device].descriptor_name}"'
+        elif lower == "displayname":
+            line = f'{key} = "{value.replace(chr(34), "")} ({label} {point_id})"'
+            seen_display = True
+        elif lower in ("sched.swap.derivedname", "checkpoint.vmstate"):
+            continue  # points into the original datastore
+        elif _points_outside(value):
+            continue  # an absolute path or '..': outside the published folder (another VM's files, a device)
         out.append(line)
     if not seen_display:
         out.append(f'displayName = "{vm} ({label} {point_id})"')

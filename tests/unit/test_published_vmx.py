@@ -60,13 +60,27 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug reported: published_vmx passes through any .fileName / path line it does not rewrite, so a "
-    "backed-up .vmx can make the hypervisor open an absolute host path (another VM's disk, a device)",
-)
 @pytest.mark.parametrize("hostile", HOSTILE, ids=["other-vm-disk", "raw-device", "serial-file", "nvram"])
 def test_no_line_of_a_hostile_vmx_points_outside_the_published_folder(hostile: str) -> None:
     vmx = published_vmx("web01", "p1", BACKED_UP + hostile + "\n", disks("web01.vmdk", "web01_1.vmdk"), "recovery")
     absolute = [line for line in vmx.splitlines() if re.search(r'=\s*"\s*(/|[A-Za-z]:\\\\|\\\\\\\\)', line)]
     assert absolute == []
+
+
+def test_only_the_hostile_devices_go_and_nothing_half_configured_is_left() -> None:
+    extra = (
+        'nvram = "web01.nvram"\n'  # inside the folder: kept
+        'ide1:0.present = "TRUE"\nide1:0.deviceType = "cdrom-image"\nide1:0.fileName = "/vmfs/volumes/iso/d.iso"\n'
+        'serial1.present = "TRUE"\nserial1.fileName = "../other-vm/serial.log"\n'
+        "extendedConfigFile = /etc/shadow\n"  # not .vmx grammar (unquoted): dropped, never passed on
+        'annotation = "a \\"quoted\\" note"\n'
+        'displayName = "web01\\" evil = \\"x"\n'
+    )
+    vmx = published_vmx("web01", "p1", BACKED_UP.replace('displayName = "web01"\n', "") + extra,
+                        disks("web01.vmdk", "web01_1.vmdk"), "recovery")  # fmt: skip
+    keys = [line.split("=", 1)[0].strip().lower() for line in vmx.splitlines() if line.strip()]
+    assert "nvram" in keys and "memsize" in keys
+    assert not [k for k in keys if k.startswith(("ide1:0.", "serial1."))]  # the whole device, not only its file
+    assert "extendedconfigfile" not in keys and "/etc/shadow" not in vmx
+    display = [line for line in vmx.splitlines() if line.lower().startswith("displayname")]
+    assert display == ['displayName = "web01\\ evil = \\x (recovery p1)"']  # a quote cannot end the value early
