@@ -11,7 +11,7 @@ mode=${1:-full}
 apt_packages=(
   libnfs-utils rpcbind qemu-utils qemu-block-extra qemu-system-x86
   busybox-static linux-image-amd64 syslinux extlinux syslinux-common fdisk e2fsprogs
-  docker.io mmdebstrap chromium fio nftables
+  docker.io docker-compose mmdebstrap chromium fio nftables
   golang-go golang-github-vmware-govmomi-dev dosfstools mtools ntfs-3g lvm2 xfsprogs
 )
 demo_packages=(
