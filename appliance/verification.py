@@ -19,6 +19,7 @@ from typing import Any
 
 import re2
 
+from appliance.atomicfile import write_atomic
 from appliance.demo.qemu import boot
 from appliance.errors import LimitExceededError, UsageError, VerificationFailedError
 from appliance.sessions.control import ControlClient
@@ -167,9 +168,7 @@ class Verifications:
             self._prune()
 
     def _save(self, job: dict[str, Any]) -> None:
-        tmp = self.dir / f".{job['id']}.tmp"
-        tmp.write_text(json.dumps(job, indent=2))
-        tmp.replace(self.dir / f"{job['id']}.json")
+        write_atomic(self.dir / f"{job['id']}.json", json.dumps(job, indent=2))
 
     def _prune(self) -> None:
         done = sorted((j for j in self.jobs.values() if j["state"] != "running"), key=lambda j: j["started"])

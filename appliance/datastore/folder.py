@@ -9,12 +9,12 @@ number, or EXTENT_BIT | disk index for an extent. Its files/ directory is a Loca
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.atomicfile import write_atomic
 from appliance.cache.overlay import WriteCache
 from appliance.datastore.layer import TAG_BIT, Layer, page_by_lookup, real
 from nfsd.localfs import LocalFS
@@ -61,11 +61,7 @@ class SessionFolder(Layer):
             self._save_names()
 
     def _save_names(self) -> None:
-        tmp = self._names_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.names))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self._names_path)
+        write_atomic(self._names_path, json.dumps(self.names))
 
     # --- name resolution ------------------------------------------------------------------------------
     def root(self) -> ObjectId:
