@@ -33,6 +33,9 @@ MAX_SESSIONS = 100  # sessions published at once (each holds two descriptors per
 MAX_SLOT = (1 << 20) - 1  # slots are the top bits of file ids (datastore/backend.py) and are never reused
 
 
+MIN_PREFIX = 4  # characters of a session id that name it, when not given whole
+
+
 class SessionManager:
     def __init__(self, state_dir: Path, repos: dict[str, Repository], backend: DatastoreBackend,
                  min_free_bytes: int = 100 * GiB, warn_free_fraction: float = 0.1,
@@ -218,11 +221,15 @@ class SessionManager:
         self.folders[rec.id] = folder
 
     def get(self, sid: str) -> SessionRecord:
+        """A session by its id, its folder name, or an unambiguous id prefix of at least MIN_PREFIX characters
+        (so an empty or one-letter id can never pick 'the only session' by accident)."""
         rec = self.records.get(sid)
         if rec is None:
-            matches = [r for r in self.records.values() if r.id.startswith(sid) or r.folder == sid]
+            matches = [r for r in self.records.values()
+                       if (len(sid) >= MIN_PREFIX and r.id.startswith(sid)) or r.folder == sid]  # fmt: skip
             if len(matches) != 1:
-                raise SessionNotFoundError(f"no session {sid!r}")
+                hint = f" (give at least {MIN_PREFIX} characters of its id)" if len(sid) < MIN_PREFIX else ""
+                raise SessionNotFoundError(f"no session {sid!r}{hint}")
             rec = matches[0]
         return rec
 

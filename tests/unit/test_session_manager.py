@@ -58,3 +58,13 @@ def test_the_session_cap_refuses_and_leaves_nothing_behind(repo: Path, tmp_path:
     with pytest.raises(LimitExceededError, match="at most 1 run at once"):
         m.publish("app01", mode="sandbox")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
+
+
+def test_a_session_is_named_whole_or_by_a_prefix_long_enough(repo: Path, tmp_path: Path) -> None:
+    m = manager(repo, tmp_path)
+    only = m.publish("app01", mode="sandbox")
+    for short in ("", only.id[:1], only.id[:3]):  # would have matched the only session
+        with pytest.raises(SessionNotFoundError, match="at least 4 characters"):
+            m.stop(short)
+    assert m.get(only.id[:4]).id == only.id and m.get(only.folder).id == only.id
+    assert m.stop(only.id[:8]).id == only.id
