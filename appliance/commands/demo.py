@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from appliance.commands.daemon import start_web_app
 from appliance.config import DaemonConfig
 
 
@@ -77,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         portmap_port=args.portmap_port or None, control_port=args.control_port, export_path="/bootback-demo",
         min_free_bytes=1 << 30, web=web,
     )  # fmt: skip
-    daemon = Daemon(config)
+    daemon = Daemon(config, start_web=start_web_app if web else None)
 
     async def run() -> None:
         await daemon.start()
