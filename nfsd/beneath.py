@@ -8,6 +8,10 @@ to the previous one. Both refuse a symlink anywhere but the last component (ELOO
 opened with ``O_NOFOLLOW``, so with ``O_PATH`` a symlink yields a descriptor of the link itself, never of its
 target. Components are single names: empty, ``.``, ``..`` and anything with ``/`` or NUL are refused, so a walk
 cannot climb out even without ``RESOLVE_BENEATH``.
+
+The kernel takes at most ``PATH_MAX`` (4096) bytes per path, so a deep path is opened ``STEP_BYTES`` at a
+time, each step from the previous step's directory descriptor with the same flags: any depth the file system
+allows is usable (the backend bounds depth itself).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+STEP_BYTES = 4000  # below PATH_MAX (4096 with its NUL) for one openat2 path
 
 
 class _OpenHow(ctypes.Structure):
@@ -78,7 +83,7 @@ def open_beneath(root_fd: int, parts: Sequence[str], flags: int, use_openat2: bo
     if not parts:
         return os.open(".", flags, dir_fd=root_fd)
     if use_openat2:
-        return openat2(root_fd, "/".join(parts), flags)
+        return _openat2_steps(root_fd, [os.fsencode(n) for n in parts], flags)
     fd = root_fd
     try:
         for name in parts[:-1]:
@@ -87,6 +92,34 @@ def open_beneath(root_fd: int, parts: Sequence[str], flags: int, use_openat2: bo
                 os.close(fd)
             fd = nxt
         return os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def _steps(names: list[bytes]) -> list[list[bytes]]:
+    """``names`` cut into runs whose joined path fits ``STEP_BYTES`` (a name is at most NAME_MAX, 255)."""
+    out: list[list[bytes]] = [[]]
+    size = 0
+    for name in names:
+        if out[-1] and size + 1 + len(name) > STEP_BYTES:
+            out.append([])
+            size = -1
+        out[-1].append(name)
+        size += 1 + len(name)
+    return out
+
+
+def _openat2_steps(root_fd: int, names: list[bytes], flags: int) -> int:
+    steps = _steps(names)
+    fd = root_fd
+    try:
+        for step in steps[:-1]:
+            nxt = openat2(fd, os.fsdecode(b"/".join(step)), DIR_FLAGS)
+            if fd != root_fd:
+                os.close(fd)
+            fd = nxt
+        return openat2(fd, os.fsdecode(b"/".join(steps[-1])), flags)
     finally:
         if fd != root_fd:
             os.close(fd)

@@ -14,6 +14,12 @@ on the held directory descriptor that do not follow the final name, or through t
 A symlink is data for READLINK: used as a directory it is NOTDIR, as a file INVAL; SETATTR on it changes
 only the link (owner, times; a mode is ignored as Linux links have none) and never truncates. Only regular
 files are opened for READ/WRITE/COMMIT, so a FIFO or device node in the export is INVAL, never opened.
+
+Inode numbers are reused (ext4 gives a removed file's number to the next file at once), so a handle also
+carries the object's generation (``nfsd.generation``) and every resolve, including a hit on a cached open
+file, checks it: an old handle of a removed file is STALE, never the new file that got its number. Handles
+with generation 0 (issued before generations, or where the file system gives none) are checked by inode only.
+Depth is bounded by ``MAX_DEPTH`` names below the export: creating anything deeper is NAMETOOLONG.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from nfsd.beneath import HAVE_OPENAT2, component, open_beneath
+from nfsd.generation import generation, same
 from nfsd.treesearch import Found, SearchLimits, TreeSearch
 from nfsd.vfs import (
     Attr,
@@ -56,7 +63,7 @@ _TYPES = {
     stat.S_IFIFO: FileType.FIFO,
 }
 MAX_OPEN_FILES = 256
-MAX_DEPTH = 4096  # a longer chain of remembered parents is a loop in our own map, not a real tree
+MAX_DEPTH = 1024  # names below the export; every resolve walks them, so deeper is refused at create time
 _GONE = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)  # the remembered path no longer leads to a real object
 
 
@@ -110,11 +117,11 @@ class LocalFS(Backend):
         # Never closed while the backend lives: a reused descriptor number would make walks start elsewhere.
         weakref.finalize(self, os.close, self._root_fd)
         st = os.fstat(self._root_fd)
-        self._root = ObjectId(st.st_ino, 0)
+        self._root = ObjectId(st.st_ino, generation(self._root_fd, st))
         self._dev = st.st_dev
         self._where: dict[int, tuple[int, str]] = {}
         self._lock = threading.RLock()
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fds: OrderedDict[int, tuple[int, int]] = OrderedDict()  # inode -> (open fd, its generation)
         self._is_root = os.geteuid() == 0
         self._search = TreeSearch(self._root_fd, self._dev, use_openat2, search_limits)
         # Counts our own namespace changes, so a search's merge knows whether its view is still the newest.
@@ -168,11 +175,16 @@ class LocalFS(Backend):
             if exc.errno in _GONE:
                 raise self._stale(obj, parts, "is gone from") from None
             raise
-        if st.st_ino != obj.fileid:
+        if st.st_ino != obj.fileid or not self._same(obj, fd, st):
             os.close(fd)
             os.close(dir_fd)
-            raise self._stale(obj, parts, "was replaced at")
+            raise self._replaced(obj, parts, st)
         return _Node(dir_fd, name, fd, st)
+
+    @staticmethod
+    def _same(obj: ObjectId, fd: int, st: os.stat_result) -> bool:
+        """Whether ``fd`` (O_PATH, inode ``obj.fileid``) is the very object ``obj`` was issued for."""
+        return obj.generation == 0 or same(obj.generation, generation(fd, st))
 
     def _stat(self, obj: ObjectId) -> os.stat_result:
         """``_node``'s checks with one open instead of two: GETATTR is the most frequent call (post-op attributes,
@@ -186,11 +198,21 @@ class LocalFS(Backend):
             raise
         try:
             st = os.fstat(fd)
+            ok = st.st_ino == obj.fileid and self._same(obj, fd, st)
         finally:
             os.close(fd)
-        if st.st_ino != obj.fileid:
-            raise self._stale(obj, parts, "was replaced at")
+        if not ok:
+            raise self._replaced(obj, parts, st)
         return st
+
+    def _replaced(self, obj: ObjectId, parts: list[str], st: os.stat_result) -> NFSError:
+        """STALE for ``obj``, whose remembered place holds ``st``. Another inode there: our map is out of date.
+        The same inode of another generation: the map is right (it is where the newer object lives) and ``obj``
+        is gone for good; no search could find it, so none is started."""
+        if st.st_ino != obj.fileid:
+            return self._stale(obj, parts, "was replaced at")
+        return NFSError(Status.STALE, f"object {obj.fileid} generation {obj.generation} was removed; its inode "
+                        f"number now names another object at {'/'.join(parts)!r}")  # fmt: skip
 
     def _stale(self, obj: ObjectId, parts: list[str], what: str) -> NFSError:
         """The remembered path no longer leads to ``obj`` (removed, replaced, or a symlink on the way): the tree
@@ -223,20 +245,36 @@ class LocalFS(Backend):
                 else:
                     self._where.setdefault(f.ino, (f.parent, f.name))  # a file may have several names
 
-    def _remember(self, parent: ObjectId, name: str, st: os.stat_result, change: bool = False) -> ObjectId:
-        """Record where ``st`` lives; ``change`` when we just made it there (create, mkdir, rename...)."""
+    def _remember(self, parent: ObjectId, name: str, st: os.stat_result, gen: int, change: bool = False) -> ObjectId:
+        """Record where ``st`` (generation ``gen``) lives; ``change`` when we just made it there (create...)."""
         with self._lock:
             self._where[st.st_ino] = (parent.fileid, name)
             self._changes += change
-        return ObjectId(st.st_ino, 0)
+        return ObjectId(st.st_ino, gen)
+
+    def _entry(self, directory: ObjectId, dir_fd: int, name: str) -> ObjectId:
+        """The object ``name`` in the directory ``dir_fd`` (``directory``), remembered, with its generation;
+        FileNotFoundError if there is none."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            return self._remember(directory, name, st, generation(fd, st))
+        finally:
+            os.close(fd)
+
+    def _check_depth(self, directory: ObjectId, name: str) -> None:
+        """Refuse to make ``name`` in ``directory`` if it would lie deeper than ``MAX_DEPTH``: no handle could
+        reach it."""
+        if len(self._parts(directory.fileid)) >= MAX_DEPTH:
+            raise NFSError(Status.NAMETOOLONG, f"{name!r} would be more than {MAX_DEPTH} levels below the export")
 
     def _forget(self, ino: int) -> None:
         with self._lock:
             self._where.pop(ino, None)
             self._changes += 1
-            fd = self._fds.pop(ino, None)
-        if fd is not None:
-            os.close(fd)
+            held = self._fds.pop(ino, None)
+        if held is not None:
+            os.close(held[0])
 
     @staticmethod
     def _regular(node: _Node, obj: ObjectId) -> None:
@@ -257,27 +295,48 @@ class LocalFS(Backend):
             raise NFSError(Status.STALE, f"object {node.st.st_ino} was replaced while being opened")
         return fd
 
+    def _cached(self, obj: ObjectId) -> int | None:
+        """The open descriptor held for ``obj``, if it is of that very object (the same generation). Caller
+        holds the lock."""
+        held = self._fds.get(obj.fileid)
+        if held is None or not same(obj.generation, held[1]):
+            return None
+        return held[0]
+
     def _fd(self, obj: ObjectId) -> int:
         with self._lock:
-            fd = self._fds.get(obj.fileid)
+            fd = self._cached(obj)
             if fd is not None:
                 self._fds.move_to_end(obj.fileid)
-                return fd
-        with self._node(obj) as node:
+        if fd is not None:
+            try:
+                if os.fstat(fd).st_nlink > 0:
+                    return fd
+            except OSError:
+                pass  # closed meanwhile (evicted): open it again
+            # Removed behind our back: never write into the orphan; resolving again answers STALE or the file.
+            with self._lock:
+                if self._fds.get(obj.fileid, (None,))[0] == fd:
+                    del self._fds[obj.fileid]
+                    os.close(fd)
+        with self._node(obj) as node:  # checks the generation: a handle of a removed file is STALE here
             self._regular(node, obj)
             try:
                 fd = self._reopen(node, os.O_RDONLY if self.read_only else os.O_RDWR)
             except PermissionError:
                 fd = self._reopen(node, os.O_RDONLY)
+            gen = generation(fd, node.st, opened=True)
         with self._lock:
             old = self._fds.get(obj.fileid)
-            if old is not None:
+            if old is not None and old[1] == gen:
                 os.close(fd)
-                return old
-            self._fds[obj.fileid] = fd
+                return old[0]
+            self._fds[obj.fileid] = (fd, gen)
+            if old is not None:  # a removed file's descriptor: its inode number now names another file
+                os.close(old[0])
             while len(self._fds) > MAX_OPEN_FILES:
                 _, victim = self._fds.popitem(last=False)
-                os.close(victim)
+                os.close(victim[0])
         return fd
 
     def _own(self, dir_fd: int, name: str, cred: Cred) -> None:
@@ -318,16 +377,16 @@ class LocalFS(Backend):
     def lookup(self, directory: ObjectId, name: str) -> ObjectId:
         with self._dir(directory) as d:
             try:
-                st = os.stat(component(name), dir_fd=d.fd, follow_symlinks=False)
+                return self._entry(directory, d.fd, component(name))
             except FileNotFoundError:
                 raise NFSError(Status.NOENT, name) from None
-        return self._remember(directory, name, st)
 
     def parent(self, directory: ObjectId) -> ObjectId:
         if directory.fileid == self._root.fileid:
             return self._root
         with self._dir(directory) as node:  # '..' of a symlink or file is NOTDIR, as LOOKUP in it would be
-            return ObjectId(os.fstat(node.dir_fd).st_ino, 0)
+            st = os.fstat(node.dir_fd)
+            return ObjectId(st.st_ino, generation(node.dir_fd, st))
 
     # --- data -----------------------------------------------------------------------------------------
     def read(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes, bool]:
@@ -340,7 +399,7 @@ class LocalFS(Backend):
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            fd = self._fds.get(obj.fileid)  # only files already open: opening may walk directories
+            fd = self._cached(obj)  # only files already open (opening may walk directories), and of this object
         finally:
             self._lock.release()
         if fd is None:
@@ -386,6 +445,7 @@ class LocalFS(Backend):
             raise NFSError(Status.INVAL, f"exclusive create of {name!r} needs an 8-byte verifier")
         perm = 0o644 if attrs.mode is None else attrs.mode
         flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        self._check_depth(directory, name)
         with self._dir(directory) as d:
             name = component(name)
             try:
@@ -397,7 +457,7 @@ class LocalFS(Backend):
                     st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
                     mine = mode == CreateMode.EXCLUSIVE and stat.S_ISREG(st.st_mode)
                     if mine and (int(st.st_atime), int(st.st_mtime)) == _verifier_times(verifier):
-                        return self._remember(directory, name, st)  # a retransmission of our own create
+                        return self._entry(directory, d.fd, name)  # a retransmission of our own create
                     raise NFSError(Status.EXIST, name) from None
             if fd < 0:  # UNCHECKED on an existing name: keep the file (and its owner), apply the size
                 try:
@@ -420,23 +480,30 @@ class LocalFS(Backend):
                 elif attrs.size is not None:
                     os.ftruncate(fd, attrs.size)
                 st = os.fstat(fd)
+                gen = generation(fd, st, opened=True)
             finally:
                 os.close(fd)
-        return self._remember(directory, name, st, change=True)
+        return self._remember(directory, name, st, gen, change=True)
 
     def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
+        self._check_depth(directory, name)
         with self._dir(directory) as d:
             os.mkdir(component(name), 0o755 if attrs.mode is None else attrs.mode, dir_fd=d.fd)
             self._own(d.fd, name, cred)
-            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-        return self._remember(directory, name, st, change=True)
+            obj = self._entry(directory, d.fd, name)
+        with self._lock:
+            self._changes += 1
+        return obj
 
     def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
+        self._check_depth(directory, name)
         with self._dir(directory) as d:
             os.symlink(target, component(name), dir_fd=d.fd)
             self._own(d.fd, name, cred)
-            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-        return self._remember(directory, name, st, change=True)
+            obj = self._entry(directory, d.fd, name)
+        with self._lock:
+            self._changes += 1
+        return obj
 
     def remove(self, directory: ObjectId, name: str) -> None:
         with self._dir(directory) as d:
@@ -471,9 +538,10 @@ class LocalFS(Backend):
             os.rename(from_name, to_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         if replaced is not None and replaced.st_ino != st.st_ino and replaced.st_nlink <= 1:
             self._forget(replaced.st_ino)
-        self._remember(to_dir, to_name, st, change=True)
+        self._remember(to_dir, to_name, st, 0, change=True)
 
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
+        self._check_depth(directory, name)
         with self._node(obj) as node, self._dir(directory) as d:
             if stat.S_ISDIR(node.st.st_mode):
                 raise NFSError(Status.ISDIR, f"object {obj.fileid} is a directory")
@@ -494,32 +562,31 @@ class LocalFS(Backend):
         with self._dir(directory) as d:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d.fd)
             try:
-                return [(n, self._remember(directory, n, st)) for n, st in self._stat_names(fd, sorted(os.listdir(fd)))]
+                out = []
+                for name in sorted(os.listdir(fd)):
+                    try:
+                        out.append((name, self._entry(directory, fd, name)))
+                    except FileNotFoundError:
+                        continue  # removed since the listing
+                return out
             finally:
                 os.close(fd)
 
-    @staticmethod
-    def _stat_names(dir_fd: int, names: list[str]) -> list[tuple[str, os.stat_result]]:
-        out = []
-        for name in names:
-            try:
-                out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
-            except FileNotFoundError:
-                continue  # removed since the listing
-        return out
-
     def readdir(self, directory: ObjectId, cookie: int, verifier: int, count: int) -> ReadDirResult:
         with self._dir(directory) as d:
-            parent = self._root if directory.fileid == self._root.fileid else ObjectId(os.fstat(d.dir_fd).st_ino)
+            if directory.fileid == self._root.fileid:
+                parent = self._root
+            else:
+                pst = os.fstat(d.dir_fd)
+                parent = ObjectId(pst.st_ino, generation(d.dir_fd, pst))
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d.fd)
             try:
 
                 def resolve(_: int, name: str) -> ObjectId | None:
                     try:
-                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        return self._entry(directory, fd, name)
                     except FileNotFoundError:
                         return None  # removed since the listing
-                    return self._remember(directory, name, st)
 
                 names = sorted(os.listdir(fd))
                 return readdir_page(directory, parent, names, cookie, verifier, count, resolve)
@@ -541,7 +608,7 @@ class LocalFS(Backend):
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd, _ in self._fds.values():
                 os.close(fd)
             self._fds.clear()
 
