@@ -9,8 +9,8 @@ the inode would read and write whoever got the number next. The handle's ``gener
 * for other types (symlinks, FIFOs, sockets, devices: never opened) and on file systems without the ioctl
   (tmpfs, overlayfs...), the birth time from ``statx`` on the ``O_PATH`` descriptor, folded to 32 bits;
 * 0 where neither is available (the file system keeps no birth time, or we may not open the object: not
-  root and no read permission, or no ``/proc``). 0 means "unchecked": handles issued before generations existed carry 0 and
-  keep resolving, by inode alone, as they always did.
+  root and no read permission, or no ``/proc``). 0 means "unchecked": handles issued before generations
+  existed carry 0 and keep resolving, by inode alone, as they always did.
 
 The source depends only on the file system and the object's type, which never change for one inode, so the
 same object always gets the same value.
