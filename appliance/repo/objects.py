@@ -64,8 +64,19 @@ def version_of(blob: bytes, name: str) -> int:
     return version
 
 
-def unpack(magic: bytes, blob: bytes, name: str, decompressor: zstandard.ZstdDecompressor) -> bytes:
-    """Return the payload of a version-1 object, checking its frame; ``name`` says what it is in error messages."""
+def stored_bound(raw_len: int) -> int:
+    """The most bytes zstd can compress ``raw_len`` bytes into (ZSTD_COMPRESSBOUND): anything longer is damage."""
+    return raw_len + (raw_len >> 8) + (((128 << 10) - raw_len) >> 11 if raw_len < 128 << 10 else 0)
+
+
+def max_object_size(max_raw: int) -> int:
+    """The largest version-1 object file holding at most ``max_raw`` raw bytes."""
+    return HEADER_SIZE + stored_bound(max_raw)
+
+
+def unpack(magic: bytes, blob: bytes, name: str, decompressor: zstandard.ZstdDecompressor, max_raw: int) -> bytes:
+    """Return the payload of a version-1 object, checking its frame; its raw payload may be at most ``max_raw``
+    bytes (refused before decompressing). ``name`` says what it is in error messages."""
     if len(blob) < HEADER_SIZE:
         raise IntegrityError(f"{name}: truncated object ({len(blob)} bytes, header needs {HEADER_SIZE})")
     got_magic, version, codec, _reserved, raw_len = _HEADER.unpack_from(blob)
@@ -73,6 +84,7 @@ def unpack(magic: bytes, blob: bytes, name: str, decompressor: zstandard.ZstdDec
     if version != OBJECT_VERSION:
         version_of(blob, name)  # newer: UnsupportedFormatError
         raise IntegrityError(f"{name}: object version {version} where version {OBJECT_VERSION} is expected")
+    _check_lengths(name, raw_len, len(blob) - HEADER_SIZE, max_raw)
     return _decompress(memoryview(blob)[HEADER_SIZE:], raw_len, name, decompressor)
 
 
@@ -100,10 +112,7 @@ def read_sealed(
         raise IntegrityError(
             f"{name}: checksum {digest.hex()[:16]}... is not the {expect_sha256.hex()[:16]}... expected"
         )
-    if raw_len > max_raw:
-        raise IntegrityError(f"{name}: header says {raw_len} bytes, more than the {max_raw} this object may hold")
-    if stored_len > raw_len + raw_len // 128 + 1024:  # zstd's worst case is far less; more is damage, not data
-        raise IntegrityError(f"{name}: header says {stored_len} stored bytes for {raw_len} raw bytes")
+    _check_lengths(name, raw_len, stored_len, max_raw)
     stored = f.read(stored_len)
     if len(stored) != stored_len:
         raise IntegrityError(f"{name}: truncated ({len(stored)} of {stored_len} stored bytes)")
@@ -111,6 +120,14 @@ def read_sealed(
     if hashlib.sha256(raw).digest() != digest:
         raise IntegrityError(f"{name}: checksum mismatch: the object is damaged")
     return raw
+
+
+def _check_lengths(name: str, raw_len: int, stored_len: int, max_raw: int) -> None:
+    """Refuse a header claiming more than the object may hold, before anything that big is read or allocated."""
+    if raw_len > max_raw:
+        raise IntegrityError(f"{name}: header says {raw_len} bytes, more than the {max_raw} this object may hold")
+    if stored_len > stored_bound(raw_len):
+        raise IntegrityError(f"{name}: {stored_len} stored bytes for {raw_len} raw bytes, more than zstd makes")
 
 
 def _check_kind(name: str, magic: bytes, got_magic: bytes, codec: int) -> None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
 
 from appliance.errors import IntegrityError
-from appliance.repo import objects
+from appliance.repo import objects, safefile
 from appliance.repo.manifest import (
     RestorePoint,
     check_chunks,
@@ -50,17 +49,10 @@ def point_name(path: Path) -> str:
 
 
 def _open_regular(path: Path, name: str) -> BinaryIO:
-    """``path`` opened for reading if it is a regular file: a FIFO would block a listing forever, a directory
-    or device is no point file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise IntegrityError(f"{name}: {path} is not a regular file (mode {stat.filemode(mode)})")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    """``path`` opened for reading if it is a regular file (``safefile``): a FIFO would block a listing
+    forever, a symlink or device is no point file."""
+    fd, _size = safefile.open_regular(path, name)
+    return os.fdopen(fd, "rb")
 
 
 def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
@@ -72,7 +64,7 @@ def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
         if objects.version_of(f.read(5), name) == objects.OBJECT_VERSION:
             f.seek(0)
             blob = f.read(_V1_MAX_BYTES + objects.HEADER_SIZE + 1)
-            return check_point(parse_v1(objects.unpack(objects.POINT_MAGIC, blob, name, dctx), name),
+            return check_point(parse_v1(objects.unpack(objects.POINT_MAGIC, blob, name, dctx, _V1_MAX_BYTES), name),
                                chunk_size, vm, point_id, name)  # fmt: skip
         f.seek(0)
         summary = objects.read_sealed(f, objects.POINT_MAGIC, f"{name} (summary)", MAX_SUMMARY_BYTES, dctx)

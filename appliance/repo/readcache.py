@@ -67,7 +67,7 @@ class HydratedDisk:
         self.path = path
         self.size = size
         self.chunk_size = chunk_size
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         os.ftruncate(self._fd, size)
         self._bits = bytearray((-(-size // chunk_size) + 7) // 8)
         self._enabled = True

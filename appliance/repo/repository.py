@@ -31,7 +31,7 @@ from appliance.errors import (
     UnsupportedFormatError,
     UsageError,
 )
-from appliance.repo import pointfile
+from appliance.repo import pointfile, safefile
 from appliance.repo.manifest import POINT_ID_RE, DamagedPoint, RestorePoint, check_point, check_vm_name
 from appliance.repo.reader import ChunkCache, DiskReader
 from appliance.repo.store import DIR_MODE, FILE_MODE, ChunkStore
@@ -80,6 +80,14 @@ class PointListing:
                 for p in self.entries()]  # fmt: skip
 
 
+MAX_CONFIG_BYTES = 64 << 10  # config.json is a few hundred bytes
+
+
+def _read_config(path: Path) -> object:
+    """The parsed config.json of the repository at ``path`` (a regular file of at most MAX_CONFIG_BYTES)."""
+    return json.loads(safefile.read_regular(path / "config.json", f"repository {path}: config.json", MAX_CONFIG_BYTES))
+
+
 def check_chunk_size(size: int) -> int:
     if size < MIN_CHUNK or size > MAX_CHUNK or size & (size - 1):
         raise UsageError(f"chunk size {size} must be a power of two between 64 KiB and 4 MiB")
@@ -90,7 +98,7 @@ class Repository:
     def __init__(self, path: Path, config: RepoConfig) -> None:
         self.path = Path(path)
         self.config = config
-        self.store = ChunkStore(self.path)
+        self.store = ChunkStore(self.path, config.chunk_size)
         self.chunk_cache = ChunkCache()
 
     # --- creation and opening -------------------------------------------------------------------------
@@ -113,8 +121,8 @@ class Repository:
     def is_repository(path: Path | str) -> bool:
         """Whether PATH looks like a repository (its config names bootback); open() tells what is wrong."""
         try:
-            return json.loads((Path(path) / "config.json").read_text()).get("magic") == REPO_MAGIC
-        except (OSError, ValueError, AttributeError):
+            return _read_config(Path(path)).get("magic") == REPO_MAGIC
+        except (OSError, ValueError, AttributeError, IntegrityError):
             return False
 
     @classmethod
@@ -122,9 +130,11 @@ class Repository:
         path = Path(path)
         cfg_path = path / "config.json"
         try:
-            doc = json.loads(cfg_path.read_text())
+            doc = _read_config(path)
         except FileNotFoundError:
             raise NotARepositoryError(f"{path} is not a bootback repository (no config.json)") from None
+        except IntegrityError as exc:
+            raise NotARepositoryError(f"{path} is not a bootback repository ({exc})") from None
         except (OSError, ValueError) as exc:
             raise NotARepositoryError(f"{path} is not a bootback repository ({cfg_path}: {exc})") from None
         if not isinstance(doc, dict) or doc.get("magic") != REPO_MAGIC:

@@ -20,7 +20,7 @@ import zstandard
 
 from appliance.atomicfile import fsync_dir
 from appliance.errors import IntegrityError, NoSpaceError
-from appliance.repo import objects
+from appliance.repo import objects, safefile
 
 DIR_MODE = 0o700  # a repository holds whole disks: private to its owner
 FILE_MODE = 0o600
@@ -35,9 +35,12 @@ def chunk_id(data: bytes | memoryview) -> str:
 class ChunkStore:
     """Content-addressed chunk files under ``root/chunks``; safe for many threads and processes."""
 
-    def __init__(self, root: Path, compression_level: int = 3) -> None:
+    def __init__(self, root: Path, max_chunk: int, compression_level: int = 3) -> None:
+        """``max_chunk``: the repository's chunk size; a chunk file claiming more is refused unread."""
         self.root = Path(root)
         self.chunks_dir = self.root / "chunks"
+        self.max_chunk = max_chunk
+        self._max_file = objects.max_object_size(max_chunk)
         self._level = compression_level
         self._local = threading.local()
 
@@ -96,25 +99,30 @@ class ChunkStore:
     def get(self, cid: str, context: str = "") -> bytes:
         """Return the chunk's bytes, verified against its hash; ``context`` names who asked (a restore point)."""
         where = f" (needed by {context})" if context else ""
+        name = f"chunk {cid}{where}"
+        path = self.chunks_dir / cid[:2] / cid
         try:
-            with open(self.chunks_dir / cid[:2] / cid, "rb") as f:
-                blob = f.read()
+            blob = safefile.read_regular(path, name, self._max_file)
         except FileNotFoundError:
             raise IntegrityError(f"chunk {cid} is missing{where}") from None
-        data = objects.unpack(objects.CHUNK_MAGIC, blob, f"chunk {cid}{where}", self._decompressor())
+        except OSError as exc:
+            raise IntegrityError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+        data = objects.unpack(objects.CHUNK_MAGIC, blob, name, self._decompressor(), self.max_chunk)
         if hashlib.sha256(data).hexdigest() != cid:
             raise IntegrityError(f"chunk {cid} is corrupt: its content does not match its hash{where}")
         return data
 
     def stored_size(self, cid: str) -> int:
-        return self.path(cid).stat().st_size
+        return os.lstat(self.path(cid)).st_size  # a symlink's own size, never its target's
 
     def iter_ids(self) -> Iterator[str]:
+        """Every chunk file's id; a symlinked subdirectory is not walked (garbage collection deletes what this
+        lists, and must never delete outside the repository)."""
         if not self.chunks_dir.exists():
             return
-        for sub in sorted(self.chunks_dir.iterdir()):
-            if sub.is_dir():
-                for entry in os.scandir(sub):
+        for sub in sorted(os.scandir(self.chunks_dir), key=lambda e: e.name):
+            if sub.is_dir(follow_symlinks=False):
+                for entry in os.scandir(sub.path):
                     if len(entry.name) == DIGEST_HEX_LEN:
                         yield entry.name
 

@@ -263,7 +263,7 @@ def test_huge_lengths_are_refused_before_anything_is_allocated(tmp_path: Path) -
     assert zstandard.frame_content_size(bytes(frame)) > 1 << 30
     blob = objects.pack(objects.CHUNK_MAGIC, bytes(70000), bytes(frame))
     with pytest.raises(IntegrityError, match="zstd frame declares 1073811824 bytes, header says 70000"):
-        objects.unpack(objects.CHUNK_MAGIC, blob, "chunk x", zstandard.ZstdDecompressor())
+        objects.unpack(objects.CHUNK_MAGIC, blob, "chunk x", zstandard.ZstdDecompressor(), 1 << 20)
 
 
 def test_a_chunk_of_the_wrong_length_is_never_served(tmp_path: Path) -> None:
