@@ -214,6 +214,7 @@ def test_registers_with_an_existing_rpcbind(tmp_path: Path, server: NfsdProcess)
 
 def test_big_file_hash_matches(server: NfsdProcess, export: Path) -> None:
     p = subprocess.run(["nfs-cat", server.url("big.bin")], capture_output=True, timeout=60)
-    assert p.returncode == 0, f"nfs-cat failed after {len(p.stdout)} bytes: {p.stderr.decode()[-500:]}\n{server.log()[-2000:]}"
+    why = f"nfs-cat failed after {len(p.stdout)} bytes: {p.stderr.decode()[-500:]}\n{server.log()[-2000:]}"
+    assert p.returncode == 0, why
     out = p.stdout
     assert hashlib.sha256(out).hexdigest() == hashlib.sha256((export / "big.bin").read_bytes()).hexdigest()
