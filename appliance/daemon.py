@@ -104,18 +104,32 @@ class Daemon:
         migration_dirs = config.allowed_migration_dirs()
         if config.migration_dirs is None:
             (state / "migrations").mkdir(mode=0o700, exist_ok=True)  # the default place; others are the operator's
-        self.sessions = SessionManager(state, self.repos, self.backend, min_free_bytes=config.min_free_bytes,
-                                       cache_dir=config.cache_dir, read_cache=self.read_cache,
-                                       cache_dirs=config.cache_dirs, migration_dirs=migration_dirs,
-                                       max_sessions=config.max_sessions)  # fmt: skip
+        self.sessions = SessionManager(
+            state,
+            self.repos,
+            self.backend,
+            min_free_bytes=config.min_free_bytes,
+            cache_dir=config.cache_dir,
+            read_cache=self.read_cache,
+            cache_dirs=config.cache_dirs,
+            migration_dirs=migration_dirs,
+            max_sessions=config.max_sessions,
+        )
         self.export = Export(path=config.export_path, backend=self.backend, clients=config.clients)
         self.server = NFSServer(
-            [self.export], codec=HandleCodec.from_file(state / "secret"), bind=config.bind,
-            nfs_port=config.nfs_port, mount_port=config.mount_port, portmap_port=config.portmap_port,
-            limits=config.nfs_limits, fixed_ports=config.fixed_ports, error_statuses=NFS_STATUS_OF,
-        )  # fmt: skip
-        self.verifications = Verifications(state, self.op_publish, self.op_stop, config.max_verifications,
-                                           config.verify_max_memory_mib)  # fmt: skip
+            [self.export],
+            codec=HandleCodec.from_file(state / "secret"),
+            bind=config.bind,
+            nfs_port=config.nfs_port,
+            mount_port=config.mount_port,
+            portmap_port=config.portmap_port,
+            limits=config.nfs_limits,
+            fixed_ports=config.fixed_ports,
+            error_statuses=NFS_STATUS_OF,
+        )
+        self.verifications = Verifications(
+            state, self.op_publish, self.op_stop, config.max_verifications, config.verify_max_memory_mib
+        )
         self.control = ControlServer(state, self._ops())
         self.web: subprocess.Popen | None = None
         self._stop = asyncio.Event()
@@ -184,8 +198,13 @@ class Daemon:
         return {
             "export": self.export.path,
             "host": self.config.host,
-            "ports": {"portmap": ports.portmap, "nfs": ports.nfs, "mount": ports.mount,
-                      "portmap_external": ports.portmap_external, "control": self.config.control_port},
+            "ports": {
+                "portmap": ports.portmap,
+                "nfs": ports.nfs,
+                "mount": ports.mount,
+                "portmap_external": ports.portmap_external,
+                "control": self.config.control_port,
+            },
             "repositories": sorted(self.repos),
             "sessions": len(self.sessions.records),
             "cache": self.sessions.check_space(self.sessions.default_cache),
@@ -195,10 +214,17 @@ class Daemon:
             "nfs_clients": list(self.config.clients),
             "nfs_open_to_everyone": self.config.open_to_everyone(),
             "read_cache": self.read_cache.status() if self.read_cache else None,
-        }  # fmt: skip
+        }
 
-    def op_publish(self, vm: str | None = None, vms: list[str] | None = None, point: str = "latest",
-                   mode: str = "instant", cache: str | None = None, repo: str | None = None) -> list[dict]:  # fmt: skip
+    def op_publish(
+        self,
+        vm: str | None = None,
+        vms: list[str] | None = None,
+        point: str = "latest",
+        mode: str = "instant",
+        cache: str | None = None,
+        repo: str | None = None,
+    ) -> list[dict]:
         """Publish one VM or many (mass recovery); a VM may be 'name' or 'name@point'."""
         if vms is not None and not (isinstance(vms, list) and all(isinstance(v, str) for v in vms)):
             raise UsageError("publish: 'vms' is a list of VM names")
@@ -208,8 +234,9 @@ class Daemon:
         if not targets:
             raise UsageError("publish needs 'vm' or 'vms'")
         if len(targets) > self.config.max_publish:
-            raise LimitExceededError(f"publish: {len(targets)} VMs in one request, at most {self.config.max_publish} "
-                                     "(--max-publish)")  # fmt: skip
+            raise LimitExceededError(
+                f"publish: {len(targets)} VMs in one request, at most {self.config.max_publish} (--max-publish)"
+            )
         self.sessions.check_capacity(len(targets))
         self.rescan_repositories()
         out = []
@@ -238,8 +265,15 @@ class Daemon:
             raise UsageError(f"session {rec.id} has no migration")
         return mig.status()
 
-    def op_verify(self, vm: str, point: str = "latest", repo: str | None = None, expect: str | None = None,
-                  timeout: float = 300, memory_mib: int = 1024) -> dict:  # fmt: skip
+    def op_verify(
+        self,
+        vm: str,
+        point: str = "latest",
+        repo: str | None = None,
+        expect: str | None = None,
+        timeout: float = 300,
+        memory_mib: int = 1024,
+    ) -> dict:
         """Start a backup verification (boot in isolation, check the console); poll 'verification' for it."""
         self.rescan_repositories()
         name, _, p = vm.partition("@")
@@ -264,8 +298,14 @@ class Daemon:
                     self._damaged_logged.add((name, bad.error))
                     log.error("repository %s: damaged restore point file: %s", name, bad.error)
             vms = {p.vm for p in listing.points} | {d.vm for d in listing.damaged}
-            out.append({**doc, "vms": sorted(vms), "points": len(listing.points),
-                        "damaged_points": [d.summary() for d in listing.damaged]})  # fmt: skip
+            out.append(
+                {
+                    **doc,
+                    "vms": sorted(vms),
+                    "points": len(listing.points),
+                    "damaged_points": [d.summary() for d in listing.damaged],
+                }
+            )
         return out
 
     def op_points(self, repo: str | None = None, vm: str | None = None) -> list[dict]:
@@ -290,8 +330,9 @@ class Daemon:
                 "NFS export %s is open to every address (%s), with root unsquashed for the hypervisors: anyone who "
                 "reaches this host can read and write the published disks. Name your hypervisors' networks with "
                 "--clients or BOOTBACK_CLIENTS, e.g. BOOTBACK_CLIENTS=10.0.20.0/24",
-                self.export.path, ",".join(self.config.clients),
-            )  # fmt: skip
+                self.export.path,
+                ",".join(self.config.clients),
+            )
         self.sessions.restore()
         self._space_task = asyncio.get_running_loop().create_task(self._watch_space())
         ports = await self.server.start()
@@ -307,10 +348,14 @@ class Daemon:
         moved = "; ".join(ports.moved)
         log.info(
             "bootback serving %s: NFS %d, MOUNT %d, portmapper %s%s; %d session(s)%s",
-            self.export.path, ports.nfs, ports.mount, ports.portmap,
-            " (external)" if ports.portmap_external else "", len(self.sessions.records),
+            self.export.path,
+            ports.nfs,
+            ports.mount,
+            ports.portmap,
+            " (external)" if ports.portmap_external else "",
+            len(self.sessions.records),
             f"; {moved}" if moved else "",
-        )  # fmt: skip
+        )
 
     async def shutdown(self) -> None:
         if self._space_task is not None:

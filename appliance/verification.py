@@ -52,43 +52,64 @@ def compile_expect(expect: str | None) -> re2._Regexp | None:
         why = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise UsageError(
             f"expect: not a regular expression RE2 accepts (no backreferences or lookaround) in {expect!r}: {why}"
-        ) from None  # fmt: skip
+        ) from None
 
 
-def verify_boot(client: ControlClient, vm: str, timeout: float = 300, expect: str | None = None,
-                console_log: Path | None = None, memory_mib: int = 1024,
-                repo: str | None = None) -> dict[str, Any]:  # fmt: skip
+def verify_boot(
+    client: ControlClient,
+    vm: str,
+    timeout: float = 300,
+    expect: str | None = None,
+    console_log: Path | None = None,
+    memory_mib: int = 1024,
+    repo: str | None = None,
+) -> dict[str, Any]:
     """Verify through a running daemon's control socket (the CLI's way)."""
 
     def publish() -> dict:
         (doc,) = client.call("publish", vm=vm, mode="sandbox", repo=repo)
         return doc
 
-    return run_verification(publish, lambda sid: client.call("stop", id=sid), timeout, expect, console_log,
-                            memory_mib)  # fmt: skip
+    return run_verification(publish, lambda sid: client.call("stop", id=sid), timeout, expect, console_log, memory_mib)
 
 
-def run_verification(publish: Callable[[], dict], stop: Callable[[str], object], timeout: float = 300,
-                     expect: str | None = None, console_log: Path | None = None,
-                     memory_mib: int = 1024) -> dict[str, Any]:  # fmt: skip
+def run_verification(
+    publish: Callable[[], dict],
+    stop: Callable[[str], object],
+    timeout: float = 300,
+    expect: str | None = None,
+    console_log: Path | None = None,
+    memory_mib: int = 1024,
+) -> dict[str, Any]:
     """Publish a sandbox, boot it without network, judge the console, stop the sandbox; returns the report."""
     pattern = compile_expect(expect)
     started = time.monotonic()
     doc = publish()
     try:
         drives = [f"{doc['nfs_url']}/{d['extent']}" for d in doc["disks"]]
-        result = boot(drives, timeout=timeout, console_log=console_log, memory_mib=memory_mib, stop_when=pattern,
-                      max_console_bytes=MAX_CONSOLE)  # fmt: skip
+        result = boot(
+            drives,
+            timeout=timeout,
+            console_log=console_log,
+            memory_mib=memory_mib,
+            stop_when=pattern,
+            max_console_bytes=MAX_CONSOLE,
+        )
     finally:
         stop(doc["id"])
     matched = bool(pattern.search(result.console)) if pattern else None
     ok = result.first_line_seconds is not None and matched is not False
     report = {
-        "vm": doc["vm"], "point": doc["point"], "verified": ok, "session": doc["id"],
+        "vm": doc["vm"],
+        "point": doc["point"],
+        "verified": ok,
+        "session": doc["id"],
         "first_console_line_seconds": round(result.first_line_seconds, 1) if result.first_line_seconds else None,
-        "expected": expect, "matched": matched, "seconds": round(time.monotonic() - started, 1),
+        "expected": expect,
+        "matched": matched,
+        "seconds": round(time.monotonic() - started, 1),
         "console_tail": result.console[-2000:],
-    }  # fmt: skip
+    }
     return report
 
 
@@ -106,8 +127,14 @@ class Verifications:
     """Verification jobs the daemon runs for the API and the page: one thread each, a record per job in
     STATE/verifications/ so results outlive restarts (a job cut off by a restart says so)."""
 
-    def __init__(self, state_dir: Path, publish: Callable[..., list[dict]], stop: Callable[..., object],
-                 max_running: int = MAX_RUNNING, max_memory_mib: int = MAX_MEMORY_MIB) -> None:  # fmt: skip
+    def __init__(
+        self,
+        state_dir: Path,
+        publish: Callable[..., list[dict]],
+        stop: Callable[..., object],
+        max_running: int = MAX_RUNNING,
+        max_memory_mib: int = MAX_MEMORY_MIB,
+    ) -> None:
         self.max_running, self.max_memory_mib = max_running, max_memory_mib
         self.dir = Path(state_dir) / "verifications"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -123,8 +150,15 @@ class Verifications:
                 job.update(state="error", error="the appliance restarted while this verification ran")
             self.jobs[job["id"]] = job
 
-    def start(self, vm: str, point: str = "latest", repo: str | None = None, expect: str | None = None,
-              timeout: float = 300, memory_mib: int = 1024) -> dict[str, Any]:  # fmt: skip
+    def start(
+        self,
+        vm: str,
+        point: str = "latest",
+        repo: str | None = None,
+        expect: str | None = None,
+        timeout: float = 300,
+        memory_mib: int = 1024,
+    ) -> dict[str, Any]:
         compile_expect(expect)  # a bad pattern is the caller's error now, not the job's later
         for name, value in (("timeout", timeout), ("memory_mib", memory_mib)):
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -134,14 +168,26 @@ class Verifications:
         if not 128 <= memory_mib <= self.max_memory_mib:
             raise UsageError(f"memory_mib: between 128 and {self.max_memory_mib}, got {memory_mib}")
         name, _, p = vm.partition("@")
-        job = {"id": uuid.uuid4().hex[:12], "vm": name, "point": p or point, "repository": repo, "expect": expect,
-               "timeout": timeout, "state": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"),
-               "finished": None, "report": None, "error": None}  # fmt: skip
+        job = {
+            "id": uuid.uuid4().hex[:12],
+            "vm": name,
+            "point": p or point,
+            "repository": repo,
+            "expect": expect,
+            "timeout": timeout,
+            "state": "running",
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "finished": None,
+            "report": None,
+            "error": None,
+        }
         with self._lock:
             running = sum(1 for j in self.jobs.values() if j["state"] == "running")
             if running >= self.max_running:
-                raise LimitExceededError(f"{running} verifications are running, the most this appliance runs at "
-                                         "once (--max-verifications): try again when one finishes")  # fmt: skip
+                raise LimitExceededError(
+                    f"{running} verifications are running, the most this appliance runs at "
+                    "once (--max-verifications): try again when one finishes"
+                )
             self.jobs[job["id"]] = job
             self._save(job)
             started = dict(job)  # as it starts: the thread may finish before we return
@@ -155,12 +201,22 @@ class Verifications:
             return doc
 
         try:
-            report = run_verification(publish, lambda sid: self._stop(id=sid), job["timeout"], job["expect"],
-                                      self.dir / f"{job['id']}.console", memory_mib)  # fmt: skip
+            report = run_verification(
+                publish,
+                lambda sid: self._stop(id=sid),
+                job["timeout"],
+                job["expect"],
+                self.dir / f"{job['id']}.console",
+                memory_mib,
+            )
             job.update(state="verified" if report["verified"] else "failed", report=report)
         except Exception as exc:  # noqa: BLE001 - reported on the job: no qemu, unknown VM, ...
-            job.update(state="error", error=str(exc) if not isinstance(exc, FileNotFoundError)
-                       else f"cannot boot here: {exc.filename or exc} is not installed")  # fmt: skip
+            job.update(
+                state="error",
+                error=str(exc)
+                if not isinstance(exc, FileNotFoundError)
+                else f"cannot boot here: {exc.filename or exc} is not installed",
+            )
         job["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         log.info("verification %s of %s@%s: %s", job["id"], job["vm"], job["point"], job["state"])
         with self._lock:

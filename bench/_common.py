@@ -59,8 +59,9 @@ def sh(
 ) -> subprocess.CompletedProcess:
     """Run a command; ``discard`` sends stdout to /dev/null (bulk data), stderr is kept for the error."""
     out = subprocess.DEVNULL if discard else subprocess.PIPE
-    p = subprocess.run([str(c) for c in cmd], stdout=out, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                       env={**os.environ, **(env or {})})  # fmt: skip
+    p = subprocess.run(
+        [str(c) for c in cmd], stdout=out, stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **(env or {})}
+    )
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
     return p
@@ -118,8 +119,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def qemu_bench(url: str, count: int, size: str = "4k", depth: int = 16, step: str | None = "5000k",
-               write: bool = False) -> float:  # fmt: skip
+def qemu_bench(
+    url: str, count: int, size: str = "4k", depth: int = 16, step: str | None = "5000k", write: bool = False
+) -> float:
     """Operations per second from ``qemu-img bench`` (it prints the wall time of the whole run)."""
     cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth), "-s", size, "-t", "none"]
     cmd += (["-S", step] if step else []) + (["-w"] if write else []) + [url]
@@ -246,8 +248,12 @@ def du_bytes(path: Path) -> int:
 
 # --- results ----------------------------------------------------------------------------------------------
 def machine() -> dict[str, object]:
-    return {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "os": _os_name()}  # fmt: skip
+    return {
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "os": _os_name(),
+    }
 
 
 @functools.cache
@@ -271,11 +277,18 @@ def report(name: str, command: str, rows: Sequence[Row], extra: dict[str, object
     print(f"{'metric':<44} {'ours':>12} {'anchor':>12} {'ratio':>7}  target   met")
     for r in rows:
         met = "-" if r.met is None else ("yes" if r.met else "NO")
-        print(f"{r.metric:<44} {r.ours:>12.4g} {r.anchor:>12.4g} {r.ratio:>7.3f}  {r.target or '-':<8} {met}"
-              f"   ({r.unit})")  # fmt: skip
-    doc = {"benchmark": name, "command": command, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-           "machine": machine(), "code": code_version(), "rows": [asdict(r) for r in rows],
-           **(extra or {})}  # fmt: skip
+        print(
+            f"{r.metric:<44} {r.ours:>12.4g} {r.anchor:>12.4g} {r.ratio:>7.3f}  {r.target or '-':<8} {met}   ({r.unit})"
+        )
+    doc = {
+        "benchmark": name,
+        "command": command,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "code": code_version(),
+        "rows": [asdict(r) for r in rows],
+        **(extra or {}),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(f"  wrote {RESULTS / f'{name}.json'}")

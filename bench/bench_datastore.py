@@ -176,15 +176,24 @@ def main(argv: list[str]) -> int:
     ours_boot = ours["publish_s"] + ours["first_line_s"]
     rows = [
         Row("4 KiB random read qd16, qemu-img bench (warm, best of 2)", ours["reads_s"], anchor["reads_s"], "reads/s"),
-        Row("4 KiB random read qd16, first run of a fresh session", ours["first_reads_s"], anchor["first_reads_s"],
-            "reads/s"),
+        Row(
+            "4 KiB random read qd16, first run of a fresh session",
+            ours["first_reads_s"],
+            anchor["first_reads_s"],
+            "reads/s",
+        ),
         Row("sequential read of the extent, nfs-cat (best of 3)", ours["seq_mb_s"], anchor["seq_mb_s"], "MB/s"),
         Row("64 KiB sequential write qd16, qemu-img bench -w", ours["write_mb_s"], anchor["write_mb_s"], "MB/s"),
         Row("publish + first console line vs local (best of 2)", ours_boot, local["first_line_s"], "s"),
         Row("publish + boot to power-off vs local", ours["publish_s"] + ours["boot_s"], local["boot_s"], "s"),
-    ]  # fmt: skip
-    extra = {"image_bytes": size, "ours": ours, "ganesha": anchor, "local_boot": local,
-             "qemu": sh("qemu-img", "--version").stdout.splitlines()[0]}  # fmt: skip
+    ]
+    extra = {
+        "image_bytes": size,
+        "ours": ours,
+        "ganesha": anchor,
+        "local_boot": local,
+        "qemu": sh("qemu-img", "--version").stdout.splitlines()[0],
+    }
     report("datastore", "./run bench datastore", rows, extra)
     return 0
 

@@ -99,8 +99,12 @@ def main(argv: list[str]) -> int:
 
     results: dict[str, list[float]] = {"ours_big": [], "anchor_big": [], "ours_tree": [], "anchor_tree": []}
     for i in range(rounds):
-        for name, fn, check in (("anchor_big", anchor_big, "big"), ("ours_big", ours_big, "big"),
-                                ("anchor_tree", anchor_tree, "tree"), ("ours_tree", ours_tree, "tree")):  # fmt: skip
+        for name, fn, check in (
+            ("anchor_big", anchor_big, "big"),
+            ("ours_big", ours_big, "big"),
+            ("anchor_tree", anchor_tree, "tree"),
+            ("ours_tree", ours_tree, "tree"),
+        ):
             shutil.rmtree(OUT, ignore_errors=True)
             OUT.mkdir(parents=True)
             warm_page_cache(img, *chunks)
@@ -114,13 +118,30 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     files = sum(1 for p in (src / "tree").rglob("*") if p.is_file())
     rows = [
-        Row("512 MiB file out of the backup, MB/s (best of 3)", BIG / 1e6 / min(results["ours_big"]),
-            BIG / 1e6 / min(results["anchor_big"]), "MB/s"),
-        Row(f"a folder of {files} files ({tree_bytes / 1e6:.0f} MB), files/s", files / min(results["ours_tree"]),
-            files / min(results["anchor_tree"]), "files/s"),
-    ]  # fmt: skip
-    report("files", "./run bench files", rows, {"seconds": results, "tree_files": files, "tree_bytes": tree_bytes,
-                                                "debugfs": sh("debugfs", "-V").stderr.strip()})  # fmt: skip
+        Row(
+            "512 MiB file out of the backup, MB/s (best of 3)",
+            BIG / 1e6 / min(results["ours_big"]),
+            BIG / 1e6 / min(results["anchor_big"]),
+            "MB/s",
+        ),
+        Row(
+            f"a folder of {files} files ({tree_bytes / 1e6:.0f} MB), files/s",
+            files / min(results["ours_tree"]),
+            files / min(results["anchor_tree"]),
+            "files/s",
+        ),
+    ]
+    report(
+        "files",
+        "./run bench files",
+        rows,
+        {
+            "seconds": results,
+            "tree_files": files,
+            "tree_bytes": tree_bytes,
+            "debugfs": sh("debugfs", "-V").stderr.strip(),
+        },
+    )
     return 0
 
 

@@ -68,17 +68,25 @@ def profile(pid: int, url: str, reads_s: float) -> dict[str, object]:
         cpu.append(_record(pid, url, reads_s, ["--format", fmt, "-o", str(out), *extra]))
     own, incl, total = summarize(raw.read_text())
     gil_own, _, gil_total = summarize(gil.read_text())
-    return {"svg": str(svg.relative_to(RESULTS.parent.parent)), "samples": total, "server_cpu": max(cpu),
-            "own": own.most_common(12), "inclusive": incl.most_common(15),
-            "gil_samples": gil_total, "gil_own": gil_own.most_common(12)}  # fmt: skip
+    return {
+        "svg": str(svg.relative_to(RESULTS.parent.parent)),
+        "samples": total,
+        "server_cpu": max(cpu),
+        "own": own.most_common(12),
+        "inclusive": incl.most_common(15),
+        "gil_samples": gil_total,
+        "gil_own": gil_own.most_common(12),
+    }
 
 
 def _record(pid: int, url: str, reads_s: float, args: list[str]) -> float:
     """One py-spy window under load; returns the server's CPU use in that window (1.0 = one core)."""
     # The load must outlast the sampling window; py-spy slows the server a little, hence the margin.
     count = int(reads_s * (PROFILE_SECONDS + 8))
-    load = subprocess.Popen(["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "16", "-s", "4k",
-                             "-S", "5000k", "-t", "none", url], stdout=subprocess.DEVNULL)  # fmt: skip
+    load = subprocess.Popen(
+        ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "16", "-s", "4k", "-S", "5000k", "-t", "none", url],
+        stdout=subprocess.DEVNULL,
+    )
     time.sleep(1)  # past connection setup
     try:
         before, t0 = _cpu_seconds(pid), time.monotonic()
@@ -166,7 +174,7 @@ def main(argv: list[str]) -> int:
     rows = [
         Row("sequential read, nfs-cat (best of 3)", ours["seq_mb_s"], anchor["seq_mb_s"], "MB/s"),
         Row("4 KiB random read qd16, qemu-img bench (best of 2)", ours["reads_s"], anchor["reads_s"], "reads/s"),
-    ]  # fmt: skip
+    ]
     report("nfsd", "./run bench nfsd", rows, {"profile": prof, "file_bytes": SIZE})
     print(
         f"  py-spy: server CPU {prof['server_cpu']:.2f} cores; own time of {prof['samples']} samples, then of "

@@ -33,8 +33,11 @@ from bench._common import (
 )
 
 BORG_VENV = WORK / "borgvenv"
-BORG_ENV = {"BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes", "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
-            "BORG_BASE_DIR": str(WORK / "repo" / "borg-home")}  # fmt: skip
+BORG_ENV = {
+    "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+    "BORG_BASE_DIR": str(WORK / "repo" / "borg-home"),
+}
 READS = 20_000
 FITS_CACHE = 128 << 20  # a working set half the size of the reader's default chunk cache
 BLOCK = 4096
@@ -84,11 +87,26 @@ def backup_round(sources: dict[str, Path]) -> dict[str, dict[str, float]]:
         warm_page_cache(disk)
         t_ours = timed(lambda d=disk: sh(bootback(), "backup", ours, "--vm", "bench", d, "--json"))
         warm_page_cache(disk)
-        t_borg = timed(lambda d=disk, a=label: sh(
-            borg(), "create", "--chunker-params", "fixed,1048576", "--compression", "zstd,3",
-            f"{theirs}::{a}", d.name, cwd=d.parent, env=BORG_ENV))  # fmt: skip
-        results[label] = {"ours_s": t_ours, "borg_s": t_borg, "ours_bytes": du_bytes(ours),
-                          "borg_bytes": du_bytes(theirs)}  # fmt: skip
+        t_borg = timed(
+            lambda d=disk, a=label: sh(
+                borg(),
+                "create",
+                "--chunker-params",
+                "fixed,1048576",
+                "--compression",
+                "zstd,3",
+                f"{theirs}::{a}",
+                d.name,
+                cwd=d.parent,
+                env=BORG_ENV,
+            )
+        )
+        results[label] = {
+            "ours_s": t_ours,
+            "borg_s": t_borg,
+            "ours_bytes": du_bytes(ours),
+            "borg_bytes": du_bytes(theirs),
+        }
         log(
             f"backup {label}: ours {t_ours:.1f} s, borg {t_borg:.1f} s; stored ours "
             f"{results[label]['ours_bytes'] / 1e6:.0f} MB, borg {results[label]['borg_bytes'] / 1e6:.0f} MB"
@@ -103,10 +121,15 @@ def backups(sources: dict[str, Path], rounds: int) -> dict[str, dict]:
     for label, disk in sources.items():
         size = disk.stat().st_size
         best_ours, best_borg = (min(r[label][k] for r in runs) for k in ("ours_s", "borg_s"))
-        out[label] = {**runs[-1][label], "ours_s": best_ours, "borg_s": best_borg,
-                      "ours_mb_s": size / best_ours / 1e6, "borg_mb_s": size / best_borg / 1e6,
-                      "all_ours_s": [r[label]["ours_s"] for r in runs],
-                      "all_borg_s": [r[label]["borg_s"] for r in runs]}  # fmt: skip
+        out[label] = {
+            **runs[-1][label],
+            "ours_s": best_ours,
+            "borg_s": best_borg,
+            "ours_mb_s": size / best_ours / 1e6,
+            "borg_mb_s": size / best_borg / 1e6,
+            "all_ours_s": [r[label]["ours_s"] for r in runs],
+            "all_borg_s": [r[label]["borg_s"] for r in runs],
+        }
     out["borg_cache"] = {"bytes": du_bytes(WORK / "repo" / "borg-home")}
     return out
 
@@ -161,9 +184,18 @@ def random_reads(raw_image: Path) -> dict[str, float]:
         f"4k reads/s: cold {cold:.0f}, warm {warm:.0f}, raw {raw:.0f}; used area {used / 2**20:.0f} MiB; "
         f"warm in {FITS_CACHE >> 20} MiB {fits:.0f}"
     )
-    return {"cold": cold, "warm": warm, "raw": raw, "warm_fits_cache": fits, "warm_read_cache": hydrated,
-            "used_bytes": used, "cold_misses": cold_misses, "warm_misses": warm_misses,
-            "cache_bytes": repo.chunk_cache.capacity, "reads": len(offsets)}  # fmt: skip
+    return {
+        "cold": cold,
+        "warm": warm,
+        "raw": raw,
+        "warm_fits_cache": fits,
+        "warm_read_cache": hydrated,
+        "used_bytes": used,
+        "cold_misses": cold_misses,
+        "warm_misses": warm_misses,
+        "cache_bytes": repo.chunk_cache.capacity,
+        "reads": len(offsets),
+    }
 
 
 def allocated(path: Path) -> int:
@@ -206,23 +238,33 @@ def main(argv: list[str]) -> int:
     r = random_reads(changed)
     first, second = b["first"], b["second"]
     rows = [
-        Row("backup 1 throughput (size / wall time, best of 3)", first["ours_mb_s"], first["borg_mb_s"], "MB/s",
-            ">= 1.0"),
-        Row("backup 2 throughput, 1 % of blocks changed", second["ours_mb_s"], second["borg_mb_s"], "MB/s",
-            ">= 1.0"),
+        Row(
+            "backup 1 throughput (size / wall time, best of 3)",
+            first["ours_mb_s"],
+            first["borg_mb_s"],
+            "MB/s",
+            ">= 1.0",
+        ),
+        Row("backup 2 throughput, 1 % of blocks changed", second["ours_mb_s"], second["borg_mb_s"], "MB/s", ">= 1.0"),
         Row("stored size after backup 1 (du -sb)", first["ours_bytes"], first["borg_bytes"], "bytes", "<= 1.0"),
         Row("stored size after backup 2 (du -sb)", second["ours_bytes"], second["borg_bytes"], "bytes", "<= 1.0"),
         Row("4 KiB random reads, warm reader vs os.pread", r["warm"], r["raw"], "reads/s", ">= 0.5"),
         Row("4 KiB random reads, cold reader vs os.pread", r["cold"], r["raw"], "reads/s"),
         Row("4 KiB random reads, warm, 128 MiB working set", r["warm_fits_cache"], r["raw"], "reads/s"),
-    ]  # fmt: skip
+    ]
     if r["warm_read_cache"] is not None:
-        rows.append(Row("4 KiB random reads, warm, with ReadCache", r["warm_read_cache"], r["raw"], "reads/s",
-                        ">= 0.5"))  # fmt: skip
+        rows.append(
+            Row("4 KiB random reads, warm, with ReadCache", r["warm_read_cache"], r["raw"], "reads/s", ">= 0.5")
+        )
     borg_version = sh(borg(), "--version").stdout.strip()
-    extra = {"input_bytes": size, "input_allocated_bytes": allocated(base), "backups": b, "reads": r,
-             "borg": borg_version, "points": json.loads(sh(bootback(), "points", WORK / "repo" / "ours",
-                                                             "--json").stdout)}  # fmt: skip
+    extra = {
+        "input_bytes": size,
+        "input_allocated_bytes": allocated(base),
+        "backups": b,
+        "reads": r,
+        "borg": borg_version,
+        "points": json.loads(sh(bootback(), "points", WORK / "repo" / "ours", "--json").stdout),
+    }
     report("repo", "./run bench repo", rows, extra)
     return 0
 

@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true")
     lim = ap.add_argument_group("limits on what clients can make the server hold (see nfsd/limits.py)")
     for f in fields(Limits):
-        lim.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, metavar="N",
-                         help=f"default {f.default}")  # fmt: skip
+        lim.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            metavar="N",
+            help=f"default {f.default}",
+        )
     args = ap.parse_args(argv)
     try:
         limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
@@ -57,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         require_privileged_port=args.secure_ports,
     )
     server = NFSServer(
-        [export], secret_path=secret, bind=args.bind, nfs_port=args.nfs_port, mount_port=args.mount_port,
-        portmap_port=args.portmap_port or None, limits=limits,
-    )  # fmt: skip
+        [export],
+        secret_path=secret,
+        bind=args.bind,
+        nfs_port=args.nfs_port,
+        mount_port=args.mount_port,
+        portmap_port=args.portmap_port or None,
+        limits=limits,
+    )
     return asyncio.run(_serve(server, export))
 
 

@@ -36,12 +36,24 @@ STATX_BTIME = 0x800
 
 class _Statx(ctypes.Structure):
     # Only the head we need, then room for the rest: the kernel fills at most 256 bytes.
-    _fields_ = [("mask", ctypes.c_uint32), ("blksize", ctypes.c_uint32), ("attributes", ctypes.c_uint64),
-                ("nlink", ctypes.c_uint32), ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32),
-                ("mode", ctypes.c_uint16), ("_pad0", ctypes.c_uint16), ("ino", ctypes.c_uint64),
-                ("size", ctypes.c_uint64), ("blocks", ctypes.c_uint64), ("attributes_mask", ctypes.c_uint64),
-                ("atime", ctypes.c_int64 * 2), ("btime_sec", ctypes.c_int64), ("btime_nsec", ctypes.c_uint32),
-                ("_rest", ctypes.c_uint8 * 160)]  # fmt: skip
+    _fields_ = [
+        ("mask", ctypes.c_uint32),
+        ("blksize", ctypes.c_uint32),
+        ("attributes", ctypes.c_uint64),
+        ("nlink", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("mode", ctypes.c_uint16),
+        ("_pad0", ctypes.c_uint16),
+        ("ino", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("attributes_mask", ctypes.c_uint64),
+        ("atime", ctypes.c_int64 * 2),
+        ("btime_sec", ctypes.c_int64),
+        ("btime_nsec", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 160),
+    ]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -52,8 +64,14 @@ _syscall.restype = ctypes.c_long
 def birth_generation(fd: int) -> int:
     """The birth time of the object ``fd`` (any descriptor, O_PATH too) folded to 32 bits; 0 if unknown."""
     buf = _Statx()
-    rc = _syscall(SYS_STATX, ctypes.c_int(fd), b"", ctypes.c_int(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
-                  ctypes.c_uint(STATX_BTIME), ctypes.byref(buf))  # fmt: skip
+    rc = _syscall(
+        SYS_STATX,
+        ctypes.c_int(fd),
+        b"",
+        ctypes.c_int(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+        ctypes.c_uint(STATX_BTIME),
+        ctypes.byref(buf),
+    )
     if rc < 0 or not buf.mask & STATX_BTIME:
         return 0
     ns = buf.btime_sec * 1_000_000_000 + buf.btime_nsec

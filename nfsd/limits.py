@@ -54,8 +54,10 @@ class Limits:
             if not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"limit {f.name} must be a positive number, got {value!r}")
         if self.connection_bytes < 2 << 20:
-            raise ValueError(f"connection_bytes {self.connection_bytes} is less than 2 MiB (a 1 MiB record or READ "
-                             "and a socket read must fit)")  # fmt: skip
+            raise ValueError(
+                f"connection_bytes {self.connection_bytes} is less than 2 MiB (a 1 MiB record or READ "
+                "and a socket read must fit)"
+            )
         if self.total_bytes < self.connection_bytes:
             raise ValueError(f"total_bytes {self.total_bytes} is less than connection_bytes {self.connection_bytes}")
         if self.max_connections_per_client > self.max_connections:

@@ -46,8 +46,11 @@ class Connections:
     def start(self) -> None:
         room = _descriptor_room(self.limits.fd_reserve)
         if room < self.limits.max_connections:
-            log.warning("the descriptor limit allows %d connections, not %d: raise it (LimitNOFILE)", room,
-                        self.limits.max_connections)  # fmt: skip
+            log.warning(
+                "the descriptor limit allows %d connections, not %d: raise it (LimitNOFILE)",
+                room,
+                self.limits.max_connections,
+            )
         self.max_total = max(1, min(self.limits.max_connections, room))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
 
@@ -129,8 +132,9 @@ class Connections:
             for conn in list(self.open):
                 since = conn.idle_since
                 if since is not None and now - since > timeout and conn.transport is not None:
-                    limited.log(log, logging.INFO, "closing a connection from %s: idle for %.0f s", conn.address[0],
-                                now - since)  # fmt: skip
+                    limited.log(
+                        log, logging.INFO, "closing a connection from %s: idle for %.0f s", conn.address[0], now - since
+                    )
                     conn.transport.abort()
 
     def close(self) -> None:

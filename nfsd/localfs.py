@@ -103,8 +103,13 @@ class _Node:
 
 
 class LocalFS(Backend):
-    def __init__(self, root: Path | str, read_only: bool = False, use_openat2: bool = HAVE_OPENAT2,
-                 search_limits: SearchLimits = SearchLimits()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path | str,
+        read_only: bool = False,
+        use_openat2: bool = HAVE_OPENAT2,
+        search_limits: SearchLimits = SearchLimits(),
+    ) -> None:
         """``read_only``: files are opened read-only and the protocol layer refuses changes (ROFS) before they
         reach this backend. ``use_openat2`` False walks component by component (what kernels before 5.6 get);
         for tests."""
@@ -211,8 +216,11 @@ class LocalFS(Backend):
         is gone for good; no search could find it, so none is started."""
         if st.st_ino != obj.fileid:
             return self._stale(obj, parts, "was replaced at")
-        return NFSError(Status.STALE, f"object {obj.fileid} generation {obj.generation} was removed; its inode "
-                        f"number now names another object at {'/'.join(parts)!r}")  # fmt: skip
+        return NFSError(
+            Status.STALE,
+            f"object {obj.fileid} generation {obj.generation} was removed; its inode "
+            f"number now names another object at {'/'.join(parts)!r}",
+        )
 
     def _stale(self, obj: ObjectId, parts: list[str], what: str) -> NFSError:
         """The remembered path no longer leads to ``obj`` (removed, replaced, or a symlink on the way): the tree

@@ -22,9 +22,12 @@ MNT3ERR_SERVERFAULT = 10006
 AUTH_NONE, AUTH_SYS = 0, 1
 # nfsstat3 of a failed walk below the export -> mountstat3 (anything else: MNT3ERR_ACCES)
 _MOUNTSTAT = {
-    Status.NOENT: MNT3ERR_NOENT, Status.STALE: MNT3ERR_NOENT, Status.NOTDIR: MNT3ERR_NOTDIR,
-    Status.INVAL: MNT3ERR_INVAL, Status.NAMETOOLONG: MNT3ERR_NAMETOOLONG,
-}  # fmt: skip
+    Status.NOENT: MNT3ERR_NOENT,
+    Status.STALE: MNT3ERR_NOENT,
+    Status.NOTDIR: MNT3ERR_NOTDIR,
+    Status.INVAL: MNT3ERR_INVAL,
+    Status.NAMETOOLONG: MNT3ERR_NAMETOOLONG,
+}
 MAX_MOUNT_RECORDS = 1024  # (client, export) pairs kept for DUMP; the oldest is forgotten beyond it
 
 

@@ -45,10 +45,21 @@ _FATTR = struct.Struct(">IIIIIQQIIQQIIIIII")
 
 def pack_fattr(p: Packer, a: Attr) -> None:
     p.buf += _FATTR.pack(
-        int(a.type), a.mode & 0o7777, a.nlink, a.uid & 0xFFFFFFFF, a.gid & 0xFFFFFFFF, a.size, a.used,
-        a.rdev[0], a.rdev[1], a.fsid, a.fileid,
-        *_time(a.atime_ns), *_time(a.mtime_ns), *_time(a.ctime_ns),
-    )  # fmt: skip
+        int(a.type),
+        a.mode & 0o7777,
+        a.nlink,
+        a.uid & 0xFFFFFFFF,
+        a.gid & 0xFFFFFFFF,
+        a.size,
+        a.used,
+        a.rdev[0],
+        a.rdev[1],
+        a.fsid,
+        a.fileid,
+        *_time(a.atime_ns),
+        *_time(a.mtime_ns),
+        *_time(a.ctime_ns),
+    )
 
 
 def _time(ns: int) -> tuple[int, int]:
@@ -188,8 +199,14 @@ class NFSv3(Program):
     vers = NFS_V3
     name = "NFSv3"
 
-    def __init__(self, exports: ExportTable, meta_workers: int = 8, io_workers: int = 16,
-                 write_workers: int = 2, error_statuses: tuple[errors.StatusMapping, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        exports: ExportTable,
+        meta_workers: int = 8,
+        io_workers: int = 16,
+        write_workers: int = 2,
+        error_statuses: tuple[errors.StatusMapping, ...] = (),
+    ) -> None:
         """``error_statuses``: (exception class, nfsstat3) pairs for the domain errors of the backends."""
         self.exports = exports
         self.errors = errors.ErrorTable(error_statuses)

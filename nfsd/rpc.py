@@ -138,8 +138,14 @@ class Dispatcher:
     def programs(self) -> list[Program]:
         return [p for versions in self._programs.values() for p, _ in versions.values()]
 
-    async def handle(self, record: bytes | memoryview, address: tuple[str, int], transport: str,
-                     flow: _Ticket | None = None, max_data: int = 0xFFFFFFFF) -> list | None:  # fmt: skip
+    async def handle(
+        self,
+        record: bytes | memoryview,
+        address: tuple[str, int],
+        transport: str,
+        flow: _Ticket | None = None,
+        max_data: int = 0xFFFFFFFF,
+    ) -> list | None:
         """Decode one call and produce the reply's parts (None: not a call, nothing to answer)."""
         u = Unpacker(record)
         try:
@@ -192,8 +198,9 @@ class Dispatcher:
         try:
             body = await handler(call)
         except XDRError as exc:
-            limited.log(log, logging.INFO, "garbage arguments from %s for %s proc %d: %s", address[0], program.name,
-                        proc, exc)  # fmt: skip
+            limited.log(
+                log, logging.INFO, "garbage arguments from %s for %s proc %d: %s", address[0], program.name, proc, exc
+            )
             return accepted(xid, GARBAGE_ARGS)
         except RpcError as exc:
             return accepted(xid, exc.accept_stat)
@@ -256,8 +263,13 @@ class TcpConnection(asyncio.Protocol):
     written replies stop/start counting as drained.
     """
 
-    def __init__(self, dispatcher: Dispatcher, on_close: Callable[[TcpConnection], None] | None = None,
-                 limits: Limits = DEFAULT, budget: Budget | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        on_close: Callable[[TcpConnection], None] | None = None,
+        limits: Limits = DEFAULT,
+        budget: Budget | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.on_close = on_close
         self.limits = limits
@@ -415,8 +427,14 @@ class TcpConnection(asyncio.Protocol):
             (mark,) = struct.unpack_from(">I", buf, pos)
             size = mark & 0x7FFFFFFF
             if self._frag_total + size > MAX_RECORD:
-                limited.log(log, logging.WARNING, "closing %s: record of %d+ bytes exceeds %d",
-                            self.address[0], size, MAX_RECORD)  # fmt: skip
+                limited.log(
+                    log,
+                    logging.WARNING,
+                    "closing %s: record of %d+ bytes exceeds %d",
+                    self.address[0],
+                    size,
+                    MAX_RECORD,
+                )
                 self.transport.close()
                 self._buf = bytearray()
                 return
@@ -529,8 +547,14 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             return
         reply = b"".join(parts)
         if len(reply) > self.limits.udp_max_reply:
-            limited.log(log, logging.WARNING, "UDP reply of %d bytes to %s exceeds %d: answered SYSTEM_ERR",
-                        len(reply), addr[0], self.limits.udp_max_reply)  # fmt: skip
+            limited.log(
+                log,
+                logging.WARNING,
+                "UDP reply of %d bytes to %s exceeds %d: answered SYSTEM_ERR",
+                len(reply),
+                addr[0],
+                self.limits.udp_max_reply,
+            )
             reply = b"".join(accepted(int.from_bytes(reply[:4], "big"), SYSTEM_ERR))
         self.transport.sendto(reply, addr)
 

@@ -105,8 +105,12 @@ class TreeSearch:
                 self.entries += len(found)
             log.debug("handle search for object %d walked %d entries in %.3f s", wanted, len(found), end - start)
             if not complete:
-                limited.log(log, logging.WARNING, "handle search stopped after %d entries (max_entries): objects "
-                            "beyond them answer STALE", self.limits.max_entries)  # fmt: skip
+                limited.log(
+                    log,
+                    logging.WARNING,
+                    "handle search stopped after %d entries (max_entries): objects beyond them answer STALE",
+                    self.limits.max_entries,
+                )
         finally:
             self._walking.release()
 

@@ -18,8 +18,9 @@ EXPORT = "/bootback"
 
 
 def bootback(*args: str | Path, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "appliance", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "appliance", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     if ok and p.returncode != 0:
         raise AssertionError(f"bootback {args} failed ({p.returncode}): {p.stderr}")
     return p
@@ -36,8 +37,15 @@ def tree_hash(root: Path) -> str:
 
 
 class DaemonProcess:
-    def __init__(self, repo: Path, state: Path, *args: str, web_port: int | None = None,
-                 env: dict[str, str] | None = None, repo_flag: str = "--repo") -> None:  # fmt: skip
+    def __init__(
+        self,
+        repo: Path,
+        state: Path,
+        *args: str,
+        web_port: int | None = None,
+        env: dict[str, str] | None = None,
+        repo_flag: str = "--repo",
+    ) -> None:
         self.repo, self.state, self.args, self.repo_flag = Path(repo), Path(state), list(args), repo_flag
         self.web_port, self.env = web_port, env or {}
         self.proc: subprocess.Popen | None = None
@@ -48,12 +56,27 @@ class DaemonProcess:
         self.state.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")  # noqa: SIM115
         offset = self.log_path.stat().st_size
-        cmd = [sys.executable, "-m", "appliance", "serve", self.repo_flag, str(self.repo), "--state", str(self.state),
-               "--export", EXPORT, "--min-free", "1M", "--migration-dir", str(self.state.parent),
-               *self.args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "appliance",
+            "serve",
+            self.repo_flag,
+            str(self.repo),
+            "--state",
+            str(self.state),
+            "--export",
+            EXPORT,
+            "--min-free",
+            "1M",
+            "--migration-dir",
+            str(self.state.parent),
+            *self.args,
+        ]
         cmd += ["--control-port", str(self.web_port)] if self.web_port else ["--no-web"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[offset:]
@@ -94,6 +117,18 @@ def free_port() -> int:
 def web_appliance(repo: Path, state: Path, password: str) -> tuple[DaemonProcess, str]:
     """A daemon on loopback with private NFS ports and the web app on a free port; returns it and its URL."""
     port = free_port()
-    d = DaemonProcess(repo, state, "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
-                      "--portmap-port", "0", web_port=port, env={"BOOTBACK_ADMIN_PASSWORD": password})  # fmt: skip
+    d = DaemonProcess(
+        repo,
+        state,
+        "--bind",
+        "127.0.0.1",
+        "--nfs-port",
+        "0",
+        "--mount-port",
+        "0",
+        "--portmap-port",
+        "0",
+        web_port=port,
+        env={"BOOTBACK_ADMIN_PASSWORD": password},
+    )
     return d.start(), f"https://127.0.0.1:{port}"

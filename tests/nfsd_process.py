@@ -27,8 +27,11 @@ class NfsdProcess:
         self._log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nfsd", str(self.directory), "--secret", str(self.secret), *self.args],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.output = Path(log.name).read_text()

@@ -14,8 +14,9 @@ def auth_sys(uid: int = 0, gid: int = 0, machine: str = "test") -> tuple[int, by
     return 1, body
 
 
-def call_bytes(xid: int, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] = (0, b""),
-               rpcvers: int = 2) -> bytes:  # fmt: skip
+def call_bytes(
+    xid: int, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] = (0, b""), rpcvers: int = 2
+) -> bytes:
     p = Packer().u32(xid).u32(0).u32(rpcvers).u32(prog).u32(vers).u32(proc)
     p.u32(cred[0]).opaque(cred[1]).u32(0).u32(0)
     return p.bytes() + args
@@ -60,8 +61,9 @@ class RpcClient:
             buf += chunk
         return buf
 
-    def call(self, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] | None = None
-             ) -> Unpacker:  # fmt: skip
+    def call(
+        self, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] | None = None
+    ) -> Unpacker:
         """Make a call; returns the reply body after an accepted SUCCESS header, else raises."""
         xid = int.from_bytes(os.urandom(4), "big")
         self.send_raw(record(call_bytes(xid, prog, vers, proc, args, cred or auth_sys())))
@@ -84,7 +86,6 @@ class RpcClient:
         if status != 0:
             raise RuntimeError(f"MNT {path}: status {status}")
         return bytes(u.opaque(64))
-
 
 
 class NfsDir:
@@ -129,8 +130,9 @@ class NfsDir:
         return bytes(out)
 
 
-def nfs_write(mount_port: int, nfs_port: int, directory: str, name: str, offset: int, data: bytes,
-              host: str = "127.0.0.1") -> None:  # fmt: skip
+def nfs_write(
+    mount_port: int, nfs_port: int, directory: str, name: str, offset: int, data: bytes, host: str = "127.0.0.1"
+) -> None:
     """One FILE_SYNC NFS WRITE into DIRECTORY/NAME (what a guest's disk write looks like on the wire)."""
     d = NfsDir(mount_port, nfs_port, directory, host)
     assert d.write(d.lookup(name), offset, data) == 0, "WRITE failed"

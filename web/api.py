@@ -61,8 +61,17 @@ def metrics() -> Response:
 @api_auth
 def exports() -> Response:
     s = daemon.call("status")
-    return jsonify([{"path": s["export"], "host": s["host"], "allowed_networks": s["allowed_networks"],
-                     "ports": s["ports"], "url": f"nfs://{s['host']}{s['export']}"}])  # fmt: skip
+    return jsonify(
+        [
+            {
+                "path": s["export"],
+                "host": s["host"],
+                "allowed_networks": s["allowed_networks"],
+                "ports": s["ports"],
+                "url": f"nfs://{s['host']}{s['export']}",
+            }
+        ]
+    )
 
 
 @bp.get("/clients")
@@ -76,9 +85,22 @@ def clients() -> Response:
 def cache() -> Response:
     s = daemon.call("status")
     sessions = daemon.call("sessions")
-    return jsonify({**s["cache"], "sessions": [{"id": x["id"], "vm": x["vm"], "mode": x["mode"],
-                    "cache_dir": x["cache_dir"], "used_bytes": x["cache_used_bytes"],
-                    "changed_bytes": x["changed_bytes"]} for x in sessions]})  # fmt: skip
+    return jsonify(
+        {
+            **s["cache"],
+            "sessions": [
+                {
+                    "id": x["id"],
+                    "vm": x["vm"],
+                    "mode": x["mode"],
+                    "cache_dir": x["cache_dir"],
+                    "used_bytes": x["cache_used_bytes"],
+                    "changed_bytes": x["changed_bytes"],
+                }
+                for x in sessions
+            ],
+        }
+    )
 
 
 # --- repositories ---------------------------------------------------------------------------------------
@@ -130,8 +152,15 @@ def publish() -> tuple[Response, int]:
     vms = body["vms"] or []
     if not body["vm"] and not vms:
         raise ApiError(400, "vm: required (or 'vms' for several)")
-    created = daemon.call("publish", vm=body["vm"], vms=vms, point=body["point"], mode=body["mode"],
-                          cache=body["cache"], repo=body["repository"])  # fmt: skip
+    created = daemon.call(
+        "publish",
+        vm=body["vm"],
+        vms=vms,
+        point=body["point"],
+        mode=body["mode"],
+        cache=body["cache"],
+        repo=body["repository"],
+    )
     return jsonify(created), 201
 
 
@@ -145,10 +174,18 @@ def verifications() -> Response:
 @bp.post("/verifications")
 @api_auth
 def verify() -> tuple[Response, int]:
-    body = json_body(replace(field.VM, required=True), field.POINT, field.REPOSITORY, field.EXPECT, field.TIMEOUT,
-                     field.MEMORY_MIB)  # fmt: skip
-    job = daemon.call("verify", vm=body["vm"], point=body["point"], repo=body["repository"], expect=body["expect"],
-                      timeout=body["timeout"], memory_mib=body["memory_mib"])  # fmt: skip
+    body = json_body(
+        replace(field.VM, required=True), field.POINT, field.REPOSITORY, field.EXPECT, field.TIMEOUT, field.MEMORY_MIB
+    )
+    job = daemon.call(
+        "verify",
+        vm=body["vm"],
+        point=body["point"],
+        repo=body["repository"],
+        expect=body["expect"],
+        timeout=body["timeout"],
+        memory_mib=body["memory_mib"],
+    )
     return jsonify(job), 202
 
 

@@ -65,8 +65,13 @@ def _browser(repo_name: str, point: str, disk: str | None) -> tuple[FileBrowser,
 def listing(repo_name: str, point: str, disk: str | None, path: str) -> dict:
     browser, ref, disk_name = _browser(repo_name, point, disk)
     with daemon.domain_errors():
-        doc = {"repository": repo_name, "point": ref, "disk": disk_name, "path": path,
-               "entries": [e.to_json() for e in browser.listdir(path)]}  # fmt: skip
+        doc = {
+            "repository": repo_name,
+            "point": ref,
+            "disk": disk_name,
+            "path": path,
+            "entries": [e.to_json() for e in browser.listdir(path)],
+        }
         if FileBrowser.split(path)[0] is None:
             doc["volumes"] = [v.to_json() for v in browser.volumes()]
     return doc

@@ -9,8 +9,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-WARNING = ("NFS is open to every address ({networks}): anyone who can reach this appliance can mount the "
-           "datastore and read or change published VMs. Restrict it with --clients / BOOTBACK_CLIENTS.")  # fmt: skip
+WARNING = (
+    "NFS is open to every address ({networks}): anyone who can reach this appliance can mount the "
+    "datastore and read or change published VMs. Restrict it with --clients / BOOTBACK_CLIENTS."
+)
 
 
 def nfs_open_to_everyone(status: dict[str, Any]) -> bool | None:

@@ -51,20 +51,41 @@ def _gunicorn_has(setting: str) -> bool:
     return any(s.name == setting for s in KNOWN_SETTINGS)
 
 
-def start_web(state_dir: Path, bind: str, port: int, advertise: str | None = None,
-              timeout: float = 30.0) -> subprocess.Popen:  # fmt: skip
+def start_web(
+    state_dir: Path, bind: str, port: int, advertise: str | None = None, timeout: float = 30.0
+) -> subprocess.Popen:
     cert, key = prepare(state_dir, advertise)
     host = f"[{bind}]" if ":" in bind else bind
     cmd = [
-        sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}",
-        "--certfile", str(cert), "--keyfile", str(key),
-        "--workers", "2", "--threads", "4", "--timeout", "120", "--graceful-timeout", "5",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{host}:{port}",
+        "--certfile",
+        str(cert),
+        "--keyfile",
+        str(key),
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "5",
         # Scripts poll jobs every few seconds on one connection; gunicorn's 2 s default closes it just as the
         # next request goes out (RemoteDisconnected). 75 s is what nginx and browsers live with.
-        "--keep-alive", "75",
-        "--access-logfile", "-", "--access-logformat", 'web %(h)s "%(r)s" %(s)s %(b)s pid=%(p)s',
-        "--name", "bootback-web", "web.wsgi:app",
-    ]  # fmt: skip
+        "--keep-alive",
+        "75",
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        'web %(h)s "%(r)s" %(s)s %(b)s pid=%(p)s',
+        "--name",
+        "bootback-web",
+        "web.wsgi:app",
+    ]
     if _gunicorn_has("control_socket_disable"):
         cmd[-1:-1] = ["--no-control-socket"]  # gunicorn >= 25 opens ~/.gunicorn/gunicorn.ctl otherwise
     env = {**os.environ, "BOOTBACK_STATE": str(state_dir)}
@@ -73,8 +94,10 @@ def start_web(state_dir: Path, bind: str, port: int, advertise: str | None = Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ConfigError(f"the web app did not start on port {port} (exit {proc.returncode}); "
-                              "is the port taken? see the log above")  # fmt: skip
+            raise ConfigError(
+                f"the web app did not start on port {port} (exit {proc.returncode}); "
+                "is the port taken? see the log above"
+            )
         try:
             _probe(probe, port)
             log.info("admin page at https://%s:%d/", probe if bind in ("0.0.0.0", "::") else bind, port)

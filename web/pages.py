@@ -64,8 +64,9 @@ def login() -> Any:
     wait = throttle.admit(request.remote_addr)
     if wait > 0:
         seconds = math.ceil(wait)
-        page = render_template("login.html", error=f"Too many failed logins from your address; try again in "
-                                                   f"{seconds} s.")  # fmt: skip
+        page = render_template(
+            "login.html", error=f"Too many failed logins from your address; try again in {seconds} s."
+        )
         return page, 429, {"Retry-After": str(seconds)}
     if not credentials().check_password(user, password):
         return render_template("login.html", error="Wrong user name or password."), 401
@@ -88,8 +89,11 @@ def index() -> Any:
     try:
         ctx["status"] = daemon.status()
         ctx["repositories"] = daemon.call("repositories")
-        ctx["points"] = {r["name"]: list(reversed(daemon.call("points", repo=r["name"])))
-                         for r in ctx["repositories"] if not r.get("error")}  # fmt: skip
+        ctx["points"] = {
+            r["name"]: list(reversed(daemon.call("points", repo=r["name"])))
+            for r in ctx["repositories"]
+            if not r.get("error")
+        }
         ctx["sessions"] = daemon.call("sessions")
         ctx["verifications"] = daemon.call("verifications")[:20]
     except ApiError as exc:
@@ -102,8 +106,9 @@ def index() -> Any:
 @login_required
 def publish() -> Response:
     def start() -> str:
-        f = form_fields(replace(field.VM, required=True), field.POINT, replace(field.MODE, required=True),
-                        field.REPOSITORY)  # fmt: skip
+        f = form_fields(
+            replace(field.VM, required=True), field.POINT, replace(field.MODE, required=True), field.REPOSITORY
+        )
         (doc,) = daemon.call("publish", vm=f["vm"], point=f["point"], mode=f["mode"], repo=f["repository"])
         return f"{f['mode'].capitalize()} session {doc['id']} started: {doc['vm']} is at {doc['nfs_url']}"
 

@@ -110,8 +110,11 @@ def api_auth(view: Callable) -> Callable:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         who = _authenticate()
         if who is None:
-            return _json_error(401, "authentication required: send 'Authorization: Bearer <token>' "
-                                    "(create one with 'bootback token create NAME') or log in")  # fmt: skip
+            return _json_error(
+                401,
+                "authentication required: send 'Authorization: Bearer <token>' "
+                "(create one with 'bootback token create NAME') or log in",
+            )
         g.who = who
         return view(*args, **kwargs)
 

@@ -72,8 +72,14 @@ class LoginThrottle:
         p, key = self.policy, client_key(addr)
         now = time.time() if now is None else now
         with transaction(self.state) as db:
-            rows = dict(((k, (c, t)) for k, c, t in db.execute(
-                "SELECT key, count, last FROM attempts WHERE key IN (?, ?)", (key, EVERYONE))))  # fmt: skip
+            rows = dict(
+                (
+                    (k, (c, t))
+                    for k, c, t in db.execute(
+                        "SELECT key, count, last FROM attempts WHERE key IN (?, ?)", (key, EVERYONE)
+                    )
+                )
+            )
             count, last = rows.get(key, (0, 0.0))
             count = 0 if now - last > p.window else count
             wait = last + self._delay(count) - now
@@ -107,5 +113,8 @@ class LoginThrottle:
     def _forget_old(self, db, now: float) -> None:  # noqa: ANN001
         p = self.policy
         db.execute("DELETE FROM attempts WHERE last < ? AND key != ?", (now - p.window, EVERYONE))
-        db.execute("DELETE FROM attempts WHERE key != ? AND key NOT IN (SELECT key FROM attempts WHERE key != ? "
-                   "ORDER BY last DESC LIMIT ?)", (EVERYONE, EVERYONE, p.max_tracked))  # fmt: skip
+        db.execute(
+            "DELETE FROM attempts WHERE key != ? AND key NOT IN (SELECT key FROM attempts WHERE key != ? "
+            "ORDER BY last DESC LIMIT ?)",
+            (EVERYONE, EVERYONE, p.max_tracked),
+        )

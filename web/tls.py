@@ -43,10 +43,12 @@ def _self_signed(cert_path: Path, key_path: Path, extra_names: list[str]) -> Non
             alt.append(x509.DNSName(n))
     alt += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, host),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bootback appliance (self-signed)"),
-    ])  # fmt: skip
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, host),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bootback appliance (self-signed)"),
+        ]
+    )
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -60,6 +62,9 @@ def _self_signed(cert_path: Path, key_path: Path, extra_names: list[str]) -> Non
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()), FILE_MODE)  # fmt: skip
+    write_atomic(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        FILE_MODE,
+    )
     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), FILE_MODE)

@@ -133,10 +133,26 @@ def query_flag(name: str) -> bool:
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
-    return " or ".join({str: "a string", bool: "true/false", int: "an integer", list: "a list",
-                        dict: "an object", float: "a number"}.get(k, k.__name__) for k in kinds)  # fmt: skip
+    return " or ".join(
+        {
+            str: "a string",
+            bool: "true/false",
+            int: "an integer",
+            list: "a list",
+            dict: "an object",
+            float: "a number",
+        }.get(k, k.__name__)
+        for k in kinds
+    )
 
 
 def _json_type(value: Any) -> str:
-    return {bool: "true/false", str: "a string", int: "a number", float: "a number", list: "a list",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)  # fmt: skip
+    return {
+        bool: "true/false",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)

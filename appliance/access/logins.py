@@ -25,16 +25,20 @@ def start(state_dir: Path | str, user: str) -> str:
     with transaction(state_dir) as db:
         db.execute("DELETE FROM logins WHERE expires <= ?", (now,))
         db.execute("INSERT INTO logins VALUES (?, ?, ?, ?)", (_digest(sid), user, now, now + LIFETIME))
-        db.execute("DELETE FROM logins WHERE user = ? AND digest NOT IN (SELECT digest FROM logins WHERE user = ? "
-                   "ORDER BY created DESC LIMIT ?)", (user, user, MAX_PER_USER))  # fmt: skip
+        db.execute(
+            "DELETE FROM logins WHERE user = ? AND digest NOT IN (SELECT digest FROM logins WHERE user = ? "
+            "ORDER BY created DESC LIMIT ?)",
+            (user, user, MAX_PER_USER),
+        )
     return sid
 
 
 def check(state_dir: Path | str, sid: str) -> str | None:
     """The user the session id belongs to, or None when it was ended, expired or never existed."""
     with transaction(state_dir, write=False) as db:
-        row = db.execute("SELECT user FROM logins WHERE digest = ? AND expires > ?",
-                         (_digest(sid), time.time())).fetchone()  # fmt: skip
+        row = db.execute(
+            "SELECT user FROM logins WHERE digest = ? AND expires > ?", (_digest(sid), time.time())
+        ).fetchone()
     return row[0] if row else None
 
 

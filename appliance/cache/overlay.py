@@ -42,9 +42,16 @@ ReadBackingNowait = Callable[[int, int], "bytes | None"]  # the same, or None wh
 class WriteCache:
     """A copy-on-write overlay over a read-only disk; thread-safe."""
 
-    def __init__(self, directory: Path, name: str, backing: ReadBacking, backing_size: int,
-                 block_size: int = DEFAULT_BLOCK, backing_nowait: ReadBackingNowait | None = None,
-                 max_size: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        backing: ReadBacking,
+        backing_size: int,
+        block_size: int = DEFAULT_BLOCK,
+        backing_nowait: ReadBackingNowait | None = None,
+        max_size: int | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.name = name
         self._backing = backing
@@ -95,11 +102,14 @@ class WriteCache:
         if version > MAP_VERSION:
             raise IntegrityError(f"write cache map {self.map_path} has newer version {version}")
         if block < 512 or block & (block - 1) or block > 1 << 24:
-            raise IntegrityError(f"write cache map {self.map_path}: block size {block} is not a power of two "
-                                 "between 512 and 16 MiB")  # fmt: skip
+            raise IntegrityError(
+                f"write cache map {self.map_path}: block size {block} is not a power of two between 512 and 16 MiB"
+            )
         if size > self.max_size:
-            raise IntegrityError(f"write cache map {self.map_path}: disk size {size} is beyond this disk's bound "
-                                 f"of {self.max_size} bytes")  # fmt: skip
+            raise IntegrityError(
+                f"write cache map {self.map_path}: disk size {size} is beyond this disk's bound "
+                f"of {self.max_size} bytes"
+            )
         self.block, self.size, self.backing_limit = block, size, limit
         self._bits = bytearray(raw[HEADER_SIZE:].ljust(self._map_bytes(size), b"\0"))
 
@@ -260,8 +270,10 @@ class WriteCache:
 
     def _check_size(self, new_size: int) -> None:
         if new_size > self.max_size:
-            raise DiskTooLargeError(f"disk {self.name}: size {new_size} is beyond its bound of {self.max_size} "
-                                    f"bytes ({MAX_GROWTH}x its published size)")  # fmt: skip
+            raise DiskTooLargeError(
+                f"disk {self.name}: size {new_size} is beyond its bound of {self.max_size} "
+                f"bytes ({MAX_GROWTH}x its published size)"
+            )
 
     def _grow(self, new_size: int) -> None:
         self._check_size(new_size)

@@ -55,6 +55,8 @@ def cmd_password(args: argparse.Namespace) -> int:
     else:
         pw = sys.stdin.readline().rstrip("\n")
     _creds(args).set_password(args.user, pw)
-    print(f"password of {args.user!r} changed; every login of {args.user!r} has ended (log in again with it)",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"password of {args.user!r} changed; every login of {args.user!r} has ended (log in again with it)",
+        file=sys.stderr,
+    )
     return 0

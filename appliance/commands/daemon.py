@@ -23,8 +23,9 @@ from nfsd.limits import parse_limits
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", type=Path, default=None, help="state directory (default $BOOTBACK_STATE, "
-                   "/var/lib/bootback as root)")  # fmt: skip
+    p.add_argument(
+        "--state", type=Path, default=None, help="state directory (default $BOOTBACK_STATE, /var/lib/bootback as root)"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,13 +38,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="serve every repository found in this directory (the container's /repositories)",
     )
-    p.add_argument("--cache-dir", type=Path, action="append", default=[],
-                   help="where write caches go (default STATE/cache); repeat it to let a publish name other "
-                        "directories with --cache: the first is the default, caches go nowhere else")  # fmt: skip
-    p.add_argument("--migration-dir", type=Path, action="append", default=None,
-                   help="a directory migrations may write into (repeatable; $BOOTBACK_MIGRATION_DIRS, colon-"
-                        "separated); outputs anywhere else are refused. Default: STATE/migrations, and "
-                        "/migrations when it exists (the container's volume)")  # fmt: skip
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="where write caches go (default STATE/cache); repeat it to let a publish name other "
+        "directories with --cache: the first is the default, caches go nowhere else",
+    )
+    p.add_argument(
+        "--migration-dir",
+        type=Path,
+        action="append",
+        default=None,
+        help="a directory migrations may write into (repeatable; $BOOTBACK_MIGRATION_DIRS, colon-"
+        "separated); outputs anywhere else are refused. Default: STATE/migrations, and "
+        "/migrations when it exists (the container's volume)",
+    )
     _state_arg(p)
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--nfs-port", type=int, default=2049)
@@ -65,9 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=os.environ.get("BOOTBACK_MIN_FREE", "100G"),
         help="refuse new sessions below this free cache space ($BOOTBACK_MIN_FREE)",
     )
-    p.add_argument("--read-cache", default=os.environ.get("BOOTBACK_READ_CACHE", "20G"),
-                   help="local space for decompressed chunks of published disks, at most half the free space; "
-                        "0 turns it off ($BOOTBACK_READ_CACHE)")  # fmt: skip
+    p.add_argument(
+        "--read-cache",
+        default=os.environ.get("BOOTBACK_READ_CACHE", "20G"),
+        help="local space for decompressed chunks of published disks, at most half the free space; "
+        "0 turns it off ($BOOTBACK_READ_CACHE)",
+    )
     p.add_argument(
         "--advertise",
         default=os.environ.get("BOOTBACK_ADVERTISE"),
@@ -138,13 +152,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("verify-boot", help="verify a backup: boot it as a sandbox, in isolation, and check it runs")
     p.add_argument("vms", nargs="*", metavar="VM[@POINT]", help="one or more VMs (latest point unless named)")
-    p.add_argument("--all", action="store_true", help="every VM's latest restore point, one after the other "
-                   "(a nightly job); exit 70 when any does not verify")  # fmt: skip
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every VM's latest restore point, one after the other (a nightly job); exit 70 when any does not verify",
+    )
     p.add_argument("--expect", help="a regular expression the guest's serial console must print")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the guest (default 300)")
     p.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
-    p.add_argument("--console-log", type=Path, help="keep the guest's console output in this file "
-                   "(a directory, VM.console in it, when several VMs are verified)")  # fmt: skip
+    p.add_argument(
+        "--console-log",
+        type=Path,
+        help="keep the guest's console output in this file "
+        "(a directory, VM.console in it, when several VMs are verified)",
+    )
     _state_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify_boot)
@@ -189,18 +210,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     config = DaemonConfig(
-        repos=list(args.repo), repo_dirs=list(args.repo_dir),
-        cache_dir=args.cache_dir[0] if args.cache_dir else None, cache_dirs=list(args.cache_dir[1:]),
-        migration_dirs=migration_dirs, max_sessions=args.max_sessions, max_publish=args.max_publish,
-        max_verifications=args.max_verifications, verify_max_memory_mib=args.verify_max_memory,
-        state_dir=args.state or default_state_dir(), bind=args.bind,
-        nfs_port=args.nfs_port, mount_port=args.mount_port, portmap_port=args.portmap_port or None,
+        repos=list(args.repo),
+        repo_dirs=list(args.repo_dir),
+        cache_dir=args.cache_dir[0] if args.cache_dir else None,
+        cache_dirs=list(args.cache_dir[1:]),
+        migration_dirs=migration_dirs,
+        max_sessions=args.max_sessions,
+        max_publish=args.max_publish,
+        max_verifications=args.max_verifications,
+        verify_max_memory_mib=args.verify_max_memory,
+        state_dir=args.state or default_state_dir(),
+        bind=args.bind,
+        nfs_port=args.nfs_port,
+        mount_port=args.mount_port,
+        portmap_port=args.portmap_port or None,
         control_port=args.control_port,
         export_path=args.export or default_export_name(),
         clients=[c.strip() for c in args.clients.split(",") if c.strip()],
-        min_free_bytes=parse_size(args.min_free), read_cache_bytes=parse_size(args.read_cache),
-        advertise=args.advertise, web=web, nfs_limits=nfs_limits, fixed_ports=args.fixed_ports,
-    )  # fmt: skip
+        min_free_bytes=parse_size(args.min_free),
+        read_cache_bytes=parse_size(args.read_cache),
+        advertise=args.advertise,
+        web=web,
+        nfs_limits=nfs_limits,
+        fixed_ports=args.fixed_ports,
+    )
     daemon = Daemon(config, start_web=start_web_app if web else None)
     asyncio.run(daemon.run())
     return 0
@@ -238,8 +271,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print("no sessions")
     for d in docs:
         mig = f", migrated to {d['migrated_to']}" if d.get("migrated_to") else ""
-        print(f"{d['id']}  {d['mode']:<8} {d['vm']}@{d['point']}  {d['path']}  "
-              f"cache {d['cache_used_bytes'] / 1e6:.1f} MB{mig}")  # fmt: skip
+        print(
+            f"{d['id']}  {d['mode']:<8} {d['vm']}@{d['point']}  {d['path']}  "
+            f"cache {d['cache_used_bytes'] / 1e6:.1f} MB{mig}"
+        )
     return 0
 
 
@@ -263,8 +298,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if status.get("error"):
         print(f"bootback: error: migration failed: {status['error']}", file=sys.stderr)
         return 30 if "space" in status["error"] else 40
-    _print(args, status, f"migrated session {args.session} to {output} ({status['total_bytes']} bytes, "
-           f"{status['passes']} passes)" if not status["running"] else f"migrating to {output}")  # fmt: skip
+    _print(
+        args,
+        status,
+        f"migrated session {args.session} to {output} ({status['total_bytes']} bytes, {status['passes']} passes)"
+        if not status["running"]
+        else f"migrating to {output}",
+    )
     return 0
 
 
@@ -316,13 +356,23 @@ def cmd_verify_boot(args: argparse.Namespace) -> int:
         log_path = args.console_log
         if several and args.console_log:
             log_path = args.console_log / f"{vm.replace('@', '_')}.console"
-        report = verify_boot(client, vm, timeout=args.timeout, expect=args.expect, console_log=log_path,
-                             memory_mib=args.memory, repo=repo)  # fmt: skip
+        report = verify_boot(
+            client,
+            vm,
+            timeout=args.timeout,
+            expect=args.expect,
+            console_log=log_path,
+            memory_mib=args.memory,
+            repo=repo,
+        )
         reports.append(report)
         if not args.json:
             state = "verified" if report["verified"] else "NOT verified"
-            print(f"{report['vm']}@{report['point']}: {state} in {report['seconds']} s (first console line after "
-                  f"{report['first_console_line_seconds']} s)", flush=True)  # fmt: skip
+            print(
+                f"{report['vm']}@{report['point']}: {state} in {report['seconds']} s (first console line after "
+                f"{report['first_console_line_seconds']} s)",
+                flush=True,
+            )
     if args.json:
         print(json.dumps(reports if several else reports[0], indent=2))
     failed = [r for r in reports if not r["verified"]]

@@ -20,12 +20,20 @@ from appliance.config import DaemonConfig
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="start bootback with an embedded demo repository, NFS and the admin page")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("BOOTBACK_DEMO_DIR", "demo-data")),
-                   help="where the demo repository and state live (default ./demo-data)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("BOOTBACK_DEMO_DIR", "demo-data")),
+        help="where the demo repository and state live (default ./demo-data)",
+    )
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--control-port", type=int, default=6161)
-    p.add_argument("--portmap-port", type=int, default=111 if os.geteuid() == 0 else 0,
-                   help="0: no portmapper (the default without root, which cannot bind 111)")  # fmt: skip
+    p.add_argument(
+        "--portmap-port",
+        type=int,
+        default=111 if os.geteuid() == 0 else 0,
+        help="0: no portmapper (the default without root, which cannot bind 111)",
+    )
     p.add_argument("--nfs-port", type=int, default=2049)
     p.add_argument("--mount-port", type=int, default=1058)
     p.add_argument("--no-web", action="store_true")
@@ -74,10 +82,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     password = _demo_password(Path(args.data).resolve())
     os.environ["BOOTBACK_ADMIN_PASSWORD"] = password
     config = DaemonConfig(
-        repos=[demo.repo], state_dir=demo.state, bind=args.bind, nfs_port=args.nfs_port, mount_port=args.mount_port,
-        portmap_port=args.portmap_port or None, control_port=args.control_port, export_path="/bootback-demo",
-        min_free_bytes=1 << 30, web=web,
-    )  # fmt: skip
+        repos=[demo.repo],
+        state_dir=demo.state,
+        bind=args.bind,
+        nfs_port=args.nfs_port,
+        mount_port=args.mount_port,
+        portmap_port=args.portmap_port or None,
+        control_port=args.control_port,
+        export_path="/bootback-demo",
+        min_free_bytes=1 << 30,
+        web=web,
+    )
     daemon = Daemon(config, start_web=start_web_app if web else None)
 
     async def run() -> None:
@@ -90,14 +105,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "",
             "bootback demo is running (Ctrl-C stops it; instant sessions come back next time)",
             f"  admin page : https://{host}:{config.control_port}/   user admin, password {password}"
-            if web else "  admin page : off (--no-web)",
+            if web
+            else "  admin page : off (--no-web)",
             f"  NFS export : {host}:{config.export_path}  (NFS {ports.nfs}, MOUNT {ports.mount}, portmapper "
             f"{ports.portmap or 'off'})",
             f"  try        : {me} publish {VM} --mode sandbox --state {state}",
             f"               nfs-ls 'nfs://{host}{config.export_path}/{direct}'",
             f"               {me} files {repo} {VM} /p1   # files inside the backup (or Browse files)",
             "",
-        ]  # fmt: skip
+        ]
         print("\n".join(lines), flush=True)
         await daemon.run_until_stopped()
 

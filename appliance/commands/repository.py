@@ -145,8 +145,11 @@ def cmd_points(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     listing = repo.list_points(args.vm)
     if listing.damaged:
-        print(f"bootback: {len(listing.damaged)} restore point file(s) DAMAGED in {repo.path}: they cannot be "
-              "published or restored; run 'bootback verify' for details", file=sys.stderr)  # fmt: skip
+        print(
+            f"bootback: {len(listing.damaged)} restore point file(s) DAMAGED in {repo.path}: they cannot be "
+            "published or restored; run 'bootback verify' for details",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(listing.as_json(), indent=2))
         return 0

@@ -88,10 +88,18 @@ class SessionFolder(Layer):
             return self.files.getattr(obj)
         size = ext.cache.size
         return Attr(
-            type=FileType.REG, mode=0o600, nlink=1, uid=0, gid=0, size=size,
+            type=FileType.REG,
+            mode=0o600,
+            nlink=1,
+            uid=0,
+            gid=0,
+            size=size,
             used=min(size, ext.cache.usage_bytes()) if size else 0,
-            fileid=obj.fileid, atime_ns=ext.mtime_ns, mtime_ns=ext.mtime_ns, ctime_ns=ext.ctime_ns,
-        )  # fmt: skip
+            fileid=obj.fileid,
+            atime_ns=ext.mtime_ns,
+            mtime_ns=ext.mtime_ns,
+            ctime_ns=ext.ctime_ns,
+        )
 
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
         ext = self._extent(obj)

@@ -89,9 +89,10 @@ def _tools() -> dict[str, str]:
         need["initrd"] = kernels[-1].replace("vmlinuz", "initrd.img")
     if missing:
         raise DemoBuildError(
-            "cannot build the demo VM disk, missing: " + ", ".join(missing)
+            "cannot build the demo VM disk, missing: "
+            + ", ".join(missing)
             + " (install busybox-static syslinux extlinux e2fsprogs fdisk linux-image-amd64)"
-        )  # fmt: skip
+        )
     if os.geteuid() != 0:
         raise DemoBuildError("building the demo VM disk needs root (extlinux is installed through a loop device)")
     return need
@@ -134,8 +135,23 @@ def build_boot_disk(cache_dir: Path, size_mib: int = 96) -> BootDisk:
         run = _runner()
         run([tools["sfdisk"], "--quiet", str(img)], input=f"start={PART_OFFSET // 512}, type=83, bootable\n")
         blocks = (size - PART_OFFSET) // 1024
-        run([tools["mkfs.ext3"], "-q", "-F", "-L", LABEL, "-b", "1024", "-d", str(root), "-E",
-             f"offset={PART_OFFSET}", str(img), str(blocks)])  # fmt: skip
+        run(
+            [
+                tools["mkfs.ext3"],
+                "-q",
+                "-F",
+                "-L",
+                LABEL,
+                "-b",
+                "1024",
+                "-d",
+                str(root),
+                "-E",
+                f"offset={PART_OFFSET}",
+                str(img),
+                str(blocks),
+            ]
+        )
         with open(tools["mbr"], "rb") as f:
             mbr = f.read(440)
         with open(img, "r+b") as f:

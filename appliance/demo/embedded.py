@@ -77,8 +77,9 @@ def _make_disk(disk: Path, build_cache: Path) -> bool:
             f.truncate(64 << 20)
         mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
         if os.path.exists(mkfs):
-            subprocess.run([mkfs, "-q", "-F", "-L", "demo", "-d", str(root), str(disk)], check=True,
-                           capture_output=True)  # fmt: skip
+            subprocess.run(
+                [mkfs, "-q", "-F", "-L", "demo", "-d", str(root), str(disk)], check=True, capture_output=True
+            )
         else:  # no e2fsprogs: still a disk with data and holes
             with open(disk, "r+b") as f:
                 f.write((root / "data.bin").read_bytes())

@@ -29,9 +29,14 @@ class BootResult:
         return MARKER_LINE in self.console
 
 
-def boot(drive: str | list[str], timeout: float = 240, console_log: Path | None = None,
-         memory_mib: int = 512, stop_when: re.Pattern[str] | None = None,
-         max_console_bytes: int | None = None) -> BootResult:  # fmt: skip
+def boot(
+    drive: str | list[str],
+    timeout: float = 240,
+    console_log: Path | None = None,
+    memory_mib: int = 512,
+    stop_when: re.Pattern[str] | None = None,
+    max_console_bytes: int | None = None,
+) -> BootResult:
     """Boot ``drive`` (raw; several: the first boots) until the guest powers off or ``timeout`` passes.
     The guest has no network: a recovered VM must not meet production. With ``stop_when``, the guest is
     stopped as soon as its console matches (a verification has seen what it needed). With
@@ -40,9 +45,23 @@ def boot(drive: str | list[str], timeout: float = 240, console_log: Path | None 
     log = Path(console_log) if console_log else Path(tempfile.mkstemp(suffix=".console")[1])
     log.write_text("")
     cmd = [
-        "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-display", "none",
-        "-no-reboot", "-monitor", "none", "-serial", f"file:{log}", "-nic", "none",
-    ]  # fmt: skip
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-m",
+        str(memory_mib),
+        "-smp",
+        "1",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-monitor",
+        "none",
+        "-serial",
+        f"file:{log}",
+        "-nic",
+        "none",
+    ]
     for d in drives:
         cmd += ["-drive", f"file={d},format=raw,if=virtio,cache=none"]
     start = time.monotonic()

@@ -29,8 +29,13 @@ class Volume:
     filesystem: str | None  # ext, xfs, ntfs, fat, or None when none is recognised
 
     def to_json(self) -> dict:
-        return {"id": self.id, "offset": self.offset, "size": self.size, "description": self.description,
-                "filesystem": self.filesystem}  # fmt: skip
+        return {
+            "id": self.id,
+            "offset": self.offset,
+            "size": self.size,
+            "description": self.description,
+            "filesystem": self.filesystem,
+        }
 
 
 def _describe(partition) -> str:  # noqa: ANN001 - a dissect Partition
@@ -103,8 +108,9 @@ class FileBrowser:
         except BootbackError:
             raise
         except Exception as exc:  # noqa: BLE001 - damaged or multi-disk LVM metadata
-            return [Volume(f"{pv.id}-lvm", pv.offset, pv.size, f"LVM2 physical volume that cannot be read: {exc}",
-                           None)]  # fmt: skip
+            return [
+                Volume(f"{pv.id}-lvm", pv.offset, pv.size, f"LVM2 physical volume that cannot be read: {exc}", None)
+            ]
         out = []
         for lv in lvs:
             vid = f"{vg.name}-{lv.name}"
@@ -130,8 +136,10 @@ class FileBrowser:
         if volume_id not in self._filesystems:
             vol = self.volume(volume_id)
             if vol.filesystem is None:
-                raise FileRecoveryError(f"volume {volume_id} ({vol.description}) holds no filesystem bootback can "
-                                        "read (ext2/3/4, XFS, NTFS, FAT)")  # fmt: skip
+                raise FileRecoveryError(
+                    f"volume {volume_id} ({vol.description}) holds no filesystem bootback can "
+                    "read (ext2/3/4, XFS, NTFS, FAT)"
+                )
             fs = open_filesystem(self._stream(vol))
             fs.prefix = f"/{volume_id}"
             self._filesystems[volume_id] = fs

@@ -24,8 +24,12 @@ class Entry:
     mtime: datetime | None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "type": self.kind, "size": self.size,
-                "mtime": self.mtime.isoformat() if self.mtime else None}  # fmt: skip
+        return {
+            "name": self.name,
+            "type": self.kind,
+            "size": self.size,
+            "mtime": self.mtime.isoformat() if self.mtime else None,
+        }
 
 
 class FileSystem(Protocol):

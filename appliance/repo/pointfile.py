@@ -64,8 +64,13 @@ def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
         if objects.version_of(f.read(5), name) == objects.OBJECT_VERSION:
             f.seek(0)
             blob = f.read(_V1_MAX_BYTES + objects.HEADER_SIZE + 1)
-            return check_point(parse_v1(objects.unpack(objects.POINT_MAGIC, blob, name, dctx, _V1_MAX_BYTES), name),
-                               chunk_size, vm, point_id, name)  # fmt: skip
+            return check_point(
+                parse_v1(objects.unpack(objects.POINT_MAGIC, blob, name, dctx, _V1_MAX_BYTES), name),
+                chunk_size,
+                vm,
+                point_id,
+                name,
+            )
         f.seek(0)
         summary = objects.read_sealed(f, objects.POINT_MAGIC, f"{name} (summary)", MAX_SUMMARY_BYTES, dctx)
         point, ref = parse_summary(summary, name)

@@ -76,8 +76,9 @@ class PointListing:
     def as_json(self) -> list[dict]:
         """The listing's JSON: each point's summary with ``"damaged": false``, each damaged file as
         ``{"vm", "id", "damaged": true, "error"}``."""
-        return [p.summary() if isinstance(p, DamagedPoint) else {**p.summary(), "damaged": False}
-                for p in self.entries()]  # fmt: skip
+        return [
+            p.summary() if isinstance(p, DamagedPoint) else {**p.summary(), "damaged": False} for p in self.entries()
+        ]
 
 
 MAX_CONFIG_BYTES = 64 << 10  # config.json is a few hundred bytes
@@ -312,8 +313,9 @@ class Repository:
         entry = point.disk(disk)
         hydrated = None
         if read_cache is not None:
-            hydrated = read_cache.disk(f"{self.config.id[:8]}-{point.vm}-{point.id}-{entry.name}", entry.size,
-                                       entry.chunk_size)  # fmt: skip
+            hydrated = read_cache.disk(
+                f"{self.config.id[:8]}-{point.vm}-{point.id}-{entry.name}", entry.size, entry.chunk_size
+            )
             hydrated.mark_zeros(entry.chunks)
         return DiskReader(self.store, self.chunk_cache, point, entry, hydrated)
 

@@ -100,8 +100,9 @@ class ConfinedDir:
             return ConfinedDir(os.open(name, _DIR_FLAGS, dir_fd=self.fd), shown)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise PathNotAllowedError(f"{what} {str(shown)!r} is a symbolic link or not a directory; "
-                                          "links are never followed") from None  # fmt: skip
+                raise PathNotAllowedError(
+                    f"{what} {str(shown)!r} is a symbolic link or not a directory; links are never followed"
+                ) from None
             raise PathNotAllowedError(f"{what} {str(shown)!r}: {exc.strerror}") from None
 
     def is_dir(self, name: str) -> bool:

@@ -37,11 +37,19 @@ MIN_PREFIX = 4  # characters of a session id that name it, when not given whole
 
 
 class SessionManager:
-    def __init__(self, state_dir: Path, repos: dict[str, Repository], backend: DatastoreBackend,
-                 min_free_bytes: int = 100 * GiB, warn_free_fraction: float = 0.1,
-                 cache_dir: Path | None = None, read_cache: ReadCache | None = None,
-                 cache_dirs: list[Path] | None = None, migration_dirs: list[Path] | None = None,
-                 max_sessions: int = MAX_SESSIONS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        state_dir: Path,
+        repos: dict[str, Repository],
+        backend: DatastoreBackend,
+        min_free_bytes: int = 100 * GiB,
+        warn_free_fraction: float = 0.1,
+        cache_dir: Path | None = None,
+        read_cache: ReadCache | None = None,
+        cache_dirs: list[Path] | None = None,
+        migration_dirs: list[Path] | None = None,
+        max_sessions: int = MAX_SESSIONS,
+    ) -> None:
         """Write caches go under ``cache_dir`` (default STATE/cache) or, when a caller names one, under one of
         ``cache_dirs``; migration outputs only under ``migration_dirs`` (none: migration is refused)."""
         self.read_cache = read_cache
@@ -139,8 +147,13 @@ class SessionManager:
         while not probe.exists():
             probe = probe.parent
         usage = shutil.disk_usage(probe)
-        status = {"path": str(cache_dir), "total": usage.total, "free": usage.free, "min_free": self.min_free,
-                  "warning": None}  # fmt: skip
+        status = {
+            "path": str(cache_dir),
+            "total": usage.total,
+            "free": usage.free,
+            "min_free": self.min_free,
+            "warning": None,
+        }
         if usage.free < self.min_free:
             status["warning"] = "below minimum free space"
         elif usage.free < usage.total * self.warn_fraction:
@@ -165,8 +178,14 @@ class SessionManager:
         if space["warning"]:
             log.warning("cache %s: %s", base, space["warning"])
 
-    def publish(self, vm: str, point: str = "latest", mode: str = "instant", cache_dir: str | None = None,
-                repo: str | None = None) -> SessionRecord:  # fmt: skip
+    def publish(
+        self,
+        vm: str,
+        point: str = "latest",
+        mode: str = "instant",
+        cache_dir: str | None = None,
+        repo: str | None = None,
+    ) -> SessionRecord:
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         repo_key, repository = self.repo(repo)
@@ -184,9 +203,16 @@ class SessionManager:
                 base_dir.close()
             folder_name = f"{vm}-{mode}-{sid}"
             rec = SessionRecord(
-                id=sid, vm=vm, point=rp.id, repo=repo_key, mode=mode, slot=slot, folder=folder_name,
-                cache_dir=str(base / sid), created=datetime.now(UTC).isoformat(timespec="seconds"),
-            )  # fmt: skip
+                id=sid,
+                vm=vm,
+                point=rp.id,
+                repo=repo_key,
+                mode=mode,
+                slot=slot,
+                folder=folder_name,
+                cache_dir=str(base / sid),
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
             session_dir = Path(rec.cache_dir)
             files = session_dir / "files"
             files.mkdir(mode=DIR_MODE)
@@ -195,8 +221,14 @@ class SessionManager:
             _write_private(files / f"{vm}.vmx", published_vmx(vm, rp.id, rp.vmx, published, label))
             for d in published:
                 _write_private(files / d.descriptor_name, vmdk_descriptor(d))
-                rec.disks.append({"key": d.entry.name, "descriptor": d.descriptor_name, "extent": d.extent_name,
-                                  "size": d.extent_size})  # fmt: skip
+                rec.disks.append(
+                    {
+                        "key": d.entry.name,
+                        "descriptor": d.descriptor_name,
+                        "extent": d.extent_name,
+                        "size": d.extent_size,
+                    }
+                )
             rec.save(self.sessions_dir)
             try:
                 self._mount(rec)
@@ -213,8 +245,9 @@ class SessionManager:
         session_dir = Path(rec.cache_dir)
         for d in rec.disks:
             reader = repository.open_disk(rp, d["key"], read_cache=self.read_cache)
-            caches[d["extent"]] = WriteCache(session_dir / "disks", d["extent"], reader.read, d["size"],
-                                             backing_nowait=reader.read_cached)  # fmt: skip
+            caches[d["extent"]] = WriteCache(
+                session_dir / "disks", d["extent"], reader.read, d["size"], backing_nowait=reader.read_cached
+            )
         folder = SessionFolder(session_dir, caches)
         self.backend.add_folder(rec.slot, rec.folder, folder)
         self.records[rec.id] = rec
@@ -225,8 +258,9 @@ class SessionManager:
         (so an empty or one-letter id can never pick 'the only session' by accident)."""
         rec = self.records.get(sid)
         if rec is None:
-            matches = [r for r in self.records.values()
-                       if (len(sid) >= MIN_PREFIX and r.id.startswith(sid)) or r.folder == sid]  # fmt: skip
+            matches = [
+                r for r in self.records.values() if (len(sid) >= MIN_PREFIX and r.id.startswith(sid)) or r.folder == sid
+            ]
             if len(matches) != 1:
                 hint = f" (give at least {MIN_PREFIX} characters of its id)" if len(sid) < MIN_PREFIX else ""
                 raise SessionNotFoundError(f"no session {sid!r}{hint}")
@@ -295,8 +329,9 @@ class SessionManager:
             if old is not None and old.running:
                 raise SessionError(f"session {rec.id} is already being migrated")
             folder = self.folders[rec.id]
-            mig = Migration(rec, folder, output, self.migration_dirs, overwrite,
-                            on_done=lambda m: self._migrated(rec, m))  # fmt: skip
+            mig = Migration(
+                rec, folder, output, self.migration_dirs, overwrite, on_done=lambda m: self._migrated(rec, m)
+            )
             self.migrations[rec.id] = mig
             mig.start()
             return mig

@@ -36,8 +36,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Migration:
-    def __init__(self, rec: SessionRecord, folder: SessionFolder, output: str | Path, roots: Sequence[Path],
-                 overwrite: bool = False, on_done: Callable[[Migration], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rec: SessionRecord,
+        folder: SessionFolder,
+        output: str | Path,
+        roots: Sequence[Path],
+        overwrite: bool = False,
+        on_done: Callable[[Migration], None] | None = None,
+    ) -> None:
         """Checks and opens the output now, under the configured ``roots`` (confine.py), so a refused output
         is the caller's error at once; copying starts with ``start``."""
         self.rec = rec
@@ -86,11 +93,15 @@ class Migration:
 
     def status(self) -> dict:
         return {
-            "output": str(self.output), "total_bytes": self.total, "copied_bytes": self.copied,
+            "output": str(self.output),
+            "total_bytes": self.total,
+            "copied_bytes": self.copied,
             "percent": round(100 * self.copied / self.total, 1) if self.total else 100.0,
-            "passes": self.passes, "running": self.running, "error": self.error,
+            "passes": self.passes,
+            "running": self.running,
+            "error": self.error,
             "seconds": round((self.finished or time.time()) - self.started, 1),
-        }  # fmt: skip
+        }
 
     def _run(self) -> None:
         current: NewFile | None = self._file

@@ -52,8 +52,7 @@ def _disk_with_files(base: Path) -> Path:
     with open(disk, "wb") as f:
         f.truncate(20 << 20)
     subprocess.run(["sfdisk", "-q", str(disk)], input=b"start=2048, type=83\n", check=True)
-    subprocess.run(["dd", f"if={part}", f"of={disk}", "bs=512", "seek=2048", "conv=notrunc", "status=none"],
-                   check=True)  # fmt: skip
+    subprocess.run(["dd", f"if={part}", f"of={disk}", "bs=512", "seek=2048", "conv=notrunc", "status=none"], check=True)
     return disk
 
 
@@ -61,9 +60,19 @@ def _disk_with_files(base: Path) -> Path:
 def browser():
     # Playwright gives each launch a fresh profile; the flags keep Chromium off the (closed) network.
     with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])  # fmt: skip
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         yield b
         b.close()
 

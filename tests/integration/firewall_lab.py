@@ -33,14 +33,24 @@ class Lab:
 
     def probe(self, ns: str, kind: str, port: int) -> str:
         """ "open", "refused" or "timeout" for a KIND ("tcp" or "rpc-udp") probe of PORT from namespace NS."""
-        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(PROBE), kind, self.host, str(port)],
-                           capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+        p = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, str(PROBE), kind, self.host, str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         return p.stdout.strip()
 
     def env(self) -> dict[str, str]:
-        return {"BOOTBACK_LAB_HOST": self.host, "BOOTBACK_LAB_ALLOWED_NET": self.allowed_net,
-                "BOOTBACK_LAB_ALLOWED_NS": self.allowed_ns, "BOOTBACK_LAB_REFUSED_NS": self.refused_ns,
-                "BOOTBACK_LAB_PYTHON": sys.executable, "BOOTBACK_LAB_PROBE": str(PROBE)}  # fmt: skip
+        return {
+            "BOOTBACK_LAB_HOST": self.host,
+            "BOOTBACK_LAB_ALLOWED_NET": self.allowed_net,
+            "BOOTBACK_LAB_ALLOWED_NS": self.allowed_ns,
+            "BOOTBACK_LAB_REFUSED_NS": self.refused_ns,
+            "BOOTBACK_LAB_PYTHON": sys.executable,
+            "BOOTBACK_LAB_PROBE": str(PROBE),
+        }
 
 
 @contextmanager

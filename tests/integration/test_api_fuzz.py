@@ -34,11 +34,29 @@ def test_generated_requests_never_get_a_server_error(tmp_path: Path) -> None:
         schema = tmp_path / "openapi.json"
         schema.write_text(doc.text)
         p = subprocess.run(
-            [str(Path(sys.executable).with_name("schemathesis")), "run", str(schema), "--url", url,
-             "-H", f"Authorization: Bearer {token}", "--tls-verify", cert, "-n", "25",
-             "-c", "not_a_server_error", "--generation-deterministic", "--no-color"],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"},
-        )  # fmt: skip
+            [
+                str(Path(sys.executable).with_name("schemathesis")),
+                "run",
+                str(schema),
+                "--url",
+                url,
+                "-H",
+                f"Authorization: Bearer {token}",
+                "--tls-verify",
+                cert,
+                "-n",
+                "25",
+                "-c",
+                "not_a_server_error",
+                "--generation-deterministic",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
         assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
         assert "passed" in p.stdout
     finally:

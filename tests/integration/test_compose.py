@@ -44,13 +44,21 @@ def test_compose_up_is_healthy_with_the_secret_and_down_cleans_up(appliance_imag
     secret = tmp_path / "admin-password"
     secret.write_text(PASSWORD + "\n")
     web = free_port()
-    env = {**os.environ, "BOOTBACK_IMAGE": appliance_image, "BOOTBACK_CLIENTS": "127.0.0.0/8,172.16.0.0/12",
-           "BOOTBACK_BIND": "127.0.0.1", "BOOTBACK_PORTMAP_PORT": str(free_port()),
-           "BOOTBACK_NFS_PORT": str(free_port()), "BOOTBACK_MOUNT_PORT": str(free_port()),
-           "BOOTBACK_WEB_PORT": str(web), "BOOTBACK_MIN_FREE": "1G",
-           "BOOTBACK_REPOSITORIES": str(tmp_path / "repositories"), "BOOTBACK_CACHE": str(tmp_path / "cache"),
-           "BOOTBACK_MIGRATIONS": str(tmp_path / "migrations"),
-           "BOOTBACK_ADMIN_PASSWORD_SECRET": str(secret)}  # fmt: skip
+    env = {
+        **os.environ,
+        "BOOTBACK_IMAGE": appliance_image,
+        "BOOTBACK_CLIENTS": "127.0.0.0/8,172.16.0.0/12",
+        "BOOTBACK_BIND": "127.0.0.1",
+        "BOOTBACK_PORTMAP_PORT": str(free_port()),
+        "BOOTBACK_NFS_PORT": str(free_port()),
+        "BOOTBACK_MOUNT_PORT": str(free_port()),
+        "BOOTBACK_WEB_PORT": str(web),
+        "BOOTBACK_MIN_FREE": "1G",
+        "BOOTBACK_REPOSITORIES": str(tmp_path / "repositories"),
+        "BOOTBACK_CACHE": str(tmp_path / "cache"),
+        "BOOTBACK_MIGRATIONS": str(tmp_path / "migrations"),
+        "BOOTBACK_ADMIN_PASSWORD_SECRET": str(secret),
+    }
     project = f"bootbacktest{uuid.uuid4().hex[:6]}"
     compose = [*compose_command(), "--project-name", project, "--file", str(ROOT / "compose.yaml")]
 
@@ -84,8 +92,12 @@ def test_compose_up_is_healthy_with_the_secret_and_down_cleans_up(appliance_imag
 
         assert log_in("not-" + PASSWORD).status_code == 401
         assert log_in(PASSWORD).status_code == 302
-        mounts = {m["Destination"]: m for m in json.loads(subprocess.check_output(
-            ["docker", "inspect", "--format", "{{json .Mounts}}", container]))}  # fmt: skip
+        mounts = {
+            m["Destination"]: m
+            for m in json.loads(
+                subprocess.check_output(["docker", "inspect", "--format", "{{json .Mounts}}", container])
+            )
+        }
         assert mounts["/repositories"]["RW"] is False and mounts["/migrations"]["Source"] == str(
             tmp_path / "migrations"
         )

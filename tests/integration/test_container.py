@@ -49,15 +49,25 @@ def appliance(engine, appliance_image: str, tmp_path_factory: pytest.TempPathFac
     before = tree_hash(repo)
     ports = {"2049/tcp": free_port(), "1058/tcp": free_port(), "6161/tcp": free_port()}
     container = engine.containers.run(
-        appliance_image, detach=True, name=f"bootback-test-{uuid.uuid4().hex[:6]}", hostname="appliance1",
+        appliance_image,
+        detach=True,
+        name=f"bootback-test-{uuid.uuid4().hex[:6]}",
+        hostname="appliance1",
         ports={k: ("127.0.0.1", v) for k, v in ports.items()},
-        volumes={str(repo): {"bind": "/repositories/main", "mode": "ro"},  # backups are read-only, always
-                 str(base / "state"): {"bind": "/var/lib/bootback", "mode": "rw"},
-                 str(base / "cache"): {"bind": "/cache", "mode": "rw"}},
+        volumes={
+            str(repo): {"bind": "/repositories/main", "mode": "ro"},  # backups are read-only, always
+            str(base / "state"): {"bind": "/var/lib/bootback", "mode": "rw"},
+            str(base / "cache"): {"bind": "/cache", "mode": "rw"},
+        },
         environment={"BOOTBACK_ADMIN_PASSWORD": PASSWORD, "BOOTBACK_MIN_FREE": "1G"},
-        healthcheck={"test": ["CMD", "bootback", "health"], "interval": 1_000_000_000, "timeout": 5_000_000_000,
-                     "retries": 3, "start_period": 1_000_000_000},
-    )  # fmt: skip
+        healthcheck={
+            "test": ["CMD", "bootback", "health"],
+            "interval": 1_000_000_000,
+            "timeout": 5_000_000_000,
+            "retries": 3,
+            "start_period": 1_000_000_000,
+        },
+    )
     try:
         wait_healthy(container)
         token = container.exec_run(["bootback", "token", "create", "pytest"]).output.decode().strip()
@@ -65,8 +75,15 @@ def appliance(engine, appliance_image: str, tmp_path_factory: pytest.TempPathFac
         api.trust_env = False
         api.verify = str(base / "state" / "web" / "tls.crt")
         api.headers["Authorization"] = f"Bearer {token}"
-        yield {"container": container, "api": api, "url": f"https://127.0.0.1:{ports['6161/tcp']}/api/v1",
-               "nfs": ports["2049/tcp"], "mount": ports["1058/tcp"], "disk": disk, "base": base}  # fmt: skip
+        yield {
+            "container": container,
+            "api": api,
+            "url": f"https://127.0.0.1:{ports['6161/tcp']}/api/v1",
+            "nfs": ports["2049/tcp"],
+            "mount": ports["1058/tcp"],
+            "disk": disk,
+            "base": base,
+        }
     finally:
         logs = container.logs().decode()
         (ROOT / "test-artifacts").mkdir(exist_ok=True)
@@ -113,8 +130,15 @@ def test_file_browsing_and_verification_inside_the_image(appliance) -> None:
     api, url = appliance["api"], appliance["url"]
     top = api.get(f"{url}/repositories/main/files", params={"point": "web01", "path": "/"})
     assert top.status_code == 200, top.text
-    assert top.json()["volumes"] == [{"id": "disk", "offset": 0, "size": appliance["disk"].stat().st_size,
-                                      "description": "whole disk", "filesystem": None}]  # fmt: skip
+    assert top.json()["volumes"] == [
+        {
+            "id": "disk",
+            "offset": 0,
+            "size": appliance["disk"].stat().st_size,
+            "description": "whole disk",
+            "filesystem": None,
+        }
+    ]
     job = api.post(f"{url}/verifications", json={"vm": "web01", "timeout": 30}).json()
     deadline = time.monotonic() + 60
     while job["state"] == "running" and time.monotonic() < deadline:

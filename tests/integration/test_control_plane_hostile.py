@@ -63,8 +63,9 @@ def boot_disk(base: Path, source: str = BOOT_SECTOR, name: str = "chatty") -> Pa
     src, obj, sector = base / f"{name}.S", base / f"{name}.o", base / f"{name}.bin"
     src.write_text(source)
     subprocess.run(["as", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", "0x7c00", "--oformat", "binary", "-o", str(sector), str(obj)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ld", "-m", "elf_x86_64", "-Ttext", "0x7c00", "--oformat", "binary", "-o", str(sector), str(obj)], check=True
+    )
     disk = base / f"{name}.raw"
     disk.write_bytes(sector.read_bytes().ljust(MiB, b"\0"))
     return disk
@@ -91,8 +92,9 @@ class Appliance:
         self.migrations, self.outside = base / "migrations", base / "outside"
         self.migrations.mkdir(parents=True)
         self.outside.mkdir()
-        self.daemon = DaemonProcess(repo, base / "st" / "state", *PRIVATE_PORTS, "--migration-dir",
-                                    str(self.migrations), *args).start()  # fmt: skip
+        self.daemon = DaemonProcess(
+            repo, base / "st" / "state", *PRIVATE_PORTS, "--migration-dir", str(self.migrations), *args
+        ).start()
         self.client = ControlClient(self.daemon.state, timeout=30)
 
     def call(self, op: str, **params: object) -> object:

@@ -51,8 +51,15 @@ def appliance(tmp_path_factory: pytest.TempPathFactory):
     blob[56 + int.from_bytes(blob[16:24], "big") - 3] ^= 0x04  # the summary's stored bytes (56: its header)
     victim.write_bytes(bytes(blob))
     before = tree_hash(repo)
-    yield {"api": api, "url": url, "base_url": base_url, "daemon": d, "ids": ids, "web_disk": web_disk,
-           "db_disk": db_disk}  # fmt: skip
+    yield {
+        "api": api,
+        "url": url,
+        "base_url": base_url,
+        "daemon": d,
+        "ids": ids,
+        "web_disk": web_disk,
+        "db_disk": db_disk,
+    }
     d.stop()
     assert d.proc.returncode == 0, d.log()[-3000:]
     assert tree_hash(repo) == before, "the repository changed"
@@ -148,8 +155,19 @@ def test_a_repository_that_cannot_be_listed_does_not_hide_the_others(tmp_path: P
         bootback("backup", repos / name, "--vm", "web01", disk)
     shutil.rmtree(repos / "broken" / "points")
     (repos / "broken" / "points").write_text("not a directory")
-    d = DaemonProcess(repos, tmp_path / "state", "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
-                      "--portmap-port", "0", repo_flag="--repo-dir").start()  # fmt: skip
+    d = DaemonProcess(
+        repos,
+        tmp_path / "state",
+        "--bind",
+        "127.0.0.1",
+        "--nfs-port",
+        "0",
+        "--mount-port",
+        "0",
+        "--portmap-port",
+        "0",
+        repo_flag="--repo-dir",
+    ).start()
     try:
         listed = {r["name"]: r for r in ControlClient(d.state).call("repositories")}
         assert listed["good"]["vms"] == ["web01"] and listed["good"]["points"] == 1

@@ -38,8 +38,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, build_cache: Path):
     repo = base / "repo"
     bootback("init", repo)
     bootback("backup", repo, "--vm", "demo", vmdir)
-    daemon = DaemonProcess(repo, base / "state", web_port=free_port(),
-                           env={"BOOTBACK_ADMIN_PASSWORD": "e2e-page-password"}).start()  # fmt: skip
+    daemon = DaemonProcess(
+        repo, base / "state", web_port=free_port(), env={"BOOTBACK_ADMIN_PASSWORD": "e2e-page-password"}
+    ).start()
     yield base, repo, daemon, disk
     daemon.stop()
 
@@ -174,8 +175,17 @@ def test_hypervisor_files_and_removal_of_published_disks(setup, tmp_path: Path) 
 def test_verify_boot_boots_the_backup_in_isolation(setup, artifacts_dir: Path) -> None:
     base, repo, daemon, disk = setup
     before = tree_hash(repo)
-    p = daemon.cli("verify-boot", "demo", "--expect", "bootback-demo: booted", "--json", "--timeout", "240",
-                   "--console-log", str(artifacts_dir / "verify-boot-console.log"))  # fmt: skip
+    p = daemon.cli(
+        "verify-boot",
+        "demo",
+        "--expect",
+        "bootback-demo: booted",
+        "--json",
+        "--timeout",
+        "240",
+        "--console-log",
+        str(artifacts_dir / "verify-boot-console.log"),
+    )
     report = json.loads(p.stdout)
     assert report["verified"] and report["matched"], report
     assert 0 < report["first_console_line_seconds"] < 240
@@ -189,8 +199,19 @@ def test_verify_boot_boots_the_backup_in_isolation(setup, artifacts_dir: Path) -
     assert json.loads(p.stdout)["verified"]
     # several at once: each gets a line in the JSON list and its own console log; the exit names the failures
     logs = base / "nightly-logs"
-    p = daemon.cli("verify-boot", "demo", "demo@latest", "--expect", "never printed", "--timeout", "10", "--json",
-                   "--console-log", str(logs), ok=False)  # fmt: skip
+    p = daemon.cli(
+        "verify-boot",
+        "demo",
+        "demo@latest",
+        "--expect",
+        "never printed",
+        "--timeout",
+        "10",
+        "--json",
+        "--console-log",
+        str(logs),
+        ok=False,
+    )
     reports = json.loads(p.stdout)
     assert p.returncode == 70 and "2 of 2 did not verify" in p.stderr, p.stderr
     assert [r["verified"] for r in reports] == [False, False]

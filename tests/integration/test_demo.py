@@ -19,8 +19,14 @@ from tests.daemon_process import ROOT, bootback, free_port
 def test_demo_prepares_once_then_serves_and_stops_cleanly(tmp_path: Path, build_cache: Path) -> None:
     data = tmp_path / "demo"
     env = {**os.environ, "BOOTBACK_BUILD_CACHE": str(build_cache), "PYTHONUNBUFFERED": "1"}
-    first = subprocess.run([sys.executable, "-m", "appliance", "demo", "--data", str(data), "--prepare-only"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    first = subprocess.run(
+        [sys.executable, "-m", "appliance", "demo", "--data", str(data), "--prepare-only"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr
     assert "VM 'demo-vm', 2 restore points" in first.stderr
     points = json.loads(bootback("points", data / "repo", "--json").stdout)
@@ -30,10 +36,30 @@ def test_demo_prepares_once_then_serves_and_stops_cleanly(tmp_path: Path, build_
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "demo", "--data", str(data), "--bind", "127.0.0.1", "--control-port",
-         str(port), "--portmap-port", "0", "--nfs-port", "0", "--mount-port", "0"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "demo",
+            "--data",
+            str(data),
+            "--bind",
+            "127.0.0.1",
+            "--control-port",
+            str(port),
+            "--portmap-port",
+            "0",
+            "--nfs-port",
+            "0",
+            "--mount-port",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out = ""
     try:
         deadline = time.monotonic() + 60
@@ -47,8 +73,9 @@ def test_demo_prepares_once_then_serves_and_stops_cleanly(tmp_path: Path, build_
         s.verify = str(data / "state" / "web" / "tls.crt")  # the certificate the demo made for itself
         login = s.get(f"https://127.0.0.1:{port}/login")
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', login.text)[1]
-        page = s.post(f"https://127.0.0.1:{port}/login", data={"csrf_token": csrf, "username": "admin",
-                                                                "password": password})  # fmt: skip
+        page = s.post(
+            f"https://127.0.0.1:{port}/login", data={"csrf_token": csrf, "username": "admin", "password": password}
+        )
         assert page.status_code == 200 and "demo-vm" in page.text
         listing = subprocess.run(["nfs-ls", nfs_ls], capture_output=True, text=True, timeout=30)
         assert listing.returncode == 0, listing.stderr

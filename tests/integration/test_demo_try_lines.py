@@ -23,10 +23,27 @@ def test_the_printed_try_lines_run_as_printed(tmp_path: Path, build_cache: Path)
     env = {**os.environ, "PATH": path, "BOOTBACK_BUILD_CACHE": str(build_cache), "PYTHONUNBUFFERED": "1"}
     env.pop("VIRTUAL_ENV", None)
     proc = subprocess.Popen(
-        [".venv/bin/bootback", "demo", "--bind", "127.0.0.1", "--control-port", str(free_port()),
-         "--portmap-port", "0", "--nfs-port", "0", "--mount-port", "0", "--no-web"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        [
+            ".venv/bin/bootback",
+            "demo",
+            "--bind",
+            "127.0.0.1",
+            "--control-port",
+            str(free_port()),
+            "--portmap-port",
+            "0",
+            "--nfs-port",
+            "0",
+            "--mount-port",
+            "0",
+            "--no-web",
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     out = ""
     try:
         deadline = time.monotonic() + 300
@@ -40,8 +57,9 @@ def test_the_printed_try_lines_run_as_printed(tmp_path: Path, build_cache: Path)
         lines = out.split("  try        : ", 1)[1].splitlines()[:3]
         assert lines[0].startswith(".venv/bin/bootback publish demo-vm"), out
         for line in lines:
-            done = subprocess.run(["bash", "-c", line.strip()], cwd=root, env=env, capture_output=True, text=True,
-                                  timeout=120)  # fmt: skip
+            done = subprocess.run(
+                ["bash", "-c", line.strip()], cwd=root, env=env, capture_output=True, text=True, timeout=120
+            )
             assert done.returncode == 0, f"{line.strip()!r}: {done.stdout}{done.stderr}"
             assert done.stdout.strip(), line
     finally:

@@ -70,8 +70,14 @@ def backup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     repo = base / "repo"
     bootback("init", repo, "--chunk-size", "256K")
     bootback("backup", repo, "--vm", "fs01", data, ntfs)
-    return {"repo": repo, "files": files, "fat": fat_files, "ntfs": {"report.docx": report}, "base": base,
-            "hash": tree_hash(repo)}  # fmt: skip
+    return {
+        "repo": repo,
+        "files": files,
+        "fat": fat_files,
+        "ntfs": {"report.docx": report},
+        "base": base,
+        "hash": tree_hash(repo),
+    }
 
 
 def files_json(b: dict, *args: str) -> list[dict]:
@@ -112,8 +118,11 @@ def test_files_extract_byte_exact_from_every_filesystem(backup: dict, tmp_path: 
         assert extract(backup, "data.raw", f"/p2/{rel}", tmp_path / "out") == data, rel
     assert extract(backup, "ntfs.raw", "/disk/report.docx", tmp_path / "out") == backup["ntfs"]["report.docx"]
     # to standard output, for pipes
-    p = subprocess.run([*bootback_cmd(), "extract", str(backup["repo"]), "fs01", "/p1/etc/hostname", "--disk",
-                        "data.raw", "-o", "-"], capture_output=True, timeout=60)  # fmt: skip
+    p = subprocess.run(
+        [*bootback_cmd(), "extract", str(backup["repo"]), "fs01", "/p1/etc/hostname", "--disk", "data.raw", "-o", "-"],
+        capture_output=True,
+        timeout=60,
+    )
     assert p.returncode == 0 and p.stdout == b"fs01\n"
 
 
@@ -145,8 +154,7 @@ def test_a_directory_extracts_as_tar_with_every_file(backup: dict, tmp_path: Pat
         ("/p1/etc/hostname/x", "no such file or directory: /p1/etc/hostname/x"),
     ],
 )
-def test_bad_paths_are_clear_errors_and_leave_no_output(backup: dict, path: str, message: str,
-                                                         tmp_path: Path) -> None:  # fmt: skip
+def test_bad_paths_are_clear_errors_and_leave_no_output(backup: dict, path: str, message: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = bootback("extract", backup["repo"], "fs01", path, "--disk", "data.raw", "-o", out, ok=False)
     assert p.returncode == 60 and message in p.stderr, p.stderr
@@ -201,11 +209,18 @@ def test_the_api_lists_and_downloads_files_and_names_bad_fields(backup: dict, tm
         assert [v["filesystem"] for v in top["volumes"]] == ["ext", "fat", None]
         assert top["point"].startswith("fs01@") and top["disk"] == "data.raw"
         home = api.get(url, params={"point": top["point"], "disk": "data.raw", "path": "/p1/home/alice"}).json()
-        assert home["entries"] == [{**home["entries"][0], "name": "report.bin", "type": "file",
-                                    "size": len(backup["files"]["home/alice/report.bin"])}]  # fmt: skip
+        assert home["entries"] == [
+            {
+                **home["entries"][0],
+                "name": "report.bin",
+                "type": "file",
+                "size": len(backup["files"]["home/alice/report.bin"]),
+            }
+        ]
 
-        got = api.get(f"{url}/content", params={"point": "fs01", "disk": "data.raw",
-                                                "path": "/p1/home/alice/report.bin"})  # fmt: skip
+        got = api.get(
+            f"{url}/content", params={"point": "fs01", "disk": "data.raw", "path": "/p1/home/alice/report.bin"}
+        )
         assert got.status_code == 200 and got.content == backup["files"]["home/alice/report.bin"]
         assert "report.bin" in got.headers["Content-Disposition"]
         ntfs = api.get(f"{url}/content", params={"point": "fs01", "disk": "ntfs.raw", "path": "/disk/report.docx"})
@@ -231,7 +246,7 @@ def test_the_api_lists_and_downloads_files_and_names_bad_fields(backup: dict, tm
     assert tree_hash(backup["repo"]) == backup["hash"]
 
 
-LVM = 'global { activation=0 } devices { obtain_device_list_from_udev=0 } activation { udev_sync=0 udev_rules=0 }'
+LVM = "global { activation=0 } devices { obtain_device_list_from_udev=0 } activation { udev_sync=0 udev_rules=0 }"
 
 
 def _lvm_disk(base: Path, root_img: Path, data_img: Path) -> Path:
@@ -248,17 +263,44 @@ def _lvm_disk(base: Path, root_img: Path, data_img: Path) -> Path:
         sh("vgcreate", "-q", "--config", LVM, "vgdata", loop, env=env)
         sh("lvcreate", "-q", "-y", "-an", "-Zn", "--config", LVM, "-L", "20M", "-n", "root", "vgdata", env=env)
         sh("lvcreate", "-q", "-y", "-an", "-Zn", "--config", LVM, "-L", "8M", "-n", "srv", "vgdata", env=env)
-        pe_start = int(sh("pvs", "--config", LVM, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start",
-                          loop, env=env).stdout.split()[0])  # fmt: skip
-        segs = sh("lvs", "--config", LVM, "--noheadings", "--units", "b", "--nosuffix", "--segments", "-o",
-                  "lv_name,seg_pe_ranges,vg_extent_size", "vgdata", env=env).stdout.decode().split()  # fmt: skip
+        pe_start = int(
+            sh(
+                "pvs", "--config", LVM, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", loop, env=env
+            ).stdout.split()[0]
+        )
+        segs = (
+            sh(
+                "lvs",
+                "--config",
+                LVM,
+                "--noheadings",
+                "--units",
+                "b",
+                "--nosuffix",
+                "--segments",
+                "-o",
+                "lv_name,seg_pe_ranges,vg_extent_size",
+                "vgdata",
+                env=env,
+            )
+            .stdout.decode()
+            .split()
+        )
     finally:
         sh("losetup", "-d", loop)
     for name, ranges, extent in zip(segs[0::3], segs[1::3], segs[2::3], strict=True):
         first = int(ranges.split(":")[1].split("-")[0])
         img = root_img if name == "root" else data_img
-        sh("dd", f"if={img}", f"of={pv}", "bs=1M", f"seek={pe_start + first * int(extent)}", "oflag=seek_bytes",
-           "conv=notrunc", "status=none")  # fmt: skip
+        sh(
+            "dd",
+            f"if={img}",
+            f"of={pv}",
+            "bs=1M",
+            f"seek={pe_start + first * int(extent)}",
+            "oflag=seek_bytes",
+            "conv=notrunc",
+            "status=none",
+        )
     disk = base / "lvm.raw"
     with open(disk, "wb") as f:
         f.truncate(80 * MiB)
@@ -281,8 +323,12 @@ def test_logical_volumes_of_lvm_are_browsed_like_partitions(tmp_path: Path) -> N
     bootback("backup", repo, "--vm", "lvm01", _lvm_disk(tmp_path, root, srv))
 
     vols = json.loads(bootback("files", repo, "lvm01", "--json").stdout)
-    assert [(v["id"], v["filesystem"]) for v in vols] == [("p1", None), ("p2", None), ("vgdata-root", "ext"),
-                                                          ("vgdata-srv", "ext")]  # fmt: skip
+    assert [(v["id"], v["filesystem"]) for v in vols] == [
+        ("p1", None),
+        ("p2", None),
+        ("vgdata-root", "ext"),
+        ("vgdata-srv", "ext"),
+    ]
     assert vols[2]["size"] == 20 * MiB and "vgdata/root on p2" in vols[2]["description"]
     out = tmp_path / "out"
     bootback("extract", repo, "lvm01", "/vgdata-root/etc/fstab", "-o", out)
@@ -297,8 +343,10 @@ def test_xfs_as_rhel_installs_it(tmp_path: Path) -> None:
     (tmp_path / "big.bin").write_bytes(payload)
     (tmp_path / "motd").write_bytes(b"welcome\n")
     proto = tmp_path / "proto"
-    proto.write_text(f"/dev/null\n0 0\nd--755 0 0\nmotd ---644 0 0 {tmp_path / 'motd'}\n"
-                     f"var d--755 0 0\nbig.bin ---644 0 0 {tmp_path / 'big.bin'}\n$\n$\n")  # fmt: skip
+    proto.write_text(
+        f"/dev/null\n0 0\nd--755 0 0\nmotd ---644 0 0 {tmp_path / 'motd'}\n"
+        f"var d--755 0 0\nbig.bin ---644 0 0 {tmp_path / 'big.bin'}\n$\n$\n"
+    )
     img = tmp_path / "xfs.raw"
     with open(img, "wb") as f:
         f.truncate(320 * MiB)  # mkfs.xfs's minimum is 300 MiB; sparse, and zero chunks are not stored

@@ -23,8 +23,12 @@ BASE = "bootback/base:bookworm"  # made by scripts/build-image.sh (mmdebstrap) f
 
 
 def run_in(image: str, script: str) -> str:
-    done = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c", script],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, f"{script!r} in {image}: {done.stdout}{done.stderr}"
     return done.stdout
 
@@ -53,15 +57,26 @@ def package_index(appliance_image: str, tmp_path_factory: pytest.TempPathFactory
         if not wheel.name.startswith("bootback-"):
             shutil.copy2(wheel, packages)
     download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:"]
-    subprocess.run([*download, "setuptools>=77", "--dest", str(packages)], check=True, capture_output=True,
-                   timeout=300)  # fmt: skip
+    subprocess.run([*download, "setuptools>=77", "--dest", str(packages)], check=True, capture_output=True, timeout=300)
     port = free_port()
     log = base / "access.log"
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "pypi-server"), "run", "--host", "127.0.0.1", "--port", str(port),
-         "--disable-fallback", "--log-file", str(log), "-v", str(packages)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "pypi-server"),
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-fallback",
+            "--log-file",
+            str(log),
+            "-v",
+            str(packages),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/simple/"
     try:
         deadline = time.monotonic() + 30
@@ -84,10 +99,23 @@ def online_image(package_index: dict, tmp_path_factory: pytest.TempPathFactory) 
     context = fresh_clone(tmp_path_factory.mktemp("clone"))
     tag = f"bootback:test-online-{uuid.uuid4().hex[:6]}"
     done = subprocess.run(
-        ["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}",
-         "--build-arg", f"PIP_INDEX_URL={package_index['url']}", "-t", tag, str(context)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            "docker",
+            "build",
+            "--network",
+            "host",
+            "--build-arg",
+            f"BASE_IMAGE={BASE}",
+            "--build-arg",
+            f"PIP_INDEX_URL={package_index['url']}",
+            "-t",
+            tag,
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     try:
         yield tag, done.stdout
@@ -126,8 +154,9 @@ def test_the_offline_image_is_lean_and_keeps_the_base(appliance_image: str) -> N
     assert any(n.startswith("bootback-") and n.endswith(".dist-info") for n in site_packages(appliance_image))
 
     def size(image: str) -> int:
-        out = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", image],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Size}}", image], capture_output=True, text=True, check=True
+        ).stdout
         return int(out)
 
     # the venv with its dependencies, nothing else: well under the 108 MB the single-stage image added

@@ -123,7 +123,7 @@ def test_slow_reader_cannot_grow_memory(server: NfsdProcess) -> None:
         batch = b"".join(
             record(
                 call_bytes(sent + i, NFS, 3, 6, Packer().opaque(fh).u64(((sent + i) % 64) * MiB).u32(MiB).bytes(), cred)
-            )  # fmt: skip
+            )
             for i in range(64)
         )
         try:
@@ -145,8 +145,9 @@ def test_slow_reader_cannot_grow_memory(server: NfsdProcess) -> None:
     hog.close()
 
 
-@pytest.mark.parametrize("server", [("--connection-bytes", str(4 * MiB), "--total-bytes", str(16 * MiB))],
-                         indirect=True)  # fmt: skip
+@pytest.mark.parametrize(
+    "server", [("--connection-bytes", str(4 * MiB), "--total-bytes", str(16 * MiB))], indirect=True
+)
 def test_many_slow_readers_are_held_to_total_bytes(server: NfsdProcess) -> None:
     """16 connections from 4 addresses that never read could hold 16 x 4 MiB of replies; together they get
     total_bytes (16 MiB). Heartbeats on another connection are answered meanwhile; READs wait for room."""
@@ -158,8 +159,9 @@ def test_many_slow_readers_are_held_to_total_bytes(server: NfsdProcess) -> None:
         h.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         h.sock.settimeout(0.05)
     cred = auth_sys()
-    batch = b"".join(record(call_bytes(i, NFS, 3, 6, Packer().opaque(fh).u64(i * MiB).u32(MiB).bytes(), cred))
-                     for i in range(16))  # fmt: skip
+    batch = b"".join(
+        record(call_bytes(i, NFS, 3, 6, Packer().opaque(fh).u64(i * MiB).u32(MiB).bytes(), cred)) for i in range(16)
+    )
     peak = base
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -186,8 +188,12 @@ def test_fast_pipelined_reads_still_flow(server: NfsdProcess) -> None:
     fh = lookup(server, root, "big.bin")
     c = client(server.nfs_port, timeout=20)
     cred = auth_sys()
-    c.send_raw(b"".join(record(call_bytes(i, NFS, 3, 6, Packer().opaque(fh).u64((i % 64) * MiB).u32(MiB).bytes(),
-                                          cred)) for i in range(32)))  # fmt: skip
+    c.send_raw(
+        b"".join(
+            record(call_bytes(i, NFS, 3, 6, Packer().opaque(fh).u64((i % 64) * MiB).u32(MiB).bytes(), cred))
+            for i in range(32)
+        )
+    )
     got = 0
     for i in range(32, 256 + 32):
         reply = c.recv_record()
@@ -250,8 +256,11 @@ def test_descriptor_limit_keeps_a_reserve(export: Path) -> None:
         before = len(srv.log())
         for i in range(400):  # 25 addresses x 16: far beyond 200 descriptors
             try:
-                flood.append(socket.create_connection(("127.0.0.1", srv.nfs_port), timeout=2,
-                                                      source_address=(f"127.0.1.{i // 16 + 1}", 0)))  # fmt: skip
+                flood.append(
+                    socket.create_connection(
+                        ("127.0.0.1", srv.nfs_port), timeout=2, source_address=(f"127.0.1.{i // 16 + 1}", 0)
+                    )
+                )
             except OSError:
                 pass
         time.sleep(0.5)
@@ -338,8 +347,9 @@ def pmap_server(export: Path) -> Iterator[NfsdProcess]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = NfsdProcess(export, "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port",
-                      str(port)).start()  # fmt: skip
+    srv = NfsdProcess(
+        export, "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", str(port)
+    ).start()
     srv.pmap_port = port
     try:
         yield srv

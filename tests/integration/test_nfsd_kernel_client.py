@@ -52,13 +52,32 @@ def test_kernel_nfs_client_boots_reads_and_writes(tmp_path: Path, artifacts_dir:
     console = artifacts_dir / "kernel-nfs-client-console.log"
     with NfsdProcess(root) as srv:
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1", "-display", "none", "-no-reboot",
-            "-monitor", "none", "-serial", f"file:{console}",
-            "-kernel", kernel, "-initrd", initrd,
-            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
-            "-append", f"console=ttyS0 panic=-1 root=/dev/nfs nfsroot=10.0.2.2:{root},vers=3,tcp,nolock "
-                       "ip=dhcp rw init=/sbin/init quiet",
-        ]  # fmt: skip
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-monitor",
+            "none",
+            "-serial",
+            f"file:{console}",
+            "-kernel",
+            kernel,
+            "-initrd",
+            initrd,
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+            "-append",
+            f"console=ttyS0 panic=-1 root=/dev/nfs nfsroot=10.0.2.2:{root},vers=3,tcp,nolock "
+            "ip=dhcp rw init=/sbin/init quiet",
+        ]
         subprocess.run(cmd, timeout=300, check=False)
         log = srv.log()
     text = console.read_text(errors="replace")

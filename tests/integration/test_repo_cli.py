@@ -269,9 +269,15 @@ def test_concurrent_backups_and_a_reader_meanwhile(repo: Path, raw_image: Path, 
         path = tmp_path / f"v{k}.raw"
         path.write_bytes(bytes(data))
         variants.append(path)
-    procs = [subprocess.Popen([*BOOTBACK, "backup", str(repo), "--vm", f"vm{k}", str(p), "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, p in enumerate(variants)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [*BOOTBACK, "backup", str(repo), "--vm", f"vm{k}", str(p), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k, p in enumerate(variants)
+    ]
     reader_repo = Repository.open(repo)
     point = reader_repo.restore_point("base", "latest")
     reader = reader_repo.open_disk(point, point.disks[0].name)

@@ -36,23 +36,30 @@ def dports(table: str) -> dict[str, set[int]]:
     return found
 
 
-def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(appliance_image: str, lab: Lab,
-                                                                                tmp_path: Path) -> None:  # fmt: skip
+def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(
+    appliance_image: str, lab: Lab, tmp_path: Path
+) -> None:
     tag = os.urandom(3).hex()
     table, name = f"bbtest{tag}", f"bootback-fw-{tag}"
     nft_file = tmp_path / "nftables.d" / f"{table}.nft"
     unit = tmp_path / "systemd" / f"{table}-firewall.service"
     ports = {"portmap": free_port(), "nfs": free_port(), "mount": free_port(), "web": free_port()}
     variables = {
-        **APPLIANCE_OK, "bootback_appliance_image": appliance_image, "bootback_appliance_container_name": name,
-        "bootback_appliance_base_dir": str(tmp_path / "srv"), "bootback_appliance_network_mode": "host",
-        "bootback_appliance_bind_address": "0.0.0.0", "bootback_appliance_published_ports": ports,
+        **APPLIANCE_OK,
+        "bootback_appliance_image": appliance_image,
+        "bootback_appliance_container_name": name,
+        "bootback_appliance_base_dir": str(tmp_path / "srv"),
+        "bootback_appliance_network_mode": "host",
+        "bootback_appliance_bind_address": "0.0.0.0",
+        "bootback_appliance_published_ports": ports,
         # NFS for the allowed namespace's network, the admin page for the refused namespace's address alone.
         "bootback_appliance_nfs_client_networks": [lab.allowed_net],
         "bootback_appliance_admin_networks": [f"{lab.refused_addr}/32"],
-        "bootback_appliance_firewall_table": table, "bootback_appliance_firewall_file": str(nft_file),
-        "bootback_appliance_firewall_unit": str(unit), "bootback_appliance_healthcheck_interval": "2s",
-    }  # fmt: skip
+        "bootback_appliance_firewall_table": table,
+        "bootback_appliance_firewall_file": str(nft_file),
+        "bootback_appliance_firewall_unit": str(unit),
+        "bootback_appliance_healthcheck_interval": "2s",
+    }
     # Someone else holds the NFS port: the appliance moves to the next free one, and the firewall must follow.
     holder = socket.create_server(("0.0.0.0", ports["nfs"]))
     try:
@@ -105,28 +112,39 @@ def test_host_networking_opens_the_ports_in_use_to_the_configured_networks_only(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"bootback_appliance_nfs_client_networks": ["10.0.0.0/8", "esx-hosts"]},
-         'bootback_appliance_nfs_client_networks: "esx-hosts" is not an address or a CIDR'),
+        (
+            {"bootback_appliance_nfs_client_networks": ["10.0.0.0/8", "esx-hosts"]},
+            'bootback_appliance_nfs_client_networks: "esx-hosts" is not an address or a CIDR',
+        ),
         ({"bootback_appliance_nfs_client_networks": ["10.1.2.3/16"]}, "10.1.2.3/16 has host bits set"),
-        ({"bootback_appliance_admin_networks": ["10.0.0.0/33"]},
-         'bootback_appliance_admin_networks: "10.0.0.0/33" is not an address or a CIDR'),
-        ({"bootback_appliance_nfs_client_networks": []},
-         "bootback_appliance_nfs_client_networks must list at least one network"),
+        (
+            {"bootback_appliance_admin_networks": ["10.0.0.0/33"]},
+            'bootback_appliance_admin_networks: "10.0.0.0/33" is not an address or a CIDR',
+        ),
+        (
+            {"bootback_appliance_nfs_client_networks": []},
+            "bootback_appliance_nfs_client_networks must list at least one network",
+        ),
         ({"bootback_appliance_admin_networks": []}, "bootback_appliance_admin_networks must list at least one"),
-        ({"bootback_appliance_admin_networks": None},
-         "missing required arguments: bootback_appliance_admin_networks"),
+        ({"bootback_appliance_admin_networks": None}, "missing required arguments: bootback_appliance_admin_networks"),
         ({"bootback_appliance_clients": ["10.0.0.0/8"]}, "bootback_appliance_clients is now"),
         ({"bootback_appliance_firewall_table": "x; flush ruleset"}, "is not a table name"),
     ],
     ids=["not-cidr", "host-bits", "bad-prefix", "empty-nfs", "empty-admin", "no-admin", "old-name", "table-name"],
-)  # fmt: skip
-def test_role_refuses_bad_networks_before_changing_anything(change: dict, message: str, appliance_image: str,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+)
+def test_role_refuses_bad_networks_before_changing_anything(
+    change: dict, message: str, appliance_image: str, tmp_path: Path
+) -> None:
     table = f"bbtest{os.urandom(3).hex()}"
-    variables = {**APPLIANCE_OK, "bootback_appliance_image": appliance_image,
-                 "bootback_appliance_base_dir": str(tmp_path / "srv"), "bootback_appliance_firewall_table": table,
-                 "bootback_appliance_firewall_file": str(tmp_path / "fw.nft"),
-                 "bootback_appliance_container_name": f"bootback-bad-{tmp_path.name[-12:]}", **change}  # fmt: skip
+    variables = {
+        **APPLIANCE_OK,
+        "bootback_appliance_image": appliance_image,
+        "bootback_appliance_base_dir": str(tmp_path / "srv"),
+        "bootback_appliance_firewall_table": table,
+        "bootback_appliance_firewall_file": str(tmp_path / "fw.nft"),
+        "bootback_appliance_container_name": f"bootback-bad-{tmp_path.name[-12:]}",
+        **change,
+    }
     variables = {k: v for k, v in variables.items() if v is not None}
     p = run_role(tmp_path, "bootback_appliance", variables)
     out = " ".join((p.stdout + p.stderr).split())
@@ -138,9 +156,12 @@ def test_role_refuses_bad_networks_before_changing_anything(change: dict, messag
 
 def test_everyone_must_be_written_out_and_is_warned_about(tmp_path: Path) -> None:
     """0.0.0.0/0 is accepted (the play goes on, here to a missing image) with a warning naming the variable."""
-    variables = {**APPLIANCE_OK, "bootback_appliance_image": "bootback:no-such-tag",
-                 "bootback_appliance_base_dir": str(tmp_path / "srv"),
-                 "bootback_appliance_nfs_client_networks": ["0.0.0.0/0", "::/0"]}  # fmt: skip
+    variables = {
+        **APPLIANCE_OK,
+        "bootback_appliance_image": "bootback:no-such-tag",
+        "bootback_appliance_base_dir": str(tmp_path / "srv"),
+        "bootback_appliance_nfs_client_networks": ["0.0.0.0/0", "::/0"],
+    }
     p = run_role(tmp_path, "bootback_appliance", variables)
     out = " ".join((p.stdout + p.stderr).split())
     assert "the image bootback:no-such-tag is not on" in out, out[-3000:]

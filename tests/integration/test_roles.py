@@ -63,9 +63,14 @@ def vcenter(build_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def molecule(role: str, artifacts_dir: Path, **env: str) -> None:
-    p = subprocess.run([str(BIN / "molecule"), "test"], cwd=ROOT / "roles" / role, env=ansible_env(**env),
-                       capture_output=True,
-                       text=True, timeout=900)  # fmt: skip
+    p = subprocess.run(
+        [str(BIN / "molecule"), "test"],
+        cwd=ROOT / "roles" / role,
+        env=ansible_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = p.stdout + p.stderr
     (artifacts_dir / f"molecule-{role}.log").write_text(log)
     assert p.returncode == 0, log[-6000:]
@@ -79,10 +84,18 @@ def test_molecule_scenario(role: str, appliance_image: str, artifacts_dir: Path,
     table = f"bbmolecule{os.urandom(3).hex()}"
     with firewall_lab() as lab:
         try:
-            molecule(role, artifacts_dir, BOOTBACK_MOLECULE_BASE=str(tmp_path), BOOTBACK_MOLECULE_IMAGE=appliance_image,
-                     BOOTBACK_MOLECULE_WEB_PORT=str(free_port()), BOOTBACK_MOLECULE_NFS_PORT=str(free_port()),
-                     BOOTBACK_MOLECULE_MOUNT_PORT=str(free_port()), BOOTBACK_MOLECULE_PORTMAP_PORT=str(free_port()),
-                     BOOTBACK_MOLECULE_FW_TABLE=table, **lab.env())  # fmt: skip
+            molecule(
+                role,
+                artifacts_dir,
+                BOOTBACK_MOLECULE_BASE=str(tmp_path),
+                BOOTBACK_MOLECULE_IMAGE=appliance_image,
+                BOOTBACK_MOLECULE_WEB_PORT=str(free_port()),
+                BOOTBACK_MOLECULE_NFS_PORT=str(free_port()),
+                BOOTBACK_MOLECULE_MOUNT_PORT=str(free_port()),
+                BOOTBACK_MOLECULE_PORTMAP_PORT=str(free_port()),
+                BOOTBACK_MOLECULE_FW_TABLE=table,
+                **lab.env(),
+            )
         finally:
             delete_nft_table(table)
 
@@ -91,17 +104,33 @@ def test_molecule_scenario_esxi_datastore(vcenter: int, artifacts_dir: Path) -> 
     molecule("bootback_esxi_datastore", artifacts_dir, BOOTBACK_MOLECULE_VCSIM_PORT=str(vcenter))
 
 
-def run_role(tmp_path: Path, role: str, variables: dict, host: str = "localhost",
-             check: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+def run_role(
+    tmp_path: Path, role: str, variables: dict, host: str = "localhost", check: bool = False
+) -> subprocess.CompletedProcess:
     """Apply ROLE to HOST (this machine) with VARIABLES (as an inventory would give them)."""
     play = [{"name": "Apply the role", "hosts": "all", "gather_facts": False, "roles": [{"role": role}]}]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
     (tmp_path / "vars.json").write_text(json.dumps(variables))
     return subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", f"{host},", "-c", "local", "-e", f"@{tmp_path / 'vars.json'}",
-         "-e", f"ansible_python_interpreter={sys.executable}", str(tmp_path / "play.yml"), *(["--check"] * check)],
-        cwd=ROOT, env=ansible_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            f"{host},",
+            "-c",
+            "local",
+            "-e",
+            f"@{tmp_path / 'vars.json'}",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            str(tmp_path / "play.yml"),
+            *(["--check"] * check),
+        ],
+        cwd=ROOT,
+        env=ansible_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 APPLIANCE_OK = {
@@ -135,11 +164,14 @@ APPLIANCE_OK = {
         "image-missing",
     ],
 )
-def test_appliance_role_refuses_bad_variables(change: dict, message: str, appliance_image: str,
-                                              tmp_path: Path) -> None:  # fmt: skip
-    variables = {**APPLIANCE_OK, "bootback_appliance_image": appliance_image,
-                 "bootback_appliance_base_dir": str(tmp_path / "srv"),
-                 "bootback_appliance_container_name": f"bootback-bad-{tmp_path.name[-12:]}", **change}  # fmt: skip
+def test_appliance_role_refuses_bad_variables(change: dict, message: str, appliance_image: str, tmp_path: Path) -> None:
+    variables = {
+        **APPLIANCE_OK,
+        "bootback_appliance_image": appliance_image,
+        "bootback_appliance_base_dir": str(tmp_path / "srv"),
+        "bootback_appliance_container_name": f"bootback-bad-{tmp_path.name[-12:]}",
+        **change,
+    }
     variables = {k: v for k, v in variables.items() if v is not None}
     p = run_role(tmp_path, "bootback_appliance", variables)
     out = p.stdout + p.stderr
@@ -149,16 +181,16 @@ def test_appliance_role_refuses_bad_variables(change: dict, message: str, applia
     assert not (tmp_path / "srv" / "secrets" / "admin-password").exists(), "changed the host before refusing"
 
 
-def test_repository_role_refuses_bad_names_sizes_and_changed_chunk_sizes(appliance_image: str,
-                                                                          tmp_path: Path) -> None:  # fmt: skip
+def test_repository_role_refuses_bad_names_sizes_and_changed_chunk_sizes(appliance_image: str, tmp_path: Path) -> None:
     repos = tmp_path / "repositories"
     base = {"bootback_repository_dir": str(repos), "bootback_repository_image": appliance_image}
     p = run_role(tmp_path, "bootback_repository", {**base, "bootback_repository_list": [{"name": "../etc"}]})
     assert p.returncode != 0 and "must be letters, digits" in p.stdout, p.stdout[-3000:]
     assert not repos.exists(), "nothing may change before the names are checked"
 
-    p = run_role(tmp_path, "bootback_repository",
-                 {**base, "bootback_repository_list": [{"name": "main", "chunk_size": "3M"}]})  # fmt: skip
+    p = run_role(
+        tmp_path, "bootback_repository", {**base, "bootback_repository_list": [{"name": "main", "chunk_size": "3M"}]}
+    )
     assert p.returncode != 0 and "chunk_size must be one of" in " ".join(p.stdout.split()), p.stdout[-3000:]
 
     bootback("init", repos / "main", "--chunk-size", "256K")
@@ -170,12 +202,16 @@ def test_repository_role_refuses_bad_names_sizes_and_changed_chunk_sizes(applian
     shutil.rmtree(repos, ignore_errors=True)
 
 
-def test_esxi_datastore_role_mounts_unmounts_and_never_replaces_a_foreign_mount(vcenter: int,
-                                                                                tmp_path: Path) -> None:  # fmt: skip
-    base = {"bootback_esxi_datastore_vcenter": "127.0.0.1", "bootback_esxi_datastore_port": vcenter,
-            "bootback_esxi_datastore_username": "bootback", "bootback_esxi_datastore_password": "vcsim-pass",
-            "bootback_esxi_datastore_validate_certs": False, "bootback_esxi_datastore_appliance": "failtest",
-            "ansible_python_interpreter": sys.executable}  # fmt: skip
+def test_esxi_datastore_role_mounts_unmounts_and_never_replaces_a_foreign_mount(vcenter: int, tmp_path: Path) -> None:
+    base = {
+        "bootback_esxi_datastore_vcenter": "127.0.0.1",
+        "bootback_esxi_datastore_port": vcenter,
+        "bootback_esxi_datastore_username": "bootback",
+        "bootback_esxi_datastore_password": "vcsim-pass",
+        "bootback_esxi_datastore_validate_certs": False,
+        "bootback_esxi_datastore_appliance": "failtest",
+        "ansible_python_interpreter": sys.executable,
+    }
 
     def role(host: str = "DC0_C0_H1", **change: object) -> str:
         variables = {k: v for k, v in {**base, **change}.items() if v is not None}
@@ -188,8 +224,9 @@ def test_esxi_datastore_role_mounts_unmounts_and_never_replaces_a_foreign_mount(
     again = role()
     assert again.startswith("ok ") and "changed=0" in again, again[-2000:]
 
-    foreign = role(bootback_esxi_datastore_appliance="other.example.com",
-                   bootback_esxi_datastore_name="bootback-failtest")  # fmt: skip
+    foreign = role(
+        bootback_esxi_datastore_appliance="other.example.com", bootback_esxi_datastore_name="bootback-failtest"
+    )
     expected = "is mounted from failtest:/bootback-failtest, not other.example.com:/bootback-other"
     assert foreign.startswith("failed ") and expected in foreign, foreign[-2000:]
 
@@ -205,15 +242,25 @@ def test_esxi_datastore_role_mounts_unmounts_and_never_replaces_a_foreign_mount(
 
     # Unmounting: the simulator does not implement RemoveDatastore, so a mounted host is asked in check mode
     # (it would change) and a host without the datastore must report nothing to do.
-    p = run_role(tmp_path, "bootback_esxi_datastore", {**base, "bootback_esxi_datastore_state": "absent"},
-                 host="DC0_C0_H1", check=True)  # fmt: skip
+    p = run_role(
+        tmp_path,
+        "bootback_esxi_datastore",
+        {**base, "bootback_esxi_datastore_state": "absent"},
+        host="DC0_C0_H1",
+        check=True,
+    )
     assert p.returncode == 0 and "changed=1" in p.stdout, p.stdout[-2000:]
     absent = role(host="DC0_H0", bootback_esxi_datastore_state="absent")
     assert absent.startswith("ok ") and "changed=0" in absent, absent[-2000:]
 
 
 def test_site_playbook_and_roles_pass_the_syntax_check() -> None:
-    p = subprocess.run([str(BIN / "ansible-playbook"), "--syntax-check", "-i", "inventory/example.yml",
-                        "playbooks/site.yml"], cwd=ROOT, env=ansible_env(), capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [str(BIN / "ansible-playbook"), "--syntax-check", "-i", "inventory/example.yml", "playbooks/site.yml"],
+        cwd=ROOT,
+        env=ansible_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr

@@ -40,8 +40,20 @@ def null_answers(port: int) -> bool:
 
 
 def test_nfs_limit_reaches_the_server(repo: Path, tmp_path: Path) -> None:
-    d = DaemonProcess(repo, tmp_path / "state", "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
-                      "--portmap-port", "0", "--nfs-limit", "max_connections_per_client=2").start()  # fmt: skip
+    d = DaemonProcess(
+        repo,
+        tmp_path / "state",
+        "--bind",
+        "127.0.0.1",
+        "--nfs-port",
+        "0",
+        "--mount-port",
+        "0",
+        "--portmap-port",
+        "0",
+        "--nfs-limit",
+        "max_connections_per_client=2",
+    ).start()
     try:
         held = [RpcClient("127.0.0.1", d.nfs_port, timeout=5) for _ in range(2)]
         for c in held:
@@ -58,11 +70,29 @@ def test_nfs_limit_reaches_the_server(repo: Path, tmp_path: Path) -> None:
 
 def test_a_bad_limit_stops_the_start_naming_it(repo: Path, tmp_path: Path) -> None:
     p = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(tmp_path / "state"),
-         "--no-web", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "serve",
+            "--repo",
+            str(repo),
+            "--state",
+            str(tmp_path / "state"),
+            "--no-web",
+            "--nfs-port",
+            "0",
+            "--mount-port",
+            "0",
+            "--portmap-port",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PATH": "/usr/bin:/bin", "BOOTBACK_NFS_LIMITS": "max_connections=lots"},
-    )  # fmt: skip
+    )
     assert p.returncode != 0 and "max_connections" in p.stderr and "'lots'" in p.stderr, p.stderr
 
 
@@ -79,8 +109,23 @@ def test_fixed_ports_refuse_a_taken_port_instead_of_moving(repo: Path, tmp_path:
             moved.stop()
         for how, env in ((["--fixed-ports"], {}), ([], {"BOOTBACK_FIXED_PORTS": "1"})):  # the role sets the env
             p = subprocess.run(
-                [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(tmp_path / "fixed"),
-                 "--no-web", *common, *how],
-                cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **env},
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "appliance",
+                    "serve",
+                    "--repo",
+                    str(repo),
+                    "--state",
+                    str(tmp_path / "fixed"),
+                    "--no-web",
+                    *common,
+                    *how,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, **env},
+            )
             assert p.returncode != 0 and f"port {port}" in p.stderr and "taken" in p.stderr, (how, env, p.stderr)

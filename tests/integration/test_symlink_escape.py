@@ -87,8 +87,10 @@ class Canary:
         self.before = self.snapshot()
 
     def snapshot(self) -> list:
-        return [(str(p), p.lstat().st_mode, p.lstat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
-                for p in sorted(self.dir.rglob("*"))]  # fmt: skip
+        return [
+            (str(p), p.lstat().st_mode, p.lstat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(self.dir.rglob("*"))
+        ]
 
     def intact(self) -> bool:
         return self.snapshot() == self.before

@@ -41,8 +41,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory):
     api.trust_env = False  # else $REQUESTS_CA_BUNDLE overrides .verify (and proxies apply to loopback)
     api.headers["Authorization"] = f"Bearer {token}"
     api.verify = str(d.state / "web" / "tls.crt")  # the generated self-signed certificate must be valid for us
-    yield {"api": api, "url": f"{base_url}/api/v1", "daemon": d, "disk": disk, "repo": repo,
-           "base": base}  # fmt: skip
+    yield {"api": api, "url": f"{base_url}/api/v1", "daemon": d, "disk": disk, "repo": repo, "base": base}
     d.stop()
     assert d.proc.returncode == 0, f"the daemon did not exit cleanly on SIGTERM: {d.log()[-3000:]}"
     assert tree_hash(repo) == before, "the repository changed"
@@ -181,8 +180,9 @@ def _login_attempt(url: str, cafile: str, password: str, source: str = "127.0.0.
         page, cookie = resp.read().decode(), resp.getheader("Set-Cookie").split(";")[0]
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)[1]
         form = urlencode({"csrf_token": csrf, "username": "admin", "password": password})
-        conn.request("POST", "/login", body=form, headers={"Cookie": cookie,
-                     "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        conn.request(
+            "POST", "/login", body=form, headers={"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
+        )
         resp = conn.getresponse()
         resp.read()
         return resp.status

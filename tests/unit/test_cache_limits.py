@@ -78,11 +78,14 @@ def test_cache_files_are_private(tmp_path: Path) -> None:
         assert stat.S_IMODE((tmp_path / "disks" / name).stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("size", 1 << 50, "beyond this disk's bound"),
-    ("block", 0, "block size 0 is not a power of two"),
-    ("block", 3000, "block size 3000 is not a power of two"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("size", 1 << 50, "beyond this disk's bound"),
+        ("block", 0, "block size 0 is not a power of two"),
+        ("block", 3000, "block size 3000 is not a power of two"),
+    ],
+)
 def test_a_damaged_header_is_refused_not_believed(tmp_path: Path, field: str, value: int, message: str) -> None:
     WriteCache(tmp_path, "d", zeros, SIZE).close()
     raw = bytearray((tmp_path / "d.map").read_bytes())

@@ -101,8 +101,9 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path, base: bytes, delay:
     script = tmp_path / "writer.py"
     script.write_text(CRASH_WRITER)
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "c"), str(SIZE), str(root)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "c"), str(SIZE), str(root)], stdout=subprocess.PIPE, text=True
+    )
     first = proc.stdout.readline()  # writing has begun (start-up time varies with the machine's load) ...
     time.sleep(delay)  # ... then it is killed mid-stream
     proc.kill()

@@ -255,13 +255,15 @@ def test_vmdk_descriptor_points_at_its_extent() -> None:
 
 def test_published_vmx_points_at_the_descriptors() -> None:
     disks = disk_names([disk("web01_1.vmdk", MiB), disk("data.vmdk", MiB)])
-    vmx = "\n".join([
-        'displayName = "web01"',
-        'scsi0:0.fileName = "/vmfs/volumes/ds1/web01/data.vmdk"',
-        'scsi0:1.fileName = "web01_1.vmdk"',
-        'sched.swap.derivedName = "/vmfs/volumes/ds1/web01/web01.vswp"',
-        'memSize = "2048"',
-    ])  # fmt: skip
+    vmx = "\n".join(
+        [
+            'displayName = "web01"',
+            'scsi0:0.fileName = "/vmfs/volumes/ds1/web01/data.vmdk"',
+            'scsi0:1.fileName = "web01_1.vmdk"',
+            'sched.swap.derivedName = "/vmfs/volumes/ds1/web01/web01.vswp"',
+            'memSize = "2048"',
+        ]
+    )
     out = published_vmx("web01", "p1", vmx, disks, "recovered").splitlines()
     assert 'scsi0:0.fileName = "data.vmdk"' in out and 'scsi0:1.fileName = "web01_1.vmdk"' in out
     assert 'displayName = "web01 (recovered p1)"' in out and 'memSize = "2048"' in out

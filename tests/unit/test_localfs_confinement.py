@@ -27,8 +27,10 @@ from nfsd.vfs import CreateMode, Cred, FileType, NFSError, ObjectId, SetAttr, St
 
 CRED = Cred(uid=0, gid=0)
 SECRET = b"canary: must never be read through the export\n"
-RESOLVERS = [pytest.param(True, id="openat2", marks=pytest.mark.skipif(not HAVE_OPENAT2, reason="no openat2")),
-             pytest.param(False, id="per-component")]  # fmt: skip
+RESOLVERS = [
+    pytest.param(True, id="openat2", marks=pytest.mark.skipif(not HAVE_OPENAT2, reason="no openat2")),
+    pytest.param(False, id="per-component"),
+]
 
 
 class Canary:
@@ -111,8 +113,9 @@ def test_a_symlink_to_a_file_is_never_read_written_or_truncated(fs: LocalFS, can
     assert attr.type == FileType.LNK and attr.mtime_ns == 7_000_000_000
     assert os.lstat(fs.base / "link").st_mtime_ns == 7_000_000_000
     # CREATE over the link's name neither follows nor truncates it
-    refused((Status.INVAL, Status.EXIST), fs.create, fs.root(), "link", CreateMode.UNCHECKED, SetAttr(size=0),
-            None, CRED)  # fmt: skip
+    refused(
+        (Status.INVAL, Status.EXIST), fs.create, fs.root(), "link", CreateMode.UNCHECKED, SetAttr(size=0), None, CRED
+    )
     refused(Status.EXIST, fs.create, fs.root(), "link", CreateMode.GUARDED, SetAttr(), None, CRED)
     refused(Status.EXIST, fs.create, fs.root(), "link", CreateMode.EXCLUSIVE, SetAttr(), b"12345678", CRED)
     # a hard link to the symlink is another name for the link, not for its target
@@ -259,8 +262,9 @@ def test_fifo_and_other_special_files_are_never_opened(fs: LocalFS) -> None:
             refused(Status.INVAL, fs.read, fifo, 0, 10)
             refused(Status.INVAL, fs.write, fifo, 0, memoryview(b"x"), StableHow.FILE_SYNC)
             refused(Status.INVAL, fs.setattr, fifo, SetAttr(size=0), CRED)
-            refused((Status.EXIST, Status.NXIO), fs.create, fs.root(), "fifo", CreateMode.UNCHECKED, SetAttr(),
-                    None, CRED)  # fmt: skip
+            refused(
+                (Status.EXIST, Status.NXIO), fs.create, fs.root(), "fifo", CreateMode.UNCHECKED, SetAttr(), None, CRED
+            )
             result.append(None)
         except BaseException as exc:  # noqa: BLE001 - reported below
             result.append(exc)

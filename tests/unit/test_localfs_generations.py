@@ -23,8 +23,10 @@ from nfsd.localfs import LocalFS
 from nfsd.vfs import Backend, CreateMode, Cred, NFSError, ObjectId, SetAttr, StableHow, Status
 
 CRED = Cred(uid=0, gid=0)
-RESOLVERS = [pytest.param(True, id="openat2", marks=pytest.mark.skipif(not HAVE_OPENAT2, reason="no openat2")),
-             pytest.param(False, id="per-component")]  # fmt: skip
+RESOLVERS = [
+    pytest.param(True, id="openat2", marks=pytest.mark.skipif(not HAVE_OPENAT2, reason="no openat2")),
+    pytest.param(False, id="per-component"),
+]
 MAX_TRIES = 200
 
 
@@ -163,8 +165,11 @@ def test_depth_beyond_max_depth_is_refused_when_created(fs: LocalFS, monkeypatch
     d = fs.root()
     for n in ("a", "b", "c"):
         d = fs.mkdir(d, n, SetAttr(), CRED)
-    for make in (lambda: fs.mkdir(d, "d", SetAttr(), CRED), lambda: create(fs, d, "f"),
-                 lambda: fs.symlink(d, "s", "x", SetAttr(), CRED)):  # fmt: skip
+    for make in (
+        lambda: fs.mkdir(d, "d", SetAttr(), CRED),
+        lambda: create(fs, d, "f"),
+        lambda: fs.symlink(d, "s", "x", SetAttr(), CRED),
+    ):
         with pytest.raises(NFSError) as exc:
             make()
         assert exc.value.status == Status.NAMETOOLONG and "3 levels" in str(exc.value)

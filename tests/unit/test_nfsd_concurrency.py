@@ -60,8 +60,14 @@ def slow_server(tmp_path: Path) -> NFSServer:
     export_dir = tmp_path / "export"
     export_dir.mkdir()
     (export_dir / "disk").write_bytes(bytes(range(256)) * 64)
-    return NFSServer([Export(path="/slow", backend=SlowDisk(export_dir))], codec=HandleCodec(b"k" * 32),
-                     bind="127.0.0.1", nfs_port=0, mount_port=0, portmap_port=None)  # fmt: skip
+    return NFSServer(
+        [Export(path="/slow", backend=SlowDisk(export_dir))],
+        codec=HandleCodec(b"k" * 32),
+        bind="127.0.0.1",
+        nfs_port=0,
+        mount_port=0,
+        portmap_port=None,
+    )
 
 
 def lookup(c: RpcClient, root: bytes, name: str) -> bytes:
@@ -77,8 +83,9 @@ def test_getattr_is_answered_while_reads_block(tmp_path: Path) -> None:
         fh = lookup(c, root, "disk")
         # Eight slow READs in flight on this connection, then the heartbeat.
         for xid in range(100, 108):
-            c.send_raw(record(call_bytes(xid, 100003, 3, 6, Packer().opaque(fh).u64(SLOW_OFFSET).u32(512).bytes(),
-                                         auth_sys())))  # fmt: skip
+            c.send_raw(
+                record(call_bytes(xid, 100003, 3, 6, Packer().opaque(fh).u64(SLOW_OFFSET).u32(512).bytes(), auth_sys()))
+            )
         sent = time.monotonic()
         c.send_raw(record(call_bytes(999, 100003, 3, 1, Packer().opaque(fh).bytes(), auth_sys())))
         first = Unpacker(c.recv_record())
@@ -99,8 +106,11 @@ def test_eight_connections_from_one_client_interleave(tmp_path: Path) -> None:
         for k, c in enumerate(conns):  # several calls in flight on every connection at once
             for j in range(4):
                 off = (k * 4 + j) * 512
-                c.send_raw(record(call_bytes(k * 100 + j, 100003, 3, 6,
-                                             Packer().opaque(fh).u64(off).u32(512).bytes(), auth_sys())))  # fmt: skip
+                c.send_raw(
+                    record(
+                        call_bytes(k * 100 + j, 100003, 3, 6, Packer().opaque(fh).u64(off).u32(512).bytes(), auth_sys())
+                    )
+                )
         for k, c in enumerate(conns):
             got = {}
             for _ in range(4):

@@ -85,7 +85,7 @@ def test_nfserror_keeps_its_own_status_before_any_mapping() -> None:
         ValueError("bug"),
         KeyError("k"),
         RuntimeError("r"),
-    ],  # fmt: skip
+    ],
     ids=["EAGAIN", "EBADF", "no-errno", "ValueError", "KeyError", "RuntimeError"],
 )
 def test_anything_unknown_is_serverfault(exc: BaseException) -> None:

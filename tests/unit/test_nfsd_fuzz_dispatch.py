@@ -83,9 +83,23 @@ class World:
         return out
 
 
-OBJECTS = ["/export", "/export/file", "/export/dir", "/export/dir/inner", "/export/link", "/export/escape",
-           "/export/escape/secret", "/export/sub", "/ro", "/ro/file", "/ro/dir", "/ds", "/ds/vm", "/ds/vm/vm.vmx",
-           "/ds/vm/vm-flat.vmdk"]  # fmt: skip
+OBJECTS = [
+    "/export",
+    "/export/file",
+    "/export/dir",
+    "/export/dir/inner",
+    "/export/link",
+    "/export/escape",
+    "/export/escape/secret",
+    "/export/sub",
+    "/ro",
+    "/ro/file",
+    "/ro/dir",
+    "/ds",
+    "/ds/vm",
+    "/ds/vm/vm.vmx",
+    "/ds/vm/vm-flat.vmdk",
+]
 
 
 def make_tree(tmp: Path) -> None:
@@ -327,12 +341,49 @@ def call(w: World, prog: int, proc: int, args: bytes, cred: tuple[int, bytes] | 
 
 
 # --- argument generation ---------------------------------------------------------------------------------
-NAMES = [b"file", b"dir", b"inner", b"link", b"escape", b"sub", b"vm", b"vm.vmx", b"vm-flat.vmdk", b"new",
-         b"new2", b"secret"]  # fmt: skip
-HOSTILE_NAMES = [b"", b".", b"..", b"a/b", b"/", b"../canary", b"a\0b", b"\0", b"x" * 255, b"x" * 256,
-                 b"y" * 1000, "é".encode() * 128, b"\xff\xfe\xfd", b"\xed\xa0\x80", b"\xc3"]  # fmt: skip
-PATHS = [b"file", b"../canary", b"../../../../etc/passwd", b"/", b"", b"a\0b", b"x" * 4096, b"x" * 4097,
-         b"\xff", b"escape/secret"]  # fmt: skip
+NAMES = [
+    b"file",
+    b"dir",
+    b"inner",
+    b"link",
+    b"escape",
+    b"sub",
+    b"vm",
+    b"vm.vmx",
+    b"vm-flat.vmdk",
+    b"new",
+    b"new2",
+    b"secret",
+]
+HOSTILE_NAMES = [
+    b"",
+    b".",
+    b"..",
+    b"a/b",
+    b"/",
+    b"../canary",
+    b"a\0b",
+    b"\0",
+    b"x" * 255,
+    b"x" * 256,
+    b"y" * 1000,
+    "é".encode() * 128,
+    b"\xff\xfe\xfd",
+    b"\xed\xa0\x80",
+    b"\xc3",
+]
+PATHS = [
+    b"file",
+    b"../canary",
+    b"../../../../etc/passwd",
+    b"/",
+    b"",
+    b"a\0b",
+    b"x" * 4096,
+    b"x" * 4097,
+    b"\xff",
+    b"escape/secret",
+]
 
 
 class Args:
@@ -518,10 +569,28 @@ def nfs_args(a: Args, proc: int) -> None:
         a.cut_at = a.draw(st.integers(0, len(a.p.buf) - 1))
 
 
-MNT_PATHS = [b"/export", b"/export/", b"/export/dir", b"/export/dir/inner", b"/export/file", b"/export/link",
-             b"/export/escape", b"/export/escape/deep", b"/export/../canary", b"/export/dir/../../canary",
-             b"/export/a\0b", b"/export/" + b"x" * 300, b"/nope", b"", b"/", b"/ds", b"/ds/vm", b"/ro",
-             b"\xff\xfe", b"//export//dir//"]  # fmt: skip
+MNT_PATHS = [
+    b"/export",
+    b"/export/",
+    b"/export/dir",
+    b"/export/dir/inner",
+    b"/export/file",
+    b"/export/link",
+    b"/export/escape",
+    b"/export/escape/deep",
+    b"/export/../canary",
+    b"/export/dir/../../canary",
+    b"/export/a\0b",
+    b"/export/" + b"x" * 300,
+    b"/nope",
+    b"",
+    b"/",
+    b"/ds",
+    b"/ds/vm",
+    b"/ro",
+    b"\xff\xfe",
+    b"//export//dir//",
+]
 
 
 def mount_args(a: Args, proc: int) -> None:
@@ -651,9 +720,14 @@ def test_huge_claimed_lengths_allocate_nothing(golden: World) -> None:
 
 
 BAD_NAMES = [
-    (b"", Status.INVAL), (b"a/b", Status.INVAL), (b"/", Status.INVAL), (b"a\0b", Status.INVAL),
-    (b"x" * 256, Status.NAMETOOLONG), ("\u00e9".encode() * 128, Status.NAMETOOLONG), (b"y" * 5000, Status.NAMETOOLONG),
-]  # fmt: skip
+    (b"", Status.INVAL),
+    (b"a/b", Status.INVAL),
+    (b"/", Status.INVAL),
+    (b"a\0b", Status.INVAL),
+    (b"x" * 256, Status.NAMETOOLONG),
+    ("\u00e9".encode() * 128, Status.NAMETOOLONG),
+    (b"y" * 5000, Status.NAMETOOLONG),
+]
 
 
 def name_calls(w: World, raw: bytes) -> dict[str, tuple[int, bytes]]:
@@ -682,9 +756,18 @@ def test_names_that_are_not_one_component_are_refused(golden: World, raw: bytes,
 
 
 def test_dot_names_resolve_in_lookup_and_are_refused_elsewhere(golden: World) -> None:
-    expected = {"LOOKUP": Status.OK, "CREATE": Status.EXIST, "MKDIR": Status.EXIST, "SYMLINK": Status.EXIST,
-                "MKNOD": Status.EXIST, "LINK": Status.EXIST, "REMOVE": Status.ACCES, "RMDIR": Status.ACCES,
-                "RENAME from": Status.ACCES, "RENAME to": Status.ACCES}  # fmt: skip
+    expected = {
+        "LOOKUP": Status.OK,
+        "CREATE": Status.EXIST,
+        "MKDIR": Status.EXIST,
+        "SYMLINK": Status.EXIST,
+        "MKNOD": Status.EXIST,
+        "LINK": Status.EXIST,
+        "REMOVE": Status.ACCES,
+        "RMDIR": Status.ACCES,
+        "RENAME from": Status.ACCES,
+        "RENAME to": Status.ACCES,
+    }
     for raw in (b".", b".."):
         for what, (proc, args) in name_calls(golden, raw).items():
             assert nfs(golden, proc, args).status == expected[what], (raw, what)
@@ -736,8 +819,15 @@ def test_datastore_disk_grows_only_within_its_bound(golden: World) -> None:
 
 @pytest.mark.parametrize(
     "path,stat",
-    [(b"/export/a\0b", 22), (b"/export/" + b"x" * 300, 63), (b"/export/file", 20), (b"/export/escape", 20),
-     (b"/export/escape/deep", 20), (b"/export/../canary", 2), (b"/export/dir", 0)],
-)  # fmt: skip
+    [
+        (b"/export/a\0b", 22),
+        (b"/export/" + b"x" * 300, 63),
+        (b"/export/file", 20),
+        (b"/export/escape", 20),
+        (b"/export/escape/deep", 20),
+        (b"/export/../canary", 2),
+        (b"/export/dir", 0),
+    ],
+)
 def test_mount_paths(golden: World, path: bytes, stat: int) -> None:
     assert call(golden, MOUNT_PROGRAM, 1, name(path)).status == stat

@@ -198,9 +198,15 @@ def test_rate_limited_log_counts_what_it_leaves_out(caplog: pytest.LogCaptureFix
 def test_listing_clients_from_another_thread_while_connections_churn(tmp_path: Path) -> None:
     """The control socket lists clients from a worker thread while the event loop adds and drops connections."""
     (tmp_path / "e").mkdir()
-    server = NFSServer([Export(path="/e", backend=LocalFS(tmp_path / "e"))], codec=HandleCodec(b"k" * 32),
-                       bind="127.0.0.1", nfs_port=0, mount_port=0, portmap_port=None,
-                       limits=Limits(max_connections_per_client=200, max_connections=400))  # fmt: skip
+    server = NFSServer(
+        [Export(path="/e", backend=LocalFS(tmp_path / "e"))],
+        codec=HandleCodec(b"k" * 32),
+        bind="127.0.0.1",
+        nfs_port=0,
+        mount_port=0,
+        portmap_port=None,
+        limits=Limits(max_connections_per_client=200, max_connections=400),
+    )
     errors: list[BaseException] = []
     stop = threading.Event()
 

@@ -16,8 +16,9 @@ NO_WEB = "import sys; sys.modules['web'] = None  # any 'import web...' now fails
 
 
 def _run(code: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_WEB + code], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", NO_WEB + code], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
 
 
 def test_the_daemon_and_the_access_commands_import_without_the_web_layer() -> None:
@@ -29,8 +30,10 @@ def test_bootback_password_works_without_web_and_ends_every_login(tmp_path: Path
     Credentials(tmp_path).set_password("admin", "first password")
     kept = logins.start(tmp_path, "admin")
     assert logins.check(tmp_path, kept) == "admin"
-    done = _run(f"from appliance.cli import main; sys.exit(main(['password', '--state', {str(tmp_path)!r}]))",
-                stdin="second password\n")  # fmt: skip
+    done = _run(
+        f"from appliance.cli import main; sys.exit(main(['password', '--state', {str(tmp_path)!r}]))",
+        stdin="second password\n",
+    )
     assert done.returncode == 0, done.stderr
     assert "every login of 'admin' has ended" in done.stderr and "next login" not in done.stderr
     assert logins.check(tmp_path, kept) is None

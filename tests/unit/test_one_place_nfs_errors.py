@@ -21,8 +21,11 @@ def test_domain_errors_map_only_on_the_server_given_them() -> None:
     plain = NFSv3(ExportTable(HandleCodec(bytes(32))))  # appliance.daemon is imported: it must not leak here
     appliance = NFSServer([], error_statuses=NFS_STATUS_OF, portmap_port=None).nfs
     try:
-        for exc, status in ((NoSpaceError("cache full"), Status.NOSPC), (IntegrityError("chunk 12ab"), Status.IO),
-                            (DiskTooLargeError("disk 3 TiB"), Status.FBIG)):  # fmt: skip
+        for exc, status in (
+            (NoSpaceError("cache full"), Status.NOSPC),
+            (IntegrityError("chunk 12ab"), Status.IO),
+            (DiskTooLargeError("disk 3 TiB"), Status.FBIG),
+        ):
             assert appliance.errors.status_for(exc) == status
             assert plain.errors.status_for(exc) == Status.SERVERFAULT
         for server in (plain, appliance):  # the shared rules stay: NFSError's own status, then errno
@@ -36,8 +39,16 @@ def test_domain_errors_map_only_on_the_server_given_them() -> None:
 def test_served_repositories_can_be_iterated_while_a_rescan_adds_one(tmp_path: Path) -> None:
     repos = tmp_path / "repos"
     Repository.init(repos / "a")
-    config = DaemonConfig(repos=[], repo_dirs=[repos], state_dir=tmp_path / "state", nfs_port=0, mount_port=0,
-                          portmap_port=None, web=False, read_cache_bytes=0)  # fmt: skip
+    config = DaemonConfig(
+        repos=[],
+        repo_dirs=[repos],
+        state_dir=tmp_path / "state",
+        nfs_port=0,
+        mount_port=0,
+        portmap_port=None,
+        web=False,
+        read_cache_bytes=0,
+    )
     daemon = Daemon(config)
     try:
         reading = iter(daemon.sessions.repos.items())  # what SessionManager.repo() does in a control thread

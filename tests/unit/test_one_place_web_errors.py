@@ -63,8 +63,9 @@ def test_expected_errors_are_flashed_back_on_the_page(app: Flask) -> None:
 
 
 @pytest.mark.parametrize("kind", ["bug", "domain"])
-def test_bugs_and_the_webs_own_failures_are_a_logged_plain_500(app: Flask, tmp_path: Path, kind: str,
-                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_bugs_and_the_webs_own_failures_are_a_logged_plain_500(
+    app: Flask, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     client = app.test_client()
     token = Credentials(tmp_path).create_token("ci")["token"]
     with caplog.at_level(logging.ERROR, "bootback.web"):

@@ -76,8 +76,13 @@ def test_only_the_hostile_devices_go_and_nothing_half_configured_is_left() -> No
         'annotation = "a \\"quoted\\" note"\n'
         'displayName = "web01\\" evil = \\"x"\n'
     )
-    vmx = published_vmx("web01", "p1", BACKED_UP.replace('displayName = "web01"\n', "") + extra,
-                        disks("web01.vmdk", "web01_1.vmdk"), "recovery")  # fmt: skip
+    vmx = published_vmx(
+        "web01",
+        "p1",
+        BACKED_UP.replace('displayName = "web01"\n', "") + extra,
+        disks("web01.vmdk", "web01_1.vmdk"),
+        "recovery",
+    )
     keys = [line.split("=", 1)[0].strip().lower() for line in vmx.splitlines() if line.strip()]
     assert "nvram" in keys and "memsize" in keys
     assert not [k for k in keys if k.startswith(("ide1:0.", "serial1."))]  # the whole device, not only its file

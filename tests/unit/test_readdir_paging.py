@@ -19,15 +19,23 @@ def objects(i: int, name: str) -> ObjectId:
     return ObjectId(1000 + i)
 
 
-def page(cookie: int, verifier: int = 0, count: int = 0, names: list[str] = NAMES, resolve=objects  # noqa: ANN001
-         ) -> ReadDirResult:  # fmt: skip
+def page(
+    cookie: int,
+    verifier: int = 0,
+    count: int = 0,
+    names: list[str] = NAMES,
+    resolve=objects,  # noqa: ANN001
+) -> ReadDirResult:
     return readdir_page(DIR, PARENT, names, cookie, verifier, count, resolve)
 
 
 def test_first_page_has_dot_dotdot_then_names_with_their_cookies() -> None:
     res = page(0, count=16 * 20)
-    assert [(e.name, e.obj, e.cookie) for e in res.entries[:3]] == [(".", DIR, 1), ("..", PARENT, 2),
-                                                                    ("n000", ObjectId(1000), 3)]  # fmt: skip
+    assert [(e.name, e.obj, e.cookie) for e in res.entries[:3]] == [
+        (".", DIR, 1),
+        ("..", PARENT, 2),
+        ("n000", ObjectId(1000), 3),
+    ]
     assert len(res.entries) == 20 and not res.eof and res.verifier == V
     assert [e.cookie for e in res.entries] == list(range(1, 21))
 

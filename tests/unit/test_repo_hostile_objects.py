@@ -101,8 +101,12 @@ def repo(tmp_path: Path) -> tuple[Path, str]:
     """A repository with one point vm01 whose disk d has 4 random chunks; and the id of its first chunk."""
     repo = Repository.init(tmp_path / "repo", chunk_size=CS)
     data = random.Random(7).randbytes(4 * CS)
-    point = backup_vm(repo, "vm01", [DiskSource(name="d", size=len(data), format="raw", stream=io.BytesIO(data))],
-                      source_info={"disks": ["d"]})  # fmt: skip
+    point = backup_vm(
+        repo,
+        "vm01",
+        [DiskSource(name="d", size=len(data), format="raw", stream=io.BytesIO(data))],
+        source_info={"disks": ["d"]},
+    )
     return repo.path, point.disks[0].chunks[0]
 
 
@@ -136,7 +140,7 @@ def commands(path: Path, tmp_path: Path) -> dict[str, list[str]]:
             "d",
             "-o",
             str(tmp_path / "out.raw"),
-        ],  # fmt: skip
+        ],
         "verify": [*py, "-m", "appliance", "verify", str(path), "--json"],
     }
 
@@ -167,8 +171,12 @@ def test_a_chunk_file_over_the_compress_bound_is_refused_unread(tmp_path: Path) 
     a file one byte over it is refused before it is read."""
     repo = Repository.init(tmp_path / "repo", chunk_size=CS)
     data = os.urandom(CS)
-    point = backup_vm(repo, "vm01", [DiskSource(name="d", size=CS, format="raw", stream=io.BytesIO(data))],
-                      source_info={"disks": ["d"]})  # fmt: skip
+    point = backup_vm(
+        repo,
+        "vm01",
+        [DiskSource(name="d", size=CS, format="raw", stream=io.BytesIO(data))],
+        source_info={"disks": ["d"]},
+    )
     cid = point.disks[0].chunks[0]
     path = repo.store.path(cid)
     blob = path.read_bytes()
@@ -210,8 +218,12 @@ def test_a_symlinked_point_file_is_listed_as_damaged(tmp_path: Path) -> None:
     is never followed; the point is listed as damaged, naming it."""
     repo = Repository.init(tmp_path / "repo", chunk_size=CS)
     data = bytes(range(256)) * (CS // 256)
-    point = backup_vm(repo, "vm01", [DiskSource(name="d", size=CS, format="raw", stream=io.BytesIO(data))],
-                      source_info={"disks": ["d"]})  # fmt: skip
+    point = backup_vm(
+        repo,
+        "vm01",
+        [DiskSource(name="d", size=CS, format="raw", stream=io.BytesIO(data))],
+        source_info={"disks": ["d"]},
+    )
     path = repo.path / "points" / "vm01" / f"{point.id}.point"
     copy = tmp_path / "elsewhere.point"
     copy.write_bytes(path.read_bytes())

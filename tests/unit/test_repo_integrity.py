@@ -324,8 +324,15 @@ def write_format1_repository(root: Path, disks: dict[str, bytes], vm: str = "old
     for sub in ("chunks", "points", "tmp"):
         (root / sub).mkdir(parents=True)
     (root / "lock").touch()
-    cfg = {"magic": "bootback-repository", "format": 1, "id": "f" * 32, "chunk_size": CS, "hash": "sha256",
-           "compression": "zstd,3", "features": []}  # fmt: skip
+    cfg = {
+        "magic": "bootback-repository",
+        "format": 1,
+        "id": "f" * 32,
+        "chunk_size": CS,
+        "hash": "sha256",
+        "compression": "zstd,3",
+        "features": [],
+    }
     (root / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     entries = []
     for name, data in disks.items():
@@ -340,11 +347,29 @@ def write_format1_repository(root: Path, disks: dict[str, bytes], vm: str = "old
             header = b"BBCK" + struct.pack(">BBHI", 1, 1, 0, len(block))
             (root / "chunks" / cid[:2] / cid).write_bytes(header + cctx.compress(block))
             ids.append(cid)
-        entries.append({"name": name, "size": len(data), "chunk_size": CS, "chunks": ids, "source_format": "raw",
-                        "adapter": None, "geometry": None, "controller": None})  # fmt: skip
+        entries.append(
+            {
+                "name": name,
+                "size": len(data),
+                "chunk_size": CS,
+                "chunks": ids,
+                "source_format": "raw",
+                "adapter": None,
+                "geometry": None,
+                "controller": None,
+            }
+        )
     when = datetime.strptime(point_id, "%Y-%m-%dT%H-%M-%S.%fZ").replace(tzinfo=UTC)
-    doc = {"format": 1, "vm": vm, "id": point_id, "time": when.isoformat(), "vmx": "x = 1\n",
-           "source": {"disks": list(disks)}, "stats": {"bytes_read": 1}, "disks": entries}  # fmt: skip
+    doc = {
+        "format": 1,
+        "vm": vm,
+        "id": point_id,
+        "time": when.isoformat(),
+        "vmx": "x = 1\n",
+        "source": {"disks": list(disks)},
+        "stats": {"bytes_read": 1},
+        "disks": entries,
+    }
     raw = json.dumps(doc, separators=(",", ":")).encode()
     (root / "points" / vm).mkdir()
     header = b"BBRP" + struct.pack(">BBHI", 1, 1, 0, len(raw))

@@ -25,8 +25,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def manager(repo: Path, state: Path, **kw) -> SessionManager:  # noqa: ANN003
-    return SessionManager(state, {"repo": Repository.open(repo)}, DatastoreBackend(state / "ds"), min_free_bytes=0,
-                          **kw)  # fmt: skip
+    return SessionManager(
+        state, {"repo": Repository.open(repo)}, DatastoreBackend(state / "ds"), min_free_bytes=0, **kw
+    )
 
 
 def test_instant_sessions_survive_a_new_manager_and_sandboxes_do_not(repo: Path, tmp_path: Path) -> None:

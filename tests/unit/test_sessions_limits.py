@@ -25,8 +25,12 @@ def test_paths_are_checked_lexically_against_the_roots(tmp_path: Path) -> None:
     assert split_beneath([root], str(root / "a" / "b.raw"), "output") == (root, ["a", "b.raw"])
     assert split_beneath([root], "rel/x.raw", "output") == (root, ["rel", "x.raw"])  # under the first root
     assert split_beneath([tmp_path / "other", root], str(root), "output") == (root, [])
-    for bad, message in [(str(tmp_path / "elsewhere"), "outside the allowed"), (f"{root}/../m2/x", "'..'"),
-                         (str(tmp_path / "m2" / "x"), "outside the allowed"), ("", "not a path")]:  # fmt: skip
+    for bad, message in [
+        (str(tmp_path / "elsewhere"), "outside the allowed"),
+        (f"{root}/../m2/x", "'..'"),
+        (str(tmp_path / "m2" / "x"), "outside the allowed"),
+        ("", "not a path"),
+    ]:
         with pytest.raises(PathNotAllowedError, match=message):
             split_beneath([root], bad, "output")
     with pytest.raises(PathNotAllowedError, match="no directory is configured"):

@@ -54,8 +54,11 @@ def test_a_job_cut_off_by_a_restart_says_so(tmp_path: Path) -> None:
 
 def test_bad_requests_are_refused_before_a_job_starts(tmp_path: Path) -> None:
     v = Verifications(tmp_path, lambda **kw: [], lambda **kw: None)
-    for kwargs, message in [({"expect": "(open"}, "not a regular expression"), ({"timeout": 1}, "timeout"),
-                            ({"memory_mib": 16}, "memory_mib")]:  # fmt: skip
+    for kwargs, message in [
+        ({"expect": "(open"}, "not a regular expression"),
+        ({"timeout": 1}, "timeout"),
+        ({"memory_mib": 16}, "memory_mib"),
+    ]:
         with pytest.raises(UsageError, match=message):
             v.start("web01", **kwargs)
     assert v.list() == []

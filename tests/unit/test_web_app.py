@@ -54,11 +54,20 @@ def test_health_is_open_and_reports_a_missing_daemon(client: FlaskClient) -> Non
     assert resp.json["daemon"] is False and resp.json["status"] == "unavailable"
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/api/v1/status"), ("GET", "/api/v1/sessions"), ("POST", "/api/v1/sessions"),
-    ("DELETE", "/api/v1/sessions/abc"), ("GET", "/api/v1/metrics"), ("GET", "/api/v1/openapi.json"),
-    ("GET", "/api/v1/repositories"), ("POST", "/api/v1/tokens"), ("GET", "/api/v1/cache"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/api/v1/status"),
+        ("GET", "/api/v1/sessions"),
+        ("POST", "/api/v1/sessions"),
+        ("DELETE", "/api/v1/sessions/abc"),
+        ("GET", "/api/v1/metrics"),
+        ("GET", "/api/v1/openapi.json"),
+        ("GET", "/api/v1/repositories"),
+        ("POST", "/api/v1/tokens"),
+        ("GET", "/api/v1/cache"),
+    ],
+)
 def test_everything_but_health_needs_authentication(client: FlaskClient, method: str, path: str) -> None:
     resp = client.open(f"{BASE}{path}", method=method)
     assert resp.status_code == 401
@@ -100,8 +109,10 @@ def test_login_form_needs_its_csrf_token(client: FlaskClient) -> None:
 def test_login_does_not_redirect_off_site(client: FlaskClient) -> None:
     page = client.get(f"{BASE}/login?next=//evil.example/").get_data(as_text=True)
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)[1]
-    resp = client.post(f"{BASE}/login?next=//evil.example/",
-                       data={"csrf_token": csrf, "username": "admin", "password": "correct horse"})  # fmt: skip
+    resp = client.post(
+        f"{BASE}/login?next=//evil.example/",
+        data={"csrf_token": csrf, "username": "admin", "password": "correct horse"},
+    )
     assert resp.headers["Location"] == "/"
 
 
@@ -123,17 +134,20 @@ def test_cookie_requests_that_change_state_need_the_csrf_header(client: FlaskCli
     assert client.post(f"{BASE}/sessions/abc/stop", data={}).status_code == 400
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"vm": 5}, "vm"),
-    ({"vm": "web01", "mode": "live"}, "mode"),
-    ({"vm": "web01", "color": "red"}, "color"),
-    ({}, "vm"),
-    ({"vms": ["ok", 3]}, "vms[1]"),
-    ({"vm": "../etc"}, "vm"),
-    ({"vm": "web01", "cache": "relative/dir"}, "cache"),
-    ({"vm": "web01", "point": True}, "point"),
-    (["web01"], "body"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"vm": 5}, "vm"),
+        ({"vm": "web01", "mode": "live"}, "mode"),
+        ({"vm": "web01", "color": "red"}, "color"),
+        ({}, "vm"),
+        ({"vms": ["ok", 3]}, "vms[1]"),
+        ({"vm": "../etc"}, "vm"),
+        ({"vm": "web01", "cache": "relative/dir"}, "cache"),
+        ({"vm": "web01", "point": True}, "point"),
+        (["web01"], "body"),
+    ],
+)
 def test_invalid_publish_requests_name_the_field(client: FlaskClient, token: str, body, field: str) -> None:
     resp = client.post(f"{BASE}/api/v1/sessions", json=body, headers=bearer(token))
     assert resp.status_code == 400
@@ -141,11 +155,15 @@ def test_invalid_publish_requests_name_the_field(client: FlaskClient, token: str
 
 
 def test_malformed_json_and_wrong_content_type(client: FlaskClient, token: str) -> None:
-    resp = client.post(f"{BASE}/api/v1/sessions", data="{not json", headers={**bearer(token),
-                       "Content-Type": "application/json"})  # fmt: skip
+    resp = client.post(
+        f"{BASE}/api/v1/sessions", data="{not json", headers={**bearer(token), "Content-Type": "application/json"}
+    )
     assert resp.status_code == 400 and "JSON" in resp.json["error"]["message"]
-    resp = client.post(f"{BASE}/api/v1/sessions", data="vm=x", headers={**bearer(token),
-                       "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    resp = client.post(
+        f"{BASE}/api/v1/sessions",
+        data="vm=x",
+        headers={**bearer(token), "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert resp.status_code == 415
     resp = client.post(f"{BASE}/api/v1/sessions/abc/migration", json={"output": "x"}, headers=bearer(token))
     assert resp.status_code == 400 and resp.json["error"]["message"].startswith("output:")
@@ -182,9 +200,10 @@ def test_openapi_lists_exactly_the_api_routes(app: Flask, client: FlaskClient, t
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     routed = {
         (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)
-        for rule in app.url_map.iter_rules() if rule.rule.startswith("/api/v1")
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith("/api/v1")
         for method in rule.methods - {"HEAD", "OPTIONS"}
-    }  # fmt: skip
+    }
     assert documented == routed
 
 
@@ -200,8 +219,10 @@ def test_credentials_refuse_short_passwords_and_generate_one_once(tmp_path) -> N
 
 
 def test_metrics_are_prometheus_text() -> None:
-    status = {"cache": {"path": "/c", "free": 5 * 2**40, "total": 8 * 2**40, "min_free": 100 * 2**30},
-              "clients": [{"address": "10.0.0.7", "connections": 8, "calls": 1234}]}  # fmt: skip
+    status = {
+        "cache": {"path": "/c", "free": 5 * 2**40, "total": 8 * 2**40, "min_free": 100 * 2**30},
+        "clients": [{"address": "10.0.0.7", "connections": 8, "calls": 1234}],
+    }
     sessions = [{"id": "ab12", "vm": 'we"b', "mode": "instant", "cache_used_bytes": 65536, "changed_bytes": 4096}]
     text = render_metrics(status, sessions, [{"name": "main", "points": 3}])
     assert 'bootback_sessions{mode="instant"} 1' in text

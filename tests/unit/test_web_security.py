@@ -53,17 +53,36 @@ def csrf_of(client: FlaskClient, path: str = "/") -> str:
 def login_next(client: FlaskClient, nxt: str, password: str = PASSWORD):
     page = client.get(f"{BASE}/login", query_string={"next": nxt}).get_data(as_text=True)
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)[1]
-    return client.post(f"{BASE}/login", query_string={"next": nxt},
-                       data={"csrf_token": csrf, "username": "admin", "password": password})  # fmt: skip
+    return client.post(
+        f"{BASE}/login",
+        query_string={"next": nxt},
+        data={"csrf_token": csrf, "username": "admin", "password": password},
+    )
 
 
 # --- open redirect --------------------------------------------------------------------------------------
 HOSTILE_NEXT = [
-    "/\t/evil.example", "/\n/evil.example", "//evil.example", "///evil.example", "\\\\evil.example",
-    "/\\evil.example", "\\/evil.example", "https://evil.example/", "http:evil.example", "/%2F%2Fevil.example",
-    "/%2f/evil.example", "/%5Cevil.example", "%2F%2Fevil.example", "javascript:alert(1)", "JaVaScRiPt:alert(1)",
-    " //evil.example", "evil.example", "/\x00/evil.example", "/ /evil.example", "/" + "a" * 3000,
-]  # fmt: skip
+    "/\t/evil.example",
+    "/\n/evil.example",
+    "//evil.example",
+    "///evil.example",
+    "\\\\evil.example",
+    "/\\evil.example",
+    "\\/evil.example",
+    "https://evil.example/",
+    "http:evil.example",
+    "/%2F%2Fevil.example",
+    "/%2f/evil.example",
+    "/%5Cevil.example",
+    "%2F%2Fevil.example",
+    "javascript:alert(1)",
+    "JaVaScRiPt:alert(1)",
+    " //evil.example",
+    "evil.example",
+    "/\x00/evil.example",
+    "/ /evil.example",
+    "/" + "a" * 3000,
+]
 
 
 @pytest.mark.parametrize("nxt", HOSTILE_NEXT)
@@ -234,11 +253,18 @@ def test_atomic_helpers(tmp_path: Path) -> None:
 
 
 # --- NFS open to everyone -------------------------------------------------------------------------------
-@pytest.mark.parametrize("status,expected", [
-    ({"nfs_open_to_everyone": True}, True), ({"nfs_open_to_everyone": False, "allowed_networks": ["0.0.0.0/0"]}, False),
-    ({"nfs_clients": ["10.0.0.0/8", "::/0"]}, True), ({"allowed_networks": ["10.0.0.0/8"]}, False),
-    ({}, None), ({"allowed_networks": ["not a network"]}, None), ({"nfs_open_to_everyone": "yes"}, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "status,expected",
+    [
+        ({"nfs_open_to_everyone": True}, True),
+        ({"nfs_open_to_everyone": False, "allowed_networks": ["0.0.0.0/0"]}, False),
+        ({"nfs_clients": ["10.0.0.0/8", "::/0"]}, True),
+        ({"allowed_networks": ["10.0.0.0/8"]}, False),
+        ({}, None),
+        ({"allowed_networks": ["not a network"]}, None),
+        ({"nfs_open_to_everyone": "yes"}, None),
+    ],
+)
 def test_nfs_exposure_is_read_defensively(status: dict, expected: bool | None) -> None:
     assert nfs_open_to_everyone(status) is expected
 
@@ -253,8 +279,19 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("clients,open_", [(None, True), ("127.0.0.1/32,::1/128", False)])
 def test_the_page_and_status_warn_when_nfs_is_open_to_everyone(repo: Path, tmp_path: Path, clients, open_) -> None:
     extra = ("--clients", clients) if clients else ()
-    d = DaemonProcess(repo, tmp_path / "state", "--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0",
-                      "--portmap-port", "0", *extra)  # fmt: skip
+    d = DaemonProcess(
+        repo,
+        tmp_path / "state",
+        "--bind",
+        "127.0.0.1",
+        "--nfs-port",
+        "0",
+        "--mount-port",
+        "0",
+        "--portmap-port",
+        "0",
+        *extra,
+    )
     d.start()
     try:
         Credentials(d.state).set_password("admin", PASSWORD)
@@ -276,23 +313,26 @@ def test_the_login_page_shows_no_banner(state: Path) -> None:
 
 
 # --- input validation, limits, CSRF, errors -------------------------------------------------------------
-@pytest.mark.parametrize("path,body,field", [
-    ("/api/v1/sessions", {"vm": "web01\n"}, "vm"),
-    ("/api/v1/sessions", {"vm": "web01", "repository": "../other"}, "repository"),
-    ("/api/v1/sessions", {"vm": "web01", "repository": "r" * 300}, "repository"),
-    ("/api/v1/sessions", {"vms": ["a"] * 300}, "vms"),
-    ("/api/v1/sessions", {"vm": "web01", "cache": "/x" * 3000}, "cache"),
-    ("/api/v1/sessions", {"vm": "web01", "cache": "/tmp/a\x00b"}, "cache"),
-    ("/api/v1/verifications", {"vm": "web01", "expect": "x" * 501}, "expect"),
-    ("/api/v1/verifications", {"vm": "web01", "timeout": "300"}, "timeout"),
-    ("/api/v1/verifications", {"vm": "web01", "memory_mib": True}, "memory_mib"),
-    ("/api/v1/verifications", {"vm": "web01", "memory_mib": 1.5}, "memory_mib"),
-    ("/api/v1/verifications", {"vm": "web01", "repository": 7}, "repository"),
-    ("/api/v1/tokens", {"name": "n" * 65}, "name"),
-    ("/api/v1/tokens", {"name": ["x"]}, "name"),
-    ("/api/v1/tokens", {"name": ""}, "name"),
-    ("/api/v1/sessions/abc/migration", {"output": "/" + "o" * 5000}, "output"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/api/v1/sessions", {"vm": "web01\n"}, "vm"),
+        ("/api/v1/sessions", {"vm": "web01", "repository": "../other"}, "repository"),
+        ("/api/v1/sessions", {"vm": "web01", "repository": "r" * 300}, "repository"),
+        ("/api/v1/sessions", {"vms": ["a"] * 300}, "vms"),
+        ("/api/v1/sessions", {"vm": "web01", "cache": "/x" * 3000}, "cache"),
+        ("/api/v1/sessions", {"vm": "web01", "cache": "/tmp/a\x00b"}, "cache"),
+        ("/api/v1/verifications", {"vm": "web01", "expect": "x" * 501}, "expect"),
+        ("/api/v1/verifications", {"vm": "web01", "timeout": "300"}, "timeout"),
+        ("/api/v1/verifications", {"vm": "web01", "memory_mib": True}, "memory_mib"),
+        ("/api/v1/verifications", {"vm": "web01", "memory_mib": 1.5}, "memory_mib"),
+        ("/api/v1/verifications", {"vm": "web01", "repository": 7}, "repository"),
+        ("/api/v1/tokens", {"name": "n" * 65}, "name"),
+        ("/api/v1/tokens", {"name": ["x"]}, "name"),
+        ("/api/v1/tokens", {"name": ""}, "name"),
+        ("/api/v1/sessions/abc/migration", {"output": "/" + "o" * 5000}, "output"),
+    ],
+)
 def test_bad_fields_are_refused_early_naming_the_field(state: Path, path: str, body: dict, field: str) -> None:
     token = Credentials(state).create_token("ci")["token"]
     resp = make_app(state).test_client().post(f"{BASE}{path}", json=body, headers=bearer(token))
@@ -300,10 +340,15 @@ def test_bad_fields_are_refused_early_naming_the_field(state: Path, path: str, b
     assert resp.json["error"]["message"].startswith(f"{field}:"), resp.json
 
 
-@pytest.mark.parametrize("body,field", [
-    ('{"vm": "w", "timeout": NaN}', "timeout"), ('{"vm": "w", "timeout": 1e999}', "timeout"),
-    ("[" * 100_000 + "]" * 100_000, "body"), ('{"vm": "w", "timeout": 1' + "0" * 5000 + "}", "body"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ('{"vm": "w", "timeout": NaN}', "timeout"),
+        ('{"vm": "w", "timeout": 1e999}', "timeout"),
+        ("[" * 100_000 + "]" * 100_000, "body"),
+        ('{"vm": "w", "timeout": 1' + "0" * 5000 + "}", "body"),
+    ],
+)
 def test_hostile_json_is_a_400_not_a_crash(state: Path, body: str, field: str) -> None:
     token = Credentials(state).create_token("ci")["token"]
     headers = {**bearer(token), "Content-Type": "application/json"}
@@ -311,8 +356,9 @@ def test_hostile_json_is_a_400_not_a_crash(state: Path, body: str, field: str) -
     assert resp.status_code == 400 and resp.json["error"]["message"].startswith(f"{field}:"), resp.json
 
 
-@pytest.mark.parametrize("path", ["/api/v1/sessions/" + "s" * 300, "/api/v1/verifications/a%0Ab",
-                                  "/api/v1/repositories/-x/points"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path", ["/api/v1/sessions/" + "s" * 300, "/api/v1/verifications/a%0Ab", "/api/v1/repositories/-x/points"]
+)
 def test_bad_ids_in_urls_are_refused(state: Path, path: str) -> None:
     token = Credentials(state).create_token("ci")["token"]
     resp = make_app(state).test_client().get(f"{BASE}{path}", headers=bearer(token))
@@ -323,11 +369,15 @@ def test_page_forms_use_the_same_rules(state: Path) -> None:
     client = make_app(state).test_client()
     login(client, PASSWORD)
     csrf = csrf_of(client)
-    resp = client.post(f"{BASE}/verifications", data={"csrf_token": csrf, "vm": "web01", "expect": "x" * 501},
-                       follow_redirects=True)  # fmt: skip
+    resp = client.post(
+        f"{BASE}/verifications", data={"csrf_token": csrf, "vm": "web01", "expect": "x" * 501}, follow_redirects=True
+    )
     assert "expect: at most 500 characters" in resp.get_data(as_text=True)
-    resp = client.post(f"{BASE}/sessions", data={"csrf_token": csrf, "vm": "web01", "mode": "instant",
-                       "repository": "../x"}, follow_redirects=True)  # fmt: skip
+    resp = client.post(
+        f"{BASE}/sessions",
+        data={"csrf_token": csrf, "vm": "web01", "mode": "instant", "repository": "../x"},
+        follow_redirects=True,
+    )
     assert "repository: &#39;../x&#39; is not a valid name" in resp.get_data(as_text=True)
     resp = client.post(f"{BASE}/sessions/{'s' * 300}/stop", data={"csrf_token": csrf}, follow_redirects=True)
     assert "sid: " in resp.get_data(as_text=True)
@@ -338,8 +388,11 @@ def test_page_forms_use_the_same_rules(state: Path) -> None:
 def test_big_bodies_are_refused_before_they_are_read(state: Path) -> None:
     token = Credentials(state).create_token("ci")["token"]
     client = make_app(state).test_client()
-    resp = client.post(f"{BASE}/api/v1/tokens", data=b"{" + b" " * (2 << 20) + b"}",
-                       headers={**bearer(token), "Content-Type": "application/json"})  # fmt: skip
+    resp = client.post(
+        f"{BASE}/api/v1/tokens",
+        data=b"{" + b" " * (2 << 20) + b"}",
+        headers={**bearer(token), "Content-Type": "application/json"},
+    )
     assert resp.status_code == 413 and resp.is_json
     resp = client.post(f"{BASE}/login", data={"csrf_token": "x", "password": "p" * (2 << 20)})
     assert resp.status_code == 413

@@ -77,8 +77,13 @@ def _host(module: AnsibleModule, content):
 
 def _describe(ds) -> dict:
     nas = getattr(ds.info, "nas", None)
-    return {"name": ds.name, "server": getattr(nas, "remoteHost", None), "path": getattr(nas, "remotePath", None),
-            "type": ds.summary.type, "accessible": bool(ds.summary.accessible)}  # fmt: skip
+    return {
+        "name": ds.name,
+        "server": getattr(nas, "remoteHost", None),
+        "path": getattr(nas, "remotePath", None),
+        "type": ds.summary.type,
+        "accessible": bool(ds.summary.accessible),
+    }
 
 
 def run(module: AnsibleModule) -> None:
@@ -110,9 +115,12 @@ def run(module: AnsibleModule) -> None:
             module.exit_json(changed=False, datastore=have)
 
         spec = vim.host.NasVolume.Specification(
-            remoteHost=p["server"], remotePath=p["path"], localPath=p["name"], type="NFS",
+            remoteHost=p["server"],
+            remotePath=p["path"],
+            localPath=p["name"],
+            type="NFS",
             accessMode="readOnly" if p["read_only"] else "readWrite",
-        )  # fmt: skip
+        )
         if module.check_mode:
             module.exit_json(changed=True, datastore={"name": p["name"], "server": p["server"], "path": p["path"]})
         try:
