@@ -28,6 +28,16 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the appliance daemon: NFS datastore, sessions, control port")
     p.add_argument("--repo", type=Path, action="append", default=[], help="a repository to serve (repeatable)")
@@ -87,30 +97,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=os.environ.get("BOOTBACK_ADVERTISE"),
         help="host name or address to put in nfs:// URLs ($BOOTBACK_ADVERTISE)",
     )
-    p.add_argument(
-        "--max-sessions",
-        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_MAX_SESSIONS is a usage error
-        default=os.environ.get("BOOTBACK_MAX_SESSIONS", "100"),
-        help="sessions published at once, at most (default 100; $BOOTBACK_MAX_SESSIONS)",
-    )
-    p.add_argument(
-        "--max-publish",
-        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_MAX_PUBLISH is a usage error
-        default=os.environ.get("BOOTBACK_MAX_PUBLISH", "25"),
-        help="VMs one publish request may name, at most (default 25; $BOOTBACK_MAX_PUBLISH)",
-    )
-    p.add_argument(
-        "--max-verifications",
-        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_MAX_VERIFICATIONS is a usage error
-        default=os.environ.get("BOOTBACK_MAX_VERIFICATIONS", "2"),
-        help="verifications booting at once, at most (default 2; $BOOTBACK_MAX_VERIFICATIONS)",
-    )
-    p.add_argument(
-        "--verify-max-memory",
-        type=int,  # argparse applies it to a string default too: a bad $BOOTBACK_VERIFY_MAX_MEMORY is a usage error
-        default=os.environ.get("BOOTBACK_VERIFY_MAX_MEMORY", "4096"),
-        help="guest RAM in MiB a verification may ask for (default 4096; $BOOTBACK_VERIFY_MAX_MEMORY)",
-    )
+    for option, env, default, what in (
+        ("--max-sessions", "BOOTBACK_MAX_SESSIONS", 100, "sessions published at once, at most"),
+        ("--max-publish", "BOOTBACK_MAX_PUBLISH", 25, "VMs one publish request may name, at most"),
+        ("--max-verifications", "BOOTBACK_MAX_VERIFICATIONS", 2, "verifications booting at once, at most"),
+        ("--verify-max-memory", "BOOTBACK_VERIFY_MAX_MEMORY", 4096, "guest RAM in MiB a verification may ask for"),
+    ):
+        # argparse applies the type to a string default too: a bad $BOOTBACK_... is a usage error naming the option
+        p.add_argument(
+            option,
+            type=_positive_int,
+            default=os.environ.get(env, str(default)),
+            help=f"{what} (default {default}; ${env})",
+        )
     p.add_argument(
         "--nfs-limit",
         action="append",
@@ -199,9 +198,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     migration_dirs = args.migration_dir
     if migration_dirs is None and os.environ.get("BOOTBACK_MIGRATION_DIRS"):
         migration_dirs = [Path(d) for d in os.environ["BOOTBACK_MIGRATION_DIRS"].split(":") if d]
-    for name in ("max_sessions", "max_publish", "max_verifications", "verify_max_memory"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: at least 1, got {getattr(args, name)}")
     pairs = args.nfs_limit
     if pairs is None:
         pairs = [p for p in os.environ.get("BOOTBACK_NFS_LIMITS", "").split(",") if p.strip()]

@@ -16,11 +16,10 @@ from pathlib import Path
 
 from appliance.atomicfile import write_atomic
 from appliance.cache.overlay import WriteCache
-from appliance.datastore.layer import TAG_BIT, Layer, page_by_lookup, real
+from appliance.datastore.layer import TAG_BIT, FilesLayer, page_by_lookup, real
 from nfsd.localfs import LocalFS
 from nfsd.vfs import (
     Attr,
-    CreateMode,
     Cred,
     FileType,
     FsStat,
@@ -45,7 +44,7 @@ class Extent:
     ctime_ns: int
 
 
-class SessionFolder(Layer):
+class SessionFolder(FilesLayer):
     def __init__(self, directory: Path, extents: dict[str, WriteCache]) -> None:
         """``directory`` holds files/ (the real files) and names.json (current names of the extents)."""
         self.directory = Path(directory)
@@ -154,20 +153,6 @@ class SessionFolder(Layer):
     def _no_clash(self, directory: ObjectId, name: str) -> None:
         if self.is_root(directory) and name in self._visible():
             raise NFSError(Status.EXIST, name)
-
-    def create(
-        self, directory: ObjectId, name: str, mode: CreateMode, attrs: SetAttr, verifier: bytes | None, cred: Cred
-    ) -> ObjectId:
-        self._no_clash(directory, name)
-        return real(self.files.create(directory, name, mode, attrs, verifier, cred))
-
-    def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        self._no_clash(directory, name)
-        return real(self.files.mkdir(directory, name, attrs, cred))
-
-    def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        self._no_clash(directory, name)
-        return real(self.files.symlink(directory, name, target, attrs, cred))
 
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
         if self._extent(obj) is not None:

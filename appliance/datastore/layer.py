@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nfsd.vfs import Backend, NFSError, ObjectId, ReadDirResult, Status, readdir_page
+from nfsd.localfs import LocalFS
+from nfsd.vfs import Backend, CreateMode, Cred, NFSError, ObjectId, ReadDirResult, SetAttr, Status, readdir_page
 
 LOCAL_BITS = 44
 LOCAL_MASK = (1 << LOCAL_BITS) - 1
@@ -23,6 +24,31 @@ class Layer(Backend):
     def junction(self, obj: ObjectId) -> int | None:
         """The slot whose root ``obj`` (an id this layer's LOOKUP/READDIR gave) stands for, or None."""
         return None
+
+
+class FilesLayer(Layer):
+    """A layer whose real files live in a LocalFS (``files``) beside names of its own that they must not take:
+    CREATE, MKDIR and SYMLINK check ``_no_clash`` and then go to the files."""
+
+    files: LocalFS
+
+    def _no_clash(self, directory: ObjectId, name: str) -> None:
+        """Raise NFSError(EXIST) if ``name`` in ``directory`` is one of the layer's own names."""
+        raise NotImplementedError
+
+    def create(
+        self, directory: ObjectId, name: str, mode: CreateMode, attrs: SetAttr, verifier: bytes | None, cred: Cred
+    ) -> ObjectId:
+        self._no_clash(directory, name)
+        return real(self.files.create(directory, name, mode, attrs, verifier, cred))
+
+    def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
+        self._no_clash(directory, name)
+        return real(self.files.mkdir(directory, name, attrs, cred))
+
+    def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
+        self._no_clash(directory, name)
+        return real(self.files.symlink(directory, name, target, attrs, cred))
 
 
 def real(obj: ObjectId) -> ObjectId:

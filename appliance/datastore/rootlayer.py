@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from appliance.datastore.layer import TAG_BIT, Layer, page_by_lookup, real
+from appliance.datastore.layer import TAG_BIT, FilesLayer, page_by_lookup, real
 from nfsd.localfs import LocalFS
-from nfsd.vfs import CreateMode, Cred, FsStat, NFSError, ObjectId, ReadDirResult, SetAttr, Status
+from nfsd.vfs import FsStat, NFSError, ObjectId, ReadDirResult, Status
 
 
-class RootLayer(Layer):
+class RootLayer(FilesLayer):
     def __init__(self, directory: Path) -> None:
         self.files = LocalFS(directory)
         self._mounts: dict[str, int] = {}  # published name -> slot
@@ -70,20 +70,6 @@ class RootLayer(Layer):
         if slot is not None:
             return ObjectId(TAG_BIT | slot, 0)
         return real(self.files.lookup(directory, name))
-
-    def create(
-        self, directory: ObjectId, name: str, mode: CreateMode, attrs: SetAttr, verifier: bytes | None, cred: Cred
-    ) -> ObjectId:
-        self._no_clash(directory, name)
-        return real(self.files.create(directory, name, mode, attrs, verifier, cred))
-
-    def mkdir(self, directory: ObjectId, name: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        self._no_clash(directory, name)
-        return real(self.files.mkdir(directory, name, attrs, cred))
-
-    def symlink(self, directory: ObjectId, name: str, target: str, attrs: SetAttr, cred: Cred) -> ObjectId:
-        self._no_clash(directory, name)
-        return real(self.files.symlink(directory, name, target, attrs, cred))
 
     def link(self, obj: ObjectId, directory: ObjectId, name: str) -> None:
         self._no_clash(directory, name)

@@ -129,3 +129,36 @@ def test_fixed_ports_refuse_a_taken_port_instead_of_moving(repo: Path, tmp_path:
                 env={**os.environ, **env},
             )
             assert p.returncode != 0 and f"port {port}" in p.stderr and "taken" in p.stderr, (how, env, p.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--max-sessions", "0"], {}, "--max-sessions"),
+        ([], {"BOOTBACK_MAX_PUBLISH": "many"}, "--max-publish"),
+        ([], {"BOOTBACK_VERIFY_MAX_MEMORY": "-5"}, "--verify-max-memory"),
+    ],
+)
+def test_a_bad_cap_stops_the_start_naming_it(
+    repo: Path, tmp_path: Path, args: list[str], env: dict[str, str], named: str
+) -> None:
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "serve",
+            "--repo",
+            str(repo),
+            "--state",
+            str(tmp_path / "s"),
+            "--no-web",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert p.returncode == 2 and named in p.stderr and "at least 1" in p.stderr, p.stderr
