@@ -39,21 +39,17 @@ def null_answers(port: int) -> bool:
         c.close()
 
 
+PRIVATE = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
+
+
+def serve_once(repo: Path, state: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`bootback serve` expected to stop at start: its exit and what it said."""
+    cmd = [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(state), "--no-web", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env or dict(os.environ))
+
+
 def test_nfs_limit_reaches_the_server(repo: Path, tmp_path: Path) -> None:
-    d = DaemonProcess(
-        repo,
-        tmp_path / "state",
-        "--bind",
-        "127.0.0.1",
-        "--nfs-port",
-        "0",
-        "--mount-port",
-        "0",
-        "--portmap-port",
-        "0",
-        "--nfs-limit",
-        "max_connections_per_client=2",
-    ).start()
+    d = DaemonProcess(repo, tmp_path / "state", *PRIVATE, "--nfs-limit", "max_connections_per_client=2").start()
     try:
         held = [RpcClient("127.0.0.1", d.nfs_port, timeout=5) for _ in range(2)]
         for c in held:
@@ -69,29 +65,8 @@ def test_nfs_limit_reaches_the_server(repo: Path, tmp_path: Path) -> None:
 
 
 def test_a_bad_limit_stops_the_start_naming_it(repo: Path, tmp_path: Path) -> None:
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "serve",
-            "--repo",
-            str(repo),
-            "--state",
-            str(tmp_path / "state"),
-            "--no-web",
-            "--nfs-port",
-            "0",
-            "--mount-port",
-            "0",
-            "--portmap-port",
-            "0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "BOOTBACK_NFS_LIMITS": "max_connections=lots"},
+    p = serve_once(
+        repo, tmp_path / "state", *PRIVATE, env={"PATH": "/usr/bin:/bin", "BOOTBACK_NFS_LIMITS": "max_connections=lots"}
     )
     assert p.returncode != 0 and "max_connections" in p.stderr and "'lots'" in p.stderr, p.stderr
 
@@ -108,26 +83,7 @@ def test_fixed_ports_refuse_a_taken_port_instead_of_moving(repo: Path, tmp_path:
         finally:
             moved.stop()
         for how, env in ((["--fixed-ports"], {}), ([], {"BOOTBACK_FIXED_PORTS": "1"})):  # the role sets the env
-            p = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "appliance",
-                    "serve",
-                    "--repo",
-                    str(repo),
-                    "--state",
-                    str(tmp_path / "fixed"),
-                    "--no-web",
-                    *common,
-                    *how,
-                ],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env={**os.environ, **env},
-            )
+            p = serve_once(repo, tmp_path / "fixed", *common, *how, env={**os.environ, **env})
             assert p.returncode != 0 and f"port {port}" in p.stderr and "taken" in p.stderr, (how, env, p.stderr)
 
 
@@ -142,23 +98,5 @@ def test_fixed_ports_refuse_a_taken_port_instead_of_moving(repo: Path, tmp_path:
 def test_a_bad_cap_stops_the_start_naming_it(
     repo: Path, tmp_path: Path, args: list[str], env: dict[str, str], named: str
 ) -> None:
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "serve",
-            "--repo",
-            str(repo),
-            "--state",
-            str(tmp_path / "s"),
-            "--no-web",
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **env},
-    )
+    p = serve_once(repo, tmp_path / "s", *PRIVATE, *args, env={**os.environ, **env})
     assert p.returncode == 2 and named in p.stderr and "at least 1" in p.stderr, p.stderr
