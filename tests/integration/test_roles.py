@@ -147,7 +147,7 @@ APPLIANCE_OK = {
     ("change", "message"),
     [
         ({"bootback_appliance_network_mode": "nat"}, "bootback_appliance_network_mode must be one of: host, bridge"),
-        ({"bootback_appliance_admin_password": "tiny-pw"}, "must have at least 10 characters"),
+        ({"bootback_appliance_admin_password": "tiny-pw"}, "must have 8 to 1024 characters"),
         ({"bootback_appliance_admin_password": None}, "missing required arguments: bootback_appliance_admin_password"),
         ({"bootback_appliance_published_ports": {"nfs": "two"}}, "bootback_appliance_published_ports"),
         ({"bootback_appliance_tls_cert": "/nonexistent.crt"}, "set both bootback_appliance_tls_cert"),
