@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.nfsd_process import PRIVATE_PORTS
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT = "/bootback"
 
@@ -120,14 +122,7 @@ def web_appliance(repo: Path, state: Path, password: str) -> tuple[DaemonProcess
     d = DaemonProcess(
         repo,
         state,
-        "--bind",
-        "127.0.0.1",
-        "--nfs-port",
-        "0",
-        "--mount-port",
-        "0",
-        "--portmap-port",
-        "0",
+        *PRIVATE_PORTS,
         web_port=port,
         env={"BOOTBACK_ADMIN_PASSWORD": password},
     )

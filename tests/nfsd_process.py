@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Loopback only, ports the kernel picks, no portmapper: servers of parallel tests never meet (python -m nfsd and
+# bootback serve take the same options).
+PRIVATE_PORTS = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
 
 
 class NfsdProcess:

@@ -22,9 +22,9 @@ from appliance.errors import (
 from appliance.sessions.control import ControlClient
 from nfsd.xdr import Packer
 from tests.daemon_process import DaemonProcess, bootback
+from tests.nfsd_process import PRIVATE_PORTS
 from tests.rpcclient import NfsDir
 
-PRIVATE_PORTS = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
 MiB = 1 << 20
 NFS3ERR_FBIG = 27
 CANARY = b"canary bytes that live outside the session folder\n"

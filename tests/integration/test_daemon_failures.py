@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import DaemonProcess, bootback, tree_hash
+from tests.nfsd_process import PRIVATE_PORTS
 from tests.rpcclient import NfsDir
 
-PRIVATE_PORTS = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
 NFS3ERR_NOSPC = 28
 MiB = 1 << 20
 

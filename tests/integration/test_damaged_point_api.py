@@ -15,6 +15,7 @@ import requests
 
 from appliance.sessions.control import ControlClient
 from tests.daemon_process import DaemonProcess, bootback, tree_hash, web_appliance
+from tests.nfsd_process import PRIVATE_PORTS
 
 PASSWORD = "damaged-point-password"
 
@@ -158,14 +159,7 @@ def test_a_repository_that_cannot_be_listed_does_not_hide_the_others(tmp_path: P
     d = DaemonProcess(
         repos,
         tmp_path / "state",
-        "--bind",
-        "127.0.0.1",
-        "--nfs-port",
-        "0",
-        "--mount-port",
-        "0",
-        "--portmap-port",
-        "0",
+        *PRIVATE_PORTS,
         repo_flag="--repo-dir",
     ).start()
     try:

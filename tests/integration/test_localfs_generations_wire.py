@@ -8,10 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from nfsd.xdr import Packer
-from tests.nfsd_process import NfsdProcess
+from tests.nfsd_process import PRIVATE_PORTS, NfsdProcess
 from tests.rpcclient import RpcClient
 
-PRIVATE_PORTS = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
 OK, STALE = 0, 70
 NO_SATTR = Packer().u32(0).u32(0).u32(0).u32(0).u32(0).u32(0).bytes()
 NFS = (100003, 3)

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 from nfsd.xdr import Packer, Unpacker
-from tests.nfsd_process import NfsdProcess
+from tests.nfsd_process import PRIVATE_PORTS, NfsdProcess
 from tests.rpcclient import RpcClient, auth_sys, call_bytes, record
 
 NFS, MOUNT, PMAP = 100003, 100005, 100000
-PRIVATE_PORTS = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
 MiB = 1 << 20
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import ROOT, DaemonProcess, bootback, free_port
+from tests.nfsd_process import PRIVATE_PORTS
 from tests.rpcclient import RpcClient
 
 NFS_PROG, NFS_VERS = 100003, 3
@@ -39,9 +40,6 @@ def null_answers(port: int) -> bool:
         c.close()
 
 
-PRIVATE = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
-
-
 def serve_once(repo: Path, state: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`bootback serve` expected to stop at start: its exit and what it said."""
     cmd = [sys.executable, "-m", "appliance", "serve", "--repo", str(repo), "--state", str(state), "--no-web", *args]
@@ -49,7 +47,7 @@ def serve_once(repo: Path, state: Path, *args: str, env: dict[str, str] | None =
 
 
 def test_nfs_limit_reaches_the_server(repo: Path, tmp_path: Path) -> None:
-    d = DaemonProcess(repo, tmp_path / "state", *PRIVATE, "--nfs-limit", "max_connections_per_client=2").start()
+    d = DaemonProcess(repo, tmp_path / "state", *PRIVATE_PORTS, "--nfs-limit", "max_connections_per_client=2").start()
     try:
         held = [RpcClient("127.0.0.1", d.nfs_port, timeout=5) for _ in range(2)]
         for c in held:
@@ -66,7 +64,10 @@ def test_nfs_limit_reaches_the_server(repo: Path, tmp_path: Path) -> None:
 
 def test_a_bad_limit_stops_the_start_naming_it(repo: Path, tmp_path: Path) -> None:
     p = serve_once(
-        repo, tmp_path / "state", *PRIVATE, env={"PATH": "/usr/bin:/bin", "BOOTBACK_NFS_LIMITS": "max_connections=lots"}
+        repo,
+        tmp_path / "state",
+        *PRIVATE_PORTS,
+        env={"PATH": "/usr/bin:/bin", "BOOTBACK_NFS_LIMITS": "max_connections=lots"},
     )
     assert p.returncode != 0 and "max_connections" in p.stderr and "'lots'" in p.stderr, p.stderr
 
@@ -98,5 +99,5 @@ def test_fixed_ports_refuse_a_taken_port_instead_of_moving(repo: Path, tmp_path:
 def test_a_bad_cap_stops_the_start_naming_it(
     repo: Path, tmp_path: Path, args: list[str], env: dict[str, str], named: str
 ) -> None:
-    p = serve_once(repo, tmp_path / "s", *PRIVATE, *args, env={**os.environ, **env})
+    p = serve_once(repo, tmp_path / "s", *PRIVATE_PORTS, *args, env={**os.environ, **env})
     assert p.returncode == 2 and named in p.stderr and "at least 1" in p.stderr, p.stderr

@@ -17,10 +17,10 @@ import pytest
 
 from nfsd.treesearch import SearchLimits
 from nfsd.xdr import Packer
-from tests.nfsd_process import NfsdProcess
+from tests.nfsd_process import PRIVATE_PORTS, NfsdProcess
 from tests.rpcclient import RpcClient
 
-PRIVATE_PORTS = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0", "-v")
+VERBOSE = (*PRIVATE_PORTS, "-v")  # the walks are logged at debug level
 DIRS, FILES = 40, 100  # 4,040 entries
 OK, STALE, JUKEBOX = 0, 70, 10008
 WALK = re.compile(r"handle search for object (\d+) walked (\d+) entries in ([0-9.]+) s")
@@ -87,11 +87,11 @@ def export(tmp_path: Path) -> Path:
 
 
 def test_a_removed_files_handle_repeated_costs_no_walks(export: Path) -> None:
-    with NfsdProcess(export, *PRIVATE_PORTS) as first:
+    with NfsdProcess(export, *VERBOSE) as first:
         nfs = Nfs(first)
         old = nfs.lookup("d20", "f50")
         victim_dir, victim = nfs.lookup("d39"), nfs.lookup("d39", "f99")
-    with NfsdProcess(export, *PRIVATE_PORTS, secret=first.secret) as server:  # a restart
+    with NfsdProcess(export, *VERBOSE, secret=first.secret) as server:  # a restart
         nfs = Nfs(server)
         assert nfs.getattr(old) == OK, "a handle from before the restart must resolve"
         assert nfs.getattr(victim) == OK and len(walks(server)) == 1, "one walk places every old handle"
@@ -113,7 +113,7 @@ def test_a_removed_files_handle_repeated_costs_no_walks(export: Path) -> None:
 def test_changes_behind_the_servers_back_buy_a_bounded_share_of_walking(export: Path) -> None:
     """Each file removed on the host, then its handle used twice: the first use finds the path gone (the tree
     changed behind the server's back), the second needs a walk. Walks must stay within the duty cycle."""
-    with NfsdProcess(export, *PRIVATE_PORTS) as server:
+    with NfsdProcess(export, *VERBOSE) as server:
         nfs = Nfs(server)
         nfs.getattr(nfs.lookup("d0"))
         probe = LiveProbe(server, ("d0", "f0"))

@@ -19,10 +19,9 @@ import pytest
 
 from nfsd.xdr import Packer
 from tests.daemon_process import EXPORT, DaemonProcess, bootback
-from tests.nfsd_process import NfsdProcess
+from tests.nfsd_process import PRIVATE_PORTS, NfsdProcess
 from tests.rpcclient import RpcClient
 
-PRIVATE_PORTS = ("--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0")
 SECRET = b"canary: must never be read through the export\n"
 OK, NOTDIR, INVAL = 0, 20, 22
 NO_SATTR = Packer().u32(0).u32(0).u32(0).u32(0).u32(0).u32(0).bytes()  # change nothing

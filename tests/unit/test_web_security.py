@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 from appliance.access.credentials import Credentials
 from appliance.atomicfile import create_once, write_atomic
 from tests.daemon_process import DaemonProcess, bootback
+from tests.nfsd_process import PRIVATE_PORTS
 from tests.unit.test_web_app import BASE, bearer, login
 from web import create_app
 from web.exposure import nfs_open_to_everyone
@@ -282,14 +283,7 @@ def test_the_page_and_status_warn_when_nfs_is_open_to_everyone(repo: Path, tmp_p
     d = DaemonProcess(
         repo,
         tmp_path / "state",
-        "--bind",
-        "127.0.0.1",
-        "--nfs-port",
-        "0",
-        "--mount-port",
-        "0",
-        "--portmap-port",
-        "0",
+        *PRIVATE_PORTS,
         *extra,
     )
     d.start()
