@@ -21,7 +21,8 @@ import errno
 import os
 from collections.abc import Sequence
 
-from nfsd.vfs import NFSError, Status
+from nfsd.names import check_name
+from nfsd.vfs import Status
 
 SYS_OPENAT2 = 437  # the same number on every architecture (the syscall table was unified at 403+)
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -42,10 +43,9 @@ _syscall.restype = ctypes.c_long
 
 
 def component(name: str) -> str:
-    """``name`` if it is one directory entry's name, else NFSError(INVAL) naming it."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise NFSError(Status.INVAL, f"invalid file name {name!r}")
-    return name
+    """``name`` if it is one directory entry's name (nfsd.names' rule; '.' and '..' never walk here), else
+    NFSError naming it."""
+    return check_name(name, Status.INVAL)
 
 
 def openat2(dir_fd: int, path: str, flags: int, resolve: int = RESOLVE) -> int:
