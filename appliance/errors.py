@@ -58,6 +58,13 @@ class IntegrityError(RepositoryError):
     exit_code = 15
 
 
+class StorageUnavailableError(RepositoryError):
+    """The repository's storage cannot be reached or refuses us (an S3 endpoint down, wrong credentials, no
+    such bucket); nothing was misread, and what a failed write left is invisible (never referenced)."""
+
+    exit_code = 16
+
+
 class SourceError(BootbackError):
     """A source disk or VM folder cannot be read: unknown format, truncated, missing."""
 
