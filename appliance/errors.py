@@ -65,6 +65,12 @@ class StorageUnavailableError(RepositoryError):
     exit_code = 16
 
 
+class RepositoryKeyError(RepositoryError):
+    """An encrypted repository cannot be opened: no key or passphrase was given, or it is the wrong one."""
+
+    exit_code = 17
+
+
 class SourceError(BootbackError):
     """A source disk or VM folder cannot be read: unknown format, truncated, missing."""
 
