@@ -105,6 +105,13 @@ class FileNotFoundInBackupError(FileRecoveryError):
     """The path or volume does not exist inside the backed-up disk."""
 
 
+class ItemRecoveryError(BootbackError):
+    """An application inside a backed-up disk (database, directory, mail store) that cannot be found, started
+    or read as asked: missing, an unsupported version, damaged files, or server binaries not installed."""
+
+    exit_code = 62
+
+
 class VerificationFailedError(BootbackError):
     """A restore point did not boot to the expected state (``bootback verify-boot``)."""
 
