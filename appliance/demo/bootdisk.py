@@ -25,6 +25,7 @@ PART_OFFSET = 1 << 20
 MARKER = "/var/bootback-marker"
 BANNER = "bootback-demo: booted"
 MARKER_LINE = "bootback-demo: marker written"
+APPEND = f"root=LABEL={LABEL} rw console=ttyS0 panic=-1 quiet init=/sbin/init"
 RECIPE_VERSION = "2"
 
 INIT = f"""#!/bin/busybox sh
@@ -98,20 +99,27 @@ def _tools() -> dict[str, str]:
     return need
 
 
-def _key(tools: dict[str, str], size_mib: int) -> str:
-    h = hashlib.sha256(f"{RECIPE_VERSION}:{size_mib}:{INIT}".encode())
+def _key(tools: dict[str, str], size_mib: int, init: str, append: str) -> str:
+    variant = "" if append == APPEND else f":{append}"  # the demo's own key unchanged: its cached disk stays valid
+    h = hashlib.sha256(f"{RECIPE_VERSION}:{size_mib}:{init}{variant}".encode())
     for k in ("kernel", "initrd", "busybox"):
         st = os.stat(tools[k])
         h.update(f"{tools[k]}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
-def build_boot_disk(cache_dir: Path, size_mib: int = 96) -> BootDisk:
-    """The demo boot disk, built into ``cache_dir`` unless an identical one is there already."""
+def build_boot_disk(
+    cache_dir: Path, size_mib: int = 96, init: str = INIT, initrd: Path | None = None, append: str = APPEND
+) -> BootDisk:
+    """The demo boot disk, built into ``cache_dir`` unless an identical one is there already. Variants (the
+    virtual lab's test guests): another ``init`` script, another ``initrd`` (keyed by its content) and kernel
+    command line."""
     tools = _tools()
+    if initrd is not None:
+        tools["initrd"] = str(initrd)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    out = cache_dir / f"bootdisk-{_key(tools, size_mib)}.raw"
+    out = cache_dir / f"bootdisk-{_key(tools, size_mib, init, append)}.raw"
     if out.exists():
         return BootDisk(out, out.stat().st_size)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
@@ -120,13 +128,13 @@ def build_boot_disk(cache_dir: Path, size_mib: int = 96) -> BootDisk:
         for sub in ("bin", "sbin", "proc", "sys", "dev", "run", "var", "tmp", "boot/extlinux", "mnt"):
             (root / sub).mkdir(parents=True)
         shutil.copy(tools["busybox"], root / "bin" / "busybox")
-        (root / "sbin" / "init").write_text(INIT)
+        (root / "sbin" / "init").write_text(init)
         os.chmod(root / "sbin" / "init", 0o755)
         shutil.copy(tools["kernel"], root / "boot" / "vmlinuz")
         shutil.copy(tools["initrd"], root / "boot" / "initrd.img")
         (root / "boot" / "extlinux" / "extlinux.conf").write_text(
             "DEFAULT linux\nTIMEOUT 1\nPROMPT 0\nLABEL linux\n  KERNEL /boot/vmlinuz\n  INITRD /boot/initrd.img\n"
-            f"  APPEND root=LABEL={LABEL} rw console=ttyS0 panic=-1 quiet init=/sbin/init\n"
+            f"  APPEND {append}\n"
         )
         img = tmpdir / "disk.raw"
         size = size_mib << 20
