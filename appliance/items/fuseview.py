@@ -1,0 +1,144 @@
+"""A read-only FUSE file system over one directory of a backed-up disk, served by the file-level recovery layer.
+
+It is the lower layer of the copy-on-write view (``cowview``): the kernel's overlayfs puts a private writable
+directory on top, so a database server can run on it while only the files it reads are fetched from the
+repository, and only the files it writes are copied up. Nothing here writes: every write-like call is refused
+by FUSE itself (the mount is ``ro``).
+
+It runs in its own process (``python -m appliance.items.fuseview``) and single-threaded, because dissect's
+parsers keep file positions and are not thread-safe; the parent unmounts it with ``fusermount -u``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import stat
+import sys
+import time
+from pathlib import Path
+
+from fuse import FUSE, FuseOSError, Operations  # fusepy
+
+from appliance.errors import BootbackError, FileNotFoundInBackupError
+from appliance.files import FileBrowser, browse
+from appliance.repo import Repository
+
+# The modes a database server insists on (PostgreSQL refuses a data directory other than 0700/0750); the
+# file browser has no owners or modes to offer for every file system it reads, so the view sets them.
+DIR_MODE = stat.S_IFDIR | 0o700
+FILE_MODE = stat.S_IFREG | 0o600
+LINK_MODE = stat.S_IFLNK | 0o777
+
+
+class BackupView(Operations):
+    def __init__(self, browser: FileBrowser, root: str, uid: int, gid: int) -> None:
+        self.browser = browser
+        self.root = root.rstrip("/")
+        self.uid, self.gid = uid, gid
+        self._attrs: dict[str, dict] = {}  # the backup never changes: cache what was looked up once
+        self._open: dict[int, object] = {}
+        self._next_fh = 1
+
+    def _inner(self, path: str) -> str:
+        return self.root + ("" if path == "/" else path)
+
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        if path in self._attrs:
+            return self._attrs[path]
+        try:
+            entry = self.browser.stat(self._inner(path))
+        except FileNotFoundInBackupError:
+            raise FuseOSError(errno.ENOENT) from None
+        except BootbackError:
+            raise FuseOSError(errno.EIO) from None
+        mode = {"directory": DIR_MODE, "file": FILE_MODE, "symlink": LINK_MODE}.get(entry.kind)
+        if mode is None:  # FIFOs, devices, sockets: nothing an application's data needs
+            raise FuseOSError(errno.ENOENT)
+        when = entry.mtime.timestamp() if entry.mtime else time.time()
+        size = entry.size if entry.kind == "file" else 0
+        if entry.kind == "symlink":
+            size = len(self.readlink(path))
+        attrs = {
+            "st_mode": mode,
+            "st_nlink": 2 if entry.kind == "directory" else 1,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_size": size,
+            "st_mtime": when,
+            "st_atime": when,
+            "st_ctime": when,
+        }
+        self._attrs[path] = attrs
+        return attrs
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        try:
+            names = [
+                e.name for e in self.browser.listdir(self._inner(path)) if e.kind in ("file", "directory", "symlink")
+            ]
+        except BootbackError:
+            raise FuseOSError(errno.EIO) from None
+        return [".", "..", *names]
+
+    def readlink(self, path: str) -> str:
+        vol, inner = self.browser.split(self._inner(path))
+        fs = self.browser.filesystem(vol) if vol else None
+        try:
+            return fs.fs.get(inner).link  # ext and XFS inodes (dissect) carry the target
+        except Exception:  # noqa: BLE001 - NTFS/FAT reparse points are not followed
+            raise FuseOSError(errno.EINVAL) from None
+
+    def open(self, path: str, flags: int) -> int:
+        try:
+            handle = self.browser.open(self._inner(path))
+        except FileNotFoundInBackupError:
+            raise FuseOSError(errno.ENOENT) from None
+        except BootbackError:
+            raise FuseOSError(errno.EIO) from None
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        self._open[fh] = handle
+        return fh
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        handle = self._open.get(fh)
+        if handle is None:
+            raise FuseOSError(errno.EBADF)
+        try:
+            handle.seek(offset)
+            return handle.read(size)
+        except BootbackError:  # a damaged chunk: an I/O error for the reader, never wrong bytes
+            raise FuseOSError(errno.EIO) from None
+
+    def release(self, path: str, fh: int) -> int:
+        self._open.pop(fh, None)
+        return 0
+
+    def statfs(self, path: str) -> dict:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0, "f_namemax": 255}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m appliance.items.fuseview")
+    p.add_argument("repo")
+    p.add_argument("point")
+    p.add_argument("disk")
+    p.add_argument("root", help="browser path of the directory to show, e.g. /p1/var/lib/postgresql/15/main")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--uid", type=int, required=True)
+    p.add_argument("--gid", type=int, required=True)
+    args = p.parse_args(argv)
+    repo = Repository.open(args.repo)
+    browser = browse(repo, repo.resolve(args.point), args.disk)
+    view = BackupView(browser, args.root, args.uid, args.gid)
+    view.getattr("/")  # fail here, with a message, rather than as an empty mount
+    FUSE(view, str(args.mountpoint), foreground=True, nothreads=True, ro=True, allow_other=True, fsname="bootback")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BootbackError as exc:
+        print(f"bootback: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
