@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The operator's standing choice for `bootback init` in this suite (children inherit it): unencrypted, unless a test
+# asks for --encryption aes-256-gcm (tests/integration/test_repo_encryption.py).
+os.environ.setdefault("BOOTBACK_ENCRYPTION", "none")
 
 
 @pytest.fixture(scope="session")

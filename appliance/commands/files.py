@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from appliance.commands.keys import add_key_options, key_source
 from appliance.errors import NoSpaceError
 from appliance.files import FileBrowser, browse
 from appliance.repo import Repository
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("point", metavar="VM[@POINT]")
     p.add_argument("path", nargs="?", default="/", help="/ lists the volumes; /p1/etc lists a directory")
     p.add_argument("--disk", help="disk name, when the restore point has several")
+    add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_files)
 
@@ -29,11 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="e.g. /p1/etc/hostname")
     p.add_argument("-o", "--output", required=True, help="output file, '-' for standard output")
     p.add_argument("--disk", help="disk name, when the restore point has several")
+    add_key_options(p)
     p.set_defaults(func=cmd_extract)
 
 
 def _browser(args: argparse.Namespace) -> FileBrowser:
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, key_source(args))
     return browse(repo, repo.resolve(args.point), args.disk)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from appliance.atomicfile import fsync_dir
+from appliance.commands.keys import add_init_options, add_key_options, init_encryption, key_source
 from appliance.errors import NoSpaceError, SourceError, UsageError
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import DiskSource, open_source
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a repository")
     p.add_argument("repo", type=Path)
     p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK), help="64K..4M, a power of two (default 1M)")
+    add_init_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
 
@@ -40,12 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vmx", type=Path, help="the VM's .vmx; with no DISK, back up the disks it names")
     p.add_argument("--name", action="append", default=[], help="name of the disk read from stdin ('-')")
     p.add_argument("disks", nargs="*", help="disk images (raw, VMDK, qcow2, VHD, VHDX), '-' for stdin, or a VM folder")
+    add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backup, trailing="disks")
 
     p = sub.add_parser("points", help="list restore points")
     p.add_argument("repo", type=Path)
     p.add_argument("--vm")
+    add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_points)
 
@@ -54,11 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("point", help="VM@POINT (POINT may be 'latest')")
     p.add_argument("--disk", help="disk name (default: the only disk)")
     p.add_argument("-o", "--output", required=True, help="output file, '-' for stdout")
+    add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", help="check every chunk; report damaged restore points")
     p.add_argument("repo", type=Path)
+    add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -67,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vm", required=True)
     p.add_argument("--keep", type=int, required=True)
     p.add_argument("--dry-run", action="store_true")
+    add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -76,11 +83,19 @@ def _emit(args: argparse.Namespace, doc: object, text: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    repo = Repository.init(args.repo, parse_size(args.chunk_size))
+    encryption, source = init_encryption(args)
+    repo = Repository.init(args.repo, parse_size(args.chunk_size), encryption, source, args.key_file)
+    where = f", key in {args.key_file}" if args.key_file else ""
     _emit(
         args,
-        {"path": str(repo.path), "id": repo.config.id, "chunk_size": repo.config.chunk_size},
-        f"created repository {repo.path} (chunk size {repo.config.chunk_size // 1024} KiB)",
+        {
+            "path": str(repo.path),
+            "id": repo.config.id,
+            "chunk_size": repo.config.chunk_size,
+            "encryption": repo.config.encryption_name,
+        },
+        f"created repository {repo.path} (chunk size {repo.config.chunk_size // 1024} KiB, "
+        f"encryption {repo.config.encryption_name}{where})",
     )
     return 0
 
@@ -116,7 +131,7 @@ def _gather_sources(args: argparse.Namespace) -> tuple[list[DiskSource], str | N
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, key_source(args))
     sources, vmx_text, info = _gather_sources(args)
     try:
         with byte_progress(not args.json) as update:
@@ -142,7 +157,7 @@ def _mb(n: int) -> str:
 def cmd_points(args: argparse.Namespace) -> int:
     """Exit 0 when the listing was read, damaged files included: each is a DAMAGED line in its place (and
     ``"damaged": true`` in JSON), with a warning on stderr; ``verify`` is the command that fails on damage."""
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, key_source(args))
     listing = repo.list_points(args.vm)
     if listing.damaged:
         print(
@@ -153,6 +168,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(listing.as_json(), indent=2))
         return 0
+    # on stderr, like the damage warning: scripts read stdout's one line per point
+    print(f"repository {repo.path}: encryption {repo.config.encryption_name}", file=sys.stderr)
     if not listing.points and not listing.damaged:
         print("no restore points")
     for p in listing.entries():
@@ -165,7 +182,7 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, key_source(args))
     repo.chunk_cache = ChunkCache(64 << 20)  # a restore reads each chunk once: keep only the read-ahead window
     point = repo.resolve(args.point)
     if args.disk is None:
@@ -237,7 +254,7 @@ def restore_output(target: str) -> Iterator[tuple[BinaryIO, bool]]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, key_source(args))
     with byte_progress(not args.json) as update:
         report = verify(repo, progress=lambda done, total: update("chunks", done, total))
     if args.json:
@@ -253,7 +270,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, key_source(args))
     report = prune(repo, args.vm, args.keep, dry_run=args.dry_run)
     text = (
         f"{'would delete' if args.dry_run else 'deleted'} {len(report.deleted_points)} restore point(s), "
