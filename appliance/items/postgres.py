@@ -1,0 +1,322 @@
+"""PostgreSQL item recovery: a disposable server on a copy-on-write view of a backed-up data directory.
+
+The server is Debian's own binaries of the data directory's major version (``/usr/lib/postgresql/NN/bin``), run
+as an unprivileged user, listening on a Unix socket in a private directory only (``listen_addresses=''``), with
+a configuration of ours (the backed-up postgresql.conf is not read; ``-c`` options override
+postgresql.auto.conf). Crash recovery runs on the copy, as after a power cut: a backup of a running VM is
+crash-consistent. Tables and databases come out with ``pg_dump`` and go into a running server with ``psql`` in
+one transaction, so a failed restore leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import ItemRecoveryError
+from appliance.items.cowview import CowView
+from appliance.items.discovery import Item
+
+BIN_ROOT = Path("/usr/lib/postgresql")
+SUPERUSER = "postgres"
+START_TIMEOUT = 120.0  # crash recovery replays WAL: allow for a busy cluster's
+SOCKET_LIMIT = 100  # sun_path is 108 bytes, with '/.s.PGSQL.5432' after the directory
+
+
+def major_version(item: Item) -> str:
+    """'15' from PG_VERSION, '9.6' for the old two-part numbering; anything else is not a data directory."""
+    if not re.fullmatch(r"(\d{2,})|(\d\.\d)", item.version):
+        raise ItemRecoveryError(
+            f"{item.browser_path}: PG_VERSION holds {item.version[:40]!r}, not a PostgreSQL major version "
+            "(damaged data directory?)"
+        )
+    return item.version
+
+
+def server_bindir(version: str, root: Path = BIN_ROOT) -> Path:
+    """Debian's binaries of that major version, or one line naming the package to install."""
+    bindir = root / version / "bin"
+    if not (bindir / "postgres").is_file():
+        have = sorted(p.name for p in root.glob("*") if (p / "bin" / "postgres").is_file()) if root.is_dir() else []
+        raise ItemRecoveryError(
+            f"this data directory needs PostgreSQL {version}, whose server is not installed "
+            f"(no {bindir}/postgres; on Debian: apt-get install postgresql-{version}; installed: "
+            f"{', '.join(have) or 'none'})"
+        )
+    return bindir
+
+
+def server_owner() -> tuple[int, int]:
+    """PostgreSQL refuses to run as root: as root, run it as the 'postgres' user (or nobody)."""
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    for name in ("postgres", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+        except KeyError:
+            continue
+    raise ItemRecoveryError("no unprivileged user ('postgres' or 'nobody') to run the disposable server as")
+
+
+@dataclass(frozen=True)
+class Table:
+    database: str
+    schema: str
+    name: str
+    rows: int | None
+
+    def to_json(self) -> dict:
+        return {"database": self.database, "schema": self.schema, "table": self.name, "rows": self.rows}
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class DisposableServer:
+    """One PostgreSQL server on ``datadir``, sockets and logs in ``rundir``; ``stop()`` (or the context) ends it."""
+
+    def __init__(self, datadir: Path, bindir: Path, rundir: Path, owner: tuple[int, int], where: str) -> None:
+        self.datadir, self.bindir, self.rundir, self.owner = datadir, bindir, rundir, owner
+        self.where = where  # the data directory's place in the backup, for messages
+        self.log = rundir / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def _prepare(self) -> None:
+        if len(str(self.rundir)) > SOCKET_LIMIT:
+            raise ItemRecoveryError(
+                f"work directory path too long for a Unix socket: {self.rundir} (use a shorter --work-dir)"
+            )
+        self.rundir.mkdir(mode=0o700)
+        (self.rundir / "postgresql.conf").write_text("# bootback's own: the backed-up configuration is not used\n")
+        (self.rundir / "pg_hba.conf").write_text("local all all trust\n")
+        (self.rundir / "pg_ident.conf").write_text("")
+        for f in (self.rundir, *self.rundir.iterdir()):
+            os.chown(f, *self.owner)
+        # The copy's, not the backup's: a lock file naming a process of the backed-up VM, and the signals that
+        # would make the copy wait for a primary or an archive, go; recovery is then plain crash recovery.
+        for name in ("postmaster.pid", "standby.signal", "recovery.signal"):
+            (self.datadir / name).unlink(missing_ok=True)
+
+    def start(self) -> None:
+        self._prepare()
+        settings = {
+            "config_file": self.rundir / "postgresql.conf",
+            "hba_file": self.rundir / "pg_hba.conf",
+            "ident_file": self.rundir / "pg_ident.conf",
+            "listen_addresses": "",
+            "unix_socket_directories": self.rundir,
+            "unix_socket_permissions": "0700",
+            "port": 5432,
+            "shared_preload_libraries": "",
+            "archive_mode": "off",
+            "logging_collector": "off",
+            "ssl": "off",
+            "fsync": "off",  # a throw-away copy: durability buys nothing
+            "synchronous_commit": "off",
+            "shared_buffers": "64MB",
+            "autovacuum": "off",
+        }
+        cmd = [str(self.bindir / "postgres"), "-D", str(self.datadir)]
+        for key, value in settings.items():
+            cmd += ["-c", f"{key}={value}"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                user=self.owner[0],
+                group=self.owner[1],
+                extra_groups=[] if os.geteuid() == 0 else None,
+                cwd=self.rundir,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise ItemRecoveryError(f"PostgreSQL could not start on the copy of {self.where}: {self._failure()}")
+            ready = subprocess.run(
+                [str(self.bindir / "pg_isready"), "-q", "-h", str(self.rundir), "-U", SUPERUSER, "-d", "postgres"],
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ItemRecoveryError(f"PostgreSQL did not become ready within {START_TIMEOUT:.0f} s on {self.where}")
+            time.sleep(0.1)
+
+    def _failure(self) -> str:
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        for level in ("PANIC:", "FATAL:", "ERROR:"):
+            for line in lines:
+                if level in line:
+                    return line[line.index(level) :].replace("  ", " ")
+        return lines[-1] if lines else "no output"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)  # immediate shutdown: nothing on the copy needs to be kept
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    # clients -----------------------------------------------------------------------------------------------
+    def _conn(self, database: str) -> list[str]:
+        return ["-h", str(self.rundir), "-p", "5432", "-U", SUPERUSER, "-d", database]
+
+    def query(self, database: str, sql: str) -> object:
+        """The single JSON value ``sql`` returns."""
+        p = subprocess.run(
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                *self._conn(database),
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if p.returncode != 0:
+            raise ItemRecoveryError(f"query on database {database!r} of {self.where} failed: {_first_error(p.stderr)}")
+        return json.loads(p.stdout.strip() or "null")
+
+    def databases(self) -> list[str]:
+        return self.query(
+            "postgres",
+            "SELECT coalesce(json_agg(datname ORDER BY datname), '[]') FROM pg_database "
+            "WHERE datallowconn AND NOT datistemplate",
+        )
+
+    def tables(self, database: str, counts: bool = True) -> list[Table]:
+        self.check_database(database)
+        count = (
+            "(xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname),"
+            " false, true, '')))[1]::text::bigint"
+            if counts
+            else "NULL"
+        )
+        rows = self.query(
+            database,
+            f"SELECT coalesce(json_agg(json_build_array(n.nspname, c.relname, {count}) ORDER BY n.nspname, c.relname),"
+            " '[]') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')"
+            " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'"
+            " AND NOT c.relispartition",
+        )
+        return [Table(database, s, t, n) for s, t, n in rows]
+
+    def check_database(self, database: str) -> None:
+        names = self.databases()
+        if database not in names:
+            raise ItemRecoveryError(f"no database {database!r} in {self.where} (databases: {', '.join(names)})")
+
+    def find_table(self, database: str, name: str) -> Table:
+        """``name`` is TABLE or SCHEMA.TABLE; a bare name must be unique across schemas."""
+        tables = self.tables(database, counts=False)
+        schema, _, table = name.rpartition(".")
+        hits = [t for t in tables if t.name == table and (not schema or t.schema == schema)]
+        if len(hits) == 1:
+            return hits[0]
+        listed = ", ".join(f"{t.schema}.{t.name}" for t in tables) or "none"
+        if not hits:
+            raise ItemRecoveryError(f"no table {name!r} in database {database!r} of {self.where} (tables: {listed})")
+        raise ItemRecoveryError(f"table {name!r} is in several schemas of {database!r}: name one ({listed})")
+
+    def rename_table(self, table: Table, new_name: str) -> Table:
+        """On the copy only: a restore under another name is a dump of the renamed table."""
+        self.query(
+            table.database,
+            f"ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} RENAME TO {quote_ident(new_name)};"
+            " SELECT 'null'::json",
+        )
+        return Table(table.database, table.schema, new_name, table.rows)
+
+    def dump(self, database: str, table: Table | None, out: Path) -> None:
+        cmd = [str(self.bindir / "pg_dump"), *self._conn(database), "--no-owner", "--no-acl", "-f", str(out)]
+        if table is not None:
+            cmd += ["-t", f"{quote_ident(table.schema)}.{quote_ident(table.name)}"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=24 * 3600)
+        if p.returncode != 0:
+            raise ItemRecoveryError(f"pg_dump of {database!r} from {self.where} failed: {_first_error(p.stderr)}")
+
+    def restore(self, dump: Path, target: str) -> None:
+        """Into a running server, in one transaction: all of it or nothing."""
+        if not re.match(r"postgres(ql)?://", target):
+            raise ItemRecoveryError(f"--to must be a postgresql:// URL, not {target[:80]!r}")
+        p = subprocess.run(
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "--single-transaction",
+                "-d",
+                target,
+                "-f",
+                str(dump),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=24 * 3600,
+            stdin=subprocess.DEVNULL,
+        )
+        if p.returncode != 0:
+            raise ItemRecoveryError(
+                f"restore into {_redact(target)} failed, nothing was changed: {_first_error(p.stderr)}"
+            )
+
+
+def _first_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if "ERROR" in ln or "FATAL" in ln or "error" in ln:
+            return ln
+    return lines[0] if lines else "no message"
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+@contextmanager
+def disposable_server(
+    item: Item, repo: str, point: str, work_root: Path, view_mode: str = "auto"
+) -> Iterator[DisposableServer]:
+    """A running server on a private view of ``item``'s data directory, stopped and deleted on leaving."""
+    if item.kind != "postgres":
+        raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a PostgreSQL data directory")
+    bindir = server_bindir(major_version(item))
+    owner = server_owner()
+    with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode) as data:
+        server = DisposableServer(data, bindir, data.parent / "run", owner, item.browser_path)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()

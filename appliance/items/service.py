@@ -1,0 +1,135 @@
+"""What the CLI and the web API call: find the applications of a restore point, pick one, and run one action on it.
+
+Outputs are written whole or not at all: a dump goes to a temporary file beside the output and is renamed into
+place only once complete, and every check that can fail (the application, database, table exist; the binaries
+are installed; the server starts) runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import default_state_dir
+from appliance.errors import ItemRecoveryError
+from appliance.files import FileBrowser
+from appliance.items import postgres
+from appliance.items.discovery import KINDS, Item, discover
+from appliance.repo import Repository
+
+KIND_NAMES = {
+    "postgres": "PostgreSQL data directory",
+    "mariadb": "MariaDB/MySQL data directory",
+    "openldap": "OpenLDAP database",
+    "maildir": "Maildir",
+    "mbox": "mbox mail file",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A restore point resolved once, so every step (and the FUSE process) reads the same point."""
+
+    repo: str
+    point: str  # VM@ID, exact
+
+    @classmethod
+    def resolve(cls, repo: str | Path, ref: str) -> Target:
+        return cls(str(repo), Repository.open(repo).resolve(ref).ref)
+
+
+def default_work_root() -> Path:
+    return default_state_dir() / "items"
+
+
+def find_items(target: Target) -> list[Item]:
+    repo = Repository.open(target.repo)
+    point = repo.resolve(target.point)
+    items: list[Item] = []
+    for disk in point.disks:
+        items += discover(FileBrowser(repo.open_disk(point, disk.name)), disk.name)
+    return items
+
+
+def select(target: Target, kind: str, path: str | None = None, kinds: tuple[str, ...] | None = None) -> Item:
+    """The one item of ``kind`` (or of any of ``kinds``), narrowed by ``path`` (inside its volume) when given."""
+    if kind not in KINDS and kinds is None:
+        raise ItemRecoveryError(f"unknown application kind {kind!r} (known: {', '.join(KINDS)})")
+    wanted = kinds or (kind,)
+    items = [i for i in find_items(target) if i.kind in wanted]
+    if path is not None:
+        clean = "/" + path.strip("/")
+        items = [i for i in items if clean in (i.path, i.browser_path)]
+    if len(items) == 1:
+        return items[0]
+    what = " or ".join(KIND_NAMES.get(k, k) for k in wanted)
+    if not items:
+        where = f" at {path}" if path else ""
+        raise ItemRecoveryError(f"no {what}{where} in {target.point}")
+    paths = ", ".join(i.browser_path for i in items)
+    raise ItemRecoveryError(f"{target.point} holds several of {what}: choose one with --path ({paths})")
+
+
+def place(tmp: Path, out: Path) -> None:
+    """Move a finished temporary output to ``out`` (same directory first, then an atomic rename)."""
+    staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        shutil.move(str(tmp), staged)
+        os.replace(staged, out)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+
+
+# PostgreSQL -------------------------------------------------------------------------------------------------
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """'shop' -> ('shop', None); 'shop.orders' and 'shop.sales.orders' -> ('shop', '[sales.]orders')."""
+    database, _, table = spec.partition(".")
+    if not database or (spec.count(".") and not table) or spec.count(".") > 2:
+        raise ItemRecoveryError(f"expected DB, DB.TABLE or DB.SCHEMA.TABLE, got {spec!r}")
+    return database, table or None
+
+
+def pg_list(target: Target, item: Item, work_root: Path, database: str | None = None) -> list[postgres.Table]:
+    with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
+        names = [database] if database else server.databases()
+        return [t for name in names for t in server.tables(name)]
+
+
+def pg_databases(target: Target, item: Item, work_root: Path) -> list[str]:
+    with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
+        return server.databases()
+
+
+def pg_dump(
+    target: Target,
+    item: Item,
+    work_root: Path,
+    spec: str,
+    out: Path | None = None,
+    to: str | None = None,
+    as_name: str | None = None,
+) -> str:
+    """Dump DB or DB.[SCHEMA.]TABLE to ``out`` (SQL) or restore it into the server at ``to``; returns what was done."""
+    if (out is None) == (to is None):
+        raise ItemRecoveryError("give exactly one of -o FILE and --to postgresql://...")
+    database, table_name = split_spec(spec)
+    if as_name is not None and table_name is None:
+        raise ItemRecoveryError("--as renames a table; to restore a database under another name, name it in --to")
+    if out is not None and not out.parent.is_dir():
+        raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
+    with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
+        server.check_database(database)
+        table = server.find_table(database, table_name) if table_name else None
+        if table is not None and as_name:
+            table = server.rename_table(table, as_name)
+        dump = server.rundir / "dump.sql"
+        server.dump(database, table, dump)
+        what = f"{database}.{table.schema}.{table.name}" if table else database
+        if to is not None:
+            server.restore(dump, to)
+            return f"restored {what} from {target.point}"
+        place(dump, out)
+        return f"dumped {what} from {target.point} to {out}"

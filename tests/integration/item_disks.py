@@ -1,0 +1,207 @@
+"""Disks holding real applications, made with their own tools, for the item recovery tests.
+
+``build_app_disk`` makes one ext4 file system image (``mkfs.ext4 -d``, no mount needed) with:
+- /var/lib/postgresql/15/main: a PostgreSQL 15 cluster (Debian's initdb/postgres) copied while the server was
+  running (crash-consistent: the last table exists only in the WAL unless recovery replays it);
+- /srv/pg-clean: the same cluster copied after a clean shutdown, before the last table was made;
+- /home/alice/Maildir (with an Archive folder) and /var/mail/bob (mbox).
+The rows each table holds are recorded in expected.json next to the image, as ``COPY ... TO STDOUT`` text.
+Built once and cached under the build cache (keyed by BUILD_VERSION).
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from email.message import EmailMessage
+from email.utils import format_datetime
+from datetime import datetime, timezone
+from pathlib import Path
+
+BUILD_VERSION = "1"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+SCHEMA_SQL = """
+CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text);
+INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.org' FROM generate_series(1, 200) g;
+CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers, amount numeric(10,2), note text);
+INSERT INTO orders SELECT g, 1 + g % 200, (g * 7 % 1000) / 10.0, CASE WHEN g % 5 = 0 THEN 'tab\tand ''quote''' END
+  FROM generate_series(1, 1500) g;
+CREATE SCHEMA sales;
+CREATE TABLE sales.invoices (id serial PRIMARY KEY, issued date, total numeric);
+INSERT INTO sales.invoices (issued, total) SELECT date '2026-01-01' + g, g * 3.5 FROM generate_series(1, 40) g;
+"""
+LATE_SQL = """
+CHECKPOINT;
+CREATE TABLE late_orders AS SELECT g AS id, 'after the checkpoint ' || g AS what FROM generate_series(1, 321) g;
+UPDATE customers SET name = name || ' (updated)' WHERE id <= 10;
+"""
+TABLES = {"shop": ["customers", "orders", "sales.invoices"], "hr": ["staff"]}
+
+
+def sh(*args: str | Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, timeout=300, **kw)
+
+
+def as_postgres() -> dict:
+    entry = pwd.getpwnam("postgres")
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+class Cluster:
+    """A PostgreSQL 15 server of Debian's, run as 'postgres' on a Unix socket only."""
+
+    def __init__(self, datadir: Path, sockdir: Path) -> None:
+        self.datadir, self.sockdir = datadir, sockdir
+        self.proc: subprocess.Popen | None = None
+
+    def init(self) -> None:
+        for d in (self.datadir.parent, self.sockdir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chown(d, *list(as_postgres().values())[:2])
+        sh(
+            PG_BIN / "initdb",
+            "-D",
+            self.datadir,
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            **as_postgres(),
+        )
+
+    def start(self) -> None:
+        log = open(self.sockdir / "server.log", "ab")  # noqa: SIM115 - kept by the server process
+        self.proc = subprocess.Popen(
+            [
+                PG_BIN / "postgres",
+                "-D",
+                self.datadir,
+                "-c",
+                "listen_addresses=",
+                "-c",
+                f"unix_socket_directories={self.sockdir}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **as_postgres(),
+        )
+        for _ in range(300):
+            if subprocess.run([PG_BIN / "pg_isready", "-q", "-h", self.sockdir], check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"postgres did not start: {(self.sockdir / 'server.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # smart shutdown: a clean checkpoint
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.sockdir}"
+
+    def url_for(self, database: str) -> str:
+        return f"postgresql://postgres@/{database}?host={self.sockdir}"
+
+    def psql(self, database: str, sql: str) -> str:
+        return sh(
+            PG_BIN / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-d", self.url_for(database), "-c", sql
+        ).stdout
+
+    def rows(self, database: str, table: str) -> str:
+        """Every row of ``table`` as COPY text, in primary-key order: what must come back exactly."""
+        return self.psql(database, f"COPY (SELECT * FROM {table} ORDER BY 1) TO STDOUT")
+
+
+def _mail(sender: str, subject: str, day: int, body: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = "alice@example.org"
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(datetime(2026, 3, day, 9, 30, tzinfo=timezone.utc))
+    msg["Message-ID"] = f"<{day}.{abs(hash(subject)) % 10**6}@example.org>"
+    msg.set_content(body)
+    return msg
+
+
+MAILDIR_MESSAGES = [
+    ("INBOX", "carol@example.org", "Quarterly report", 2, "numbers attached\n"),
+    ("INBOX", "dave@example.org", "Lunch?", 5, "noon?\n"),
+    ("INBOX", "carol@example.org", "Re: Quarterly report", 9, "thanks, looks good\n"),
+    ("Archive", "erin@example.org", "Old contract", 1, "signed copy\n"),
+]
+MBOX_MESSAGES = [
+    ("frank@example.org", "Server alert", 3, "disk almost full\n"),
+    ("grace@example.org", "From the lab", 4, "From here on, lines starting with From are escaped\n"),
+]
+
+
+def _make_mail(tree: Path) -> None:
+    (tree / "home/alice").mkdir(parents=True)
+    md = mailbox.Maildir(tree / "home/alice/Maildir", create=True)
+    for folder, sender, subject, day, body in MAILDIR_MESSAGES:
+        box = (
+            md
+            if folder == "INBOX"
+            else (md.get_folder(folder) if folder in md.list_folders() else md.add_folder(folder))
+        )
+        box.add(mailbox.MaildirMessage(_mail(sender, subject, day, body)))
+    (tree / "var/mail").mkdir(parents=True)
+    mb = mailbox.mbox(tree / "var/mail/bob", create=True)
+    for sender, subject, day, body in MBOX_MESSAGES:
+        mb.add(mailbox.mboxMessage(_mail(sender, subject, day, body)))
+    mb.flush()
+    mb.close()
+
+
+def build_app_disk(cache: Path) -> Path:
+    """The directory holding disk.raw and expected.json (built once per BUILD_VERSION)."""
+    out = cache / f"items-disk-v{BUILD_VERSION}"
+    if (out / "expected.json").exists():
+        return out
+    work = cache / f"items-disk-v{BUILD_VERSION}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    tree = work / "tree"
+    cluster = Cluster(work / "pg" / "data", work / "sock")
+    cluster.init()
+    cluster.start()
+    try:
+        cluster.psql("postgres", "CREATE DATABASE shop")
+        cluster.psql("postgres", "CREATE DATABASE hr")
+        cluster.psql("shop", SCHEMA_SQL)
+        cluster.psql(
+            "hr", "CREATE TABLE staff (id int PRIMARY KEY, name text); INSERT INTO staff VALUES (1, 'Ann'), (2, 'Bo')"
+        )
+        cluster.stop()
+        shutil.copytree(cluster.datadir, tree / "srv/pg-clean", symlinks=True)
+        cluster.start()
+        expected = {}
+        expected["clean"] = {db: {t: cluster.rows(db, t) for t in ts} for db, ts in TABLES.items()}
+        cluster.psql("shop", LATE_SQL)
+        expected["crash"] = {db: {t: cluster.rows(db, t) for t in ts} for db, ts in TABLES.items()}
+        expected["crash"]["shop"]["late_orders"] = cluster.rows("shop", "late_orders")
+        # while the server runs: what a snapshot of a running VM's disk holds
+        (tree / "var/lib/postgresql/15").mkdir(parents=True)
+        sh("cp", "-a", cluster.datadir, tree / "var/lib/postgresql/15/main")
+    finally:
+        cluster.stop()
+    for d in (tree / "srv", tree / "var/lib/postgresql"):
+        sh("chown", "-R", "postgres:postgres", d)
+    _make_mail(tree)
+    sh("mkfs.ext4", "-q", "-F", "-d", tree, work / "disk.raw", "256M")
+    (work / "expected.json").write_text(json.dumps(expected))
+    shutil.rmtree(tree)
+    shutil.rmtree(work / "pg")
+    os.replace(work, out) if not out.exists() else shutil.rmtree(work)
+    return out
