@@ -18,9 +18,9 @@ import pwd
 import shutil
 import subprocess
 import time
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
-from datetime import datetime, timezone
 from pathlib import Path
 
 BUILD_VERSION = "1"
@@ -127,8 +127,8 @@ def _mail(sender: str, subject: str, day: int, body: str) -> EmailMessage:
     msg["From"] = sender
     msg["To"] = "alice@example.org"
     msg["Subject"] = subject
-    msg["Date"] = format_datetime(datetime(2026, 3, day, 9, 30, tzinfo=timezone.utc))
-    msg["Message-ID"] = f"<{day}.{abs(hash(subject)) % 10**6}@example.org>"
+    msg["Date"] = format_datetime(datetime(2026, 3, day, 9, 30, tzinfo=UTC))
+    msg["Message-ID"] = f"<{day}.{len(subject)}.{sender.split('@')[0]}@example.org>"
     msg.set_content(body)
     return msg
 
