@@ -287,7 +287,12 @@ class Daemon:
         self.rescan_repositories()
         out = []
         for name, repo in sorted(self.repos.items()):
-            doc = {"name": name, "path": str(repo.path), "chunk_size": repo.config.chunk_size}
+            doc = {
+                "name": name,
+                "path": str(repo.path),
+                "chunk_size": repo.config.chunk_size,
+                "encryption": repo.config.encryption_name,
+            }
             try:
                 listing = repo.list_points()
             except BootbackError as exc:

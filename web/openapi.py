@@ -223,6 +223,7 @@ def openapi_document() -> dict:
                         "name": {"type": "string"},
                         "path": {"type": "string"},
                         "chunk_size": {"type": "integer"},
+                        "encryption": {"type": "string", "description": "aes-256-gcm, or none (not encrypted)"},
                         "vms": {"type": "array", "items": {"type": "string"}},
                         "points": {"type": "integer", "description": "readable restore points"},
                         "damaged_points": {

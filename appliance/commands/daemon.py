@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.commands.keys import add_key_options
 from appliance.config import DaemonConfig, default_export_name, default_state_dir
 from appliance.errors import UsageError, VerificationFailedError
 from appliance.progress import byte_progress
+from appliance.repo.keys import KEY_FILE_ENV
 from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
 from nfsd.limits import parse_limits
@@ -126,6 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "firewall opened for them always matches ($BOOTBACK_FIXED_PORTS=1)",
     )
     p.add_argument("--no-web", action="store_true", help="do not start the web app on the control port")
+    add_key_options(p)  # each key file names its repository; BOOTBACK_PASSPHRASE opens the others
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("publish", help="publish restore points as VM folders on the datastore")
@@ -195,6 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web = not args.no_web and importlib.util.find_spec("web.launcher") is not None
     for d in args.repo_dir:
         find_repositories(d)  # a wrong directory is a usage error now, not a silent empty appliance
+    if args.key_file:  # the daemon and the web app (a child: file downloads) open repositories with these
+        os.environ[KEY_FILE_ENV] = os.pathsep.join(str(f.resolve()) for f in args.key_file)
     migration_dirs = args.migration_dir
     if migration_dirs is None and os.environ.get("BOOTBACK_MIGRATION_DIRS"):
         migration_dirs = [Path(d) for d in os.environ["BOOTBACK_MIGRATION_DIRS"].split(":") if d]
