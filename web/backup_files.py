@@ -49,7 +49,8 @@ def _repository(name: str) -> Repository:
         with _lock:
             repo = _repos.get(name)
             if repo is None:
-                repo = _repos[name] = Repository.open(Path(path))
+                with daemon.domain_errors():  # the daemon's key options reach us as BOOTBACK_KEY_FILE/PASSPHRASE
+                    repo = _repos[name] = Repository.open(Path(path))
                 repo.chunk_cache = ChunkCache(CACHE_BYTES)
     return repo
 
