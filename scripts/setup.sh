@@ -17,7 +17,7 @@ apt_packages=(
 )
 demo_packages=(
   libnfs-utils qemu-utils qemu-block-extra qemu-system-x86
-  busybox-static linux-image-amd64 syslinux extlinux syslinux-common fdisk e2fsprogs
+  busybox-static linux-image-amd64 syslinux syslinux-common mtools dosfstools fdisk e2fsprogs
 )
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
 
