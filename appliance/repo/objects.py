@@ -224,9 +224,10 @@ class Envelope:
         got_magic, version, algorithm, reserved, sealed_len, _nonce = _ENVELOPE.unpack(header)
         if got_magic != magic:
             raise IntegrityError(f"{name}: bad magic {got_magic!r}, expected {magic!r}")
-        if version != ENCRYPTED_VERSION:
-            version_of(header, name)  # newer: UnsupportedFormatError
+        if version in (OBJECT_VERSION, SEALED_VERSION):
             raise IntegrityError(f"{name}: an unencrypted object (version {version}) in an encrypted repository")
+        if version != ENCRYPTED_VERSION:  # a newer bootback marks its repositories (format, features), not only objects
+            raise IntegrityError(f"{name}: object version {version} where an encrypted object (version 3) is expected")
         if algorithm != ALG_AES_256_GCM or reserved:
             raise IntegrityError(f"{name}: unknown encryption algorithm {algorithm} (reserved {reserved})")
         if not TAG_SIZE <= sealed_len <= max_inner + TAG_SIZE:
