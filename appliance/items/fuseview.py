@@ -16,12 +16,15 @@ import errno
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from fuse import FUSE, FuseOSError, Operations  # fusepy
 
 from appliance.errors import BootbackError, FileNotFoundInBackupError
 from appliance.files import FileBrowser, browse
+from appliance.files.filesystems import Entry
 from appliance.repo import Repository
 
 # The modes a database server insists on (PostgreSQL refuses a data directory other than 0700/0750); the
@@ -32,29 +35,45 @@ LINK_MODE = stat.S_IFLNK | 0o777
 
 
 class BackupView(Operations):
+    """The tree below ``root``, indexed once at start: one scan per directory (dissect's lookup by path scans
+    each directory on the way, which made every FUSE lookup and open cost a scan of its whole directory)."""
+
     def __init__(self, browser: FileBrowser, root: str, uid: int, gid: int) -> None:
         self.browser = browser
         self.root = root.rstrip("/")
         self.uid, self.gid = uid, gid
-        self._attrs: dict[str, dict] = {}  # the backup never changes: cache what was looked up once
         self._open: dict[int, object] = {}
         self._next_fh = 1
+        top = browser.stat(root)
+        if top.kind != "directory":
+            raise FileNotFoundInBackupError(f"not a directory: {root}")
+        self._entries: dict[str, tuple[Entry, Callable[[], BinaryIO] | None]] = {"/": (top, None)}
+        self._children: dict[str, list[str]] = {"/": []}
+        for rel, entry, opener in browser.walk(root):
+            if entry.kind not in ("file", "directory", "symlink"):
+                continue  # FIFOs, devices, sockets: nothing an application's data needs
+            path = "/" + rel
+            parent, _, name = path.rpartition("/")
+            self._children.setdefault(parent or "/", []).append(name)
+            self._entries[path] = (entry, opener)
+            if entry.kind == "directory":
+                self._children.setdefault(path, [])
+        self._attrs: dict[str, dict] = {}
 
     def _inner(self, path: str) -> str:
         return self.root + ("" if path == "/" else path)
 
+    def _entry(self, path: str) -> tuple[Entry, Callable[[], BinaryIO] | None]:
+        found = self._entries.get(path)
+        if found is None:
+            raise FuseOSError(errno.ENOENT)
+        return found
+
     def getattr(self, path: str, fh: int | None = None) -> dict:
         if path in self._attrs:
             return self._attrs[path]
-        try:
-            entry = self.browser.stat(self._inner(path))
-        except FileNotFoundInBackupError:
-            raise FuseOSError(errno.ENOENT) from None
-        except BootbackError:
-            raise FuseOSError(errno.EIO) from None
-        mode = {"directory": DIR_MODE, "file": FILE_MODE, "symlink": LINK_MODE}.get(entry.kind)
-        if mode is None:  # FIFOs, devices, sockets: nothing an application's data needs
-            raise FuseOSError(errno.ENOENT)
+        entry, _ = self._entry(path)
+        mode = {"directory": DIR_MODE, "file": FILE_MODE, "symlink": LINK_MODE}[entry.kind]
         when = entry.mtime.timestamp() if entry.mtime else time.time()
         size = entry.size if entry.kind == "file" else 0
         if entry.kind == "symlink":
@@ -73,13 +92,9 @@ class BackupView(Operations):
         return attrs
 
     def readdir(self, path: str, fh: int) -> list[str]:
-        try:
-            names = [
-                e.name for e in self.browser.listdir(self._inner(path)) if e.kind in ("file", "directory", "symlink")
-            ]
-        except BootbackError:
-            raise FuseOSError(errno.EIO) from None
-        return [".", "..", *names]
+        if path not in self._children:
+            raise FuseOSError(errno.ENOTDIR if path in self._entries else errno.ENOENT)
+        return [".", "..", *self._children[path]]
 
     def readlink(self, path: str) -> str:
         vol, inner = self.browser.split(self._inner(path))
@@ -90,10 +105,11 @@ class BackupView(Operations):
             raise FuseOSError(errno.EINVAL) from None
 
     def open(self, path: str, flags: int) -> int:
+        entry, opener = self._entry(path)
+        if opener is None:
+            raise FuseOSError(errno.EISDIR if entry.kind == "directory" else errno.EINVAL)
         try:
-            handle = self.browser.open(self._inner(path))
-        except FileNotFoundInBackupError:
-            raise FuseOSError(errno.ENOENT) from None
+            handle = opener()
         except BootbackError:
             raise FuseOSError(errno.EIO) from None
         fh, self._next_fh = self._next_fh, self._next_fh + 1
@@ -131,8 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     repo = Repository.open(args.repo)
     browser = browse(repo, repo.resolve(args.point), args.disk)
     view = BackupView(browser, args.root, args.uid, args.gid)
-    view.getattr("/")  # fail here, with a message, rather than as an empty mount
-    FUSE(view, str(args.mountpoint), foreground=True, nothreads=True, ro=True, allow_other=True, fsname="bootback")
+    # The backup never changes: let the kernel keep pages, attributes and lookups (misses too) for good.
+    FUSE(
+        view,
+        str(args.mountpoint),
+        foreground=True,
+        nothreads=True,
+        ro=True,
+        allow_other=True,
+        fsname="bootback",
+        kernel_cache=True,
+        entry_timeout=86400,
+        attr_timeout=86400,
+        negative_timeout=86400,
+    )
     return 0
 
 

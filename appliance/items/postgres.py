@@ -257,10 +257,16 @@ class DisposableServer:
         return Table(table.database, table.schema, new_name, table.rows)
 
     def dump(self, database: str, table: Table | None, out: Path) -> None:
-        cmd = [str(self.bindir / "pg_dump"), *self._conn(database), "--no-owner", "--no-acl", "-f", str(out)]
+        """Plain SQL without owners or grants (the target's roles are not the backup's). A table's dump begins by
+        creating its schema when missing: pg_dump -t leaves it out, and a restore would fail without it."""
+        cmd = [str(self.bindir / "pg_dump"), *self._conn(database), "--no-owner", "--no-acl"]
         if table is not None:
             cmd += ["-t", f"{quote_ident(table.schema)}.{quote_ident(table.name)}"]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=24 * 3600)
+        with open(out, "w") as fh:
+            if table is not None and table.schema != "public":
+                fh.write(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(table.schema)};\n")
+                fh.flush()
+            p = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, timeout=24 * 3600)
         if p.returncode != 0:
             raise ItemRecoveryError(f"pg_dump of {database!r} from {self.where} failed: {_first_error(p.stderr)}")
 

@@ -4,6 +4,7 @@
 - /var/lib/postgresql/15/main: a PostgreSQL 15 cluster (Debian's initdb/postgres) copied while the server was
   running (crash-consistent: the last table exists only in the WAL unless recovery replays it);
 - /srv/pg-clean: the same cluster copied after a clean shutdown, before the last table was made;
+- /srv/pg14 (its PG_VERSION says 14, whose server is not installed) and /srv/pg-damaged (pg_control overwritten);
 - /home/alice/Maildir (with an Archive folder) and /var/mail/bob (mbox).
 The rows each table holds are recorded in expected.json next to the image, as ``COPY ... TO STDOUT`` text.
 Built once and cached under the build cache (keyed by BUILD_VERSION).
@@ -23,7 +24,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 SCHEMA_SQL = """
@@ -196,6 +197,13 @@ def build_app_disk(cache: Path) -> Path:
         sh("cp", "-a", cluster.datadir, tree / "var/lib/postgresql/15/main")
     finally:
         cluster.stop()
+    # bad inputs: a cluster of a version whose server is not installed, and one with a damaged control file
+    shutil.copytree(tree / "srv/pg-clean", tree / "srv/pg14", symlinks=True)
+    (tree / "srv/pg14/PG_VERSION").write_text("14\n")
+    shutil.copytree(tree / "srv/pg-clean", tree / "srv/pg-damaged", symlinks=True)
+    with open(tree / "srv/pg-damaged/global/pg_control", "r+b") as f:
+        f.seek(16)
+        f.write(b"\xde\xad\xbe\xef" * 8)
     for d in (tree / "srv", tree / "var/lib/postgresql"):
         sh("chown", "-R", "postgres:postgres", d)
     _make_mail(tree)

@@ -1,0 +1,175 @@
+"""Application item recovery with real servers: a disk holding real PostgreSQL 15 clusters (one copied while the
+server ran, one after a clean stop), a Maildir and an mbox, backed up with ``bootback backup``; then listed,
+dumped and restored into a fresh PostgreSQL of Debian's, compared row for row, and the repository unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_process import bootback, tree_hash
+from tests.integration.item_disks import PG_BIN, Cluster, build_app_disk, sh
+
+pytestmark = pytest.mark.skipif(not (PG_BIN / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
+
+
+def traversable_tmp(prefix: str) -> Path:
+    """Under /var/tmp with mode 0755: the 'postgres' user walks down to its data (pytest's tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def apps(build_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    built = build_app_disk(build_cache)
+    base = tmp_path_factory.mktemp("items")
+    repo = base / "repo"
+    bootback("init", repo, "--chunk-size", "256K", "--encryption", "none")
+    bootback("backup", repo, "--vm", "db01", built / "disk.raw")
+    plain = base / "plain"
+    (plain / "etc").mkdir(parents=True)
+    (plain / "etc/hostname").write_text("web01\n")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", plain, base / "web.raw", "8M"], check=True, capture_output=True)
+    bootback("backup", repo, "--vm", "web01", base / "web.raw")
+    return {"repo": repo, "expected": json.loads((built / "expected.json").read_text()), "hash": tree_hash(repo)}
+
+
+@pytest.fixture(scope="session")
+def work() -> Iterator[Path]:
+    path = traversable_tmp("bb-items-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def target_pg() -> Iterator[Cluster]:
+    """A fresh, running PostgreSQL 15 to restore into (Unix socket only)."""
+    base = traversable_tmp("bb-target-")
+    cluster = Cluster(base / "pg" / "data", base / "sock")
+    cluster.init()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def items(apps: dict, work: Path, *args: str | Path, ok: bool = True):  # noqa: ANN201
+    return bootback("items", apps["repo"], "db01", *args, "--work-dir", work, ok=ok)
+
+
+def fresh_db(cluster: Cluster, name: str) -> str:
+    cluster.psql("postgres", f"DROP DATABASE IF EXISTS {name}")
+    cluster.psql("postgres", f"CREATE DATABASE {name}")
+    return cluster.url_for(name)
+
+
+def test_discovery_lists_every_application(apps: dict, work: Path) -> None:
+    found = json.loads(items(apps, work, "--json").stdout)
+    assert [(i["kind"], i["volume"], i["path"], i["version"]) for i in found] == [
+        ("maildir", "disk", "/home/alice/Maildir", "-"),
+        ("postgres", "disk", "/srv/pg-clean", "15"),
+        ("postgres", "disk", "/srv/pg-damaged", "15"),
+        ("postgres", "disk", "/srv/pg14", "14"),
+        ("postgres", "disk", "/var/lib/postgresql/15/main", "15"),
+        ("mbox", "disk", "/var/mail/bob", "-"),
+    ]
+    text = items(apps, work).stdout
+    assert "postgres  disk.raw:disk   15         /var/lib/postgresql/15/main" in text
+    none = bootback("items", apps["repo"], "web01", "--work-dir", work)
+    assert none.stdout.strip() == "no applications found"
+
+
+def _counts(expected: dict) -> dict:
+    return {
+        (db, t if "." in t else f"public.{t}"): rows.count("\n")
+        for db, ts in expected.items()
+        for t, rows in ts.items()
+    }
+
+
+def test_postgres_lists_tables_with_row_counts_after_crash_recovery(apps: dict, work: Path) -> None:
+    for path, state in (("/var/lib/postgresql/15/main", "crash"), ("/srv/pg-clean", "clean")):
+        listed = json.loads(items(apps, work, "postgres", "--path", path, "--list", "--json").stdout)
+        got = {(t["database"], f"{t['schema']}.{t['table']}"): t["rows"] for t in listed}
+        assert got == _counts(apps["expected"][state]), path
+        # the crash copy's last table and updates exist only if recovery replayed the WAL
+        assert (("shop", "public.late_orders") in got) == (state == "crash")
+    one = json.loads(items(apps, work, "postgres", "--path", "/srv/pg-clean", "--list", "--db", "hr", "--json").stdout)
+    assert one == [{"database": "hr", "schema": "public", "table": "staff", "rows": 2}]
+
+
+def test_a_table_restored_into_a_fresh_server_has_exactly_the_rows(apps: dict, work: Path, target_pg: Cluster) -> None:
+    crash = apps["expected"]["crash"]["shop"]
+    url = fresh_db(target_pg, "restored")
+    path = "/var/lib/postgresql/15/main"
+    for table in ("customers", "late_orders", "sales.invoices"):
+        items(apps, work, "postgres", "--path", path, "--dump", f"shop.{table}", "--to", url)
+    target_pg.psql("restored", "SELECT 1")
+    for table in ("customers", "late_orders", "sales.invoices"):
+        assert target_pg.rows("restored", table) == crash[table], table
+    # under another name, beside the original
+    items(apps, work, "postgres", "--path", path, "--dump", "shop.customers", "--as", "customers_before", "--to", url)
+    assert target_pg.rows("restored", "customers_before") == crash["customers"]
+    # the same table again: it exists, the restore fails as a whole and the target keeps what it had
+    again = items(apps, work, "postgres", "--path", path, "--dump", "shop.public.customers", "--to", url, ok=False)
+    assert again.returncode == 62 and "nothing was changed" in again.stderr and "already exists" in again.stderr
+    assert target_pg.rows("restored", "customers") == crash["customers"]
+
+
+def test_a_database_dump_to_a_file_restores_exactly(apps: dict, work: Path, target_pg: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "shop.sql"
+    p = items(apps, work, "postgres", "--path", "/srv/pg-clean", "--dump", "shop", "-o", out)
+    assert "dumped shop from db01@" in p.stdout and out.read_text().startswith("--\n-- PostgreSQL database dump")
+    fresh_db(target_pg, "fromfile")
+    sh(PG_BIN / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target_pg.url_for("fromfile"), "-f", out)
+    for table, rows in apps["expected"]["clean"]["shop"].items():
+        assert target_pg.rows("fromfile", table) == rows, table
+    assert not list(tmp_path.glob(".*partial*")), "a temporary file was left beside the output"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--path", "/srv/pg14", "--list"), "needs PostgreSQL 14, whose server is not installed"),
+        (("--path", "/srv/pg-damaged", "--list"), "PostgreSQL could not start on the copy of /disk/srv/pg-damaged"),
+        (("--path", "/srv/pg-clean", "--dump", "nope.orders"), "no database 'nope' in /disk/srv/pg-clean"),
+        (("--path", "/srv/pg-clean", "--dump", "shop.nope"), "no table 'nope' in database 'shop'"),
+        (("--path", "/srv/pg-clean", "--dump", "shop.late_orders"), "no table 'late_orders'"),
+        (("--list",), "holds several of PostgreSQL data directory: choose one with --path"),
+        (("--path", "/nowhere", "--list"), "no PostgreSQL data directory at /nowhere in db01@"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_nothing_is_written(
+    apps: dict, work: Path, target_pg: Cluster, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    url = fresh_db(target_pg, "untouched")
+    out = tmp_path / "out.sql"
+    extra = ("-o", out) if "--dump" in args else ()
+    p = items(apps, work, "postgres", *args, *extra, ok=False)
+    assert p.returncode == 62 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not out.exists()
+    if "--dump" in args:
+        q = items(apps, work, "postgres", *args, "--to", url, ok=False)
+        assert q.returncode == 62 and message in q.stderr
+    assert (
+        target_pg.psql("untouched", "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace")
+        == "0\n"
+    )
+
+
+def test_no_postgres_in_a_point_without_one_and_the_backup_never_changes(apps: dict, work: Path) -> None:
+    p = bootback("items", apps["repo"], "web01", "postgres", "--list", "--work-dir", work, ok=False)
+    assert p.returncode == 62 and "no PostgreSQL data directory in web01@" in p.stderr, p.stderr
+    assert tree_hash(apps["repo"]) == apps["hash"], "item recovery changed the repository"
+    verify = bootback("verify", apps["repo"])
+    assert verify.returncode == 0, verify.stderr
+    assert os.listdir(work) == [], "a private view or server was left behind"
