@@ -25,7 +25,7 @@ from appliance.repo.readcache import ReadCache
 from appliance.repo.repository import find_repositories
 from appliance.sessions.control import ControlServer
 from appliance.sessions.manager import SessionManager
-from appliance.verification import Verifications
+from appliance.verification import Verifications, local_nfs_host
 from nfsd.errors import StatusMapping
 from nfsd.exports import Export
 from nfsd.handles import HandleCodec
@@ -128,7 +128,12 @@ class Daemon:
             error_statuses=NFS_STATUS_OF,
         )
         self.verifications = Verifications(
-            state, self.op_publish, self.op_stop, config.max_verifications, config.verify_max_memory_mib
+            state,
+            self.op_publish,
+            self.op_stop,
+            config.max_verifications,
+            config.verify_max_memory_mib,
+            nfs_host=local_nfs_host(config.bind),
         )
         self.control = ControlServer(state, self._ops())
         self.web: subprocess.Popen | None = None

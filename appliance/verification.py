@@ -73,6 +73,13 @@ def verify_boot(
     return run_verification(publish, lambda sid: client.call("stop", id=sid), timeout, expect, console_log, memory_mib)
 
 
+def local_nfs_host(bind: str) -> str:
+    """Where a verifier on the daemon's own host reaches its NFS server: the bound address, or loopback when it
+    listens on every address. Not the advertised name: that is how hypervisors reach the appliance, and inside
+    a container (or behind NAT) it may not resolve, or lead to published ports other than the daemon's own."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
 def run_verification(
     publish: Callable[[], dict],
     stop: Callable[[str], object],
@@ -80,13 +87,16 @@ def run_verification(
     expect: str | None = None,
     console_log: Path | None = None,
     memory_mib: int = 1024,
+    nfs_host: str | None = None,
 ) -> dict[str, Any]:
-    """Publish a sandbox, boot it without network, judge the console, stop the sandbox; returns the report."""
+    """Publish a sandbox, boot it without network, judge the console, stop the sandbox; returns the report.
+    ``nfs_host``: the host qemu mounts the sandbox from (default: the published nfs:// URL's)."""
     pattern = compile_expect(expect)
     started = time.monotonic()
     doc = publish()
     try:
-        drives = [f"{doc['nfs_url']}/{d['extent']}" for d in doc["disks"]]
+        base = f"nfs://{nfs_host}{doc['path']}" if nfs_host else doc["nfs_url"]
+        drives = [f"{base}/{d['extent']}" for d in doc["disks"]]
         result = boot(
             drives,
             timeout=timeout,
@@ -107,6 +117,7 @@ def run_verification(
         "first_console_line_seconds": round(result.first_line_seconds, 1) if result.first_line_seconds else None,
         "expected": expect,
         "matched": matched,
+        "accelerator": result.accel,
         "seconds": round(time.monotonic() - started, 1),
         "console_tail": result.console[-2000:],
     }
@@ -134,8 +145,10 @@ class Verifications:
         stop: Callable[..., object],
         max_running: int = MAX_RUNNING,
         max_memory_mib: int = MAX_MEMORY_MIB,
+        nfs_host: str = "127.0.0.1",
     ) -> None:
         self.max_running, self.max_memory_mib = max_running, max_memory_mib
+        self.nfs_host = nfs_host  # see local_nfs_host
         self.dir = Path(state_dir) / "verifications"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._publish, self._stop = publish, stop
@@ -208,6 +221,7 @@ class Verifications:
                 job["expect"],
                 self.dir / f"{job['id']}.console",
                 memory_mib,
+                self.nfs_host,
             )
             job.update(state="verified" if report["verified"] else "failed", report=report)
         except Exception as exc:  # noqa: BLE001 - reported on the job: no qemu, unknown VM, ...
