@@ -231,9 +231,10 @@ class KeySource:
             passphrase, source = self.passphrase, PASSPHRASE_ENV
         elif self.interactive:
             passphrase, source = getpass.getpass(f"passphrase for {where}: "), "as typed"
+        elif self.key_files:
+            raise RepositoryKeyError(f"{where}: no key file given is for this repository (id {repo_id}): {files}")
         else:
-            tried = f" (none of the key files {files} is for it)" if self.key_files else ""
-            raise RepositoryKeyError(f"{where} is encrypted: set {PASSPHRASE_ENV} or pass --key-file FILE{tried}")
+            raise RepositoryKeyError(f"{where} is encrypted: set {PASSPHRASE_ENV} or pass --key-file FILE")
         key = unwrap(doc["key"], repo_id, passphrase, where, source)
         if not hmac.compare_digest(key.check_value(repo_id), doc["key_check"]):
             raise RepositoryKeyError(f"{where}: the key in config.json does not match its key check (damaged)")
