@@ -21,6 +21,7 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.repo import Repository
+from appliance.repo.backends import is_s3
 from appliance.repo.readcache import ReadCache
 from appliance.repo.repository import find_repositories
 from appliance.sessions.control import ControlServer
@@ -91,7 +92,7 @@ class Daemon:
         if not config.repos and not config.repo_dirs:
             raise UsageError("no repository to serve: pass --repo REPO, or --repo-dir DIR holding repositories")
         for path in config.repos:
-            repo = Repository.open(Path(path).resolve())
+            repo = Repository.open(path if is_s3(path) else Path(path).resolve())
             with self._repos_lock:
                 self._add_repository(repo)
         self.rescan_repositories()
@@ -143,7 +144,7 @@ class Daemon:
     # --- repositories -------------------------------------------------------------------------------
     def _add_repository(self, repo: Repository) -> str:
         """Under self._repos_lock."""
-        name = repo.path.name
+        name = repo.name
         if name in self.repos:
             name = f"{name}-{repo.config.id[:6]}"
         self.repos.add(name, repo)
@@ -153,7 +154,7 @@ class Daemon:
         """Serve repositories created under the repository directories since the last look (a fleet role
         or an operator adds them while sessions run). One that cannot be opened is logged and skipped."""
         with self._repos_lock:
-            known = {repo.path for repo in self.repos.values()}
+            known = {repo.location for repo in self.repos.values()}
             for directory in self.config.repo_dirs:
                 try:
                     found = find_repositories(directory)
@@ -162,7 +163,7 @@ class Daemon:
                     continue
                 for path in found:
                     path = path.resolve()
-                    if path in known:
+                    if str(path) in known:
                         continue
                     stamp = _mtime(path / "config.json")
                     if self._refused.get(path) == stamp:
@@ -173,7 +174,7 @@ class Daemon:
                         self._refused[path] = stamp
                         log.warning("not serving %s: %s", path, exc)
                         continue
-                    known.add(path)
+                    known.add(str(path))
                     log.info("serving repository %s (%s)", name, path)
 
     # --- control operations ---------------------------------------------------------------------------
@@ -294,7 +295,7 @@ class Daemon:
         for name, repo in sorted(self.repos.items()):
             doc = {
                 "name": name,
-                "path": str(repo.path),
+                "path": repo.location,
                 "chunk_size": repo.config.chunk_size,
                 "encryption": repo.config.encryption_name,
             }

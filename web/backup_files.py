@@ -8,13 +8,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 from flask import Response, request
 
 from appliance.files import FileBrowser, browse
 from appliance.repo import Repository
+from appliance.repo.backends import repository_arg
 from appliance.repo.reader import ChunkCache
 from web import daemon
 from web.validation import NAME, ApiError
@@ -50,7 +50,7 @@ def _repository(name: str) -> Repository:
             repo = _repos.get(name)
             if repo is None:
                 with daemon.domain_errors():  # the daemon's key options reach us as BOOTBACK_KEY_FILE/PASSPHRASE
-                    repo = _repos[name] = Repository.open(Path(path))
+                    repo = _repos[name] = Repository.open(repository_arg(path))
                 repo.chunk_cache = ChunkCache(CACHE_BYTES)
     return repo
 

@@ -18,6 +18,7 @@ from appliance.commands.keys import add_key_options
 from appliance.config import DaemonConfig, default_export_name, default_state_dir
 from appliance.errors import UsageError, VerificationFailedError
 from appliance.progress import byte_progress
+from appliance.repo.backends import repository_arg
 from appliance.repo.keys import KEY_FILE_ENV
 from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
@@ -42,7 +43,13 @@ def _positive_int(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the appliance daemon: NFS datastore, sessions, control port")
-    p.add_argument("--repo", type=Path, action="append", default=[], help="a repository to serve (repeatable)")
+    p.add_argument(
+        "--repo",
+        type=repository_arg,
+        action="append",
+        default=[],
+        help="a repository to serve, a directory or s3://BUCKET/PREFIX (repeatable)",
+    )
     p.add_argument(
         "--repo-dir",
         type=Path,

@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _encrypted(repo: Repository) -> Repository:
     if repo.key is None:
-        raise UsageError(f"repository {repo.path} is not encrypted: it has no key")
+        raise UsageError(f"repository {repo.location} is not encrypted: it has no key")
     return repo
 
 

@@ -22,6 +22,7 @@ from appliance.ingest.sources import DiskSource, open_source
 from appliance.ingest.vmfolder import find_vmx, parse_vmx_disks, resolve_disk
 from appliance.progress import byte_progress
 from appliance.repo import ChunkCache, DiskReader, Repository
+from appliance.repo.backends import repository_arg
 from appliance.repo.maintenance import prune, verify
 from appliance.repo.manifest import DamagedPoint
 from appliance.repo.repository import DEFAULT_CHUNK
@@ -30,14 +31,14 @@ from appliance.units import GiB, parse_size
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a repository")
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK), help="64K..4M, a power of two (default 1M)")
     add_init_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("backup", help="back up a VM's disks (and .vmx) as a new restore point")
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("--vm", required=True, help="VM name")
     p.add_argument("--vmx", type=Path, help="the VM's .vmx; with no DISK, back up the disks it names")
     p.add_argument("--name", action="append", default=[], help="name of the disk read from stdin ('-')")
@@ -47,14 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_backup, trailing="disks")
 
     p = sub.add_parser("points", help="list restore points")
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("--vm")
     add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("restore", help="write a disk of a restore point to a file")
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("point", help="VM@POINT (POINT may be 'latest')")
     p.add_argument("--disk", help="disk name (default: the only disk)")
     p.add_argument("-o", "--output", required=True, help="output file, '-' for stdout")
@@ -63,13 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", help="check every chunk; report damaged restore points")
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("prune", help="keep the newest N restore points of a VM and free unreferenced chunks")
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("--vm", required=True)
     p.add_argument("--keep", type=int, required=True)
     p.add_argument("--dry-run", action="store_true")
@@ -89,12 +90,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     _emit(
         args,
         {
-            "path": str(repo.path),
+            "path": repo.location,
             "id": repo.config.id,
             "chunk_size": repo.config.chunk_size,
             "encryption": repo.config.encryption_name,
         },
-        f"created repository {repo.path} (chunk size {repo.config.chunk_size // 1024} KiB, "
+        f"created repository {repo.location} (chunk size {repo.config.chunk_size // 1024} KiB, "
         f"encryption {repo.config.encryption_name}{where})",
     )
     return 0
@@ -161,7 +162,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     listing = repo.list_points(args.vm)
     if listing.damaged:
         print(
-            f"bootback: {len(listing.damaged)} restore point file(s) DAMAGED in {repo.path}: they cannot be "
+            f"bootback: {len(listing.damaged)} restore point file(s) DAMAGED in {repo.location}: they cannot be "
             "published or restored; run 'bootback verify' for details",
             file=sys.stderr,
         )
@@ -169,7 +170,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         print(json.dumps(listing.as_json(), indent=2))
         return 0
     # on stderr, like the damage warning: scripts read stdout's one line per point
-    print(f"repository {repo.path}: encryption {repo.config.encryption_name}", file=sys.stderr)
+    print(f"repository {repo.location}: encryption {repo.config.encryption_name}", file=sys.stderr)
     if not listing.points and not listing.damaged:
         print("no restore points")
     for p in listing.entries():

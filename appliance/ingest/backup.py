@@ -16,13 +16,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from appliance.errors import SourceError, UsageError
 from appliance.ingest.sources import DiskSource, read_exact
+from appliance.repo.backends import ChunkBatch
 from appliance.repo.manifest import DiskEntry, RestorePoint, check_vm_name, new_point_id
 from appliance.repo.repository import Repository
-from appliance.repo.store import chunk_id
 
 # progress(disk name, bytes done, bytes total or None)
 Progress = Callable[[str, int, int | None], None]
@@ -39,11 +38,10 @@ class _Counters:
 
 
 class _Staged:
-    """Chunks this backup wrote to its temp directory, published together at the end."""
+    """Chunks this backup claimed (dedup within the backup); the writer's batch holds what was written."""
 
     def __init__(self) -> None:
         self._claimed: set[str] = set()
-        self._files: list[tuple[str, Path]] = []
         self._lock = threading.Lock()
 
     def claim(self, cid: str) -> bool:
@@ -52,13 +50,6 @@ class _Staged:
                 return False
             self._claimed.add(cid)
             return True
-
-    def add(self, cid: str, path: Path) -> None:
-        with self._lock:
-            self._files.append((cid, path))
-
-    def files(self) -> list[tuple[str, Path]]:
-        return list(self._files)
 
 
 def _default_workers() -> int:
@@ -84,10 +75,10 @@ def backup_vm(
     started = time.monotonic()
     counters = _Counters()
     cs = repo.config.chunk_size
-    with repo.writer() as tmp, ThreadPoolExecutor(workers or _default_workers()) as pool:
+    with repo.writer() as batch, ThreadPoolExecutor(workers or _default_workers()) as pool:
         staged = _Staged()
-        disks = [_backup_disk(repo, s, cs, tmp, pool, counters, progress, staged) for s in sources]
-        repo.store.publish(staged.files(), tmp)
+        disks = [_backup_disk(repo, s, cs, batch, pool, counters, progress, staged) for s in sources]
+        repo.store.publish(batch)
         elapsed = max(time.monotonic() - started, 1e-9)
         nonzero = counters.bytes_read - counters.bytes_zero
         stats = {
@@ -114,7 +105,7 @@ def backup_vm(
             source=source_info or {"disks": [str(s.path) if s.path else "stdin" for s in sources]},
             stats=stats,
         )
-        repo.commit_point(point)
+        repo.commit_point(point, batch)
     return point
 
 
@@ -122,7 +113,7 @@ def _backup_disk(
     repo: Repository,
     source: DiskSource,
     cs: int,
-    tmp: Path,
+    batch: ChunkBatch,
     pool: ThreadPoolExecutor,
     counters: _Counters,
     progress: Progress | None,
@@ -132,14 +123,13 @@ def _backup_disk(
     store = repo.store
 
     def process(block: bytes | bytearray) -> tuple[str | None, int, int]:
-        cid = chunk_id(block)
+        cid = store.chunk_id(block)
         if not staged.claim(cid):
             return cid, 0, 0  # this backup already has it (dedup within the backup)
-        result = store.stage(cid, block, tmp)
-        if result is None:
+        stored = store.stage(cid, block, batch)
+        if stored is None:
             return cid, 0, 0
-        staged.add(cid, result[0])
-        return cid, len(block), result[1]
+        return cid, len(block), stored
 
     chunks: list[str | None] = []
     pending: deque[Future] = deque()

@@ -37,11 +37,11 @@ class VerifyReport:
 def _load_all_points(repo: Repository, report: VerifyReport) -> list[RestorePoint]:
     """Every point whole (summary and chunk lists, each checked); damaged ones go to the report."""
     points = []
-    for path in repo.point_files():
+    for vm, point_id in repo.point_files():
         try:
-            points.append(repo.load_point(path))
+            points.append(repo.load_point(vm, point_id))
         except BootbackError as exc:
-            report.unreadable_points[f"{path.parent.name}@{path.stem}"] = str(exc)
+            report.unreadable_points[f"{vm}@{point_id}"] = str(exc)
     return points
 
 
@@ -113,7 +113,8 @@ def prune(repo: Repository, vm: str, keep: int, wait: bool = True, dry_run: bool
 
 def collect_garbage(repo: Repository, wait: bool = True, doomed: Sequence[RestorePoint] = ()) -> tuple[int, int]:
     """Delete the ``doomed`` points, then chunks no restore point references and leftovers of crashed backups;
-    returns (chunks, bytes) freed. Under the exclusive lock, so no running backup loses a deduplicated chunk."""
+    returns (chunks, bytes) freed. Under the exclusive lock, so no running backup loses a deduplicated chunk; a
+    chunk younger than the store's grace period is kept even so (an S3 writer the leases cannot see)."""
     with repo.exclusive(wait=wait):
         listing = repo.list_points(with_chunks=True)
         if listing.damaged:  # nothing is collected while a point's chunks cannot be known
@@ -127,17 +128,14 @@ def collect_garbage(repo: Repository, wait: bool = True, doomed: Sequence[Restor
                 for d in p.disks:
                     live.update(c for c in d.chunks if c is not None)
         deleted = freed = 0
-        for cid in list(repo.store.iter_ids()):
-            if cid not in live:
-                try:
-                    freed += repo.store.stored_size(cid)
-                except FileNotFoundError:
-                    continue
+        before = repo.backend.collectable_before()
+        for info in list(repo.store.iter_chunks()):
+            cid = info.key.rsplit("/", 1)[-1]
+            if cid not in live and info.mtime < before:
                 repo.store.delete(cid)
+                freed += info.size
                 deleted += 1
         repo.clean_tmp()
-        for stale in (repo.path / "points").glob("*/.*.tmp"):
-            stale.unlink(missing_ok=True)
         repo.chunk_cache.clear()
     return deleted, freed
 
@@ -145,7 +143,7 @@ def collect_garbage(repo: Repository, wait: bool = True, doomed: Sequence[Restor
 def _damaged(repo: Repository, what: str, damaged: list[DamagedPoint]) -> IntegrityError:
     reasons = "; ".join(d.error for d in damaged)
     return IntegrityError(
-        f"cannot {what} {repo.path}: {len(damaged)} restore point file(s) cannot be read, so the chunks they need "
+        f"cannot {what} {repo.location}: {len(damaged)} restore point file(s) cannot be read, so the chunks they need "
         f"are unknown and nothing was deleted ({reasons}); restore the file from a copy, or remove it if its "
         "point is lost ('bootback verify' lists them)"
     )

@@ -5,20 +5,21 @@ Format 2 (written now) is two sealed objects (``objects.seal``: length, SHA-256)
 2. the *chunk lists* (``BBCL``): one JSON list of chunk ids per disk.
 Listing a repository reads only (1), a few hundred bytes per point whatever the disks' size; (2) is read when a
 disk is opened, or by verify and garbage collection. Format 1 (one unsealed ``BBRP`` object holding everything)
-is still read, with the same field checks but no checksum.
+is still read, with the same field checks but no checksum. In an encrypted repository each of (1) and (2) is
+wrapped in its own ``objects.Envelope`` whose associated data is the point's ``vm/id``: a point file copied under
+another name, or a section swapped in from another point, fails authentication.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
+import io
 from typing import BinaryIO
 
 import zstandard
 
 from appliance.errors import IntegrityError
-from appliance.repo import objects, safefile
+from appliance.repo import objects
 from appliance.repo.manifest import (
     RestorePoint,
     check_chunks,
@@ -34,34 +35,70 @@ MAX_SUMMARY_BYTES = 16 << 20  # a summary holds the .vmx text, the source and st
 _V1_MAX_BYTES = (1 << 32) - 1  # a format-1 header's length field is a u32
 
 
-def encode(point: RestorePoint) -> bytes:
-    """The file for ``point`` (its chunk lists must be loaded)."""
+def encode(point: RestorePoint, envelope: objects.Envelope = objects.Envelope()) -> bytes:  # noqa: B008 - immutable
+    """The file for ``point`` (its chunk lists must be loaded), each section wrapped by the repository's
+    ``envelope``."""
     cctx = zstandard.ZstdCompressor(level=3)
     chunks = point.chunk_lists_json()
     summary = point.summary_json(len(chunks), hashlib.sha256(chunks).hexdigest())
-    return objects.seal(objects.POINT_MAGIC, summary, cctx.compress(summary)) + objects.seal(
-        objects.CHUNK_LIST_MAGIC, chunks, cctx.compress(chunks)
+    ad = _associated(point.vm, point.id)
+    return envelope.wrap(
+        objects.POINT_MAGIC, objects.seal(objects.POINT_MAGIC, summary, cctx.compress(summary)), ad
+    ) + envelope.wrap(
+        objects.CHUNK_LIST_MAGIC, objects.seal(objects.CHUNK_LIST_MAGIC, chunks, cctx.compress(chunks)), ad
     )
 
 
-def point_name(path: Path) -> str:
-    return f"restore point {point_ref(path.parent.name, path.stem)}"
+def _associated(vm: str, point_id: str) -> bytes:
+    """What an encrypted point's sections are bound to: the point they belong to."""
+    return f"{vm}/{point_id}".encode()
 
 
-def _open_regular(path: Path, name: str) -> BinaryIO:
-    """``path`` opened for reading if it is a regular file (``safefile``): a FIFO would block a listing
-    forever, a symlink or device is no point file."""
-    fd, _size = safefile.open_regular(path, name)
-    return os.fdopen(fd, "rb")
+def _read_section(
+    f: BinaryIO,
+    envelope: objects.Envelope,
+    magic: bytes,
+    what: str,
+    max_raw: int,
+    ad: bytes,
+    dctx: zstandard.ZstdDecompressor,
+    expect_sha256: bytes | None = None,
+) -> bytes:
+    """The raw payload of the sealed section at ``f``'s position, opened from its envelope when encrypted."""
+    if not envelope.encrypted:
+        return objects.read_sealed(f, magic, what, max_raw, dctx, expect_sha256)
+    inner = io.BytesIO(envelope.read(f, magic, what, ad, objects.SEALED_HEADER_SIZE + objects.stored_bound(max_raw)))
+    raw = objects.read_sealed(inner, magic, what, max_raw, dctx, expect_sha256)
+    if inner.read(1):
+        raise IntegrityError(f"{what}: unexpected bytes after the sealed object")
+    return raw
 
 
-def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
-    """The point stored at ``path``, checked against its file name and the repository's ``chunk_size``; without
-    ``with_chunks`` only its summary is read (a format-1 file is always read whole)."""
-    vm, point_id, name = path.parent.name, path.stem, point_name(path)
+def point_key(vm: str, point_id: str) -> str:
+    """Where the point is stored in its repository (``ObjectStore`` key)."""
+    return f"points/{vm}/{point_id}.point"
+
+
+def point_name(vm: str, point_id: str) -> str:
+    return f"restore point {point_ref(vm, point_id)}"
+
+
+def load(
+    f: BinaryIO,
+    vm: str,
+    point_id: str,
+    chunk_size: int,
+    with_chunks: bool = True,
+    envelope: objects.Envelope = objects.Envelope(),  # noqa: B008 - immutable
+) -> RestorePoint:
+    """The point ``vm@point_id`` read from ``f`` (its stored object, opened by the repository's store), checked
+    against its name and the repository's ``chunk_size``; without ``with_chunks`` only its summary is read (a
+    format-1 file is always read whole)."""
+    name = point_name(vm, point_id)
+    ad = _associated(vm, point_id)
     dctx = zstandard.ZstdDecompressor()
-    with _open_regular(path, name) as f:
-        if objects.version_of(f.read(5), name) == objects.OBJECT_VERSION:
+    with f:
+        if not envelope.encrypted and objects.version_of(f.read(5), name) == objects.OBJECT_VERSION:
             f.seek(0)
             blob = f.read(_V1_MAX_BYTES + objects.HEADER_SIZE + 1)
             return check_point(
@@ -72,7 +109,7 @@ def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
                 name,
             )
         f.seek(0)
-        summary = objects.read_sealed(f, objects.POINT_MAGIC, f"{name} (summary)", MAX_SUMMARY_BYTES, dctx)
+        summary = _read_section(f, envelope, objects.POINT_MAGIC, f"{name} (summary)", MAX_SUMMARY_BYTES, ad, dctx)
         point, ref = parse_summary(summary, name)
         check_point(point, chunk_size, vm, point_id, name)
         if not with_chunks:
@@ -81,7 +118,7 @@ def load(path: Path, chunk_size: int, with_chunks: bool = True) -> RestorePoint:
         if ref.length > bound:  # refused before anything that big is read or allocated
             raise IntegrityError(f"{name}: chunk lists of {ref.length} bytes, more than its disks can need ({bound})")
         what = f"{name} (chunk lists)"
-        raw = objects.read_sealed(f, objects.CHUNK_LIST_MAGIC, what, ref.length, dctx, expect_sha256=ref.sha256)
+        raw = _read_section(f, envelope, objects.CHUNK_LIST_MAGIC, what, ref.length, ad, dctx, ref.sha256)
         if len(raw) != ref.length:
             raise IntegrityError(f"{what}: {len(raw)} bytes, the summary says {ref.length}")
         if f.read(1):

@@ -1,40 +1,36 @@
 """A repository: a chunk store plus restore-point files, with its format recorded in ``config.json``.
 
-Concurrency: writers (backups) hold a *shared* lock on ``lock`` for their whole run, so any number of
-backups may run at once (chunk writes are idempotent, point files have unique names). Garbage collection holds
-the *exclusive* lock, so it never deletes a chunk that a running backup has just deduplicated against.
-Readers take no lock: chunks are immutable and point files appear by atomic rename.
+Its objects live in an ``ObjectStore`` (``backends``: a directory, or ``s3://BUCKET/PREFIX``); this module names
+them by key and never touches a file or a bucket itself, so one code path serves every backend.
 
-Everything is private to the repository's owner: directories 0700, files 0600 (older repositories, with
-0444 chunks and 0755 directories, are read and written as they are).
+Concurrency: writers (backups) hold the store's *shared* right (``writer``) for their whole run, so any number of
+backups may run at once (chunk writes are idempotent, point files have unique names). Garbage collection holds
+the *exclusive* right, so it never deletes a chunk that a running backup has just deduplicated against (a
+``flock`` on a directory, lease objects on S3). Readers take no lock: objects are immutable and appear whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import shutil
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.atomicfile import fsync_dir, write_atomic
 from appliance.errors import (
     BootbackError,
     IntegrityError,
     NotARepositoryError,
-    RepositoryLockedError,
     RestorePointNotFoundError,
     UnsupportedFormatError,
     UsageError,
 )
-from appliance.repo import pointfile, safefile
+from appliance.repo import keys, pointfile
+from appliance.repo.backends import ChunkBatch, ObjectStore, open_store
+from appliance.repo.keys import KeySource, RepoKey
 from appliance.repo.manifest import POINT_ID_RE, DamagedPoint, RestorePoint, check_point, check_vm_name
 from appliance.repo.reader import ChunkCache, DiskReader
-from appliance.repo.store import DIR_MODE, FILE_MODE, ChunkStore
+from appliance.repo.store import ChunkStore
 from appliance.units import MiB, parse_size
 
 # parse_size: for older importers
@@ -42,7 +38,8 @@ __all__ = ["DEFAULT_CHUNK", "PointListing", "Repository", "find_repositories", "
 
 REPO_MAGIC = "bootback-repository"
 REPO_FORMAT = 2  # 2: sealed (checksummed) point files with a summary; format-1 repositories are read and upgraded
-KNOWN_FEATURES: frozenset[str] = frozenset()
+ENCRYPTION_FEATURE = "encryption"  # objects in envelopes, chunk ids keyed: a bootback without it refuses the repository
+KNOWN_FEATURES: frozenset[str] = frozenset({ENCRYPTION_FEATURE})
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 4 * MiB
 DEFAULT_CHUNK = MiB
@@ -56,9 +53,17 @@ class RepoConfig:
     features: tuple[str, ...] = ()
     hash: str = "sha256"
     compression: str = "zstd,3"
+    encryption: dict | None = None  # keys.encryption_doc(); None: unencrypted (and absent from config.json)
+
+    @property
+    def encryption_name(self) -> str:
+        """What ``points``, the page and the API show: the algorithm, or "none"."""
+        return self.encryption["algorithm"] if self.encryption else keys.NONE
 
     def to_json(self) -> bytes:
         doc = {"magic": REPO_MAGIC, **self.__dict__, "features": list(self.features)}
+        if self.encryption is None:
+            del doc["encryption"]  # an unencrypted config stays what earlier versions wrote
         return json.dumps(doc, indent=2).encode() + b"\n"
 
 
@@ -84,9 +89,9 @@ class PointListing:
 MAX_CONFIG_BYTES = 64 << 10  # config.json is a few hundred bytes
 
 
-def _read_config(path: Path) -> object:
-    """The parsed config.json of the repository at ``path`` (a regular file of at most MAX_CONFIG_BYTES)."""
-    return json.loads(safefile.read_regular(path / "config.json", f"repository {path}: config.json", MAX_CONFIG_BYTES))
+def _read_config(backend: ObjectStore) -> object:
+    """The parsed config.json of the repository in ``backend`` (an object of at most MAX_CONFIG_BYTES)."""
+    return json.loads(backend.get("config.json", f"repository {backend.location}: config.json", MAX_CONFIG_BYTES))
 
 
 def check_chunk_size(size: int) -> int:
@@ -96,42 +101,74 @@ def check_chunk_size(size: int) -> int:
 
 
 class Repository:
-    def __init__(self, path: Path, config: RepoConfig) -> None:
-        self.path = Path(path)
+    def __init__(self, where: Path | str | ObjectStore, config: RepoConfig, key: RepoKey | None = None) -> None:
+        """``where``: a directory, ``s3://BUCKET/PREFIX`` or an opened store; ``key``: the key of an encrypted
+        repository (``open`` unlocks it)."""
+        self.backend = where if isinstance(where, ObjectStore) else open_store(where)
+        self.location = self.backend.location  # what messages and listings show
+        self.name = self.backend.name
+        self.path = self.backend.local_path  # the directory of a local repository; None on S3
         self.config = config
-        self.store = ChunkStore(self.path, config.chunk_size)
+        self.key = key
+        self.store = ChunkStore(self.backend, config.chunk_size, key=key)
         self.chunk_cache = ChunkCache()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
 
     # --- creation and opening -------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK) -> Repository:
-        path = Path(path)
+    def init(
+        cls,
+        path: Path | str,
+        chunk_size: int = DEFAULT_CHUNK,
+        encryption: str = keys.NONE,
+        key_source: KeySource | None = None,
+        key_file: Path | None = None,
+    ) -> Repository:
+        """A new repository at ``path``. With ``encryption`` "aes-256-gcm" a random key is made and kept in
+        ``key_file`` (only there) if given, else in config.json wrapped by a passphrase from ``key_source``."""
+        backend = open_store(path)
         check_chunk_size(chunk_size)
-        if path.exists() and any(path.iterdir()):
-            raise UsageError(f"cannot create a repository in {path}: the directory is not empty")
-        path.mkdir(DIR_MODE, parents=True, exist_ok=True)
-        os.chmod(path, DIR_MODE)  # also when the (empty) directory was given
-        for sub in ("chunks", "points", "tmp"):
-            (path / sub).mkdir(DIR_MODE, exist_ok=True)
-        os.close(os.open(path / "lock", os.O_WRONLY | os.O_CREAT, FILE_MODE))
-        config = RepoConfig(id=uuid.uuid4().hex, chunk_size=chunk_size)
-        write_atomic(path / "config.json", config.to_json(), FILE_MODE)
-        return cls(path, config)
+        if encryption not in keys.ALGORITHMS:
+            raise UsageError(f"encryption {encryption!r}: expected one of {', '.join(keys.ALGORITHMS)}")
+        if not backend.is_empty():
+            raise UsageError(f"cannot create a repository in {backend.location}: it is not empty")
+        repo_id = uuid.uuid4().hex
+        key, encryption_doc = None, None
+        if encryption != keys.NONE:
+            key = RepoKey.generate()
+            where = f"repository {backend.location}"
+            passphrase = None if key_file else (key_source or KeySource()).new_passphrase(where)
+            encryption_doc = keys.encryption_doc(key, repo_id, passphrase)
+            if key_file:
+                keys.write_key_file(key_file, key, repo_id)
+        backend.create()
+        config = RepoConfig(id=repo_id, chunk_size=chunk_size)
+        if key is not None:
+            config.features, config.hash, config.encryption = (ENCRYPTION_FEATURE,), keys.CHUNK_ID_HMAC, encryption_doc
+        if not backend.put_new("config.json", config.to_json()):
+            raise UsageError(f"cannot create a repository in {backend.location}: another one was just created there")
+        return cls(backend, config, key)
 
     @staticmethod
     def is_repository(path: Path | str) -> bool:
         """Whether PATH looks like a repository (its config names bootback); open() tells what is wrong."""
         try:
-            return _read_config(Path(path)).get("magic") == REPO_MAGIC
+            return _read_config(open_store(path)).get("magic") == REPO_MAGIC
         except (OSError, ValueError, AttributeError, IntegrityError):
             return False
 
     @classmethod
-    def open(cls, path: Path | str) -> Repository:
-        path = Path(path)
-        cfg_path = path / "config.json"
+    def open(cls, path: Path | str, key_source: KeySource | None = None) -> Repository:
+        """The repository at ``path``; an encrypted one is unlocked with ``key_source`` (default: the
+        environment's ``BOOTBACK_PASSPHRASE`` / ``BOOTBACK_KEY_FILE``, no prompt)."""
+        backend = open_store(path)
+        path = backend.location  # named in every message below
+        cfg_path = f"{path}/config.json"
         try:
-            doc = _read_config(path)
+            doc = _read_config(backend)
         except FileNotFoundError:
             raise NotARepositoryError(f"{path} is not a bootback repository (no config.json)") from None
         except IntegrityError as exc:
@@ -159,107 +196,85 @@ class Repository:
             hash=doc.get("hash", "sha256"),
             compression=doc.get("compression", "zstd,3"),
         )
-        return cls(path, config)
+        key = None
+        if ENCRYPTION_FEATURE in config.features:
+            config.encryption = keys.check_encryption_doc(doc.get("encryption"), f"repository {path}")
+            key = (key_source or KeySource.from_env()).unlock(f"repository {path}", config.id, config.encryption)
+        return cls(backend, config, key)
+
+    def wrap_key(self, passphrase: str) -> None:
+        """Keep this (encrypted) repository's key in config.json wrapped by ``passphrase`` (``key import``)."""
+        if self.key is None or self.config.encryption is None:
+            raise UsageError(f"repository {self.location} is not encrypted: it has no key")
+        self.config.encryption = {**self.config.encryption, "key": keys.wrap(self.key, self.config.id, passphrase)}
+        self.backend.put("config.json", self.config.to_json())
 
     # --- locking ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def writer(self) -> Iterator[Path]:
-        """A backup's right to add chunks and a manifest: a shared lock plus a private temp directory."""
-        with self._lock(fcntl.LOCK_SH, wait=False, what="back up"):
-            tmp = self.path / "tmp" / uuid.uuid4().hex
-            tmp.mkdir(DIR_MODE, parents=True)
-            try:
-                yield tmp
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    def writer(self) -> contextlib.AbstractContextManager[ChunkBatch]:
+        """A backup's right to add chunks and a point, shared with other backups, and the batch its chunks go
+        into. RepositoryLockedError while garbage collection runs."""
+        return self.backend.writer()
 
-    @contextlib.contextmanager
-    def exclusive(self, wait: bool = True) -> Iterator[None]:
+    def exclusive(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
         """Held by garbage collection: no backup runs meanwhile."""
-        with self._lock(fcntl.LOCK_EX, wait=wait, what="collect garbage in"):
-            yield
+        return self.backend.exclusive(wait)
 
-    @contextlib.contextmanager
-    def _lock(self, mode: int, wait: bool, what: str) -> Iterator[None]:
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    raise RepositoryLockedError(
-                        f"cannot {what} repository {self.path}: garbage collection is running; try again shortly"
-                        if mode == fcntl.LOCK_SH
-                        else f"cannot {what} repository {self.path}: a backup is running"
-                    ) from None
-                fcntl.flock(fd, mode)
-            yield
-        finally:
-            os.close(fd)
-
-    def clean_tmp(self) -> int:
-        """Remove temp files of dead writers (call under the exclusive lock); returns how many dirs went."""
-        n = 0
-        for entry in (self.path / "tmp").iterdir():
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            n += 1
-        return n
+    def clean_tmp(self) -> None:
+        """Remove leftovers of dead writers (call under ``exclusive``)."""
+        self.backend.clean_stale()
 
     # --- restore points --------------------------------------------------------------------------------
-    def _point_path(self, vm: str, point_id: str) -> Path:
-        return self.path / "points" / vm / f"{point_id}.point"
-
-    def commit_point(self, point: RestorePoint) -> None:
-        """Make ``point`` visible; every chunk it names must already be durable (``store.sync_dirs``)."""
+    def commit_point(self, point: RestorePoint, batch: ChunkBatch | None = None) -> None:
+        """Make ``point`` visible; every chunk it names must already be durable (``store.publish``). ``batch``:
+        the writer's, whose right to commit is checked last (an S3 lease may have lapsed)."""
         check_point(point, self.config.chunk_size, point.vm, point.id, f"new restore point {point.ref}")
         if self.config.format < REPO_FORMAT:
             self._upgrade_config()
-        target = self._point_path(point.vm, point.id)
-        target.parent.mkdir(DIR_MODE, exist_ok=True)
-        write_atomic(target, pointfile.encode(point), FILE_MODE)
-        fsync_dir(target.parent.parent)
+        data = pointfile.encode(point, self.store.envelope)
+        if batch is not None:
+            batch.check_alive()
+        self.backend.put(pointfile.point_key(point.vm, point.id), data)
 
     def _upgrade_config(self) -> None:
         """A format-1 repository becomes format 2 before its first format-2 point is written, so an older
         bootback refuses the repository as a whole instead of meeting a point it cannot read."""
         self.config.format = REPO_FORMAT
-        write_atomic(self.path / "config.json", self.config.to_json(), FILE_MODE)
+        self.backend.put("config.json", self.config.to_json())
 
     def delete_point(self, point: RestorePoint) -> None:
-        path = self._point_path(point.vm, point.id)
-        path.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+        self.backend.delete(pointfile.point_key(point.vm, point.id))
 
-    def point_files(self, vm: str | None = None) -> Iterator[Path]:
-        """Every point file (of one VM if given), in name order."""
-        for name in [check_vm_name(vm)] if vm else self.vms():
-            folder = self.path / "points" / name
-            if folder.is_dir():
-                yield from sorted(folder.glob("*.point"))
+    def point_files(self, vm: str | None = None) -> list[tuple[str, str]]:
+        """(vm, point id) of every stored point (of one VM if given), in name order: from one listing."""
+        found = []
+        for info in self.backend.list(f"points/{check_vm_name(vm)}/" if vm else "points/"):
+            parts = info.key.split("/")
+            if len(parts) == 3 and parts[2].endswith(".point") and len(parts[2]) > len(".point"):
+                found.append((parts[1], parts[2][: -len(".point")]))
+        return sorted(found)
 
-    def load_point(self, path: Path, with_chunks: bool = True) -> RestorePoint:
-        """The checked point in ``path``; IntegrityError names it when the file is damaged."""
-        return pointfile.load(path, self.config.chunk_size, with_chunks)
+    def load_point(self, vm: str, point_id: str, with_chunks: bool = True) -> RestorePoint:
+        """The checked point ``vm@point_id``; IntegrityError names it when its object is damaged."""
+        name = pointfile.point_name(vm, point_id)
+        f = self.backend.open(pointfile.point_key(vm, point_id), name)
+        return pointfile.load(f, vm, point_id, self.config.chunk_size, with_chunks, self.store.envelope)
 
     def vms(self) -> list[str]:
-        root = self.path / "points"
-        try:
-            return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.point")))
-        except OSError as exc:
-            raise IntegrityError(f"repository {self.path}: cannot list {root}: {exc.strerror or exc}") from None
+        return sorted({vm for vm, _ in self.point_files()})
 
     def list_points(self, vm: str | None = None, with_chunks: bool = False) -> PointListing:
         """Every point file (of one VM if given): the good points, oldest first, and the damaged ones with the
         reason. One unreadable file (damage, a newer format, an I/O error) never hides the others."""
         listing = PointListing([], [])
-        for path in self.point_files(vm):
+        for name, point_id in self.point_files(vm):
             try:
-                listing.points.append(self.load_point(path, with_chunks))
+                listing.points.append(self.load_point(name, point_id, with_chunks))
             except FileNotFoundError:
                 continue  # deleted since the folder was listed (prune): gone, not damaged
             except (BootbackError, OSError) as exc:
-                reason = str(exc) if isinstance(exc, BootbackError) else f"{pointfile.point_name(path)}: {exc}"
-                listing.damaged.append(DamagedPoint(path.parent.name, path.stem, reason))
+                what = pointfile.point_name(name, point_id)
+                reason = str(exc) if isinstance(exc, BootbackError) else f"{what}: {exc}"
+                listing.damaged.append(DamagedPoint(name, point_id, reason))
         listing.points.sort(key=lambda p: (p.time, p.vm, p.id))
         return listing
 
@@ -278,10 +293,9 @@ class Repository:
         if point == "latest":
             latest = self._latest(vm)
             return self.with_chunks(latest) if with_chunks else latest
-        path = self._point_path(vm, point)
-        if not POINT_ID_RE.match(point) or not path.exists():
-            raise RestorePointNotFoundError(f"no restore point {vm}@{point} in {self.path}")
-        return self.load_point(path, with_chunks)
+        if not POINT_ID_RE.match(point) or not self.backend.exists(pointfile.point_key(vm, point)):
+            raise RestorePointNotFoundError(f"no restore point {vm}@{point} in {self.location}")
+        return self.load_point(vm, point, with_chunks)
 
     def _latest(self, vm: str) -> RestorePoint:
         """The newest point of ``vm``. Never an older one in place of a damaged newer one (or of a damaged file
@@ -293,14 +307,14 @@ class Repository:
                 older = f"name an older point explicitly, e.g. {newest.ref}" if newest else "no other point exists"
                 raise IntegrityError(f"the latest restore point of VM {vm!r} cannot be read: {bad.error}; {older}")
         if newest is None:
-            raise RestorePointNotFoundError(f"no restore points of VM {vm!r} in {self.path}")
+            raise RestorePointNotFoundError(f"no restore points of VM {vm!r} in {self.location}")
         return newest
 
     def with_chunks(self, point: RestorePoint) -> RestorePoint:
         """``point`` with its chunk lists loaded (itself if they are)."""
         if point.has_chunks:
             return point
-        return self.load_point(self._point_path(point.vm, point.id))
+        return self.load_point(point.vm, point.id)
 
     def resolve(self, ref: str) -> RestorePoint:
         """'VM@POINT' or 'VM' (latest) -> RestorePoint."""

@@ -82,7 +82,7 @@ class SessionManager:
                 raise UsageError(f"several repositories are served ({', '.join(self.repos)}): name one")
             name = next(iter(self.repos))
         for key, repo in self.repos.items():
-            if name in (key, str(repo.path)):
+            if name in (key, repo.location):
                 return key, repo
         raise UsageError(f"unknown repository {name!r}; served: {', '.join(self.repos)}")
 

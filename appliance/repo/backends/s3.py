@@ -1,0 +1,323 @@
+"""A repository on S3 object storage (Ceph RGW, MinIO, AWS): ``s3://BUCKET/PREFIX``, through boto3.
+
+Endpoint and credentials come the standard way of S3 tools, read by boto3 itself: ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and ``~/.aws``. They are
+never put in a message or a log line; errors name the location, the endpoint and the S3 error code only.
+
+Durability: a PUT is atomic and durable when it returns, so there is no staging: a backup's chunks are PUT as
+they are made, and its point is PUT last, after every chunk PUT returned (a point that is visible is complete;
+a failed backup leaves only unreferenced chunks). Concurrency without ``flock`` is kept by lease objects
+(``leases``) and a grace period before garbage collection deletes young chunks; ``docs/repository-format.md``
+tells the whole rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from typing import BinaryIO
+
+from appliance.errors import IntegrityError, StorageUnavailableError, UsageError
+from appliance.repo.backends import S3_SCHEME, ChunkBatch, ObjectInfo, ObjectStore
+from appliance.repo.backends.leases import GC_LEASE, Lease, gc_grace_seconds, live_leases
+
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+MAX_PREFIX = 512
+FIRST_READ = 256 << 10  # a point file's first GET: its summary, and the chunk lists of disks up to ~4 TB
+POOL_CONNECTIONS = 32  # backup workers and read-ahead threads share one client
+
+
+def parse_location(location: str) -> tuple[str, str]:
+    """(bucket, prefix) of ``s3://BUCKET[/PREFIX]``; UsageError naming the value when it is malformed."""
+    bucket, _, prefix = location[len(S3_SCHEME) :].partition("/")
+    prefix = prefix.strip("/")
+    if not BUCKET_RE.fullmatch(bucket):
+        raise UsageError(
+            f"repository {location!r}: {bucket!r} is not a bucket name (3 to 63 lowercase letters, digits, '.', '-')"
+        )
+    parts = prefix.split("/") if prefix else []
+    if len(prefix) > MAX_PREFIX or any(p in ("", ".", "..") for p in parts) or re.search(r"[\x00-\x1f\x7f\\]", prefix):
+        raise UsageError(f"repository {location!r}: the prefix must be '/'-separated names without '.', '..' or //")
+    return bucket, prefix
+
+
+def make_client():  # noqa: ANN201 - a botocore client, typed at runtime only
+    """An S3 client configured from the environment and ~/.aws (boto3's own resolution)."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(
+        region_name=session.region_name or "us-east-1",
+        s3={"addressing_style": "path" if custom_endpoint else "auto"},  # RGW/MinIO on an address: path style
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=5,
+        read_timeout=30,
+        max_pool_connections=POOL_CONNECTIONS,
+        tcp_keepalive=True,
+        # botocore >= 1.36 adds CRC trailers by default, which many S3 services (Ceph < 19) refuse; every
+        # object we read is checked by its own hash anyway.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return session.client("s3", config=config)
+
+
+class S3Store(ObjectStore):
+    read_ahead = 16  # ~5 ms per GET here, ~50 ms on a WAN: keep enough in flight to stream
+    remote = True
+
+    def __init__(self, location: str) -> None:
+        self.bucket, self.prefix = parse_location(location)
+        self.location = f"{S3_SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{self.bucket}"
+        self.name = self.prefix.rsplit("/", 1)[-1] if self.prefix else self.bucket
+        self.client = make_client()
+        self.endpoint = self.client.meta.endpoint_url
+        self._root = f"{self.prefix}/" if self.prefix else ""
+        self._gc_now: float | None = None  # the server's time when garbage collection took its lease
+
+    # --- errors ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def errors(self, what: str) -> Iterator[None]:
+        """Translate boto3's errors: a missing object is FileNotFoundError, everything else that stops a request
+        (endpoint down, credentials refused, no bucket, a broken connection) one StorageUnavailableError line."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+        from urllib3.exceptions import HTTPError
+
+        try:
+            yield
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
+                raise FileNotFoundError(what) from None
+            raise StorageUnavailableError(self._refusal(code, status, what)) from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise StorageUnavailableError(
+                f"{self.location}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE naming a profile in ~/.aws"
+            ) from None
+        except (BotoCoreError, HTTPError) as exc:
+            raise StorageUnavailableError(
+                f"{self.location}: {what}: the S3 endpoint {self.endpoint} did not answer ({type(exc).__name__})"
+            ) from None
+
+    def _refusal(self, code: str, status: int | None, what: str) -> str:
+        if code == "NoSuchBucket":
+            return f"{self.location}: bucket {self.bucket!r} does not exist at {self.endpoint}"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or status == 403:
+            return (
+                f"{self.location}: access denied by {self.endpoint} ({code or status}): check the credentials "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or the ~/.aws profile)"
+            )
+        return f"{self.location}: {what}: {self.endpoint} answered {code or status}"
+
+    def _key(self, key: str) -> str:
+        return self._root + key
+
+    # --- objects -----------------------------------------------------------------------------------------
+    def is_empty(self) -> bool:
+        with self.errors("listing the bucket"):
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._root, MaxKeys=1)
+        return not resp.get("KeyCount")
+
+    def create(self) -> None:
+        self.is_empty()  # the bucket answers, with these credentials; S3 needs no folders
+
+    def get(self, key: str, name: str, limit: int) -> bytes:
+        with self.errors(f"reading {name}"):
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = resp["Body"]
+            if resp["ContentLength"] > limit:
+                body.close()
+                raise IntegrityError(
+                    f"{name}: {self.location}/{key} holds {resp['ContentLength']} bytes, more than the {limit} "
+                    "it may hold"
+                )
+            return body.read()
+
+    def read_range(self, key: str, start: int, end: int, name: str) -> tuple[bytes, int]:
+        """Bytes ``start..end`` (inclusive, clipped to the object) and the object's whole size."""
+        with self.errors(f"reading {name}"):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
+            except Exception as exc:
+                if getattr(exc, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
+                    return b"", 0 if start == 0 else start  # an empty object (or reading past the end)
+                raise
+            data = resp["Body"].read()
+        content_range = resp.get("ContentRange") or ""
+        size = int(content_range.rpartition("/")[2]) if "/" in content_range else resp["ContentLength"]
+        return data, size
+
+    def open(self, key: str, name: str) -> BinaryIO:
+        first, size = self.read_range(key, 0, FIRST_READ - 1, name)
+        return _RangedReader(self, key, name, first, size)  # type: ignore[return-value]
+
+    def put(self, key: str, data: bytes) -> None:
+        with self.errors(f"writing {key}"):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            with self.errors(f"writing {key}"):
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code")
+                    if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                        return False
+                    raise
+        except FileNotFoundError:
+            raise StorageUnavailableError(f"{self.location}: writing {key}: refused (404)") from None
+        return True
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self.errors(f"looking up {key}"):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        with self.errors(f"deleting {key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        yield from self.list_with_time(prefix)[0]
+
+    def list_with_time(self, prefix: str) -> tuple[list[ObjectInfo], float]:
+        """The objects under ``prefix`` and the server's clock when it listed them (lease ages are judged on the
+        server's clock, never ours)."""
+        found: list[ObjectInfo] = []
+        token: dict[str, str] = {}
+        now = 0.0
+        while True:
+            with self.errors(f"listing {prefix}"):
+                resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._root + prefix, **token)
+            date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            if date and not now:
+                now = parsedate_to_datetime(date).timestamp()
+            for obj in resp.get("Contents", []):
+                key = obj["Key"][len(self._root) :]
+                found.append(ObjectInfo(key, obj["Size"], obj["LastModified"].timestamp()))
+            if not resp.get("IsTruncated"):
+                return found, now
+            token = {"ContinuationToken": resp["NextContinuationToken"]}
+
+    # --- concurrency: leases instead of flock --------------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[ChunkBatch]:
+        lease = Lease(self, "backup")
+        lease.announce()  # first announce, then look: a collection that starts later sees this lease
+        try:
+            gc = [le for le in live_leases(self) if le.kind == "gc"]
+            if gc:
+                raise _locked(self, "back up", f"garbage collection is running ({gc[0].key})")
+            lease.keep_alive()
+            yield _S3Batch(self, lease)
+        finally:
+            lease.release()
+
+    @contextlib.contextmanager
+    def exclusive(self, wait: bool = True) -> Iterator[None]:
+        import time
+
+        lease = Lease(self, "gc", key=GC_LEASE)
+        while True:
+            busy = lease.take()
+            if busy is None:
+                break
+            if not wait:
+                raise _locked(self, "collect garbage in", busy)
+            time.sleep(1)
+        try:
+            self._gc_now = lease.server_time
+            lease.keep_alive()
+            yield
+        finally:
+            self._gc_now = None
+            lease.release()
+
+    def collectable_before(self) -> float:
+        import time
+
+        now = self._gc_now or time.time()
+        return now - gc_grace_seconds()
+
+    def clean_stale(self) -> None:
+        from appliance.repo.backends.leases import expired_leases
+
+        for info in expired_leases(self):
+            self.delete(info.key)
+
+
+def _locked(store: S3Store, what: str, why: str) -> Exception:
+    from appliance.errors import RepositoryLockedError
+
+    return RepositoryLockedError(f"cannot {what} repository {store.location}: {why}; try again shortly")
+
+
+class _S3Batch(ChunkBatch):
+    """Chunks are PUT as they are staged (durable when the PUT returns); publish only checks the lease."""
+
+    def __init__(self, store: S3Store, lease: Lease) -> None:
+        self.store = store
+        self.lease = lease
+
+    def stage(self, key: str, blob: bytes) -> None:
+        self.store.put(key, blob)
+
+    def publish(self) -> None:
+        self.check_alive()
+
+    def check_alive(self) -> None:
+        self.lease.check()
+
+
+class _RangedReader(io.RawIOBase):
+    """A read-only, seekable view of one object that fetches what is read with ranged GETs (the first
+    ``FIRST_READ`` bytes came with the open)."""
+
+    def __init__(self, store: S3Store, key: str, name: str, first: bytes, size: int) -> None:
+        super().__init__()
+        self.store, self.key, self.name = store, key, name
+        self._first = first
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)  # never more than it holds
+        if end <= self._pos:
+            return b""
+        if end <= len(self._first):
+            data = self._first[self._pos : end]
+        else:
+            data, _ = self.store.read_range(self.key, self._pos, end - 1, self.name)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
