@@ -48,7 +48,7 @@ def make_repo(image: Path, bootdisk: Path) -> Path:
 
     repo = HERE / "repo"
     shutil.rmtree(repo, ignore_errors=True)
-    bootback("init", repo)
+    bootback("init", repo, "--encryption", "none")
     bootback("backup", repo, "--vm", "data", image)
     vmdir = HERE / "bootdemo"
     shutil.rmtree(vmdir, ignore_errors=True)

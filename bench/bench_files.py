@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     repo = WORK / "files" / "repo"
     shutil.rmtree(repo.parent, ignore_errors=True)
     repo.parent.mkdir(parents=True)
-    sh(bootback(), "init", repo)
+    sh(bootback(), "init", repo, "--encryption", "none")
     sh(bootback(), "backup", repo, "--vm", "flr", img)
     big_sum = hashlib.sha256((src / "big.bin").read_bytes()).hexdigest()
     tree_sum = tree_digest(src / "tree")

@@ -80,7 +80,7 @@ def backup_round(sources: dict[str, Path]) -> dict[str, dict[str, float]]:
     ours, theirs = WORK / "repo" / "ours", WORK / "repo" / "borg"
     for d in (ours, theirs, WORK / "repo" / "borg-home"):
         shutil.rmtree(d, ignore_errors=True)
-    sh(bootback(), "init", ours, "--chunk-size", "1M")
+    sh(bootback(), "init", ours, "--chunk-size", "1M", "--encryption", "none")
     sh(borg(), "init", "-e", "none", theirs, env=BORG_ENV)
     results: dict[str, dict[str, float]] = {}
     for label, disk in sources.items():
