@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", type=Path, help="where private views and servers live (default STATE/items)")
     p.add_argument("--list", action="store_true", help="list databases/tables, or messages")
     p.add_argument("--db", help="PostgreSQL: only this database in --list")
-    p.add_argument("--dump", metavar="DB[.SCHEMA.TABLE]", help="PostgreSQL: dump a database or one table")
+    p.add_argument(
+        "--dump",
+        action="append",
+        metavar="DB[.SCHEMA.TABLE]",
+        help="PostgreSQL: dump a database, or a table (repeat for several tables of one database)",
+    )
     p.add_argument("-o", "--output", type=Path, help="output file")
     p.add_argument("--to", metavar="URL", help="PostgreSQL: restore into this running server instead of a file")
     p.add_argument("--as", dest="as_name", metavar="NAME", help="PostgreSQL: restore the table under this name")
@@ -64,5 +69,6 @@ def _postgres(args: argparse.Namespace, target: service.Target, work: Path) -> i
         print(json.dumps([t.to_json() for t in tables], indent=2))
         return 0
     for t in tables:
-        print(f"{t.database:16} {t.schema}.{t.name:32} {t.rows:>12,} rows")
+        name = f"{t.schema}.{t.name}"
+        print(f"{t.database:16} {name:32} {t.rows:>12,} rows")
     return 0

@@ -248,24 +248,41 @@ class DisposableServer:
         raise ItemRecoveryError(f"table {name!r} is in several schemas of {database!r}: name one ({listed})")
 
     def rename_table(self, table: Table, new_name: str) -> Table:
-        """On the copy only: a restore under another name is a dump of the renamed table."""
+        """On the copy only: a restore under another name is a dump of the renamed table. Its indexes (and so
+        its primary key and unique constraints) and owned sequences are renamed too, or they would clash with
+        the original's in the target: 'customers_pkey' becomes 'NEW_pkey'."""
+        old = f"{quote_ident(table.schema)}.{quote_ident(table.name)}"
         self.query(
             table.database,
-            f"ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} RENAME TO {quote_ident(new_name)};"
-            " SELECT 'null'::json",
+            f"""DO $$
+DECLARE r record; old text := {quote_literal(table.name)}; new text := {quote_literal(new_name)};
+BEGIN
+  FOR r IN SELECT c.relname, c.relkind FROM pg_class c WHERE c.oid IN (
+      SELECT indexrelid FROM pg_index WHERE indrelid = {quote_literal(old)}::regclass
+      UNION SELECT objid FROM pg_depend WHERE refobjid = {quote_literal(old)}::regclass
+        AND classid = 'pg_class'::regclass AND deptype IN ('a', 'i'))
+    AND c.relkind IN ('i', 'S') LOOP
+    EXECUTE format('ALTER %s %I.%I RENAME TO %I', CASE r.relkind WHEN 'i' THEN 'INDEX' ELSE 'SEQUENCE' END,
+      {quote_literal(table.schema)}, r.relname,
+      CASE WHEN left(r.relname, length(old)) = old THEN new || substr(r.relname, length(old) + 1)
+           ELSE new || '_' || r.relname END);
+  END LOOP;
+  EXECUTE format('ALTER TABLE %s RENAME TO %I', {quote_literal(old)}, new);
+END $$; SELECT 'null'::json""",
         )
         return Table(table.database, table.schema, new_name, table.rows)
 
-    def dump(self, database: str, table: Table | None, out: Path) -> None:
-        """Plain SQL without owners or grants (the target's roles are not the backup's). A table's dump begins by
-        creating its schema when missing: pg_dump -t leaves it out, and a restore would fail without it."""
+    def dump(self, database: str, tables: list[Table], out: Path) -> None:
+        """Plain SQL without owners or grants (the target's roles are not the backup's); the whole database when
+        ``tables`` is empty. A table dump begins by creating its schemas when missing: pg_dump -t leaves them out,
+        and a restore into another server would fail without them."""
         cmd = [str(self.bindir / "pg_dump"), *self._conn(database), "--no-owner", "--no-acl"]
-        if table is not None:
-            cmd += ["-t", f"{quote_ident(table.schema)}.{quote_ident(table.name)}"]
+        for t in tables:
+            cmd += ["-t", f"{quote_ident(t.schema)}.{quote_ident(t.name)}"]
         with open(out, "w") as fh:
-            if table is not None and table.schema != "public":
-                fh.write(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(table.schema)};\n")
-                fh.flush()
+            for schema in sorted({t.schema for t in tables} - {"public"}):
+                fh.write(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)};\n")
+            fh.flush()
             p = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, timeout=24 * 3600)
         if p.returncode != 0:
             raise ItemRecoveryError(f"pg_dump of {database!r} from {self.where} failed: {_first_error(p.stderr)}")

@@ -107,27 +107,35 @@ def pg_dump(
     target: Target,
     item: Item,
     work_root: Path,
-    spec: str,
+    specs: list[str],
     out: Path | None = None,
     to: str | None = None,
     as_name: str | None = None,
 ) -> str:
-    """Dump DB or DB.[SCHEMA.]TABLE to ``out`` (SQL) or restore it into the server at ``to``; returns what was done."""
+    """Dump DB, or tables DB.[SCHEMA.]TABLE of one database, to ``out`` (SQL) or restore them into the server at
+    ``to`` (all in one transaction); returns what was done."""
     if (out is None) == (to is None):
         raise ItemRecoveryError("give exactly one of -o FILE and --to postgresql://...")
-    database, table_name = split_spec(spec)
-    if as_name is not None and table_name is None:
-        raise ItemRecoveryError("--as renames a table; to restore a database under another name, name it in --to")
+    parsed = [split_spec(s) for s in specs]
+    database = parsed[0][0]
+    if any(db != database for db, _ in parsed):
+        raise ItemRecoveryError(
+            f"dump tables of one database at a time, not {', '.join(sorted({d for d, _ in parsed}))}"
+        )
+    if len(parsed) > 1 and any(t is None for _, t in parsed):
+        raise ItemRecoveryError(f"{database!r} names a whole database: dump it alone")
+    if as_name is not None and (len(parsed) != 1 or parsed[0][1] is None):
+        raise ItemRecoveryError("--as renames one table; to restore a database under another name, name it in --to")
     if out is not None and not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
         server.check_database(database)
-        table = server.find_table(database, table_name) if table_name else None
-        if table is not None and as_name:
-            table = server.rename_table(table, as_name)
+        tables = [server.find_table(database, t) for _, t in parsed if t is not None]
+        if as_name:
+            tables = [server.rename_table(tables[0], as_name)]
         dump = server.rundir / "dump.sql"
-        server.dump(database, table, dump)
-        what = f"{database}.{table.schema}.{table.name}" if table else database
+        server.dump(database, tables, dump)
+        what = ", ".join(f"{database}.{t.schema}.{t.name}" for t in tables) or database
         if to is not None:
             server.restore(dump, to)
             return f"restored {what} from {target.point}"

@@ -96,31 +96,52 @@ def _counts(expected: dict) -> dict:
 
 
 def test_postgres_lists_tables_with_row_counts_after_crash_recovery(apps: dict, work: Path) -> None:
-    for path, state in (("/var/lib/postgresql/15/main", "crash"), ("/srv/pg-clean", "clean")):
-        listed = json.loads(items(apps, work, "postgres", "--path", path, "--list", "--json").stdout)
-        got = {(t["database"], f"{t['schema']}.{t['table']}"): t["rows"] for t in listed}
-        assert got == _counts(apps["expected"][state]), path
-        # the crash copy's last table and updates exist only if recovery replayed the WAL
-        assert (("shop", "public.late_orders") in got) == (state == "crash")
-    one = json.loads(items(apps, work, "postgres", "--path", "/srv/pg-clean", "--list", "--db", "hr", "--json").stdout)
-    assert one == [{"database": "hr", "schema": "public", "table": "staff", "rows": 2}]
+    listed = json.loads(
+        items(apps, work, "postgres", "--path", "/var/lib/postgresql/15/main", "--list", "--json").stdout
+    )
+    got = {(t["database"], f"{t['schema']}.{t['table']}"): t["rows"] for t in listed}
+    # the crash copy's last table and updates exist only because recovery replayed the WAL
+    assert got == _counts(apps["expected"]["crash"]) and ("shop", "public.late_orders") in got
+    text = items(apps, work, "postgres", "--path", "/srv/pg-clean", "--list", "--db", "shop").stdout
+    assert text.splitlines() == [
+        f"shop             {name:32} {rows:>12,} rows"
+        for (db, name), rows in sorted(_counts(apps["expected"]["clean"]).items())
+        if db == "shop"
+    ]
 
 
-def test_a_table_restored_into_a_fresh_server_has_exactly_the_rows(apps: dict, work: Path, target_pg: Cluster) -> None:
+def test_tables_restored_into_a_fresh_server_have_exactly_the_rows(apps: dict, work: Path, target_pg: Cluster) -> None:
     crash = apps["expected"]["crash"]["shop"]
     url = fresh_db(target_pg, "restored")
     path = "/var/lib/postgresql/15/main"
-    for table in ("customers", "late_orders", "sales.invoices"):
-        items(apps, work, "postgres", "--path", path, "--dump", f"shop.{table}", "--to", url)
-    target_pg.psql("restored", "SELECT 1")
-    for table in ("customers", "late_orders", "sales.invoices"):
+    tables = ("customers", "late_orders", "sales.invoices")
+    p = items(
+        apps, work, "postgres", "--path", path, *[a for t in tables for a in ("--dump", f"shop.{t}")], "--to", url
+    )
+    assert "restored shop.public.customers, shop.public.late_orders, shop.sales.invoices from db01@" in p.stdout
+    for table in tables:
         assert target_pg.rows("restored", table) == crash[table], table
-    # under another name, beside the original
-    items(apps, work, "postgres", "--path", path, "--dump", "shop.customers", "--as", "customers_before", "--to", url)
-    assert target_pg.rows("restored", "customers_before") == crash["customers"]
+    # under another name, beside the original (its primary key and sequence renamed with it)
+    items(apps, work, "postgres", "--path", path, "--dump", "shop.sales.invoices", "--as", "invoices_old", "--to", url)
+    assert target_pg.rows("restored", "sales.invoices_old") == crash["sales.invoices"]
+    assert target_pg.psql("restored", "SELECT count(*) FROM pg_class WHERE relname LIKE 'invoices_old%'") == "3\n"
     # the same table again: it exists, the restore fails as a whole and the target keeps what it had
-    again = items(apps, work, "postgres", "--path", path, "--dump", "shop.public.customers", "--to", url, ok=False)
+    again = items(
+        apps,
+        work,
+        "postgres",
+        "--path",
+        path,
+        "--dump",
+        "shop.orders",
+        "--dump",
+        "shop.public.customers",
+        "--to",
+        url,
+        ok=False,
+    )
     assert again.returncode == 62 and "nothing was changed" in again.stderr and "already exists" in again.stderr
+    assert target_pg.psql("restored", "SELECT to_regclass('public.orders') IS NULL") == "t\n"
     assert target_pg.rows("restored", "customers") == crash["customers"]
 
 
@@ -138,11 +159,16 @@ def test_a_database_dump_to_a_file_restores_exactly(apps: dict, work: Path, targ
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--path", "/srv/pg14", "--list"), "needs PostgreSQL 14, whose server is not installed"),
-        (("--path", "/srv/pg-damaged", "--list"), "PostgreSQL could not start on the copy of /disk/srv/pg-damaged"),
-        (("--path", "/srv/pg-clean", "--dump", "nope.orders"), "no database 'nope' in /disk/srv/pg-clean"),
-        (("--path", "/srv/pg-clean", "--dump", "shop.nope"), "no table 'nope' in database 'shop'"),
-        (("--path", "/srv/pg-clean", "--dump", "shop.late_orders"), "no table 'late_orders'"),
+        (("--path", "/srv/pg14", "--dump", "shop", "-o"), "needs PostgreSQL 14, whose server is not installed"),
+        (
+            ("--path", "/srv/pg-damaged", "--dump", "shop", "--to"),
+            "PostgreSQL could not start on the copy of /disk/srv/pg-damaged",
+        ),
+        (("--path", "/srv/pg-clean", "--dump", "nope.orders", "-o"), "no database 'nope' in /disk/srv/pg-clean"),
+        (
+            ("--path", "/srv/pg-clean", "--dump", "shop.late_orders", "--to"),
+            "no table 'late_orders' in database 'shop'",
+        ),
         (("--list",), "holds several of PostgreSQL data directory: choose one with --path"),
         (("--path", "/nowhere", "--list"), "no PostgreSQL data directory at /nowhere in db01@"),
     ],
@@ -152,14 +178,11 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(
 ) -> None:
     url = fresh_db(target_pg, "untouched")
     out = tmp_path / "out.sql"
-    extra = ("-o", out) if "--dump" in args else ()
+    extra = {"-o": (out,), "--to": (url,)}.get(args[-1], ())
     p = items(apps, work, "postgres", *args, *extra, ok=False)
     assert p.returncode == 62 and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not out.exists()
-    if "--dump" in args:
-        q = items(apps, work, "postgres", *args, "--to", url, ok=False)
-        assert q.returncode == 62 and message in q.stderr
     assert (
         target_pg.psql("untouched", "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace")
         == "0\n"
