@@ -271,7 +271,9 @@ class NFSv3(Program):
 
     async def NFSPROC3_GETATTR(self, call: Call) -> list:
         export, obj = self._resolve(call, call.args)
-        attr = await self._meta(export.backend.getattr, obj)
+        attr = export.backend.getattr_nowait(obj)
+        if attr is None:
+            attr = await self._meta(export.backend.getattr, obj)
         p = Packer().u32(0)
         pack_fattr(p, attr)
         return [p.buf]
@@ -324,7 +326,9 @@ class NFSv3(Program):
         u = call.args
         export, obj = self._resolve(call, u)
         wanted = u.u32("access")
-        attr = await self._meta(export.backend.getattr, obj)
+        attr = export.backend.getattr_nowait(obj)
+        if attr is None:
+            attr = await self._meta(export.backend.getattr, obj)
         cred = export.effective(call.cred)
         granted = access_bits(attr, cred.uid, {cred.gid, *cred.gids}, wanted, _read_only(export))
         p = Packer().u32(0)

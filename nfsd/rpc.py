@@ -11,12 +11,14 @@ stays small, and log lines a client can cause are rate-limited (nfsd/ratelog.py)
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nfsd.limits import DEFAULT, FLOOR_BYTES, Limits
 from nfsd.ratelog import limited
@@ -212,6 +214,66 @@ class Dispatcher:
         return accepted(xid, SUCCESS, body)
 
 
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task | None:
+    """Run ``coro`` right here until it first waits; only then does it become a Task (None: it finished).
+
+    Most calls (a READ from memory, a GETATTR) never wait, so they skip a Task and a trip through the event
+    loop's ready queue, and their replies join the same send as the calls read with them. Python 3.12's
+    ``eager_task_factory`` does the same for a whole loop; this one is for the calls of one connection only."""
+    try:
+        pending = coro.send(None)
+    except StopIteration:
+        return None
+    except Exception:  # noqa: BLE001 - what a Task would have reported as "exception never retrieved"
+        log.exception("call failed before it waited")
+        return None
+    return asyncio.get_running_loop().create_task(_Resumed(coro, pending))
+
+
+class _Resumed(collections.abc.Coroutine):
+    """``coro``, already started by hand and waiting for ``pending``, in the shape a Task drives: the Task's first
+    step gets ``pending`` (what ``coro`` waits for) without resuming ``coro``; after that, what the Task sends or
+    throws (a result, an error, a cancellation, even before that first step) goes to ``coro`` itself."""
+
+    __slots__ = ("_coro", "_pending", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], pending: Any) -> None:  # noqa: ANN401 - what coro yields
+        self._coro = coro
+        self._pending: Any = pending
+        self._first = True
+
+    def send(self, value: Any) -> Any:  # noqa: ANN401
+        if self._first:
+            self._first = False
+            pending, self._pending = self._pending, None
+            return pending
+        return self._coro.send(value)
+
+    def throw(self, *exc: Any) -> Any:  # noqa: ANN401
+        self._first = False
+        self._pending = None
+        return self._coro.throw(*exc)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        value = self.send(None)
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # noqa: BLE001 - cancellation and the rest belong to coro
+                try:
+                    value = self.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = self.send(sent)
+                except StopIteration:
+                    return
+
+
 class Budget:
     """Bytes that all connections of one server hold, requests and replies (``Limits.total_bytes``).
 
@@ -292,6 +354,7 @@ class TcpConnection(asyncio.Protocol):
         self._out: list = []
         self._out_bytes = 0
         self._flush_scheduled = False
+        self._parsing = False
         self.calls = 0
 
     # --- lifecycle --------------------------------------------------------------------------------------
@@ -416,14 +479,23 @@ class TcpConnection(asyncio.Protocol):
             self.pump()
 
     def _parse(self) -> None:
-        """Start the complete records in the buffer while there is room; leave the rest for later."""
-        if not self._room():
+        """Start the complete records in the buffer while there is room; leave the rest for later.
+
+        Calls run eagerly (``start_eagerly``), so a call answered at once releases its bytes, or calls
+        ``pump``, while this loop still holds its place in the buffer: that nested call must not parse."""
+        if self._parsing or not self._room():
             return
+        self._parsing = True
+        try:
+            self._parse_records()
+        finally:
+            self._parsing = False
+
+    def _parse_records(self) -> None:
         buf = self._buf
         pos = marks = 0
         n = len(buf)
-        max_in_flight = self.limits.max_in_flight  # starting calls changes nothing else _room() looks at
-        while n - pos >= 4 and self._in_flight < max_in_flight:
+        while n - pos >= 4 and self._room():
             (mark,) = struct.unpack_from(">I", buf, pos)
             size = mark & 0x7FFFFFFF
             if self._frag_total + size > MAX_RECORD:
@@ -460,9 +532,10 @@ class TcpConnection(asyncio.Protocol):
     def _spawn(self, record: bytes) -> None:
         self.calls += 1
         self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(record))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = start_eagerly(self._run(record))
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, record: bytes) -> None:
         ticket = _Ticket(self)

@@ -252,6 +252,12 @@ class Backend:
     def getattr(self, obj: ObjectId) -> Attr:
         raise NotImplementedError
 
+    def getattr_nowait(self, obj: ObjectId) -> Attr | None:
+        """``getattr`` when the attributes are at hand in memory (no system call that could wait for a disk);
+        None means "ask ``getattr`` in a worker thread". Called on the event loop, like ``read_nowait``: a
+        hypervisor's heartbeat GETATTR should not queue behind other work. The default never tries."""
+        return None
+
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
         raise NFSError(Status.NOTSUPP)
 

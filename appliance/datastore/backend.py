@@ -119,6 +119,11 @@ class DatastoreBackend(Backend):
         slot, layer, local = self._route(obj)
         return self._fix(slot, layer.getattr(local))
 
+    def getattr_nowait(self, obj: ObjectId) -> Attr | None:
+        slot, layer, local = self._route(obj)
+        attr = layer.getattr_nowait(local)
+        return None if attr is None else self._fix(slot, attr)
+
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
         slot, layer, local = self._route(obj)
         return self._fix(slot, layer.setattr(local, attrs, cred))

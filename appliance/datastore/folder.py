@@ -100,6 +100,10 @@ class SessionFolder(FilesLayer):
             ctime_ns=ext.ctime_ns,
         )
 
+    def getattr_nowait(self, obj: ObjectId) -> Attr | None:
+        """An extent's attributes live in memory; a real file's need a walk of its folder."""
+        return self.getattr(obj) if obj.fileid & EXTENT_BIT else None
+
     def setattr(self, obj: ObjectId, attrs: SetAttr, cred: Cred) -> Attr:
         ext = self._extent(obj)
         if ext is None:
