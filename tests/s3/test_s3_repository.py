@@ -175,10 +175,11 @@ def test_instant_recovery_over_nfs_from_a_bucket_only_point(rgw, s3_repo: str, t
     bootback("backup", s3_repo, "--vm", "web", disk(tmp_path, "web.raw", bytes(data)))
     bootback("backup", s3_repo, "--vm", "db", disk(tmp_path, "db.raw", os.urandom(2 * MiB)))
     nfs_port, mount_port = free_port(), free_port()
+    ports = ("--bind", "127.0.0.1", "--nfs-port", str(nfs_port), "--mount-port", str(mount_port))
+    # No chunks kept in memory: what survives the gateway below comes from the read cache on disk.
     daemon = DaemonProcess(
-        "unused", tmp_path / "state", "--bind", "127.0.0.1", "--nfs-port", str(nfs_port), "--mount-port",
-        str(mount_port), "--portmap-port", "0",
-    )  # fmt: skip
+        "unused", tmp_path / "state", *ports, "--portmap-port", "0", env={"BOOTBACK_CHUNK_CACHE": "0"}
+    )
     daemon.repo = s3_repo  # the daemon takes the location as it is, not as a path
     daemon.start()
 
