@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from appliance.errors import UsageError
-from appliance.items import KINDS, service
+from appliance.items import KINDS, mail, service
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="output file")
     p.add_argument("--to", metavar="URL", help="PostgreSQL: restore into this running server instead of a file")
     p.add_argument("--as", dest="as_name", metavar="NAME", help="PostgreSQL: restore the table under this name")
+    p.add_argument("--folder", help="mail: only this folder (INBOX, Archive ...; an mbox's folder is its file name)")
+    p.add_argument("--from", dest="sender", help="mail: sender contains this text")
+    p.add_argument("--subject", help="mail: subject contains this text")
+    p.add_argument("--since", help="mail: sent on or after this day (2026-03-01)")
+    p.add_argument("--until", help="mail: sent on or before this day")
+    p.add_argument("--id", action="append", default=[], help="mail: this message (FOLDER/KEY from --list); repeatable")
+    p.add_argument("--export", action="store_true", help="mail: write the matching messages to -o FILE")
+    p.add_argument("--format", choices=("mbox", "eml"), default="mbox", help="mail: export format (eml: one message)")
+    p.add_argument("--restore-to", type=Path, metavar="MAILDIR", help="mail: add the matching messages to this Maildir")
+    p.add_argument("--into-folder", metavar="NAME", help="mail: restore into this Maildir++ subfolder")
     p.set_defaults(func=cmd_items)
 
 
@@ -43,6 +53,8 @@ def cmd_items(args: argparse.Namespace) -> int:
         return _print_items(service.find_items(target), args.json)
     if args.kind == "postgres":
         return _postgres(args, target, work)
+    if args.kind in ("mail", "maildir", "mbox"):
+        return _mail(args, target, work)
     raise UsageError(f"'{args.kind}' items: only discovery is available yet (see docs/operations.md)")
 
 
@@ -71,4 +83,33 @@ def _postgres(args: argparse.Namespace, target: service.Target, work: Path) -> i
     for t in tables:
         name = f"{t.schema}.{t.name}"
         print(f"{t.database:16} {name:32} {t.rows:>12,} rows")
+    return 0
+
+
+def _mail(args: argparse.Namespace, target: service.Target, work: Path) -> int:
+    kinds = service.MAIL_KINDS if args.kind == "mail" else (args.kind,)
+    item = service.select(target, args.kind, args.path, kinds=kinds)
+    flt = mail.Filter(
+        folder=args.folder,
+        sender=args.sender,
+        subject=args.subject,
+        since=mail.parse_day(args.since, "--since"),
+        until=mail.parse_day(args.until, "--until"),
+        ids=tuple(args.id),
+    )
+    if args.export:
+        if args.output is None:
+            raise UsageError("--export needs -o FILE")
+        print(service.mail_export(target, item, work, flt, args.output, args.format))
+        return 0
+    if args.restore_to is not None:
+        print(service.mail_restore(target, item, work, flt, args.restore_to, args.into_folder))
+        return 0
+    msgs = service.mail_list(target, item, work, flt)
+    if args.json:
+        print(json.dumps([m.to_json() for m in msgs], indent=2))
+        return 0
+    for m in msgs:
+        when = m.date.strftime("%Y-%m-%d %H:%M") if m.date else "-"
+        print(f"{m.id:48} {when:16} {m.sender[:30]:30} {m.subject}")
     return 0

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import default_state_dir
 from appliance.errors import ItemRecoveryError
 from appliance.files import FileBrowser
-from appliance.items import postgres
-from appliance.items.discovery import KINDS, Item, discover
+from appliance.items import mail, postgres
+from appliance.items.cowview import CowView
+from appliance.items.discovery import KINDS, Item, discover, probe
 from appliance.repo import Repository
 
 KIND_NAMES = {
@@ -44,12 +47,14 @@ def default_work_root() -> Path:
     return default_state_dir() / "items"
 
 
-def find_items(target: Target) -> list[Item]:
+def find_items(target: Target, path: str | None = None) -> list[Item]:
+    """Every application of the point, or only the one at ``path`` (a look there instead of a walk)."""
     repo = Repository.open(target.repo)
     point = repo.resolve(target.point)
     items: list[Item] = []
     for disk in point.disks:
-        items += discover(FileBrowser(repo.open_disk(point, disk.name)), disk.name)
+        browser = FileBrowser(repo.open_disk(point, disk.name))
+        items += discover(browser, disk.name) if path is None else probe(browser, disk.name, path)
     return items
 
 
@@ -58,10 +63,7 @@ def select(target: Target, kind: str, path: str | None = None, kinds: tuple[str,
     if kind not in KINDS and kinds is None:
         raise ItemRecoveryError(f"unknown application kind {kind!r} (known: {', '.join(KINDS)})")
     wanted = kinds or (kind,)
-    items = [i for i in find_items(target) if i.kind in wanted]
-    if path is not None:
-        clean = "/" + path.strip("/")
-        items = [i for i in items if clean in (i.path, i.browser_path)]
+    items = [i for i in find_items(target, path) if i.kind in wanted]
     if len(items) == 1:
         return items[0]
     what = " or ".join(KIND_NAMES.get(k, k) for k in wanted)
@@ -141,3 +143,42 @@ def pg_dump(
             return f"restored {what} from {target.point}"
         place(dump, out)
         return f"dumped {what} from {target.point} to {out}"
+
+
+# Mail -------------------------------------------------------------------------------------------------------
+MAIL_KINDS = ("maildir", "mbox")
+
+
+@contextmanager
+def mail_store(target: Target, item: Item, work_root: Path) -> Iterator[tuple[mail.Store, Path]]:
+    """The store on a private view, and a scratch directory beside it for outputs in the making."""
+    if item.kind not in MAIL_KINDS:
+        raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a mail store")
+    root, _, name = item.browser_path.rpartition("/") if item.kind == "mbox" else (item.browser_path, "", "")
+    owner = (os.geteuid(), os.getegid())
+    with CowView(target.repo, target.point, item.disk, root, work_root, owner) as data:
+        scratch = data.parent / "out"
+        scratch.mkdir()
+        yield mail.Store(data / name if name else data, item.kind), scratch
+
+
+def mail_list(target: Target, item: Item, work_root: Path, flt: mail.Filter) -> list[mail.Message]:
+    with mail_store(target, item, work_root) as (store, _):
+        return store.select(flt)
+
+
+def mail_export(target: Target, item: Item, work_root: Path, flt: mail.Filter, out: Path, fmt: str) -> str:
+    if not out.parent.is_dir():
+        raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
+    with mail_store(target, item, work_root) as (store, scratch):
+        msgs = store.select(flt)
+        tmp = scratch / "export"
+        store.export(msgs, tmp, fmt)
+        place(tmp, out)
+    return f"exported {len(msgs)} message(s) from {item.browser_path} of {target.point} to {out}"
+
+
+def mail_restore(target: Target, item: Item, work_root: Path, flt: mail.Filter, dest: Path, folder: str | None) -> str:
+    with mail_store(target, item, work_root) as (store, _):
+        count = store.restore(store.select(flt), dest, folder)
+    return f"restored {count} message(s) from {item.browser_path} of {target.point} into {dest}"
