@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # The operator's standing choice for `bootback init` in this suite (children inherit it): unencrypted, unless a test
-# asks for --encryption aes-256-gcm (tests/integration/test_repo_encryption.py).
+# asks for --encryption aes-256-gcm (tests/integration/test_encrypted_repo_cli.py).
 os.environ.setdefault("BOOTBACK_ENCRYPTION", "none")
 
 
