@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from appliance.access.credentials import Credentials
 from appliance.sessions.control import ControlClient
 from tests.daemon_process import ROOT, DaemonProcess
 from tests.nfsd_process import PRIVATE_PORTS
+from tests.unit.test_web_app import BASE, login
+from web import create_app
 
 MARKER = b"bootback-encryption-marker-c41b"
 CS = 256 * 1024
@@ -152,7 +155,9 @@ def test_key_export_and_import(encrypted: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(subprocess.run(["which", "nfs-cp"], capture_output=True).returncode, reason="needs libnfs-utils")
-def test_published_encrypted_disk_reads_bit_exact_over_nfs(encrypted: dict, tmp_path: Path) -> None:
+def test_published_encrypted_disk_reads_bit_exact_over_nfs(
+    encrypted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo, base = encrypted["repo"], encrypted["base"]
     key = base / "served.key"
     if not key.exists():
@@ -164,6 +169,13 @@ def test_published_encrypted_disk_reads_bit_exact_over_nfs(encrypted: dict, tmp_
         control = ControlClient(tmp_path / "state")
         status, repos = control.call("status"), control.call("repositories")
         assert [r["encryption"] for r in repos] == ["aes-256-gcm"]
+        # the page and the API say so (the web app, as serve's child would, gets the key files by environment)
+        monkeypatch.setenv("BOOTBACK_KEY_FILE", str(key))
+        Credentials(daemon.state).set_password("admin", "encryption page")
+        client = create_app({"STATE_DIR": daemon.state, "TESTING": True}).test_client()
+        assert login(client, "encryption page").status_code == 302
+        assert "encrypted (aes-256-gcm)" in client.get(f"{BASE}/").get_data(as_text=True)
+        assert client.get(f"{BASE}/api/v1/repositories").json[0]["encryption"] == "aes-256-gcm"
         ports = status["ports"]
         extent = next(f for f in doc["files"] if f.endswith("-flat.vmdk"))
         url = f"{doc['nfs_url']}/{extent}?nfsport={ports['nfs']}&mountport={ports['mount']}"
