@@ -16,9 +16,14 @@ import logging
 import os
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("bootback.readcache")
+
+MAX_PENDING = 64  # chunks decoded by readers and waiting to be written into the cache (64 MiB at 1 MiB chunks)
+# Writing a chunk into the page cache releases the GIL; one thread keeps up with several decoding readers.
+_hydrate_pool = ThreadPoolExecutor(1, thread_name_prefix="hydrate")
 
 
 class ReadCache:
@@ -73,7 +78,9 @@ class HydratedDisk:
         self._enabled = True
         self._zeros_marked = False
         self._writing: set[int] = set()
+        self._pending = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
 
     def mark_zeros(self, chunks: list[str | None]) -> None:
         """Unstored (all-zero) chunks are already right in the sparse file: mark them present, once."""
@@ -89,11 +96,46 @@ class HydratedDisk:
 
     def store(self, index: int, data: bytes) -> None:
         """Keep chunk ``index`` (already verified) unless the budget is spent; never fails the read."""
-        with self._lock:  # two readers of one chunk: one writes it, and the budget counts it once
-            if not self._enabled or self.has(index) or index in self._writing or not self.cache.take(len(data)):
-                return
-            self._writing.add(index)
+        if self._claim(index, len(data)):
+            self._write(index, data)
+
+    def store_later(self, index: int, data: bytes) -> None:
+        """``store`` in the background: a reader that just decoded a chunk answers its client first. At most
+        ``MAX_PENDING`` chunks wait (a reader faster than the disk skips the rest; a later read brings them)."""
+        if self._pending >= MAX_PENDING or not self._claim(index, len(data)):
+            return
+        with self._lock:
+            self._pending += 1
         try:
+            _hydrate_pool.submit(self._write_pending, index, data)
+        except RuntimeError:  # the pool is shut down: the interpreter is exiting
+            self._write_pending(index, data)
+
+    def _write_pending(self, index: int, data: bytes) -> None:
+        try:
+            self._write(index, data)
+        finally:
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no chunk waits to be stored (for shutdown and tests); False on timeout."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
+
+    def _claim(self, index: int, n: int) -> bool:
+        with self._lock:  # two readers of one chunk: one writes it, and the budget counts it once
+            if not self._enabled or self.has(index) or index in self._writing or not self.cache.take(n):
+                return False
+            self._writing.add(index)
+            return True
+
+    def _write(self, index: int, data: bytes) -> None:
+        try:
+            if not self._enabled:  # closed (or failed) since the chunk was claimed
+                return
             view = memoryview(data)
             done = 0
             while done < len(view):
@@ -103,7 +145,6 @@ class HydratedDisk:
         except OSError as exc:
             self._enabled = False  # e.g. the disk filled up: reads go on from the repository
             log.warning("read cache %s disabled: %s", self.path, exc)
-            return
         finally:
             with self._lock:
                 self._writing.discard(index)
@@ -120,6 +161,11 @@ class HydratedDisk:
         return buf if n == length else None  # no copy: a 1 MiB copy costs more than the read here
 
     def close(self) -> None:
+        # Chunks still queued must not reach a descriptor number that the process has reused meanwhile.
+        self._enabled = False
+        if not self.drain(10):
+            log.warning("read cache %s: stores still pending at close; its descriptor is left open", self.path)
+            return
         try:
             os.close(self._fd)
         except OSError:

@@ -224,7 +224,7 @@ class DiskReader:
     def _chunk_hydrating(self, index: int) -> bytes:
         data = self.chunk(index)
         if self.hydrated is not None and self.disk.chunks[index] is not None:
-            self.hydrated.store(index, data)
+            self.hydrated.store_later(index, data)
         return data
 
     def read_cached(self, offset: int, length: int) -> bytes | None:

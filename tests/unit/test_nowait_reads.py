@@ -101,11 +101,13 @@ def test_read_cache_hydrates_chunks_and_serves_them_from_the_local_file(tmp_path
     hd = reader.hydrated
     assert hd.has(2) and not hd.has(0)  # the zero chunk needs no hydration
     assert reader.read(MiB - 5, 10) == data[MiB - 5 : MiB + 5]  # loads chunks 0 and 1
+    assert hd.drain(5)  # stored in the background, after the read answered
     assert hd.has(0) and hd.has(1) and cache.used == 2 * MiB
     repo.chunk_cache.clear()  # from now on only the hydrated file can answer without loading
     assert twin.read_cached(100, 4096) == data[100:4196]
     assert twin.read_cached(3 * MiB, 10) is None  # chunk 3: not hydrated, not in memory
     assert twin.read(3 * MiB, 10) == data[3 * MiB : 3 * MiB + 10]
+    assert hd.drain(5)
     assert not hd.has(3) and cache.used == 2 * MiB  # over budget: read, not kept
     assert reader.read(0, len(data)) == data
     cache.close()
@@ -175,3 +177,38 @@ def drain_read_ahead() -> None:
         barrier.wait(10)
         if len([t for t in threading.enumerate() if t.name.startswith("read-ahead")]) == len(workers):
             return
+
+
+def test_hydration_happens_after_the_read_bounded_and_close_waits_for_it(tmp_path: Path) -> None:
+    """A reader's decoded chunk reaches the local file in the background (the client is answered first); at most
+    MAX_PENDING chunks wait in memory; a disk closed with stores queued waits for them and writes none of them
+    (its descriptor number could belong to another file by then)."""
+    from appliance.repo import readcache
+
+    n = readcache.MAX_PENDING + 8
+    cache = ReadCache(tmp_path / "rc", budget_bytes=64 * MiB)
+    hd = cache.disk("p/disk0", n * 4096, 4096)
+    chunks = [random.Random(i).randbytes(4096) for i in range(n)]
+    gate = threading.Event()
+    readcache._hydrate_pool.submit(gate.wait, 10)  # the store thread is busy with something else
+    for i, chunk in enumerate(chunks):
+        hd.store_later(i, chunk)
+    assert not hd.has(0)  # queued, not written: the read that decoded it did not wait
+    assert not hd.drain(0.2)
+    gate.set()
+    assert hd.drain(5)
+    kept = [i for i in range(n) if hd.has(i)]
+    assert kept == list(range(readcache.MAX_PENDING))  # the rest were skipped, not queued
+    assert all(hd.pread(i * 4096, 4096) == chunks[i] for i in kept)
+
+    gate.clear()
+    readcache._hydrate_pool.submit(gate.wait, 10)
+    hd.store_later(n - 1, chunks[n - 1])
+    closer = threading.Thread(target=hd.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # close waits for the queued store
+    gate.set()
+    closer.join(5)
+    assert not closer.is_alive() and not hd.has(n - 1)  # and the store, coming after close, wrote nothing
+    cache.close()
