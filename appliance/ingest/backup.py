@@ -52,7 +52,10 @@ class _Staged:
             return True
 
 
-def _default_workers() -> int:
+def _default_workers(repo: Repository) -> int:
+    """Hashing and compressing want a thread per core; a remote store wants many requests in flight."""
+    if repo.backend.remote:
+        return 16
     return max(2, min(8, (os.cpu_count() or 2)))
 
 
@@ -75,7 +78,7 @@ def backup_vm(
     started = time.monotonic()
     counters = _Counters()
     cs = repo.config.chunk_size
-    with repo.writer() as batch, ThreadPoolExecutor(workers or _default_workers()) as pool:
+    with repo.writer() as batch, ThreadPoolExecutor(workers or _default_workers(repo)) as pool:
         staged = _Staged()
         disks = [_backup_disk(repo, s, cs, batch, pool, counters, progress, staged) for s in sources]
         repo.store.publish(batch)

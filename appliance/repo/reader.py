@@ -45,6 +45,9 @@ READ_AHEAD = 4  # chunks decoded ahead of a sequential reader (a boot, a copy, a
 
 # Decoding (zstd, SHA-256) releases the GIL, so a small shared pool overlaps it with the reader's own work.
 _read_ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="read-ahead")
+# A remote store's fetches mostly wait on the network: many in flight keep a sequential reader streaming
+# (the store says how far ahead, ``ObjectStore.read_ahead``); each fetched chunk also lands in the read cache.
+_fetch_ahead_pool = ThreadPoolExecutor(16, thread_name_prefix="fetch-ahead")
 
 
 class ChunkCache:
@@ -154,7 +157,9 @@ class DiskReader:
         self._last_len = disk.size - self._last * disk.chunk_size
         self._zero = bytes(disk.chunk_size)
         self._context = f"restore point {point.ref}, disk {disk.name}"
-        self.read_ahead = READ_AHEAD
+        remote = store.backend.remote
+        self.read_ahead = store.backend.read_ahead if remote else READ_AHEAD
+        self._pool = _fetch_ahead_pool if remote else _read_ahead_pool
         self._next_expected = -1  # the chunk a sequential reader will want next
         self._ahead_until = -1  # chunks below this are already decoded or being decoded
 
@@ -212,7 +217,7 @@ class DiskReader:
         stop = min(last + 1 + self.read_ahead, len(self.disk.chunks))
         for index in range(start, stop):
             if self.disk.chunks[index] is not None and not (self.hydrated and self.hydrated.has(index)):
-                _read_ahead_pool.submit(self._prefetch, index)
+                self._pool.submit(self._prefetch, index)
         self._ahead_until = max(self._ahead_until, stop)
 
     def _prefetch(self, index: int) -> None:

@@ -81,7 +81,7 @@ class ChunkStore:
     def stage(self, cid: str, data: bytes | bytearray | memoryview, batch: ChunkBatch) -> int | None:
         """Write chunk ``cid`` into the writer's ``batch`` (durable and visible once the batch is published).
         Returns the bytes it takes in the repository, or None when the repository already has the chunk."""
-        if self.exists(cid):
+        if batch.has(self.key(cid)):
             return None
         blob = self.envelope.wrap(
             objects.CHUNK_MAGIC,

@@ -44,6 +44,10 @@ class ChunkBatch(ABC):
         """Write ``blob`` as ``key``; thread-safe (a backup stages from its worker threads)."""
 
     @abstractmethod
+    def has(self, key: str) -> bool:
+        """Whether the repository already holds ``key`` (the backup's dedup check); thread-safe."""
+
+    @abstractmethod
     def publish(self) -> None:
         """Every staged object durable and visible, before the restore point naming them is committed."""
 

@@ -185,6 +185,9 @@ class _LocalBatch(ChunkBatch):
         with self._lock:
             self._staged.append((key, tmp))
 
+    def has(self, key: str) -> bool:
+        return self.store.exists(key)
+
     def publish(self) -> None:
         sync_filesystem(self.tmp)
         dirs = set()

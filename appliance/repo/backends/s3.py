@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import re
+import threading
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import BinaryIO
@@ -267,11 +268,24 @@ def _locked(store: S3Store, what: str, why: str) -> Exception:
 
 
 class _S3Batch(ChunkBatch):
-    """Chunks are PUT as they are staged (durable when the PUT returns); publish only checks the lease."""
+    """Chunks are PUT as they are staged (durable when the PUT returns); publish only checks the lease.
+
+    The dedup check is one listing of ``chunks/`` (1,000 ids per request) made at the first lookup, not a HEAD
+    per chunk: the lease keeps garbage collection away, so what was listed stays; a chunk another backup adds
+    meanwhile is at worst PUT twice, with the same bytes."""
 
     def __init__(self, store: S3Store, lease: Lease) -> None:
         self.store = store
         self.lease = lease
+        self._known: set[str] | None = None
+        self._lock = threading.Lock()
+
+    def has(self, key: str) -> bool:
+        if self._known is None:
+            with self._lock:
+                if self._known is None:
+                    self._known = {info.key for info in self.store.list("chunks/")}
+        return key in self._known
 
     def stage(self, key: str, blob: bytes) -> None:
         self.store.put(key, blob)

@@ -1,0 +1,170 @@
+"""Repositories on S3: backup and restore through a real Ceph RGW against boto3's transfer manager moving the
+same bytes to and from the same gateway, in the same run.
+
+Input: a file of random (incompressible, undeduplicable) bytes, so both sides move the same amount of data;
+our side also hashes, compresses (in vain) and frames every chunk. The anchor is ``upload_file`` /
+``download_file`` (multipart, 10 threads: what ``aws s3 cp`` does). Then reads of the backed-up disk straight from
+the bucket the way the daemon reads a published disk (``Repository.open_disk`` with a read cache): a cold
+sequential pass (1 MiB reads), and cold 4 KiB random reads, each on a fresh reader (nothing cached).
+Run: ``./run bench s3`` (``--quick``: a smaller input, one round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench._common import WORK, Row, log, python, random_file, report, sh
+
+ROOT = Path(__file__).resolve().parent.parent
+RGW = ROOT / "tests" / "s3" / "ceph-rgw.sh"
+PORT = 27480
+ACCESS, SECRET = "benchaccess", "benchsecret"
+MiB = 1 << 20
+
+
+def gateway(directory: Path) -> dict[str, str]:
+    """Start (or reuse) the gateway; the AWS_* variables that reach it."""
+    env = {**os.environ, "S3_ACCESS_KEY": ACCESS, "S3_SECRET_KEY": SECRET}
+    sh("bash", RGW, "start", directory, str(PORT), env=env)
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORT}",
+        "AWS_ACCESS_KEY_ID": ACCESS,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "BOOTBACK_ENCRYPTION": "none",
+    }
+
+
+def timed(*cmd: str | Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(list(map(str, cmd)), check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def anchor(client, bucket: str, src: Path, dst: Path) -> tuple[float, float]:  # noqa: ANN001
+    """Seconds for boto3's transfer manager to upload ``src`` and download it again."""
+    from boto3.s3.transfer import TransferConfig
+
+    cfg = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=10)
+    start = time.perf_counter()
+    client.upload_file(str(src), bucket, "anchor.raw", Config=cfg)
+    up = time.perf_counter() - start
+    start = time.perf_counter()
+    client.download_file(bucket, "anchor.raw", str(dst), Config=cfg)
+    down = time.perf_counter() - start
+    return up, down
+
+
+def reads(location: str, size: int, expected: Path, cache_dir: Path) -> dict[str, float]:
+    """Cold sequential and cold random reads through a fresh reader with a read cache, as the daemon serves a
+    published disk."""
+    from appliance.repo import ChunkCache, Repository
+    from appliance.repo.readcache import ReadCache
+
+    out: dict[str, float] = {}
+    with open(expected, "rb") as f:
+        for kind in ("sequential", "random"):
+            repo = Repository.open(location)
+            repo.chunk_cache = ChunkCache(0)  # nothing in memory: every chunk comes from the bucket or the cache
+            point = repo.restore_point("bench")
+            cache = ReadCache(cache_dir, 8 << 30)
+            try:
+                reader = repo.open_disk(point, point.disks[0].name, read_cache=cache)
+                if kind == "sequential":
+                    start = time.perf_counter()
+                    for off in range(0, size, MiB):
+                        data = reader.read(off, MiB)
+                        f.seek(off)
+                        if data != f.read(len(data)):
+                            raise RuntimeError(f"wrong bytes at {off}")
+                    out["seq_mb_s"] = size / (time.perf_counter() - start) / 1e6
+                else:
+                    rng = random.Random(1)
+                    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(300)]
+                    start = time.perf_counter()
+                    for off in offsets:
+                        reader.read(off, 4096)
+                    elapsed = time.perf_counter() - start
+                    out["random_reads_s"] = len(offsets) / elapsed
+            finally:
+                cache.close()
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench s3")
+    ap.add_argument("--quick", action="store_true", help="128 MiB, one round (a smoke test, not a result)")
+    args = ap.parse_args(argv)
+    size = (128 if args.quick else 1024) * MiB
+    rounds = 1 if args.quick else 2
+    work = WORK / "s3"
+    shutil.rmtree(work / "rgw", ignore_errors=True)  # memstore: a fresh cluster, nothing left from earlier runs
+    work.mkdir(parents=True, exist_ok=True)
+    src = random_file(work / f"random-{size >> 20}M.raw", size)
+    env = gateway(work / "rgw")
+    os.environ.update(env)  # the reads below run in this process
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            max_pool_connections=16,
+        ),
+    )
+    bootback = str(Path(python()).with_name("bootback"))
+    best = {"ours_up": 1e9, "ours_down": 1e9, "anchor_up": 1e9, "anchor_down": 1e9}
+    try:
+        for n in range(rounds):
+            bucket = f"bench-{n}-{os.getpid()}"
+            client.create_bucket(Bucket=bucket)
+            location = f"s3://{bucket}/repo"
+            subprocess.run([bootback, "init", location], check=True, capture_output=True)
+            up = timed(bootback, "backup", location, "--vm", "bench", "--name", "disk.raw", src)
+            down = timed(bootback, "restore", location, "bench", "-o", work / "restored.raw")
+            if (work / "restored.raw").read_bytes() != src.read_bytes():
+                raise RuntimeError("the restored disk differs from the input")
+            a_up, a_down = anchor(client, bucket, src, work / "anchor.raw")
+            log(f"round {n}: backup {up:.1f} s, restore {down:.1f} s; transfer manager {a_up:.1f} s / {a_down:.1f} s")
+            for key, value in (("ours_up", up), ("ours_down", down), ("anchor_up", a_up), ("anchor_down", a_down)):
+                best[key] = min(best[key], value)
+        r = reads(location, size, src, work / "readcache")
+    finally:
+        sh("bash", RGW, "stop", work / "rgw")
+        for name in ("restored.raw", "anchor.raw"):
+            (work / name).unlink(missing_ok=True)
+    mb = size / 1e6
+    rows = [
+        Row("backup to S3 vs transfer manager upload", mb / best["ours_up"], mb / best["anchor_up"], "MB/s", ">= 0.8"),
+        Row(
+            "restore from S3 vs transfer manager download",
+            mb / best["ours_down"],
+            mb / best["anchor_down"],
+            "MB/s",
+            ">= 0.8",
+        ),
+        Row(
+            "cold sequential read of the disk (read cache) vs restore",
+            r["seq_mb_s"],
+            mb / best["ours_down"],
+            "MB/s",
+            ">= 0.8",
+        ),
+        Row("cold 4 KiB random reads from S3", r["random_reads_s"], 0, "reads/s"),
+    ]
+    report("s3", "./run bench s3", rows, {"input_bytes": size, "rounds": rounds, "seconds": best, "reads": r})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
