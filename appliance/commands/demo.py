@@ -31,14 +31,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--portmap-port",
         type=int,
-        default=111 if os.geteuid() == 0 else 0,
-        help="0: no portmapper (the default without root, which cannot bind 111)",
+        default=_portmapper_default(),
+        help="0: no portmapper (the default when this user cannot bind 111)",
     )
     p.add_argument("--nfs-port", type=int, default=2049)
     p.add_argument("--mount-port", type=int, default=1058)
     p.add_argument("--no-web", action="store_true")
     p.add_argument("--prepare-only", action="store_true", help="create the demo repository and exit")
     p.set_defaults(func=cmd_demo)
+
+
+def _portmapper_default() -> int:
+    """111 when this process may bind it: as root, or where the kernel lets every user bind low ports (Docker
+    sets net.ipv4.ip_unprivileged_port_start=0 in a container's network namespace, so the image's demo has a
+    portmapper under --user bootback too: qemu's nfs:// driver and kernel clients need it); else 0 (off)."""
+    if os.geteuid() == 0:
+        return 111
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 0
+    return 111 if first <= 111 else 0
 
 
 def _demo_password(data: Path) -> str:
