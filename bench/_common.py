@@ -46,8 +46,18 @@ class Row:
     def __post_init__(self) -> None:
         self.ratio = self.ours / self.anchor if self.anchor else float("nan")
         if self.target:
-            op, value = self.target.split()
-            self.met = self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
+            # "OP VALUE" bounds the ratio; "ours OP VALUE" bounds our own figure (e.g. a latency in ms)
+            *subject, op, value = self.target.split()
+            measured = self.ours if subject == ["ours"] else self.ratio
+            self.met = _COMPARE[op](measured, float(value))
+
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+}
 
 
 def sh(
@@ -119,17 +129,27 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def qemu_bench(
+def qemu_bench_cmd(
     url: str, count: int, size: str = "4k", depth: int = 16, step: str | None = "5000k", write: bool = False
-) -> float:
-    """Operations per second from ``qemu-img bench`` (it prints the wall time of the whole run)."""
+) -> list[str]:
+    """The ``qemu-img bench`` command line (raw, cache=none); ``step`` None: sequential."""
     cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth), "-s", size, "-t", "none"]
-    cmd += (["-S", step] if step else []) + (["-w"] if write else []) + [url]
-    out = sh(*cmd).stdout
+    return cmd + (["-S", step] if step else []) + (["-w"] if write else []) + [url]
+
+
+def qemu_bench_seconds(out: str) -> float:
+    """The wall time ``qemu-img bench`` prints for its whole run (connecting is not in it)."""
     m = re.search(r"Run completed in ([\d.]+) seconds", out)
     if not m:
         raise RuntimeError(f"unexpected qemu-img bench output: {out}")
-    return count / float(m[1])
+    return float(m[1])
+
+
+def qemu_bench(
+    url: str, count: int, size: str = "4k", depth: int = 16, step: str | None = "5000k", write: bool = False
+) -> float:
+    """Operations per second from ``qemu-img bench``."""
+    return count / qemu_bench_seconds(sh(*qemu_bench_cmd(url, count, size, depth, step, write)).stdout)
 
 
 # --- the portmapper and ganesha ---------------------------------------------------------------------------
@@ -161,15 +181,68 @@ def require_no_nfs_on_111(who: str, wait: float = 600) -> None:
         time.sleep(2)
 
 
+def rpc_tcp_ports() -> dict[int, int]:
+    """TCP port of each program (version 3) registered on 111: {100003: nfs, 100005: mount}."""
+    ports = {}
+    for line in rpc_programs().splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 4 and f[1] == "3" and f[2] == "tcp":
+            ports[int(f[0])] = int(f[3])
+    return ports
+
+
 @contextmanager
-def ganesha(directory: Path) -> Iterator[None]:
-    """nfs-ganesha exporting ``directory`` under its own path; registered on 111 for qemu."""
+def ganesha(directory: Path) -> Iterator[int]:
+    """nfs-ganesha exporting ``directory`` under its own path; registered on 111 for qemu. Yields its pid."""
     require_no_nfs_on_111("ganesha")
-    sh("bash", GANESHA, "start", directory)
+    out = sh("bash", GANESHA, "start", directory).stdout
     try:
-        yield
+        yield int(out.split()[-1])
     finally:
         sh("bash", GANESHA, "stop", check=False)
+
+
+# --- server CPU -------------------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": fields 3.. of proc(5)
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid``, its reaped children and its live descendants:
+    a server that spreads work over worker processes is counted whole."""
+    f = _stat_fields(pid)
+    total = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            total += sum(int(x) for x in _stat_fields(child)[11:15])
+        except OSError:
+            continue
+        todo += children.get(child, [])
+    return total / _TICK
+
+
+@contextmanager
+def cpu_meter(pid: int) -> Iterator[dict[str, float]]:
+    """Measures the server ``pid``'s CPU over the block: fills ``cpu_s``, ``wall_s`` and ``cores`` (cpu/wall)."""
+    result: dict[str, float] = {}
+    cpu0, t0 = process_tree_cpu(pid), time.perf_counter()
+    yield result
+    result["cpu_s"] = process_tree_cpu(pid) - cpu0
+    result["wall_s"] = time.perf_counter() - t0
+    result["cores"] = result["cpu_s"] / result["wall_s"]
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
