@@ -330,9 +330,11 @@ def run_ours(repo: Path, disks: dict[str, Path], c: Counts, digest: str, step: s
     vms = [f"vm{i}" for i in range(VMS)]
     out: dict[str, Any] = {"cold_reads_s": [], "cold_seq_mb_s": []}
     for _ in range(c.reps):
-        with fresh_daemon(repo, "big") as (_, urls):
-            out["cold_reads_s"].append(qemu_rate(urls["big"], c.cold_reads, step=step))
-            log(f"ours: cold 4k qd16 first touch {out['cold_reads_s'][-1]:.0f} reads/s")
+        with fresh_daemon(repo, "big") as (daemon, urls):
+            with cpu_meter(pid(daemon)) as cpu:
+                out["cold_reads_s"].append(qemu_rate(urls["big"], c.cold_reads, step=step))
+            out["cold_reads_cores"] = cpu["cores"]
+            log(f"ours: cold 4k qd16 first touch {out['cold_reads_s'][-1]:.0f} reads/s ({cpu['cores']:.2f} cores)")
     for rep in range(c.reps):
         with fresh_daemon(repo, "big") as (daemon, urls):
             url = urls["big"]
