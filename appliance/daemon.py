@@ -20,6 +20,7 @@ from appliance.errors import (
     NoSpaceError,
     UsageError,
 )
+from appliance.lab.service import Labs
 from appliance.repo import Repository
 from appliance.repo.backends import is_s3
 from appliance.repo.readcache import ReadCache
@@ -136,6 +137,7 @@ class Daemon:
             config.verify_max_memory_mib,
             nfs_host=local_nfs_host(config.bind),
         )
+        self.labs = Labs(state, self.op_publish, self.op_stop, self.op_points, config.max_verifications)
         self.control = ControlServer(state, self._ops())
         self.web: subprocess.Popen | None = None
         self._stop = asyncio.Event()
@@ -193,6 +195,7 @@ class Daemon:
             "verify": self.op_verify,
             "verifications": self.verifications.list,
             "verification": self.verifications.get,
+            **self.labs.ops(),
         }
 
     def _doc(self, rec) -> dict:
@@ -378,6 +381,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.web.kill()
         await self.control.stop()
+        await asyncio.to_thread(self.labs.close)  # guests killed, sandboxes stopped before the NFS server goes
         await self.server.stop()
         self.sessions.close()
         if self.read_cache is not None:
