@@ -31,6 +31,9 @@ PATTERN_MEMORY = 8 << 20  # bytes RE2 may use for one compiled pattern
 MAX_CONSOLE = 1 << 20  # console bytes a verification keeps; a guest printing more is stopped there
 MAX_RUNNING = 2  # verifications booting at once (each is a qemu process with its guest's RAM)
 MAX_MEMORY_MIB = 4096  # guest RAM a verification may ask for
+# qemu's nfs:// driver sends its process's uid in AUTH_SYS; a hypervisor mounts as root and the datastore's disks
+# are root's (0600), so a verifier running as the container's bootback user says uid 0 as a hypervisor would.
+AS_HYPERVISOR = "?uid=0&gid=0"
 
 
 def compile_expect(expect: str | None) -> re2._Regexp | None:
@@ -96,7 +99,7 @@ def run_verification(
     doc = publish()
     try:
         base = f"nfs://{nfs_host}{doc['path']}" if nfs_host else doc["nfs_url"]
-        drives = [f"{base}/{d['extent']}" for d in doc["disks"]]
+        drives = [f"{base}/{d['extent']}{AS_HYPERVISOR}" for d in doc["disks"]]
         result = boot(
             drives,
             timeout=timeout,
