@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from nfsd import eventloop
 from nfsd.exports import Export
 from nfsd.limits import Limits
 from nfsd.localfs import LocalFS
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         portmap_port=args.portmap_port or None,
         limits=limits,
     )
-    return asyncio.run(_serve(server, export))
+    return eventloop.run(_serve(server, export))
 
 
 async def _serve(server: NFSServer, export: Export) -> int:

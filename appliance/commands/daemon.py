@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import json
 import logging
@@ -22,6 +21,7 @@ from appliance.repo.backends import repository_arg
 from appliance.repo.keys import KEY_FILE_ENV
 from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
+from nfsd import eventloop
 from nfsd.limits import parse_limits
 
 
@@ -243,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fixed_ports=args.fixed_ports,
     )
     daemon = Daemon(config, start_web=start_web_app if web else None)
-    asyncio.run(daemon.run())
+    eventloop.run(daemon.run())
     return 0
 
 

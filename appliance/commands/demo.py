@@ -4,7 +4,6 @@ admin page, started with one command."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from appliance.commands.daemon import start_web_app
 from appliance.config import DaemonConfig
+from nfsd import eventloop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -130,5 +130,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\n".join(lines), flush=True)
         await daemon.run_until_stopped()
 
-    asyncio.run(run())
+    eventloop.run(run())
     return 0
