@@ -3,6 +3,7 @@ and real NFS clients; the gateway's own counters say what reached it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -205,3 +206,67 @@ def test_instant_recovery_over_nfs_from_a_bucket_only_point(rgw, s3_repo: str, t
 
 def nfs_cat(url: str) -> subprocess.CompletedProcess:
     return subprocess.run(["nfs-cat", url], capture_output=True, timeout=120)
+
+
+def test_leases_keep_prune_and_backups_apart(rgw, s3_repo: str, tmp_path: Path) -> None:
+    """Without flock: a running backup's lease holds garbage collection off until it commits; a live collector's
+    lease refuses backups with one line; an expired lease (a crashed writer) blocks nothing and is cleaned up;
+    young unreferenced chunks outlive the grace period's collection."""
+    bucket, _, root = s3_repo[len("s3://") :].partition("/")
+    client = rgw.client()
+    bootback("init", s3_repo)
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    bootback("backup", s3_repo, "--vm", "a", disk(tmp_path, "a.raw", old))
+    bootback("backup", s3_repo, "--vm", "a", disk(tmp_path, "a.raw", new))
+
+    client.put_object(Bucket=bucket, Key=f"{root}/locks/gc.120s", Body=b"{}")  # a collector at work
+    p = bootback("backup", s3_repo, "--vm", "b", disk(tmp_path, "b.raw", new), ok=False)
+    assert p.returncode == 13 and "garbage collection is running" in p.stderr.decode(), p.stderr
+    client.delete_object(Bucket=bucket, Key=f"{root}/locks/gc.120s")
+    client.put_object(Bucket=bucket, Key=f"{root}/locks/backup.{'0' * 32}.3s", Body=b"{}")  # crashed long ago
+    time.sleep(4)
+
+    # b's disk starts with a's old disk: b deduplicates against the chunks that prune is about to free
+    data = old + os.urandom(MiB)
+    backup = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "backup", s3_repo, "--vm", "b", "-", "--name", "b.raw"],
+        stdin=subprocess.PIPE,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    backup.stdin.write(old)
+    backup.stdin.flush()
+    deadline = time.monotonic() + 30
+    while sum(k.startswith(f"{root}/locks/backup.") for k in keys(rgw, s3_repo, "locks/")) < 2:
+        assert time.monotonic() < deadline, "the backup took no lease"
+        time.sleep(0.1)
+    puts = rgw.counters()["put"]
+    env = {**os.environ, "BOOTBACK_S3_GC_GRACE_SECONDS": "0"}
+    prune = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "prune", s3_repo, "--vm", "a", "--keep", "1", "--json"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    while rgw.counters()["put"] == puts:  # the backup writes nothing now (deduplicated): this is prune's lease
+        assert time.monotonic() < deadline + 30 and prune.poll() is None, "prune took no lease"
+        time.sleep(0.1)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        prune.wait(6)  # time enough to collect this small repository, if it were allowed to
+    assert prune.poll() is None, "garbage collection ran beside a backup"
+    backup.stdin.write(data[len(old) :])
+    backup.stdin.close()
+    assert backup.wait(60) == 0
+    assert prune.wait(60) == 0
+    report = json.loads(prune.stdout.read())
+    assert len(report["deleted_points"]) == 1 and report["deleted_chunks"] == 0  # b now uses the old chunks
+    assert keys(rgw, s3_repo, "locks/") == []  # ours released, the crashed writer's expired one removed
+    assert b"repository OK" in bootback("verify", s3_repo).stdout
+    out = tmp_path / "out.raw"
+    bootback("restore", s3_repo, "b", "-o", out)
+    assert out.read_bytes() == data
+
+    bootback("backup", s3_repo, "--vm", "c", disk(tmp_path, "c.raw", os.urandom(MiB)))
+    bootback("backup", s3_repo, "--vm", "c", disk(tmp_path, "c.raw", os.urandom(MiB)))
+    young = json.loads(bootback("prune", s3_repo, "--vm", "c", "--keep", "1", "--json").stdout)
+    assert len(young["deleted_points"]) == 1 and young["deleted_chunks"] == 0  # within the default grace period
