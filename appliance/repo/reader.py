@@ -43,8 +43,9 @@ def default_cache_bytes() -> int:
 
 READ_AHEAD = 4  # chunks decoded ahead of a sequential reader (a boot, a copy, a migration)
 
-# Decoding (zstd, SHA-256) releases the GIL, so a small shared pool overlaps it with the reader's own work.
-_read_ahead_pool = ThreadPoolExecutor(2, thread_name_prefix="read-ahead")
+# Decoding (zstd, SHA-256) releases the GIL, so a shared pool of one thread a core decodes ahead on every core
+# (two at least: one overlaps the reader's own work on a single core).
+_read_ahead_pool = ThreadPoolExecutor(max(2, len(os.sched_getaffinity(0))), thread_name_prefix="read-ahead")
 # A remote store's fetches mostly wait on the network: many in flight keep a sequential reader streaming
 # (the store says how far ahead, ``ObjectStore.read_ahead``); each fetched chunk also lands in the read cache.
 _fetch_ahead_pool = ThreadPoolExecutor(16, thread_name_prefix="fetch-ahead")
