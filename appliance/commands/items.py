@@ -23,15 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--work-dir", type=Path, help="where private views and servers live (default STATE/items)")
     p.add_argument("--list", action="store_true", help="list databases/tables, or messages")
-    p.add_argument("--db", help="PostgreSQL: only this database in --list")
+    p.add_argument("--db", help="PostgreSQL/MariaDB: only this database in --list")
     p.add_argument(
         "--dump",
         action="append",
         metavar="DB[.SCHEMA.TABLE]",
-        help="PostgreSQL: dump a database, or a table (repeat for several tables of one database)",
+        help="PostgreSQL/MariaDB: dump a database, or a table (repeat for several tables of one database)",
     )
     p.add_argument("-o", "--output", type=Path, help="output file")
-    p.add_argument("--to", metavar="URL", help="PostgreSQL: restore into this running server instead of a file")
+    p.add_argument(
+        "--to",
+        metavar="URL",
+        help="restore into this running server instead of a file: postgresql://... or mariadb://USER@HOST/DB",
+    )
     p.add_argument("--as", dest="as_name", metavar="NAME", help="PostgreSQL: restore the table under this name")
     p.add_argument("--folder", help="mail: only this folder (INBOX, Archive ...; an mbox's folder is its file name)")
     p.add_argument("--from", dest="sender", help="mail: sender contains this text")
@@ -53,6 +57,8 @@ def cmd_items(args: argparse.Namespace) -> int:
         return _print_items(service.find_items(target), args.json)
     if args.kind == "postgres":
         return _postgres(args, target, work)
+    if args.kind == "mariadb":
+        return _mariadb(args, target, work)
     if args.kind in ("mail", "maildir", "mbox"):
         return _mail(args, target, work)
     raise UsageError(f"'{args.kind}' items: only discovery is available yet (see docs/operations.md)")
@@ -76,13 +82,7 @@ def _postgres(args: argparse.Namespace, target: service.Target, work: Path) -> i
         return 0
     if not args.list:
         raise UsageError("postgres: give --list or --dump")
-    tables = service.pg_list(target, item, work, args.db)
-    if args.json:
-        print(json.dumps([t.to_json() for t in tables], indent=2))
-        return 0
-    for t in tables:
-        name = f"{t.schema}.{t.name}"
-        print(f"{t.database:16} {name:32} {t.rows:>12,} rows")
+    _print_tables(service.pg_list(target, item, work, args.db), args.json)
     return 0
 
 
@@ -113,3 +113,23 @@ def _mail(args: argparse.Namespace, target: service.Target, work: Path) -> int:
         when = m.date.strftime("%Y-%m-%d %H:%M") if m.date else "-"
         print(f"{m.id:48} {when:16} {m.sender[:30]:30} {m.subject}")
     return 0
+
+
+def _mariadb(args: argparse.Namespace, target: service.Target, work: Path) -> int:
+    item = service.select(target, "mariadb", args.path)
+    if args.dump:
+        print(service.mariadb_dump(target, item, work, args.dump, args.output, args.to))
+        return 0
+    if not args.list:
+        raise UsageError("mariadb: give --list or --dump")
+    _print_tables(service.mariadb_list(target, item, work, args.db), args.json)
+    return 0
+
+
+def _print_tables(tables: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([t.to_json() for t in tables], indent=2))
+        return
+    for t in tables:
+        name = f"{t.schema}.{t.name}"
+        print(f"{t.database:16} {name:32} {t.rows:>12,} rows")

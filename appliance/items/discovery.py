@@ -61,6 +61,8 @@ def _classify_dir(browser: FileBrowser, path: str, inner: str, names: dict[str, 
             return None
         return "postgres", _small_text(browser, f"{path}/PG_VERSION")
     if names.get("mysql", _NONE).kind == "directory" and ("ibdata1" in names or "aria_log_control" in names):
+        if "mysql.ibd" in names:  # MySQL 8's data dictionary: not something MariaDB can open
+            return "mariadb", "mysql-8"
         for marker in ("mariadb_upgrade_info", "mysql_upgrade_info"):
             if marker in names:
                 text = _small_text(browser, f"{path}/{marker}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from appliance.errors import ItemRecoveryError
 from appliance.items.cowview import CowView
 from appliance.items.discovery import Item
+from appliance.items.runas import server_owner
 
 BIN_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
@@ -53,19 +53,6 @@ def server_bindir(version: str, root: Path = BIN_ROOT) -> Path:
             f"{', '.join(have) or 'none'})"
         )
     return bindir
-
-
-def server_owner() -> tuple[int, int]:
-    """PostgreSQL refuses to run as root: as root, run it as the 'postgres' user (or nobody)."""
-    if os.geteuid() != 0:
-        return os.geteuid(), os.getegid()
-    for name in ("postgres", "nobody"):
-        try:
-            entry = pwd.getpwnam(name)
-            return entry.pw_uid, entry.pw_gid
-        except KeyError:
-            continue
-    raise ItemRecoveryError("no unprivileged user ('postgres' or 'nobody') to run the disposable server as")
 
 
 @dataclass(frozen=True)
@@ -335,7 +322,7 @@ def disposable_server(
     if item.kind != "postgres":
         raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a PostgreSQL data directory")
     bindir = server_bindir(major_version(item))
-    owner = server_owner()
+    owner = server_owner("postgres")
     with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode) as data:
         server = DisposableServer(data, bindir, data.parent / "run", owner, item.browser_path)
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from appliance.config import default_state_dir
 from appliance.errors import ItemRecoveryError
 from appliance.files import FileBrowser
-from appliance.items import mail, postgres
+from appliance.items import mail, mariadb, postgres
 from appliance.items.cowview import CowView
 from appliance.items.discovery import KINDS, Item, discover, probe
 from appliance.repo import Repository
@@ -182,3 +182,44 @@ def mail_restore(target: Target, item: Item, work_root: Path, flt: mail.Filter, 
     with mail_store(target, item, work_root) as (store, _):
         count = store.restore(store.select(flt), dest, folder)
     return f"restored {count} message(s) from {item.browser_path} of {target.point} into {dest}"
+
+
+# MariaDB ----------------------------------------------------------------------------------------------------
+def mariadb_list(target: Target, item: Item, work_root: Path, database: str | None = None) -> list[postgres.Table]:
+    with mariadb.disposable_server(item, target.repo, target.point, work_root) as server:
+        return server.tables(database)
+
+
+def mariadb_dump(
+    target: Target, item: Item, work_root: Path, specs: list[str], out: Path | None = None, to: str | None = None
+) -> str:
+    """DB or DB.TABLE (several tables of one database) to ``out`` or into the server at ``to``."""
+    if (out is None) == (to is None):
+        raise ItemRecoveryError("give exactly one of -o FILE and --to mariadb://...")
+    parsed = [s.partition(".")[::2] for s in specs]
+    database = parsed[0][0]
+    if not database or any(db != database for db, _ in parsed):
+        raise ItemRecoveryError(f"dump tables of one database at a time: {', '.join(specs)}")
+    names = [t for _, t in parsed if t]
+    if len(names) != len(parsed) and len(parsed) > 1:
+        raise ItemRecoveryError(f"{database!r} names a whole database: dump it alone")
+    if out is not None and not out.parent.is_dir():
+        raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
+    if to is not None:
+        mariadb.Server(to).client_args()  # a malformed URL fails before the server starts
+    with mariadb.disposable_server(item, target.repo, target.point, work_root) as server:
+        have = {t.name for t in server.tables(database, counts=False)}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ItemRecoveryError(
+                f"no table {missing[0]!r} in database {database!r} of {item.browser_path} "
+                f"(tables: {', '.join(sorted(have))})"
+            )
+        dump = server.rundir / "dump.sql"
+        server.dump(database, names, dump)
+        what = ", ".join(f"{database}.{n}" for n in names) or database
+        if to is not None:
+            mariadb.restore(dump, mariadb.Server(to), names or sorted(have))
+            return f"restored {what} from {target.point}"
+        place(dump, out)
+        return f"dumped {what} from {target.point} to {out}"

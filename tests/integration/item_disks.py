@@ -5,6 +5,7 @@
   running (crash-consistent: the last table exists only in the WAL unless recovery replays it);
 - /srv/pg-clean: the same cluster copied after a clean shutdown, before the last table was made;
 - /srv/pg14 (its PG_VERSION says 14, whose server is not installed) and /srv/pg-damaged (pg_control overwritten);
+- /var/lib/mysql: a MariaDB data directory (Debian's mariadb-install-db/mariadbd) copied while it ran;
 - /home/alice/Maildir (with an Archive folder) and /var/mail/bob (mbox).
 The rows each table holds are recorded in expected.json next to the image, as ``COPY ... TO STDOUT`` text.
 Built once and cached under the build cache (keyed by BUILD_VERSION).
@@ -24,7 +25,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 
-BUILD_VERSION = "2"
+BUILD_VERSION = "3"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 SCHEMA_SQL = """
@@ -123,6 +124,88 @@ class Cluster:
         return self.psql(database, f"COPY (SELECT * FROM {table} ORDER BY 1) TO STDOUT")
 
 
+MARIADB_SQL = """
+CREATE DATABASE inventory;
+USE inventory;
+CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(80) NOT NULL, qty INT, note TEXT) ENGINE=InnoDB;
+INSERT INTO items SELECT seq, CONCAT('item ', seq), seq * 3 % 17, IF(seq % 4 = 0, 'tab\\there ''q'' ü', NULL)
+  FROM seq_1_to_700;
+CREATE TABLE moves (id INT AUTO_INCREMENT PRIMARY KEY, item INT, at DATE) ENGINE=InnoDB;
+INSERT INTO moves (item, at) SELECT 1 + seq % 700, '2026-01-01' + INTERVAL seq DAY FROM seq_1_to_90;
+"""
+MARIADB_TABLES = {"inventory": ["items", "moves"]}
+
+
+class MariaDB:
+    """A MariaDB server of Debian's, as the 'mysql' user, on a Unix socket only (no network)."""
+
+    def __init__(self, datadir: Path, sockdir: Path) -> None:
+        self.datadir, self.sockdir = datadir, sockdir
+        self.socket = sockdir / "mysqld.sock"
+        self.proc: subprocess.Popen | None = None
+
+    def init(self) -> None:
+        self.sockdir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.sockdir, "mysql", "mysql")
+        sh("mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=mysql", "--skip-test-db")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "/usr/sbin/mariadbd",
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                f"--socket={self.socket}",
+                "--skip-networking",
+                "--user=mysql",
+                f"--pid-file={self.sockdir / 'pid'}",
+                f"--log-error={self.sockdir / 'error.log'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(600):
+            if (
+                subprocess.run(
+                    ["mariadb", "--no-defaults", f"--socket={self.socket}", "-e", "SELECT 1"], capture_output=True
+                ).returncode
+                == 0
+            ):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"mariadbd did not start: {(self.sockdir / 'error.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+    def url(self, database: str) -> str:
+        return f"mariadb://root@localhost/{database}?socket={self.socket}"
+
+    def sql(self, sql: str, database: str = "") -> str:
+        args = ["mariadb", "--no-defaults", f"--socket={self.socket}", "-N", "-B", "--raw", "-e", sql]
+        return sh(*args, *([database] if database else [])).stdout
+
+    def rows(self, database: str, table: str) -> str:
+        return self.sql(f"SELECT * FROM {table} ORDER BY 1", database)
+
+
+def _make_mariadb(work: Path, tree: Path, expected: dict) -> None:
+    server = MariaDB(work / "mariadb" / "data", work / "mysock")
+    server.init()
+    server.start()
+    try:
+        server.sql(MARIADB_SQL)
+        sh("mariadb-upgrade", "--no-defaults", f"--socket={server.socket}", "--force")  # writes mysql_upgrade_info
+        expected["mariadb"] = {db: {t: server.rows(db, t) for t in ts} for db, ts in MARIADB_TABLES.items()}
+        (tree / "var/lib").mkdir(parents=True, exist_ok=True)
+        sh("cp", "-a", server.datadir, tree / "var/lib/mysql")  # while it runs
+    finally:
+        server.stop()
+
+
 def _mail(sender: str, subject: str, day: int, body: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
@@ -206,10 +289,12 @@ def build_app_disk(cache: Path) -> Path:
         f.write(b"\xde\xad\xbe\xef" * 8)
     for d in (tree / "srv", tree / "var/lib/postgresql"):
         sh("chown", "-R", "postgres:postgres", d)
+    _make_mariadb(work, tree, expected)
     _make_mail(tree)
     sh("mkfs.ext4", "-q", "-F", "-d", tree, work / "disk.raw", "256M")
     (work / "expected.json").write_text(json.dumps(expected))
     shutil.rmtree(tree)
     shutil.rmtree(work / "pg")
+    shutil.rmtree(work / "mariadb")
     os.replace(work, out) if not out.exists() else shutil.rmtree(work)
     return out

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import bootback, tree_hash
-from tests.integration.item_disks import MAILDIR_MESSAGES, MBOX_MESSAGES, PG_BIN, Cluster, build_app_disk, sh
+from tests.integration.item_disks import (
+    MAILDIR_MESSAGES,
+    MBOX_MESSAGES,
+    PG_BIN,
+    Cluster,
+    MariaDB,
+    build_app_disk,
+    sh,
+)
 
 pytestmark = pytest.mark.skipif(not (PG_BIN / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
 
@@ -63,6 +71,18 @@ def target_pg() -> Iterator[Cluster]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def target_mariadb() -> Iterator[MariaDB]:
+    """A fresh, running MariaDB to restore into (Unix socket only)."""
+    base = traversable_tmp("bb-mtarget-")
+    server = MariaDB(base / "data", base / "sock")
+    server.init()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def items(apps: dict, work: Path, *args: str | Path, ok: bool = True):  # noqa: ANN201
     return bootback("items", apps["repo"], "db01", *args, "--work-dir", work, ok=ok)
 
@@ -80,6 +100,7 @@ def test_discovery_lists_every_application(apps: dict, work: Path) -> None:
         ("postgres", "disk", "/srv/pg-clean", "15"),
         ("postgres", "disk", "/srv/pg-damaged", "15"),
         ("postgres", "disk", "/srv/pg14", "14"),
+        ("mariadb", "disk", "/var/lib/mysql", "10.11.19-MariaDB"),
         ("postgres", "disk", "/var/lib/postgresql/15/main", "15"),
         ("mbox", "disk", "/var/mail/bob", "-"),
     ]
@@ -189,6 +210,27 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(
         target_pg.psql("untouched", "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace")
         == "0\n"
     )
+
+
+def test_mariadb_tables_listed_and_restored_exactly(apps: dict, work: Path, target_mariadb: MariaDB) -> None:
+    expected = apps["expected"]["mariadb"]["inventory"]
+    listed = json.loads(items(apps, work, "mariadb", "--list", "--json").stdout)
+    assert {(t["database"], t["table"]): t["rows"] for t in listed} == {
+        ("inventory", t): rows.count("\n") for t, rows in expected.items()
+    }
+    target_mariadb.sql("DROP DATABASE IF EXISTS restored; CREATE DATABASE restored")
+    url = target_mariadb.url("restored")
+    p = items(apps, work, "mariadb", "--dump", "inventory.items", "--dump", "inventory.moves", "--to", url)
+    assert "restored inventory.items, inventory.moves from db01@" in p.stdout
+    for table, rows in expected.items():
+        assert target_mariadb.rows("restored", table) == rows, table
+    # again: the target has those tables now, and a MariaDB dump cannot be rolled back: refused up front
+    target_mariadb.sql("DELETE FROM moves", "restored")
+    again = items(apps, work, "mariadb", "--dump", "inventory.moves", "--to", url, ok=False)
+    assert again.returncode == 62 and "already has table(s) moves: nothing was restored" in again.stderr
+    assert target_mariadb.rows("restored", "moves") == ""
+    bad = items(apps, work, "mariadb", "--dump", "inventory.nope", "--to", url, ok=False)
+    assert bad.returncode == 62 and "no table 'nope' in database 'inventory'" in bad.stderr
 
 
 def mail_json(apps: dict, work: Path, kind: str, *args: str) -> list[dict]:
