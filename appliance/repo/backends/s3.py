@@ -61,8 +61,8 @@ def make_client():  # noqa: ANN201 - a botocore client, typed at runtime only
         read_timeout=30,
         max_pool_connections=POOL_CONNECTIONS,
         tcp_keepalive=True,
-        # botocore >= 1.36 adds CRC trailers by default, which many S3 services (Ceph < 19) refuse; every
-        # object we read is checked by its own hash anyway.
+        # botocore >= 1.36 adds checksum trailers by default, not understood by every S3-compatible service;
+        # every object we read is checked by its own hash anyway.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
