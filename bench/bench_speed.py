@@ -325,7 +325,7 @@ def pid(daemon: DaemonProcess) -> int:
     return daemon.proc.pid
 
 
-def run_ours(repo: Path, disks: dict[str, Path], c: Counts, digest: str, step: str) -> dict[str, Any]:
+def run_ours(repo: Path, c: Counts, digest: str, step: str) -> dict[str, Any]:
     big = c.big_mib * MiB
     vms = [f"vm{i}" for i in range(VMS)]
     out: dict[str, Any] = {"cold_reads_s": [], "cold_seq_mb_s": []}
@@ -441,7 +441,7 @@ def main(argv: list[str]) -> int:
     step = first_touch_step(c.big_mib * MiB, c.cold_reads)
     log(f"backing up {len(disks)} disks into a fresh repository")
     repo = make_repo(disks)
-    ours = run_ours(repo, disks, c, digest, step)
+    ours = run_ours(repo, c, digest, step)
     anchor = run_ganesha(disks, c, step, ours["heartbeat"]["window_s"])
     extra = {
         "counts": c.__dict__,
