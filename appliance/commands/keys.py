@@ -61,6 +61,8 @@ def init_encryption(args: argparse.Namespace) -> tuple[str, KeySource]:
     Unencrypted repositories are made only where the operator says so (``--encryption none`` or
     ``BOOTBACK_ENCRYPTION=none``)."""
     source = KeySource.from_env((), interactive=True)
+    if args.key_file and _inside(Path(args.key_file), Path(str(args.repo))):
+        raise UsageError(f"key file {args.key_file} would sit inside the repository it unlocks: keep it elsewhere")
     if args.encryption is not None:
         if args.encryption == "none" and args.key_file:
             raise UsageError("--key-file is for an encrypted repository, not with --encryption none")
@@ -72,6 +74,13 @@ def init_encryption(args: argparse.Namespace) -> tuple[str, KeySource]:
         f"choose the repository's encryption: --encryption {AES_256_GCM} (with ${PASSPHRASE_ENV} or --key-file FILE) "
         f"or --encryption none (${ENCRYPTION_ENV}=none makes that the default)"
     )
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` lies in the local ``directory`` (an s3:// location never holds a local file)."""
+    if str(directory).startswith("s3:"):
+        return False
+    return path.resolve().is_relative_to(directory.resolve())
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -101,6 +110,8 @@ def _encrypted(repo: Repository) -> Repository:
 
 
 def cmd_key_export(args: argparse.Namespace) -> int:
+    if _inside(args.file, Path(str(args.repo))):
+        raise UsageError(f"key file {args.file} would sit inside the repository it unlocks: keep it elsewhere")
     repo = _encrypted(Repository.open(args.repo, key_source(args)))
     write_key_file(args.file, repo.key, repo.config.id)
     doc = {"repository": str(repo.path), "id": repo.config.id, "key_file": str(args.file)}

@@ -135,6 +135,10 @@ def test_key_export_and_import(encrypted: dict, tmp_path: Path) -> None:
     assert key.stat().st_mode & 0o777 == 0o600
     p = run("key", "export", repo, key, ok=False, BOOTBACK_PASSPHRASE=PASS)
     assert p.returncode == 2 and "already exists" in p.stderr
+    for command in (("key", "export", repo, repo / "k"), ("init", tmp_path / "new", "--key-file", tmp_path / "new/k")):
+        p = run(*command, ok=False, BOOTBACK_PASSPHRASE=PASS)
+        assert p.returncode == 2 and "would sit inside the repository it unlocks" in p.stderr, command
+    assert not (repo / "k").exists() and not (tmp_path / "new").exists()
     # the key file alone opens the repository
     run("restore", repo, "vm01", "-o", tmp_path / "a.raw", "--key-file", key)
     assert (tmp_path / "a.raw").read_bytes() == encrypted["data"]
