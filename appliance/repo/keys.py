@@ -20,7 +20,7 @@ import hmac
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -201,7 +201,7 @@ class KeySource:
     passphrase (``BOOTBACK_PASSPHRASE``), and whether a terminal may be asked."""
 
     key_files: tuple[Path, ...] = ()
-    passphrase: str | None = None
+    passphrase: str | None = field(default=None, repr=False)  # never in a log line or traceback
     interactive: bool = False
 
     @classmethod
