@@ -58,10 +58,14 @@ class LabRun:
         stop: Stop,
         points: Points,
         on_progress: Callable[[dict[str, Any]], None] = lambda report: None,
+        nfs_host: str | None = None,
     ) -> None:
+        """``nfs_host``: where qemu mounts the sandboxes from (appliance.verification.local_nfs_host; default:
+        the published nfs:// URL's host)."""
         self.id, self.group, self.workdir = lab_id, group, Path(workdir)
         self._publish, self._stop, self._points = publish, stop, points
         self._progress = on_progress
+        self.nfs_host = nfs_host
         self.cancelled = threading.Event()
         self.network = LabNetwork(lab_id, group.network, self.workdir)
         self.machines: list[Machine] = []
@@ -116,7 +120,8 @@ class LabRun:
             with self._lock:
                 self.sessions.append(session["id"])
             doc.update(point=session["point"], session=session["id"])
-            drives = [f"{session['nfs_url']}/{d['extent']}" for d in session["disks"]]
+            base = f"nfs://{self.nfs_host}{session['path']}" if self.nfs_host else session["nfs_url"]
+            drives = [f"{base}/{d['extent']}" for d in session["disks"]]
             machine = Machine(vm.vm, self.workdir, drives, self.network.tap(), vm.mac, vm.memory_mib, vm.nic)
             with self._lock:
                 self.machines.append(machine)

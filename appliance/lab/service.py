@@ -63,13 +63,21 @@ def _now() -> str:
 
 
 class Labs:
-    def __init__(self, state_dir: Path, publish: Publish, stop: Stop, points: Points, max_running: int = 2) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        publish: Publish,
+        stop: Stop,
+        points: Points,
+        max_running: int = 2,
+        nfs_host: str | None = None,
+    ) -> None:
         self.dir = Path(state_dir) / "labs"
         self.groups_dir = Path(state_dir) / "lab-groups"
         for d in (self.dir, self.groups_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._publish, self._stop, self._points = publish, stop, points
-        self.max_running = max_running
+        self.max_running, self.nfs_host = max_running, nfs_host
         # Namespaces are named after this state directory too: a second appliance on the host (a test's)
         # never removes this one's labs as stale.
         self.owner = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:6]
@@ -167,6 +175,7 @@ class Labs:
                 self._stop,
                 self._points,
                 self._progress(record),
+                self.nfs_host,
             )
             record["report"] = _copy(run.report)
             self.records[lab_id] = record

@@ -61,11 +61,29 @@ def lab(tmp_path_factory: pytest.TempPathFactory, build_cache: Path):
     time.sleep(1.1)
     db_off = build_guest_disk(build_cache, "db-off").path
     bootback("backup", repo, "--vm", "db", _vm_folder(base, "db", db_off))
-    daemon = DaemonProcess(repo, base / "state").start()
+    daemon = start_owning_the_portmapper(repo, base / "state")
     yield base, repo, daemon, consistent
     daemon.stop()
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "bootback-lab-" not in leftover, f"lab networks left behind: {leftover}"
+
+
+def start_owning_the_portmapper(repo: Path, state: Path, wait: float = 120) -> DaemonProcess:
+    """qemu's nfs driver asks the portmapper on 111. A daemon that finds another program there registers with
+    it, and loses its registration when that program ends (another test's daemon, run in parallel): so wait for
+    111 to be free, and start again if another daemon took it meanwhile."""
+    deadline = time.monotonic() + wait
+    while True:
+        with socket.socket() as s:
+            free = s.connect_ex(("127.0.0.1", 111)) != 0
+        if free:
+            daemon = DaemonProcess(repo, state).start()
+            if "portmapper on 111 is another program's" not in daemon.log():
+                return daemon
+            daemon.stop()
+        if time.monotonic() > deadline:
+            pytest.fail("another program keeps the portmapper port 111, which qemu's nfs driver needs")
+        time.sleep(1)
 
 
 def shop(name: str, at: str | None = None, app_timeout: float = 60) -> dict:
