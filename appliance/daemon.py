@@ -240,8 +240,12 @@ class Daemon:
         mode: str = "instant",
         cache: str | None = None,
         repo: str | None = None,
+        prefetch: bool = False,
     ) -> list[dict]:
-        """Publish one VM or many (mass recovery); a VM may be 'name' or 'name@point'."""
+        """Publish one VM or many (mass recovery); a VM may be 'name' or 'name@point'. ``prefetch``: warm each
+        disk's read cache in the background (the whole disk comes local while the VM runs)."""
+        if not isinstance(prefetch, bool):
+            raise UsageError("publish: 'prefetch' is a boolean")
         if vms is not None and not (isinstance(vms, list) and all(isinstance(v, str) for v in vms)):
             raise UsageError("publish: 'vms' is a list of VM names")
         if vm is not None and not isinstance(vm, str):
@@ -258,7 +262,7 @@ class Daemon:
         out = []
         for t in targets:
             name, _, p = t.partition("@")
-            out.append(self._doc(self.sessions.publish(name, p or point, mode, cache, repo)))
+            out.append(self._doc(self.sessions.publish(name, p or point, mode, cache, repo, prefetch)))
         return out
 
     def op_sessions(self) -> list[dict]:

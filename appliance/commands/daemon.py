@@ -143,6 +143,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("instant", "sandbox"), default="instant")
     p.add_argument("--cache", help="write cache directory for these sessions")
     p.add_argument("--repo", help="repository name or path, when the daemon serves several")
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="warm the whole disk into the read cache in the background while the VM runs (S3 repositories)",
+    )
     _state_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_publish)
@@ -260,7 +265,8 @@ def _print(args: argparse.Namespace, doc: object, text: str) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    docs = _client(args).call("publish", vms=args.vms, mode=args.mode, cache=args.cache, repo=args.repo)
+    extra = {"prefetch": True} if args.prefetch else {}
+    docs = _client(args).call("publish", vms=args.vms, mode=args.mode, cache=args.cache, repo=args.repo, **extra)
     if args.json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
         return 0

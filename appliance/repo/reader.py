@@ -227,6 +227,17 @@ class DiskReader:
         except Exception:  # noqa: BLE001 - the foreground read of this chunk reports the error
             pass
 
+    def hydrate(self, index: int) -> None:
+        """Fetch chunk ``index`` into the read cache around the in-memory cache (a whole-disk warm-up, ``prefetch``,
+        must not evict what a VM is using); nothing if it is there already or unstored."""
+        hd, cid = self.hydrated, self.disk.chunks[index]
+        if hd is None or cid is None or hd.has(index):
+            return
+        data = self.cache.peek(cid)
+        if data is None:
+            data = self.store.get(cid, self._context)
+        hd.store(index, self._checked(index, cid, data))
+
     def _chunk_hydrating(self, index: int) -> bytes:
         data = self.chunk(index)
         if self.hydrated is not None and self.disk.chunks[index] is not None:

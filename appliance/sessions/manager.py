@@ -20,7 +20,8 @@ from appliance.datastore.backend import DatastoreBackend
 from appliance.datastore.descriptors import disk_names, published_vmx, vmdk_descriptor
 from appliance.datastore.folder import SessionFolder
 from appliance.errors import LimitExceededError, NoSpaceError, SessionError, SessionNotFoundError, UsageError
-from appliance.repo import Repository
+from appliance.repo import DiskReader, Repository
+from appliance.repo.prefetch import Prefetch
 from appliance.repo.readcache import ReadCache
 from appliance.sessions.confine import ConfinedDir
 from appliance.sessions.migrate import Migration
@@ -70,6 +71,8 @@ class SessionManager:
         self.records: dict[str, SessionRecord] = {}
         self.folders: dict[str, SessionFolder] = {}
         self.migrations: dict[str, Migration] = {}
+        self.readers: dict[str, list[DiskReader]] = {}  # session -> its disks' readers
+        self.prefetches: dict[str, list[Prefetch]] = {}  # session -> its disks' warm-ups (publish --prefetch)
         self._lock = threading.RLock()
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
 
@@ -185,9 +188,13 @@ class SessionManager:
         mode: str = "instant",
         cache_dir: str | None = None,
         repo: str | None = None,
+        prefetch: bool = False,
     ) -> SessionRecord:
+        """A new session of ``vm@point``; with ``prefetch`` its disks' read cache is warmed in the background."""
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if prefetch and self.read_cache is None:
+            raise UsageError("prefetch needs the read cache: serve with --read-cache SIZE (not 0)")
         repo_key, repository = self.repo(repo)
         rp = repository.restore_point(vm, point)
         sid = uuid.uuid4().hex[:8]
@@ -235,6 +242,8 @@ class SessionManager:
             except Exception:
                 self._discard(rec)
                 raise
+            if prefetch:
+                self.prefetches[rec.id] = [Prefetch(r).start() for r in self.readers[rec.id]]
         log.info("published %s@%s as %s (%s)", vm, rp.id, folder_name, mode)
         return rec
 
@@ -243,8 +252,10 @@ class SessionManager:
         rp = repository.restore_point(rec.vm, rec.point)
         caches = {}
         session_dir = Path(rec.cache_dir)
+        readers = self.readers[rec.id] = []
         for d in rec.disks:
             reader = repository.open_disk(rp, d["key"], read_cache=self.read_cache)
+            readers.append(reader)
             caches[d["extent"]] = WriteCache(
                 session_dir / "disks", d["extent"], reader.read, d["size"], backing_nowait=reader.read_cached
             )
@@ -278,11 +289,14 @@ class SessionManager:
                     f"instant session {rec.id} has changes that were never migrated; migrate it first, "
                     "or stop it with --force to discard them"
                 )
+            for warm_up in self.prefetches.pop(rec.id, []):
+                warm_up.stop()
             folder = self.backend.remove_folder(rec.slot)
             if folder is not None:
                 folder.close()
             self.records.pop(rec.id, None)
             self.folders.pop(rec.id, None)
+            self.readers.pop(rec.id, None)
             self._discard(rec)
         log.info("stopped session %s (%s)", rec.id, rec.folder)
         return rec
@@ -315,6 +329,8 @@ class SessionManager:
         doc["path"] = f"{export_path.rstrip('/')}/{rec.folder}"
         mig = self.migrations.get(rec.id)
         doc["migration"] = mig.status() if mig else None
+        warm_ups = self.prefetches.get(rec.id)
+        doc["prefetch"] = [{**w.status(), "running": w.running} for w in warm_ups] if warm_ups else None
         return doc
 
     # --- migration ------------------------------------------------------------------------------------

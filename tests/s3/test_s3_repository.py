@@ -175,6 +175,8 @@ def test_instant_recovery_over_nfs_from_a_bucket_only_point(rgw, s3_repo: str, t
     bootback("init", s3_repo)
     bootback("backup", s3_repo, "--vm", "web", disk(tmp_path, "web.raw", bytes(data)))
     bootback("backup", s3_repo, "--vm", "db", disk(tmp_path, "db.raw", os.urandom(2 * MiB)))
+    warm_data = os.urandom(5 * MiB)
+    bootback("backup", s3_repo, "--vm", "warm", disk(tmp_path, "warm.raw", warm_data))
     nfs_port, mount_port = free_port(), free_port()
     ports = ("--bind", "127.0.0.1", "--nfs-port", str(nfs_port), "--mount-port", str(mount_port))
     # No chunks kept in memory: what survives the gateway below comes from the read cache on disk.
@@ -184,15 +186,25 @@ def test_instant_recovery_over_nfs_from_a_bucket_only_point(rgw, s3_repo: str, t
     daemon.repo = s3_repo  # the daemon takes the location as it is, not as a path
     daemon.start()
 
-    def extent(vm: str) -> str:
-        doc = daemon.publish(vm, mode="sandbox")
+    def extent(vm: str, *extra: str) -> str:
+        doc = daemon.publish(vm, mode="sandbox", extra=extra)
         assert isinstance(doc, dict)
         return f"{doc['nfs_url']}/{doc['disks'][0]['extent']}?nfsport={nfs_port}&mountport={mount_port}"
 
     try:
-        web, db = extent("web"), extent("db")
+        web, db, warm = extent("web"), extent("db"), extent("warm", "--prefetch")
         assert nfs_cat(web).stdout == bytes(data)
+        deadline = time.monotonic() + 60
+        while True:  # publish --prefetch warms the whole disk in the background, no client reading it
+            (session,) = [s for s in json.loads(daemon.cli("sessions", "--json").stdout) if s["vm"] == "warm"]
+            (progress,) = session["prefetch"]
+            if not progress["running"]:
+                break
+            assert time.monotonic() < deadline, progress
+            time.sleep(0.2)
+        assert progress == {"disk": "warm.raw", "chunks": 5, "done": 5, "failed": 0, "running": False}
         rgw.kill()
+        assert nfs_cat(warm).stdout == warm_data  # never read before: all of it came local by the prefetch
         assert nfs_cat(web).stdout == bytes(data)  # hydrated: the local tier serves it without the gateway
         failed = nfs_cat(db)
         assert failed.returncode != 0 and len(failed.stdout) < 2 * MiB  # an error, never a short or wrong disk
