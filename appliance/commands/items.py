@@ -43,10 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", help="mail: sent on or after this day (2026-03-01)")
     p.add_argument("--until", help="mail: sent on or before this day")
     p.add_argument("--id", action="append", default=[], help="mail: this message (FOLDER/KEY from --list); repeatable")
-    p.add_argument("--export", action="store_true", help="mail: write the matching messages to -o FILE")
+    p.add_argument(
+        "--export", action="store_true", help="mail, OpenLDAP: write what matches to -o FILE (mbox/eml, LDIF)"
+    )
     p.add_argument("--format", choices=("mbox", "eml"), default="mbox", help="mail: export format (eml: one message)")
     p.add_argument("--restore-to", type=Path, metavar="MAILDIR", help="mail: add the matching messages to this Maildir")
     p.add_argument("--into-folder", metavar="NAME", help="mail: restore into this Maildir++ subfolder")
+    p.add_argument("--filter", metavar="LDAP_FILTER", help="OpenLDAP: only entries matching, e.g. '(uid=ann)'")
+    p.add_argument("--bind-dn", help="OpenLDAP: DN to bind as for --to")
+    p.add_argument("--password-file", type=Path, help="OpenLDAP: file holding the --bind-dn password")
     p.set_defaults(func=cmd_items)
 
 
@@ -59,6 +64,8 @@ def cmd_items(args: argparse.Namespace) -> int:
         return _postgres(args, target, work)
     if args.kind == "mariadb":
         return _mariadb(args, target, work)
+    if args.kind == "openldap":
+        return _openldap(args, target, work)
     if args.kind in ("mail", "maildir", "mbox"):
         return _mail(args, target, work)
     raise UsageError(f"'{args.kind}' items: only discovery is available yet (see docs/operations.md)")
@@ -133,3 +140,24 @@ def _print_tables(tables: list, as_json: bool) -> None:
     for t in tables:
         name = f"{t.schema}.{t.name}"
         print(f"{t.database:16} {name:32} {t.rows:>12,} rows")
+
+
+def _openldap(args: argparse.Namespace, target: service.Target, work: Path) -> int:
+    item = service.select(target, "openldap", args.path)
+    if args.export:
+        if args.output is None:
+            raise UsageError("--export needs -o FILE")
+        print(service.ldap_export(target, item, work, args.filter, args.output))
+        return 0
+    if args.to:
+        if not args.bind_dn or not args.password_file:
+            raise UsageError("--to needs --bind-dn and --password-file")
+        print(service.ldap_restore(target, item, work, args.filter, args.to, args.bind_dn, args.password_file))
+        return 0
+    entries = service.ldap_entries(target, item, work, args.filter)
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+        return 0
+    for e in entries:
+        print(e.dn)
+    return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from appliance.config import default_state_dir
 from appliance.errors import ItemRecoveryError
 from appliance.files import FileBrowser
-from appliance.items import mail, mariadb, postgres
+from appliance.items import mail, mariadb, openldap, postgres
 from appliance.items.cowview import CowView
 from appliance.items.discovery import KINDS, Item, discover, probe
 from appliance.repo import Repository
@@ -223,3 +223,39 @@ def mariadb_dump(
             return f"restored {what} from {target.point}"
         place(dump, out)
         return f"dumped {what} from {target.point} to {out}"
+
+
+# OpenLDAP ---------------------------------------------------------------------------------------------------
+def _directory(target: Target, item: Item, work_root: Path) -> openldap.Directory:
+    repo = Repository.open(target.repo)
+    browser = FileBrowser(repo.open_disk(repo.resolve(target.point), item.disk))
+    return openldap.Directory(item, target.repo, target.point, work_root, browser)
+
+
+def ldap_entries(target: Target, item: Item, work_root: Path, ldap_filter: str | None) -> list[openldap.Entry]:
+    with _directory(target, item, work_root) as directory:
+        return directory.entries(ldap_filter)
+
+
+def ldap_export(target: Target, item: Item, work_root: Path, ldap_filter: str | None, out: Path) -> str:
+    if not out.parent.is_dir():
+        raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
+    with _directory(target, item, work_root) as directory:
+        entries = directory.entries(ldap_filter)
+        if not entries:
+            raise ItemRecoveryError(f"no entry matches {ldap_filter!r}: nothing to export")
+        tmp = directory.scratch / "export.ldif"
+        tmp.write_text("\n\n".join(e.ldif for e in entries) + "\n")
+        place(tmp, out)
+    return f"exported {len(entries)} entries from {item.browser_path} of {target.point} to {out}"
+
+
+def ldap_restore(
+    target: Target, item: Item, work_root: Path, ldap_filter: str | None, uri: str, bind_dn: str, password_file: Path
+) -> str:
+    with _directory(target, item, work_root) as directory:
+        entries = directory.entries(ldap_filter)
+        if not entries:
+            raise ItemRecoveryError(f"no entry matches {ldap_filter!r}: nothing to restore")
+        openldap.restore(entries, uri, bind_dn, password_file, directory.scratch)
+    return f"restored {len(entries)} entries from {item.browser_path} of {target.point} into {uri}"

@@ -6,6 +6,8 @@
 - /srv/pg-clean: the same cluster copied after a clean shutdown, before the last table was made;
 - /srv/pg14 (its PG_VERSION says 14, whose server is not installed) and /srv/pg-damaged (pg_control overwritten);
 - /var/lib/mysql: a MariaDB data directory (Debian's mariadb-install-db/mariadbd) copied while it ran;
+- /var/lib/ldap: an OpenLDAP mdb made with slapadd, and its cn=config in /etc/ldap/slapd.d (slaptest), whose
+  schema has an attribute of the VM's own (bbBadge) that Debian's schema files do not know;
 - /home/alice/Maildir (with an Archive folder) and /var/mail/bob (mbox).
 The rows each table holds are recorded in expected.json next to the image, as ``COPY ... TO STDOUT`` text.
 Built once and cached under the build cache (keyed by BUILD_VERSION).
@@ -25,7 +27,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 
-BUILD_VERSION = "3"
+BUILD_VERSION = "4"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 SCHEMA_SQL = """
@@ -206,6 +208,128 @@ def _make_mariadb(work: Path, tree: Path, expected: dict) -> None:
         server.stop()
 
 
+LDAP_SCHEMA = """attributetype ( 1.3.6.1.4.1.99999.1.1 NAME 'bbBadge' DESC 'badge number'
+  EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 )
+objectclass ( 1.3.6.1.4.1.99999.2.1 NAME 'bbPerson' SUP top AUXILIARY MAY bbBadge )
+"""
+LDAP_SUFFIX = "dc=example,dc=org"
+LDAP_LDIF = """dn: dc=example,dc=org
+objectClass: dcObject
+objectClass: organization
+o: Example
+dc: example
+
+dn: ou=people,dc=example,dc=org
+objectClass: organizationalUnit
+ou: people
+
+dn: uid=ann,ou=people,dc=example,dc=org
+objectClass: inetOrgPerson
+objectClass: bbPerson
+uid: ann
+cn: Ann Archer
+sn: Archer
+mail: ann@example.org
+bbBadge: B-1001
+description:: w4RuZ3N0bGljaCDDvGJlciBkaWUgRsO8bGxl
+
+dn: uid=bo,ou=people,dc=example,dc=org
+objectClass: inetOrgPerson
+uid: bo
+cn: Bo Baker
+sn: Baker
+mail: bo@example.org
+
+dn: cn=admins,dc=example,dc=org
+objectClass: groupOfNames
+cn: admins
+member: uid=ann,ou=people,dc=example,dc=org
+"""
+
+
+def slapd_conf(dbdir: Path, schema: Path, extra: str = "") -> str:
+    includes = "".join(f"include /etc/ldap/schema/{n}.schema\n" for n in ("core", "cosine", "nis", "inetorgperson"))
+    return (
+        f"{includes}include {schema}\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+        f'database mdb\nsuffix "{LDAP_SUFFIX}"\nrootdn "cn=admin,{LDAP_SUFFIX}"\n{extra}directory "{dbdir}"\n'
+    )
+
+
+class Slapd:
+    """A slapd of Debian's on a Unix socket (ldapi) only, with an empty database to restore into."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.socket = base / "ldapi"
+        self.password = base / "password"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        from urllib.parse import quote
+
+        return "ldapi://" + quote(str(self.socket), safe="")
+
+    def start(self) -> None:
+        (self.base / "db").mkdir(parents=True)
+        (self.base / "bb.schema").write_text(LDAP_SCHEMA)
+        self.password.write_text("restore-secret")
+        conf = slapd_conf(self.base / "db", self.base / "bb.schema", "rootpw restore-secret\n")
+        (self.base / "slapd.conf").write_text(conf)
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/slapd", "-d", "0", "-h", self.uri, "-f", self.base / "slapd.conf"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(300):
+            if self.search("(objectClass=*)", base="", scope="base").returncode in (0, 32):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("slapd did not start")
+
+    def search(self, flt: str, base: str = LDAP_SUFFIX, scope: str = "sub") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                "ldapsearch",
+                "-x",
+                "-H",
+                self.uri,
+                "-D",
+                f"cn=admin,{LDAP_SUFFIX}",
+                "-y",
+                self.password,
+                "-LLL",
+                "-o",
+                "ldif-wrap=no",
+                "-s",
+                scope,
+                "-b",
+                base,
+                flt,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def _make_ldap(work: Path, tree: Path) -> None:
+    (work / "bb.schema").write_text(LDAP_SCHEMA)
+    db = tree / "var/lib/ldap"
+    db.mkdir(parents=True)
+    conf = work / "slapd.conf"
+    conf.write_text(slapd_conf(db, work / "bb.schema"))
+    (work / "data.ldif").write_text(LDAP_LDIF)
+    sh("slapadd", "-f", conf, "-l", work / "data.ldif")
+    (tree / "etc/ldap/slapd.d").mkdir(parents=True)
+    sh("slaptest", "-f", conf, "-F", tree / "etc/ldap/slapd.d")
+
+
 def _mail(sender: str, subject: str, day: int, body: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
@@ -290,6 +414,7 @@ def build_app_disk(cache: Path) -> Path:
     for d in (tree / "srv", tree / "var/lib/postgresql"):
         sh("chown", "-R", "postgres:postgres", d)
     _make_mariadb(work, tree, expected)
+    _make_ldap(work, tree)
     _make_mail(tree)
     sh("mkfs.ext4", "-q", "-F", "-d", tree, work / "disk.raw", "256M")
     (work / "expected.json").write_text(json.dumps(expected))
