@@ -282,3 +282,19 @@ def test_leases_keep_prune_and_backups_apart(rgw, s3_repo: str, tmp_path: Path) 
     bootback("backup", s3_repo, "--vm", "c", disk(tmp_path, "c.raw", os.urandom(MiB)))
     young = json.loads(bootback("prune", s3_repo, "--vm", "c", "--keep", "1", "--json").stdout)
     assert len(young["deleted_points"]) == 1 and young["deleted_chunks"] == 0  # within the default grace period
+
+
+def test_file_level_recovery_from_a_bucket(s3_repo: str, tmp_path: Path) -> None:
+    """``files`` and ``extract`` read a file inside a backed-up disk straight from the bucket."""
+    image = tmp_path / "fat.img"
+    subprocess.run(["mkfs.fat", "-C", str(image), "8192"], check=True, capture_output=True)
+    note = tmp_path / "hello.txt"
+    note.write_bytes(b"recovered from object storage\n")
+    subprocess.run(["mcopy", "-i", str(image), str(note), "::hello.txt"], check=True, capture_output=True)
+    bootback("init", s3_repo)
+    bootback("backup", s3_repo, "--vm", "files", image)
+    listing = bootback("files", s3_repo, "files", "/disk").stdout.decode()
+    assert "HELLO.TXT" in listing and " 30 " in listing, listing
+    out = tmp_path / "out.txt"
+    bootback("extract", s3_repo, "files", "/disk/hello.txt", "-o", out)
+    assert out.read_bytes() == note.read_bytes()
