@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -24,6 +25,11 @@ def docker_engine():
 
 @pytest.fixture(scope="session")
 def appliance_image(docker_engine) -> str:
-    """The appliance image built from this checkout, once per test run (layers are cached between runs)."""
+    """The appliance image built from this checkout, once per test run (layers are cached between runs);
+    BOOTBACK_TEST_IMAGE names an image built already (e.g. from a clean export of a commit) to test instead."""
+    prebuilt = os.environ.get("BOOTBACK_TEST_IMAGE")
+    if prebuilt:
+        docker_engine.images.get(prebuilt)  # fails the fixture when it does not exist
+        return prebuilt
     subprocess.run([str(ROOT / "scripts" / "build-image.sh"), IMAGE], check=True, timeout=900, cwd=ROOT)
     return IMAGE

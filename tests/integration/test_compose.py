@@ -102,6 +102,11 @@ def test_compose_up_is_healthy_with_the_secret_and_down_cleans_up(appliance_imag
             tmp_path / "migrations"
         )
         assert project_objects(project), "compose made no labelled objects"
+        # verification's qemu mounts from the daemon over the container's loopback: compose always allows it
+        inside = json.loads(
+            subprocess.check_output(["docker", "inspect", "--format", "{{json .Config.Env}}", container])
+        )
+        assert "BOOTBACK_CLIENTS=127.0.0.0/8,172.16.0.0/12,127.0.0.1/32" in inside, inside
     finally:
         run("down", "--volumes", "--timeout", "30")
     assert project_objects(project) == [], "compose down left containers, volumes or networks"
