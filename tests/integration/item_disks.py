@@ -274,6 +274,7 @@ class Slapd:
         (self.base / "db").mkdir(parents=True)
         (self.base / "bb.schema").write_text(LDAP_SCHEMA)
         self.password.write_text("restore-secret")
+        self.password.chmod(0o600)
         conf = slapd_conf(self.base / "db", self.base / "bb.schema", "rootpw restore-secret\n")
         (self.base / "slapd.conf").write_text(conf)
         self.proc = subprocess.Popen(

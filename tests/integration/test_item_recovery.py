@@ -18,11 +18,13 @@ import pytest
 
 from tests.daemon_process import bootback, tree_hash
 from tests.integration.item_disks import (
+    LDAP_LDIF,
     MAILDIR_MESSAGES,
     MBOX_MESSAGES,
     PG_BIN,
     Cluster,
     MariaDB,
+    Slapd,
     build_app_disk,
     sh,
 )
@@ -83,6 +85,17 @@ def target_mariadb() -> Iterator[MariaDB]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def target_slapd() -> Iterator[Slapd]:
+    """A fresh, running slapd with an empty dc=example,dc=org to restore into (ldapi socket only)."""
+    base = traversable_tmp("bb-ltarget-")
+    server = Slapd(base)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def items(apps: dict, work: Path, *args: str | Path, ok: bool = True):  # noqa: ANN201
     return bootback("items", apps["repo"], "db01", *args, "--work-dir", work, ok=ok)
 
@@ -100,6 +113,7 @@ def test_discovery_lists_every_application(apps: dict, work: Path) -> None:
         ("postgres", "disk", "/srv/pg-clean", "15"),
         ("postgres", "disk", "/srv/pg-damaged", "15"),
         ("postgres", "disk", "/srv/pg14", "14"),
+        ("openldap", "disk", "/var/lib/ldap", "mdb"),
         ("mariadb", "disk", "/var/lib/mysql", "10.11.19-MariaDB"),
         ("postgres", "disk", "/var/lib/postgresql/15/main", "15"),
         ("mbox", "disk", "/var/mail/bob", "-"),
@@ -231,6 +245,62 @@ def test_mariadb_tables_listed_and_restored_exactly(apps: dict, work: Path, targ
     assert target_mariadb.rows("restored", "moves") == ""
     bad = items(apps, work, "mariadb", "--dump", "inventory.nope", "--to", url, ok=False)
     assert bad.returncode == 62 and "no table 'nope' in database 'inventory'" in bad.stderr
+
+
+def _user_attributes(ldif: str) -> dict[str, set[str]]:
+    """dn -> its 'attr: value' lines without operational attributes, for comparing entries exactly."""
+    out = {}
+    for record in ldif.strip().split("\n\n"):
+        lines = record.splitlines()
+        attrs = {
+            ln
+            for ln in lines[1:]
+            if ln.split(":")[0].lower()
+            not in {
+                "structuralobjectclass",
+                "entryuuid",
+                "entrycsn",
+                "creatorsname",
+                "createtimestamp",
+                "modifiersname",
+                "modifytimestamp",
+            }
+        }
+        out[lines[0]] = attrs
+    return out
+
+
+def test_ldap_entries_searched_exported_and_restored_exactly(
+    apps: dict, work: Path, target_slapd: Slapd, tmp_path: Path
+) -> None:
+    source = _user_attributes(LDAP_LDIF)
+    listed = json.loads(items(apps, work, "openldap", "--json").stdout)
+    assert [e["dn"] for e in listed] == [dn[4:] for dn in source]
+    # the VM's own schema (bbBadge, case-insensitive match) is what the filter is evaluated with
+    hit = json.loads(items(apps, work, "openldap", "--filter", "(bbBadge=b-1001)", "--json").stdout)
+    assert hit == [{"dn": "uid=ann,ou=people,dc=example,dc=org", "objectClass": ["inetOrgPerson", "bbPerson"]}]
+    out = tmp_path / "people.ldif"
+    items(apps, work, "openldap", "--filter", "(objectClass=inetOrgPerson)", "--export", "-o", out)
+    exported = _user_attributes(out.read_text())
+    assert exported == {dn: a for dn, a in source.items() if "uid=" in dn}
+
+    flt = "(|(objectClass=organization)(objectClass=organizationalUnit)(uid=bo))"
+    args = (
+        "--to",
+        target_slapd.uri,
+        "--bind-dn",
+        "cn=admin,dc=example,dc=org",
+        "--password-file",
+        target_slapd.password,
+    )
+    p = items(apps, work, "openldap", "--filter", flt, *args)
+    assert "restored 3 entries" in p.stdout
+    restored = _user_attributes(target_slapd.search("(objectClass=*)").stdout)
+    assert restored == {dn: a for dn, a in source.items() if "uid=ann" not in dn and "cn=admins" not in dn}
+    # ann is new (and first), bo exists now: refused as a whole, ann not added either
+    again = items(apps, work, "openldap", "--filter", "(|(uid=bo)(uid=ann))", *args, ok=False)
+    assert again.returncode == 62 and "the target already has 'uid=bo,ou=people,dc=example,dc=org'" in again.stderr
+    assert target_slapd.search("(uid=ann)").stdout == "", "an entry was added although the restore was refused"
 
 
 def mail_json(apps: dict, work: Path, kind: str, *args: str) -> list[dict]:
