@@ -13,7 +13,7 @@ apt_packages=(
   busybox-static linux-image-amd64 syslinux extlinux syslinux-common fdisk e2fsprogs
   docker.io docker-compose mmdebstrap chromium fio nftables
   golang-go golang-github-vmware-govmomi-dev dosfstools mtools ntfs-3g lvm2 xfsprogs
-  postgresql-15 fuse3
+  postgresql-15 fuse3 mariadb-server mariadb-client slapd ldap-utils
   ceph-mon ceph-osd radosgw ceph-common
 )
 demo_packages=(
