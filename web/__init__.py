@@ -18,7 +18,7 @@ from web.validation import ApiError
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from appliance.access import logins
     from appliance.access.credentials import secret_key
-    from web import api, pages
+    from web import api, backup_items, pages
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -37,6 +37,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update(config)
     app.register_blueprint(api.bp)
+    app.register_blueprint(backup_items.bp)
     app.register_blueprint(pages.bp)
     app.after_request(_security_headers)
     # The one place requests' errors become answers (STYLE rule 15): expected ones (ApiError, and the

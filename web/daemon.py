@@ -18,6 +18,7 @@ STATUS_OF = (
     (errors.RestorePointNotFoundError, 404),
     (errors.FileNotFoundInBackupError, 404),
     (errors.FileRecoveryError, 400),
+    (errors.ItemRecoveryError, 400),
     (errors.UsageError, 400),
     (errors.ConfigError, 400),
     (errors.NoSpaceError, 507),

@@ -29,6 +29,7 @@ from pathlib import Path
 from appliance.errors import BootbackError, ItemRecoveryError, NoSpaceError
 from appliance.files import FileBrowser, browse
 from appliance.repo import Repository
+from appliance.repo.backends import repository_arg
 from appliance.units import GiB
 
 MOUNT_TIMEOUT = 30.0  # seconds for the FUSE process to open the repository and mount
@@ -173,7 +174,7 @@ class CowView:
 
     # copy --------------------------------------------------------------------------------------------------
     def _enter_copy(self) -> Path:
-        repo = Repository.open(self.repo)
+        repo = Repository.open(repository_arg(self.repo))
         browser: FileBrowser = browse(repo, repo.resolve(self.point), self.disk)
         entries = list(browser.walk(self.root))
         total = sum(e.size for _, e, _ in entries if e.kind == "file")

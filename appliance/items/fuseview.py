@@ -26,6 +26,7 @@ from appliance.errors import BootbackError, FileNotFoundInBackupError
 from appliance.files import FileBrowser, browse
 from appliance.files.filesystems import Entry
 from appliance.repo import Repository
+from appliance.repo.backends import repository_arg
 
 # The modes a database server insists on (PostgreSQL refuses a data directory other than 0700/0750); the
 # file browser has no owners or modes to offer for every file system it reads, so the view sets them.
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uid", type=int, required=True)
     p.add_argument("--gid", type=int, required=True)
     args = p.parse_args(argv)
-    repo = Repository.open(args.repo)
+    repo = Repository.open(repository_arg(args.repo))
     browser = browse(repo, repo.resolve(args.point), args.disk)
     view = BackupView(browser, args.root, args.uid, args.gid)
     # The backup never changes: let the kernel keep pages, attributes and lookups (misses too) for good.

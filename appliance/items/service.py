@@ -21,6 +21,7 @@ from appliance.items import mail, mariadb, openldap, postgres
 from appliance.items.cowview import CowView
 from appliance.items.discovery import KINDS, Item, discover, probe
 from appliance.repo import Repository
+from appliance.repo.backends import repository_arg
 
 KIND_NAMES = {
     "postgres": "PostgreSQL data directory",
@@ -40,7 +41,7 @@ class Target:
 
     @classmethod
     def resolve(cls, repo: str | Path, ref: str) -> Target:
-        return cls(str(repo), Repository.open(repo).resolve(ref).ref)
+        return cls(str(repo), Repository.open(repository_arg(str(repo))).resolve(ref).ref)
 
 
 def default_work_root() -> Path:
@@ -49,7 +50,7 @@ def default_work_root() -> Path:
 
 def find_items(target: Target, path: str | None = None) -> list[Item]:
     """Every application of the point, or only the one at ``path`` (a look there instead of a walk)."""
-    repo = Repository.open(target.repo)
+    repo = Repository.open(repository_arg(target.repo))
     point = repo.resolve(target.point)
     items: list[Item] = []
     for disk in point.disks:
@@ -227,7 +228,7 @@ def mariadb_dump(
 
 # OpenLDAP ---------------------------------------------------------------------------------------------------
 def _directory(target: Target, item: Item, work_root: Path) -> openldap.Directory:
-    repo = Repository.open(target.repo)
+    repo = Repository.open(repository_arg(target.repo))
     browser = FileBrowser(repo.open_disk(repo.resolve(target.point), item.disk))
     return openldap.Directory(item, target.repo, target.point, work_root, browser)
 
