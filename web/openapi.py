@@ -56,6 +56,41 @@ BINARY = {
 }
 
 
+def ITEM_PATHS(repo: dict) -> dict:  # noqa: N802 - application item recovery (web/backup_items.py)
+    point = {"name": "point", "in": "query", "required": True, "schema": NAME_SCHEMA, "description": "VM or VM@POINT"}
+    path = {
+        "name": "path",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "which data directory, when there are several (as listed)",
+    }
+    text = {"type": "string", "maxLength": 200}
+    db = {"name": "db", "in": "query", "required": False, "schema": text, "description": "only this database"}
+    dump = {"name": "dump", "in": "query", "required": True, "schema": text, "description": "DB or DB.[SCHEMA.]TABLE"}
+    return {
+        "/api/v1/repositories/{name}/items": {
+            "get": _op(
+                "Applications inside a restore point (kind, disk, volume, path, version)",
+                _json(OBJ),
+                params=[repo, point],
+            )
+        },
+        "/api/v1/repositories/{name}/items/postgres/tables": {
+            "get": _op(
+                "Tables and exact row counts of a backed-up PostgreSQL cluster",
+                _json(OBJ),
+                params=[repo, point, path, db],
+            )
+        },
+        "/api/v1/repositories/{name}/items/postgres/dump": {
+            "get": _op(
+                "A database or table of a backed-up PostgreSQL cluster as SQL", BINARY, params=[repo, point, path, dump]
+            )
+        },
+    }
+
+
 def FILE_QUERY(repo: dict) -> list[dict]:  # noqa: N802 - reads like the constant lists above
     return [
         repo,
@@ -124,6 +159,7 @@ def openapi_document() -> dict:
             "/api/v1/repositories/{name}/files/content": {
                 "get": _op("Download a file, or a directory as tar", BINARY, params=FILE_QUERY(repo))
             },
+            **ITEM_PATHS(repo),
             "/api/v1/sessions": {
                 "get": _op("Sessions", _json(SESSIONS)),
                 "post": _op(
