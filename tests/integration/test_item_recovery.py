@@ -366,6 +366,61 @@ def test_bad_mail_requests_write_nothing(
     assert not out.exists() and list(notmaildir.iterdir()) == []
 
 
+def test_the_api_lists_applications_and_tables_and_downloads_a_dump(apps: dict, target_pg: Cluster) -> None:
+    import requests
+
+    from tests.daemon_process import web_appliance
+
+    state = traversable_tmp("bb-items-web-")  # STATE/items must be reachable by the 'postgres' user
+    d, base_url = web_appliance(apps["repo"], state, "items-api-password")
+    try:
+        token = bootback("token", "create", "items", "--state", d.state).stdout.strip()
+        api = requests.Session()
+        api.trust_env = False
+        api.verify = str(d.state / "web" / "tls.crt")
+        url = f"{base_url}/api/v1/repositories/repo/items"
+        assert api.get(url, params={"point": "db01"}).status_code == 401
+        api.headers["Authorization"] = f"Bearer {token}"
+
+        found = api.get(url, params={"point": "db01"}).json()
+        assert found["point"].startswith("db01@")
+        assert {"kind": "postgres", "disk": "disk.raw", "volume": "disk", "path": "/srv/pg-clean", "version": "15"} in (
+            found["items"]
+        )
+        pg = {"point": "db01", "path": "/srv/pg-clean"}
+        tables = api.get(f"{url}/postgres/tables", params={**pg, "db": "hr"}).json()["tables"]
+        assert tables == [{"database": "hr", "schema": "public", "table": "staff", "rows": 2}]
+        got = api.get(f"{url}/postgres/dump", params={**pg, "dump": "shop.sales.invoices"})
+        assert got.status_code == 200 and "shop.sales.invoices.sql" in got.headers["Content-Disposition"]
+        fresh_db(target_pg, "fromapi")
+        sh(
+            PG_BIN / "psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            target_pg.url_for("fromapi"),
+            "-f",
+            "-",
+            input=got.text,
+        )
+        assert target_pg.rows("fromapi", "sales.invoices") == apps["expected"]["clean"]["shop"]["sales.invoices"]
+
+        for params, status, message in [
+            ({**pg, "dump": "shop.nope"}, 400, "no table 'nope' in database 'shop'"),
+            ({"point": "db01", "path": "/srv/pg14", "dump": "shop"}, 400, "needs PostgreSQL 14"),
+            ({"point": "db01", "dump": "shop"}, 400, "choose one with --path"),
+            ({"point": "../x", "dump": "shop"}, 400, "point:"),
+        ]:
+            r = api.get(f"{url}/postgres/dump", params=params)
+            assert r.status_code == status and message in r.json()["error"]["message"], (params, r.text)
+        assert not list((state / "items").iterdir()), "a download or view was left in STATE/items"
+    finally:
+        d.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def test_no_postgres_in_a_point_without_one_and_the_backup_never_changes(apps: dict, work: Path) -> None:
     p = bootback("items", apps["repo"], "web01", "postgres", "--list", "--work-dir", work, ok=False)
     assert p.returncode == 62 and "no PostgreSQL data directory in web01@" in p.stderr, p.stderr
