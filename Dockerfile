@@ -89,10 +89,12 @@ RUN mkdir -p /repositories /var/lib/bootback /cache /migrations \
 VOLUME ["/repositories", "/var/lib/bootback", "/cache"]
 EXPOSE 111/tcp 111/udp 2049/tcp 2049/udp 1058/tcp 1058/udp 6161/tcp
 
-# Runs as root, on purpose: the NFS server stores files that clients create with the client's uid/gid (ESXi
-# writes as root and expects root-owned files back), which takes chown of arbitrary owners (CAP_CHOWN,
-# CAP_FOWNER, CAP_DAC_OVERRIDE on the cache), and the portmapper listens on 111 (CAP_NET_BIND_SERVICE).
-# Docker's default capability set for root already holds these (no --privileged, no --cap-add needed).
+# Runs as root by default: files NFS clients create keep the client's uid/gid only when the daemon may chown
+# them (ESXi writes as root and expects root-owned files back), and labs (network namespaces, nftables) and item
+# recovery (FUSE mounts) need root with --cap-add/--device (README). Docker's default capability set covers the
+# datastore. The datastore, page and verification also run as `--user bootback` (uid 10001): it owns the state,
+# cache and migration directories, and Docker lets any user bind 111 in a container's network namespace
+# (net.ipv4.ip_unprivileged_port_start=0; not with --network host).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 CMD ["bootback", "health"]
 # The daemon is PID 1 and handles SIGTERM itself: sessions are flushed and instant ones come back at restart.
 STOPSIGNAL SIGTERM
