@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import random
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +194,43 @@ def test_published_encrypted_disk_reads_bit_exact_over_nfs(
     # without the key, serve stops at start with the one line
     p = run("serve", "--repo", repo, "--state", tmp_path / "s2", *PRIVATE_PORTS, "--no-web", ok=False)
     assert p.returncode == 17 and f"repository {repo} is encrypted" in p.stderr
+
+
+def on_terminal(args: list[str | Path], answers: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run bootback on a pseudo-terminal, typing each answer after the next 'passphrase' prompt appears (getpass
+    flushes what was typed before it asks); returns (exit status, everything the terminal showed)."""
+    unset = ("BOOTBACK_PASSPHRASE", "BOOTBACK_KEY_FILE", "BOOTBACK_ENCRYPTION")  # the operator's choice: none made
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: bootback with the pty as its terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "-m", "appliance", *map(str, args)], env)
+    shown, pending, deadline = b"", list(answers), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            shown += data
+            if pending and shown.rstrip().endswith(b":") and b"passphrase" in shown.rsplit(b"\n", 1)[-1]:
+                os.write(fd, pending.pop(0).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+
+
+def test_passphrase_typed_on_a_terminal(tmp_path: Path) -> None:
+    repo = tmp_path / "typed"
+    status, shown = on_terminal(["init", repo], ["typed secret", "typed secret"])
+    assert status == 0 and "encrypting with aes-256-gcm (the default)" in shown, shown
+    assert "typed secret" not in shown  # not echoed
+    status, shown = on_terminal(["points", repo], ["typed secret"])
+    assert status == 0 and "no restore points" in shown, shown
+    status, shown = on_terminal(["points", repo], ["not the one"])
+    assert status == 17 and "wrong passphrase (as typed)" in shown, shown
+    status, shown = on_terminal(["init", tmp_path / "differ"], ["one", "two"])
+    assert status == 2 and "the two passphrases differ" in shown and not (tmp_path / "differ").exists(), shown
