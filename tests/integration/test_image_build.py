@@ -131,6 +131,9 @@ LEAN = (
     "test ! -e /opt/bootback/bin/pip && test ! -e /src && test ! -e /tmp/wheels && test ! -e /root/.cache/pip"
     " && ! ls -d /opt/bootback/lib/python3*/site-packages/setuptools /opt/bootback/lib/python3*/site-packages/pip"
     " 2>/dev/null"
+    # no compilers or the demo's build tools (kernel, bootloader installers), no apt lists or package caches
+    " && ! command -v gcc cc make syslinux mcopy 2>/dev/null && ! ls /boot/vmlinuz* 2>/dev/null"
+    ' && test -z "$(find /var/lib/apt/lists /var/cache/apt -mindepth 1 -not -name lock -not -name partial 2>/dev/null)"'
 )
 
 
@@ -159,5 +162,6 @@ def test_the_offline_image_is_lean_and_keeps_the_base(appliance_image: str) -> N
         ).stdout
         return int(out)
 
-    # the venv with its dependencies, nothing else: well under the 108 MB the single-stage image added
-    assert size(appliance_image) - size(BASE) < 90_000_000, (size(appliance_image), size(BASE))
+    # the venv (~115 MB), Debian's qemu and the labs' and item recovery's tools (~190 MB) and the demo repository
+    # (~46 MB), nothing else: docs/benchmarks.md has the breakdown; the kernel package alone would add ~400 MB
+    assert size(appliance_image) - size(BASE) < 400_000_000, (size(appliance_image), size(BASE))
