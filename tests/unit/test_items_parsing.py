@@ -1,0 +1,109 @@
+"""The pure parts of item recovery: names given on the command line, version rules, LDIF handling, mail filters
+(the servers and views themselves are tested for real in tests/integration/test_item_recovery.py)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ItemRecoveryError
+from appliance.items import mail, mariadb, openldap, postgres
+from appliance.items.discovery import Item
+from appliance.items.service import split_spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("shop", ("shop", None)),
+        ("shop.orders", ("shop", "orders")),
+        ("shop.sales.invoices", ("shop", "sales.invoices")),
+    ],
+)
+def test_dump_specs(spec: str, expected: tuple) -> None:
+    assert split_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", ".orders", "shop.", "a.b.c.d"])
+def test_bad_dump_specs_name_the_value(spec: str) -> None:
+    with pytest.raises(ItemRecoveryError, match="expected DB, DB.TABLE or DB.SCHEMA.TABLE"):
+        split_spec(spec)
+
+
+def _item(kind: str, version: str) -> Item:
+    return Item(kind, "disk.raw", "p1", "/var/lib/x", version)
+
+
+def test_postgres_versions_and_missing_binaries(tmp_path: Path) -> None:
+    assert postgres.major_version(_item("postgres", "15")) == "15"
+    assert postgres.major_version(_item("postgres", "9.6")) == "9.6"
+    with pytest.raises(ItemRecoveryError, match=r"PG_VERSION holds 'garbage\\n'"):
+        postgres.major_version(_item("postgres", "garbage\n"))
+    (tmp_path / "13" / "bin").mkdir(parents=True)
+    (tmp_path / "13" / "bin" / "postgres").write_text("")
+    with pytest.raises(ItemRecoveryError, match="needs PostgreSQL 16.*apt-get install postgresql-16; installed: 13"):
+        postgres.server_bindir("16", tmp_path)
+    assert postgres.server_bindir("13", tmp_path) == tmp_path / "13" / "bin"
+
+
+def test_mariadb_refuses_newer_and_mysql8_data_directories() -> None:
+    mariadb.check_version(_item("mariadb", "10.6.12-MariaDB"), (10, 11))
+    mariadb.check_version(_item("mariadb", "unknown"), (10, 11))
+    with pytest.raises(ItemRecoveryError, match=r"written by MariaDB 11\.4; the installed server is 10\.11"):
+        mariadb.check_version(_item("mariadb", "11.4.2-MariaDB"), (10, 11))
+    with pytest.raises(ItemRecoveryError, match="MySQL 8 data directory"):
+        mariadb.check_version(_item("mariadb", "mysql-8"), (10, 11))
+
+
+def test_mariadb_urls_keep_the_password_out_of_argv() -> None:
+    args, env, db = mariadb.Server("mariadb://app:s%40cret@db2:3307/inv").client_args()
+    assert args == ["--no-defaults", "--host=db2", "--port=3307", "--protocol=TCP", "--user=app"]
+    assert env == {"MYSQL_PWD": "s@cret"} and db == "inv"
+    args, _, db = mariadb.Server("mariadb://root@localhost/inv?socket=/run/m.sock").client_args()
+    assert "--socket=/run/m.sock" in args and db == "inv"
+    with pytest.raises(ItemRecoveryError, match="--to must be a mariadb:// URL, not 'postgresql://x'"):
+        mariadb.Server("postgresql://x").client_args()
+
+
+LDIF = """dn: uid=ann,ou=people,dc=example,dc=org
+objectClass: inetOrgPerson
+uid: ann
+description: a long value folded
+  over two lines
+entryUUID: 0a1b
+creatorsName: cn=admin,dc=example,
+ dc=org
+cn: Ann
+
+dn:: Y249w4RsZ2Esb3U9cGVvcGxlLGRjPWV4YW1wbGUsZGM9b3Jn
+objectClass: person
+cn:: w4RsZ2E=
+sn: A
+"""
+
+
+def test_ldif_records_and_operational_attributes() -> None:
+    entries = openldap.parse_ldif(LDIF)
+    assert [e.dn for e in entries] == ["uid=ann,ou=people,dc=example,dc=org", "cn=Älga,ou=people,dc=example,dc=org"]
+    assert entries[0].to_json() == {"dn": entries[0].dn, "objectClass": ["inetOrgPerson"]}
+    kept = openldap.without_operational(entries[0])
+    assert "entryUUID" not in kept and "creatorsName" not in kept and " dc=org" not in kept
+    assert "description: a long value folded\n  over two lines" in kept and kept.endswith("cn: Ann")
+
+
+def _msg(folder: str, sender: str, subject: str, when: datetime | None) -> mail.Message:
+    return mail.Message(f"{folder}/k", folder, sender, subject, when, 10)
+
+
+def test_mail_filters() -> None:
+    sent = datetime(2026, 3, 3, 1, 30, tzinfo=timezone(timedelta(hours=2)))  # 2026-03-02 in UTC, the days' zone
+    m = _msg("INBOX", "Carol <carol@example.org>", "Quarterly report", sent)
+    assert mail.Filter(sender="CAROL", subject="report", since=date(2026, 3, 2), until=date(2026, 3, 2)).matches(m)
+    assert not mail.Filter(since=date(2026, 3, 3)).matches(m)
+    assert not mail.Filter(folder="Archive").matches(m)
+    assert not mail.Filter(ids=("INBOX/other",)).matches(m)
+    assert not mail.Filter(since=date(2026, 1, 1)).matches(_msg("INBOX", "x", "y", None))  # undated: no date match
+    with pytest.raises(ItemRecoveryError, match="--since expects a date like 2026-03-01, got 'yesterday'"):
+        mail.parse_day("yesterday", "--since")
