@@ -2,7 +2,7 @@
 test session by ``../shared/anchors/ceph-rgw.sh`` (a copy lives in ``tests/s3/ceph-rgw.sh``, so CI needs nothing
 outside the repository) and stopped at its end.
 
-``rgw`` is the gateway (endpoint, keys, a boto3 client, the gateway's own request counters, a way to kill and
+``rgw`` is the gateway (endpoint, keys, a boto3 client, the gateway's own request counters, a way to stop and
 restart it); ``s3_repo`` is a fresh bucket's ``s3://`` location with the AWS_* variables set for the test, so the
 code under test and the ``bootback`` processes it starts find the gateway the standard way.
 """
@@ -89,10 +89,11 @@ class Gateway:
         ).stdout
         return json.loads(out)["rgw"]
 
-    def kill(self) -> None:
-        """Stop the gateway abruptly (the cluster behind it stays up), as a network cut or a crash does."""
+    def stop(self) -> None:
+        """Stop the gateway (the cluster behind it stays up) and wait until it is gone. SIGTERM, not SIGKILL: a
+        killed gateway's watches on the cluster keep the next one's first bucket operation waiting ~30 s."""
         pid = int((self.dir / "run" / "client.rgw.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGTERM)
         for _ in range(100):
             try:
                 os.kill(pid, 0)
