@@ -201,7 +201,6 @@ def test_a_database_dump_to_a_file_restores_exactly(apps: dict, work: Path, targ
             ("--path", "/srv/pg-damaged", "--dump", "shop", "--to"),
             "PostgreSQL could not start on the copy of /disk/srv/pg-damaged: FATAL: incorrect checksum in control file",
         ),
-        (("--path", "/srv/pg-clean", "--dump", "nope.orders", "-o"), "no database 'nope' in /disk/srv/pg-clean"),
         (
             ("--path", "/srv/pg-clean", "--dump", "shop.late_orders", "--to"),
             "no table 'late_orders' in database 'shop'",
@@ -346,7 +345,6 @@ def test_mail_exports_as_mbox_and_eml_and_restores_into_a_maildir(apps: dict, wo
     [
         (("maildir", "--id", "INBOX/nope", "--export"), "no message 'INBOX/nope' in this mail store"),
         (("maildir", "--from", "carol", "--export", "--format", "eml"), "an .eml file holds one message; 2 match"),
-        (("maildir", "--folder", "Spam", "--export"), "no folder 'Spam' (folders: INBOX, Archive)"),
         (("maildir", "--restore-to", "NOTMAILDIR"), "exists and is not a Maildir"),
         (("mail", "--since", "March", "--export"), "--since expects a date like 2026-03-01, got 'March'"),
     ],
@@ -408,7 +406,11 @@ def test_the_api_lists_applications_and_tables_and_downloads_a_dump(apps: dict, 
         assert target_pg.rows("fromapi", "sales.invoices") == apps["expected"]["clean"]["shop"]["sales.invoices"]
 
         for params, status, message in [
-            ({**pg, "dump": "shop.nope"}, 400, "no table 'nope' in database 'shop'"),
+            (
+                {**pg, "dump": "nope.orders"},
+                400,
+                "no database 'nope' in /disk/srv/pg-clean (databases: hr, postgres, shop)",
+            ),
             ({"point": "db01", "path": "/srv/pg14", "dump": "shop"}, 400, "needs PostgreSQL 14"),
             ({"point": "db01", "dump": "shop"}, 400, "choose one with --path"),
             ({"point": "../x", "dump": "shop"}, 400, "point:"),

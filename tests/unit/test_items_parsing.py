@@ -107,3 +107,17 @@ def test_mail_filters() -> None:
     assert not mail.Filter(since=date(2026, 1, 1)).matches(_msg("INBOX", "x", "y", None))  # undated: no date match
     with pytest.raises(ItemRecoveryError, match="--since expects a date like 2026-03-01, got 'yesterday'"):
         mail.parse_day("yesterday", "--since")
+
+
+def test_a_mail_store_names_unknown_folders_and_ids(tmp_path: Path) -> None:
+    import mailbox as mb
+
+    box = mb.Maildir(tmp_path / "Maildir", create=True)
+    box.add_folder("Archive")
+    box.add(b"From: a@example.org\nSubject: hi\n\nbody\n")
+    store = mail.Store(tmp_path / "Maildir", "maildir")
+    assert [m.subject for m in store.select(mail.Filter())] == ["hi"]
+    with pytest.raises(ItemRecoveryError, match=r"no folder 'Spam' \(folders: INBOX, Archive\)"):
+        store.select(mail.Filter(folder="Spam"))
+    with pytest.raises(ItemRecoveryError, match="no message 'INBOX/nope' in this mail store"):
+        store.select(mail.Filter(ids=("INBOX/nope",)))
