@@ -20,5 +20,11 @@ py=.venv/bin/python
 mkdir -p wheels
 rm -f wheels/bootback-*.whl
 "$py" -m pip wheel --quiet --wheel-dir wheels --find-links wheels .
-docker build --quiet --build-arg BASE_IMAGE="$base" -t "$tag" . >/dev/null
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! docker build --build-arg BASE_IMAGE="$base" -t "$tag" . >"$log" 2>&1; then
+  tail -n 40 "$log" >&2  # the failing step's own output (e.g. the demo stage's), not only its exit code
+  echo "build-image: docker build failed" >&2
+  exit 1
+fi
 echo "build-image: built $tag on $base" >&2
