@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import posixpath
 import stat
 import sys
 import time
@@ -55,11 +56,23 @@ class BackupView(Operations):
                 continue  # FIFOs, devices, sockets: nothing an application's data needs
             path = "/" + rel
             parent, _, name = path.rpartition("/")
+            if entry.kind == "symlink" and not self._inside(parent, path):
+                continue  # see _inside
             self._children.setdefault(parent or "/", []).append(name)
             self._entries[path] = (entry, opener)
             if entry.kind == "directory":
                 self._children.setdefault(path, [])
         self._attrs: dict[str, dict] = {}
+
+    def _inside(self, parent: str, path: str) -> bool:
+        """A symlink is shown only when its target stays inside the view. An absolute one (a PostgreSQL pg_wal or
+        tablespace link, /var/mail -> /home/...) would send the server to this host's own files, and write there."""
+        try:
+            target = self.readlink(path)
+        except FuseOSError:
+            return False
+        joined = posixpath.normpath(posixpath.join(parent.lstrip("/"), target))
+        return not target.startswith("/") and joined != ".." and not joined.startswith("../")
 
     def _inner(self, path: str) -> str:
         return self.root + ("" if path == "/" else path)

@@ -8,7 +8,8 @@
 - /var/lib/mysql: a MariaDB data directory (Debian's mariadb-install-db/mariadbd) copied while it ran;
 - /var/lib/ldap: an OpenLDAP mdb made with slapadd, and its cn=config in /etc/ldap/slapd.d (slaptest), whose
   schema has an attribute of the VM's own (bbBadge) that Debian's schema files do not know;
-- /home/alice/Maildir (with an Archive folder) and /var/mail/bob (mbox).
+- /home/alice/Maildir (with an Archive folder, and two messages that are symlinks out of it: to the host's
+  /etc/hostname, absolute and by '..') and /var/mail/bob (mbox).
 The rows each table holds are recorded in expected.json next to the image, as ``COPY ... TO STDOUT`` text.
 Built once and cached under the build cache (keyed by BUILD_VERSION).
 """
@@ -27,7 +28,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 
-BUILD_VERSION = "4"
+BUILD_VERSION = "5"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 SCHEMA_SQL = """
@@ -364,6 +365,9 @@ def _make_mail(tree: Path) -> None:
             else (md.get_folder(folder) if folder in md.list_folders() else md.add_folder(folder))
         )
         box.add(mailbox.MaildirMessage(_mail(sender, subject, day, body)))
+    # a hostile link: a server or reader following it would read this host's file, not the backup's
+    (tree / "home/alice/Maildir/new/1700000000.M1P1.evil").symlink_to("/etc/hostname")
+    (tree / "home/alice/Maildir/cur/1700000001.M2P2.evil:2,S").symlink_to("../../../../../../etc/hostname")
     (tree / "var/mail").mkdir(parents=True)
     mb = mailbox.mbox(tree / "var/mail/bob", create=True)
     for sender, subject, day, body in MBOX_MESSAGES:
