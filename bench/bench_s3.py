@@ -105,6 +105,8 @@ def main(argv: list[str]) -> int:
     size = (128 if args.quick else 1024) * MiB
     rounds = 1 if args.quick else 2
     work = WORK / "s3"
+    if (work / "rgw" / "ceph.conf").exists():
+        sh("bash", RGW, "stop", work / "rgw", check=False)  # one left by an interrupted run
     shutil.rmtree(work / "rgw", ignore_errors=True)  # memstore: a fresh cluster, nothing left from earlier runs
     work.mkdir(parents=True, exist_ok=True)
     src = random_file(work / f"random-{size >> 20}M.raw", size)

@@ -104,14 +104,17 @@ class Lease:
     def take(self) -> str | None:
         """For garbage collection: create the GC lease, then look for live backups. None when taken; else why
         not (and nothing is held)."""
-        sent = time.monotonic()
-        if not self.store.put_new(self.key, self._body()):
+        for _attempt in range(2):
+            sent = time.monotonic()
+            if self.store.put_new(self.key, self._body()):
+                break
             others = [le for le in _leases(self.store)[0] if le.kind == "gc"]
             if any(le.live for le in others):
                 return "garbage collection is already running"
-            for le in others:  # a crashed collector's: expired, so it is taken over
+            for le in others:  # a crashed collector's: expired, so it is taken over (once)
                 self.store.delete(le.key)
-            return self.take()
+        else:
+            return "garbage collection is already running"
         self._renewed, self._held = sent, True
         leases, self.server_time = _leases(self.store)
         backups = [le for le in leases if le.kind == "backup" and le.live]

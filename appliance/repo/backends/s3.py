@@ -18,13 +18,14 @@ import io
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
-from appliance.errors import IntegrityError, StorageUnavailableError, UsageError
+from appliance.errors import IntegrityError, RepositoryLockedError, StorageUnavailableError, UsageError
 from appliance.repo.backends import S3_SCHEME, ChunkBatch, ObjectInfo, ObjectStore
-from appliance.repo.backends.leases import GC_LEASE, Lease, gc_grace_seconds, live_leases
+from appliance.repo.backends.leases import GC_LEASE, Lease, expired_leases, gc_grace_seconds, live_leases
 
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 MAX_PREFIX = 512
@@ -230,8 +231,6 @@ class S3Store(ObjectStore):
 
     @contextlib.contextmanager
     def exclusive(self, wait: bool = True) -> Iterator[None]:
-        import time
-
         lease = Lease(self, "gc", key=GC_LEASE)
         while True:
             busy = lease.take()
@@ -249,21 +248,15 @@ class S3Store(ObjectStore):
             lease.release()
 
     def collectable_before(self) -> float:
-        import time
-
         now = self._gc_now or time.time()
         return now - gc_grace_seconds()
 
     def clean_stale(self) -> None:
-        from appliance.repo.backends.leases import expired_leases
-
         for info in expired_leases(self):
             self.delete(info.key)
 
 
-def _locked(store: S3Store, what: str, why: str) -> Exception:
-    from appliance.errors import RepositoryLockedError
-
+def _locked(store: S3Store, what: str, why: str) -> RepositoryLockedError:
     return RepositoryLockedError(f"cannot {what} repository {store.location}: {why}; try again shortly")
 
 
