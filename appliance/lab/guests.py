@@ -45,6 +45,7 @@ nic=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
 ip link set "$nic" up
 if udhcpc -i "$nic" -n -q -t 30 -T 1 -s /udhcpc.sh >/dev/null 2>&1; then
   say "{role} address $(ip -4 -o addr show dev "$nic" | awk '{{print $4}}')"
+  say "{role} $(ip route show default)"
 else
   say "{role} got no address"
 fi
@@ -59,9 +60,13 @@ SERVICES = {
     "app": 'httpd -p 80 -h /www\nsay "app serving http on 80"',
 }
 
+# The guest routes everything through the DHCP server's address (the lab's own) when offered no router, as a
+# guest with a gateway in production would: the lab's isolation must not rest on guests having no route.
 UDHCPC = """#!/bin/sh
 [ "$1" = bound ] || [ "$1" = renew ] || exit 0
 ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
+gw=${router%% *}
+ip route replace default via "${gw:-$serverid}" dev "$interface"
 """
 
 HEADERS = 'echo "Content-Type: text/plain"\necho ""\n'

@@ -195,35 +195,34 @@ class Labs:
         return saved
 
     def _run(self, record: dict[str, Any], run: LabRun) -> None:
+        verification = record["kind"] == "verification"
+        fields: dict[str, Any] = {}
         try:
             report = run.run()
-            with self._lock:
-                record["report"] = _copy(report)
-                if record["kind"] == "verification":
-                    record["state"] = "passed" if report["ok"] else "failed"
-                elif record["state"] == "starting":
-                    record["state"] = "running"
+            fields["report"] = _copy(report)
+            state = ("passed" if report["ok"] else "failed") if verification else "running"
         except Exception as exc:  # noqa: BLE001 - reported on the lab: no qemu, no namespace rights, ...
             log.exception("lab %s failed", record["id"])
-            with self._lock:
-                record.update(state="error", error=str(exc))
-        if record["kind"] == "verification" or record["state"] == "error":
-            self._finish(record["id"], None)
+            state, fields["error"] = "error", str(exc)
+        if verification or state == "error":
+            self._finish(record["id"], state, **fields)  # the verdict is published once the lab is gone
         else:
             with self._lock:
-                self._save(record)
+                if record["state"] == "starting":  # not stopped meanwhile
+                    record.update(state=state, **fields)
+                    self._save(record)
         log.info("lab %s (%s, %s): %s", record["id"], record["group"], record["kind"], record["state"])
 
-    def _finish(self, lab_id: str, state: str | None) -> None:
+    def _finish(self, lab_id: str, state: str, **fields: Any) -> None:
+        """Close the lab (guests, sandboxes, network), then record its end; a lab already ended keeps its end."""
         with self._lock:
             run = self.runs.pop(lab_id, None)
-        if run is not None:
-            run.close()
+        if run is None:
+            return
+        run.close()
         with self._lock:
             record = self.records[lab_id]
-            if state is not None:
-                record["state"] = state
-            record["finished"] = _now()
+            record.update(state=state, finished=_now(), **fields)
             self._save(record)
             self._prune()
 

@@ -31,6 +31,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed"),
 ]
 APP_ADDRESS = "10.0.0.20"
+BIND = "127.0.12.1"  # the appliance's address in these tests (see start_owning_the_portmapper)
 FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
 
 
@@ -69,20 +70,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory, build_cache: Path):
 
 
 def start_owning_the_portmapper(repo: Path, state: Path, wait: float = 120) -> DaemonProcess:
-    """qemu's nfs driver asks the portmapper on 111. A daemon that finds another program there registers with
-    it, and loses its registration when that program ends (another test's daemon, run in parallel): so wait for
-    111 to be free, and start again if another daemon took it meanwhile."""
+    """qemu's nfs driver asks the portmapper on port 111 of the URL's host. A daemon that finds another program
+    there registers with it, and loses its registration when that program ends (another test's daemon, run in
+    parallel). So this daemon has a loopback address of its own, and starts once it can own 111 there."""
     deadline = time.monotonic() + wait
     while True:
         with socket.socket() as s:
-            free = s.connect_ex(("127.0.0.1", 111)) != 0
+            free = s.connect_ex((BIND, 111)) != 0  # nobody on BIND:111, nor on the wildcard address
         if free:
-            daemon = DaemonProcess(repo, state).start()
+            daemon = DaemonProcess(repo, state, "--bind", BIND, "--clients", "127.0.0.0/8").start()
             if "portmapper on 111 is another program's" not in daemon.log():
                 return daemon
             daemon.stop()
         if time.monotonic() > deadline:
-            pytest.fail("another program keeps the portmapper port 111, which qemu's nfs driver needs")
+            pytest.fail(f"another program keeps the portmapper port {BIND}:111, which qemu's nfs driver needs")
         time.sleep(1)
 
 
@@ -210,7 +211,19 @@ def test_sandbox_lab_is_isolated_from_the_host_and_the_appliance(lab) -> None:
     p = daemon.cli("lab", "start", write_group(base, group), "--ttl", "10m", "--wait", "--json", ok=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr
     record = json.loads(p.stdout)
-    assert record["state"] == "running" and record["expires"], record
+    try:
+        assert record["state"] == "running" and record["expires"], record
+        assert record["report"]["vms"][0]["state"] == "passed", record
+        isolated(daemon, record)
+    finally:
+        stopped = json.loads(daemon.cli("lab", "stop", record["id"], "--json").stdout)
+    assert stopped["state"] == "stopped"
+    assert record["report"]["namespace"] not in namespaces()
+    assert not Path(f"/proc/{record['report']['vms'][0]['pid']}").exists(), "the guest's qemu still runs"
+    assert json.loads(daemon.cli("sessions", "--json").stdout) == []
+
+
+def isolated(daemon: DaemonProcess, record: dict) -> None:
     ns = record["report"]["namespace"]
     assert ns in namespaces()
     listed = json.loads(daemon.cli("lab", "list", "--json").stdout)
@@ -228,11 +241,11 @@ def test_sandbox_lab_is_isolated_from_the_host_and_the_appliance(lab) -> None:
                 text=True,
                 timeout=30,
             )
-            return out.stdout.strip()
+            return out.stdout.strip() or out.stderr.strip()[-500:]
 
         assert probe("10.0.0.1:9999") == "10.0.0.1:9999: open", "the probe cannot reach even the lab"
         targets = [f"{a}:{listener.port}" for a in host_addresses()]
-        targets += [f"{a}:{port}" for a in host_addresses() for port in (daemon.nfs_port, 111)]
+        targets += [f"{a}:{port}" for a in [BIND, *host_addresses()] for port in (daemon.nfs_port, 111)]
         targets.append(f"10.0.2.2:{listener.port}")  # qemu's user-mode alias of the host loopback: absent here
         for target in targets:
             assert probe(target) == f"{target}: closed", target
@@ -250,13 +263,6 @@ def test_sandbox_lab_is_isolated_from_the_host_and_the_appliance(lab) -> None:
         inside.wait()
         listener.sock.close()
 
-    pid = record["report"]["vms"][0]["pid"]
-    stopped = json.loads(daemon.cli("lab", "stop", record["id"], "--json").stdout)
-    assert stopped["state"] == "stopped"
-    assert ns not in namespaces()
-    assert not Path(f"/proc/{pid}").exists(), "the guest's qemu still runs"
-    assert json.loads(daemon.cli("sessions", "--json").stdout) == []
-
 
 @pytest.mark.slow
 def test_a_vm_that_never_boots_fails_at_its_timeout_while_nfs_is_served(lab) -> None:
@@ -273,16 +279,19 @@ def test_a_vm_that_never_boots_fails_at_its_timeout_while_nfs_is_served(lab) -> 
         text=True,
     )
     ports = ControlClient(daemon.state).call("status")["ports"]
-    url = f"nfs://127.0.0.1{EXPORT}/?nfsport={ports['nfs']}&mountport={ports['mount']}"
+    url = f"nfs://{BIND}{EXPORT}/?nfsport={ports['nfs']}&mountport={ports['mount']}"
     try:
-        time.sleep(4)
-        # meanwhile the appliance serves: NFS answers, the control socket answers
-        for _ in range(3):
+        # while the guest sits at "no bootable device", the appliance serves: NFS answers (the guest's own
+        # sandbox listed), the control socket answers
+        seen = 0
+        while seen < 3 and verify.poll() is None:
             ls = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=10)
             assert ls.returncode == 0, ls.stderr
-            assert any("broken" in line for line in ls.stdout.splitlines()), ls.stdout
-            assert json.loads(daemon.cli("lab", "list", "--json").stdout)[0]["state"] == "verifying"
-            time.sleep(2)
+            if any("broken-sandbox" in line for line in ls.stdout.splitlines()):
+                seen += 1
+                assert json.loads(daemon.cli("lab", "list", "--json").stdout)[0]["state"] == "verifying"
+            time.sleep(1)
+        assert seen == 3, "the broken VM's sandbox was not listed while its lab ran"
         out, err = verify.communicate(timeout=120)
     finally:
         verify.kill()
