@@ -19,6 +19,7 @@ import getpass
 import hmac
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ ENCRYPTION_ENV = "BOOTBACK_ENCRYPTION"  # the operator's standing choice for ini
 KEY_FILE_MAGIC = "bootback-key"
 MASTER_LEN = 32
 MAX_KEY_FILE_BYTES = 64 << 10
+KEY_FILE_REFUSED_MODE = 0o027  # group-writable or any access by others (a group-readable secret mount is kept)
 # scrypt: 128 MiB and ~0.6 s here per open; a config may ask for more, within bounds a hostile one cannot abuse
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 17, 8, 1
 _MAX_SCRYPT_MEMORY = 1 << 30  # 128 * n * r bytes
@@ -180,6 +182,11 @@ def read_key_file(path: Path) -> tuple[str, RepoKey]:
     """(repository id, key) held by the key file at ``path``."""
     what = f"key file {path}"
     try:
+        mode = os.stat(path, follow_symlinks=False).st_mode
+        if (
+            stat.S_ISREG(mode) and mode & KEY_FILE_REFUSED_MODE
+        ):  # the master key in the clear: other users must not read or change it
+            raise RepositoryKeyError(f"{what} is open to other users (mode {mode & 0o777:04o}): chmod 600 {path}")
         doc = json.loads(safefile.read_regular(path, what, MAX_KEY_FILE_BYTES))
     except FileNotFoundError:
         raise RepositoryKeyError(f"{what} does not exist") from None
@@ -203,13 +210,38 @@ class KeySource:
     key_files: tuple[Path, ...] = ()
     passphrase: str | None = field(default=None, repr=False)  # never in a log line or traceback
     interactive: bool = False
+    plain_ok: bool = False  # BOOTBACK_ENCRYPTION=none: the operator accepts unencrypted repositories
 
     @classmethod
     def from_env(cls, key_files: list[Path] | tuple[Path, ...] = (), interactive: bool = False) -> KeySource:
         """``key_files`` given on the command line, else ``BOOTBACK_KEY_FILE``; the passphrase from
         ``BOOTBACK_PASSPHRASE``; a prompt only when asked for and stdin is a terminal."""
         files = tuple(key_files) or tuple(Path(p) for p in os.environ.get(KEY_FILE_ENV, "").split(os.pathsep) if p)
-        return cls(files, os.environ.get(PASSPHRASE_ENV) or None, interactive and sys.stdin.isatty())
+        passphrase = os.environ.get(PASSPHRASE_ENV) or None
+        plain_ok = os.environ.get(ENCRYPTION_ENV) == NONE
+        return cls(files, passphrase, interactive and sys.stdin.isatty(), plain_ok)
+
+    def check_plain(self, where: str, repo_id: str) -> str | None:
+        """For a repository whose config.json says it is unencrypted: RepositoryKeyError if a key file given is
+        for it (config.json was changed: a downgrade); else why plain writes are refused (a key was given, so the
+        operator expects encryption, unless ``BOOTBACK_ENCRYPTION=none``), or None."""
+        for path in self.key_files:
+            try:
+                file_repo, _key = read_key_file(path)
+            except RepositoryKeyError:
+                continue  # a broken key file is refused where it is needed, not when opening a plain repository
+            if file_repo == repo_id:
+                raise RepositoryKeyError(
+                    f"{where}: config.json says unencrypted, but key file {path} is for this repository: "
+                    "config.json has been changed (a downgrade?); refusing to open it"
+                )
+        if self.plain_ok or not (self.key_files or self.passphrase is not None):
+            return None
+        given = "a key file" if self.key_files else PASSPHRASE_ENV
+        return (
+            f"{where} is not encrypted (config.json), but {given} was given: refusing to write plain data into it; "
+            f"check its config.json, or set {ENCRYPTION_ENV}={NONE} if it is meant to be unencrypted"
+        )
 
     def unlock(self, where: str, repo_id: str, doc: dict) -> RepoKey:
         """The key of the repository ``where`` (id ``repo_id``, config "encryption" object ``doc``): from a key

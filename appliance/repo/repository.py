@@ -21,6 +21,7 @@ from appliance.errors import (
     BootbackError,
     IntegrityError,
     NotARepositoryError,
+    RepositoryKeyError,
     RestorePointNotFoundError,
     UnsupportedFormatError,
     UsageError,
@@ -112,6 +113,7 @@ class Repository:
         self.key = key
         self.store = ChunkStore(self.backend, config.chunk_size, key=key)
         self.chunk_cache = ChunkCache()
+        self.plain_writes_refused: str | None = None  # why (``KeySource.check_plain``); set by ``open``
 
     @property
     def encrypted(self) -> bool:
@@ -196,11 +198,15 @@ class Repository:
             hash=doc.get("hash", "sha256"),
             compression=doc.get("compression", "zstd,3"),
         )
-        key = None
+        key, source, refused = None, key_source or KeySource.from_env(), None
         if ENCRYPTION_FEATURE in config.features:
             config.encryption = keys.check_encryption_doc(doc.get("encryption"), f"repository {path}")
-            key = (key_source or KeySource.from_env()).unlock(f"repository {path}", config.id, config.encryption)
-        return cls(backend, config, key)
+            key = source.unlock(f"repository {path}", config.id, config.encryption)
+        else:  # config.json is not authenticated: the operator's key material says whether to trust "plain"
+            refused = source.check_plain(f"repository {path}", config.id)
+        repo = cls(backend, config, key)
+        repo.plain_writes_refused = refused
+        return repo
 
     def wrap_key(self, passphrase: str) -> None:
         """Keep this (encrypted) repository's key in config.json wrapped by ``passphrase`` (``key import``)."""
@@ -213,7 +219,12 @@ class Repository:
     def writer(self) -> contextlib.AbstractContextManager[ChunkBatch]:
         """A backup's right to add chunks and a point, shared with other backups, and the batch its chunks go
         into. RepositoryLockedError while garbage collection runs."""
+        self._check_plain_write()
         return self.backend.writer()
+
+    def _check_plain_write(self) -> None:
+        if self.plain_writes_refused:
+            raise RepositoryKeyError(self.plain_writes_refused)
 
     def exclusive(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
         """Held by garbage collection: no backup runs meanwhile."""
@@ -228,6 +239,7 @@ class Repository:
         """Make ``point`` visible; every chunk it names must already be durable (``store.publish``). ``batch``:
         the writer's, whose right to commit is checked last (an S3 lease may have lapsed)."""
         check_point(point, self.config.chunk_size, point.vm, point.id, f"new restore point {point.ref}")
+        self._check_plain_write()
         if self.config.format < REPO_FORMAT:
             self._upgrade_config()
         data = pointfile.encode(point, self.store.envelope)

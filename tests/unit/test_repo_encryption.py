@@ -171,6 +171,7 @@ def test_wrong_or_missing_key_is_one_clear_error(tmp_path: Path, keyed: tuple[Re
     doc = json.loads(other_key.read_text())
     forged = tmp_path / "forged.key"
     forged.write_text(json.dumps({**doc, "repository": repo.config.id}))
+    forged.chmod(0o600)
     with pytest.raises(RepositoryKeyError, match=f"key file {forged} does not hold this repository's key"):
         Repository.open(repo.path, KeySource((forged,)))
 
@@ -203,3 +204,37 @@ def test_unencrypted_repositories_are_unchanged(tmp_path: Path) -> None:
     assert "encryption" not in config and config["features"] == [] and config["format"] == 2
     assert not Repository.open(repo.path).encrypted
     assert Repository.open(repo.path).config.encryption_name == "none"
+
+
+def test_a_downgraded_config_is_refused(tmp_path: Path, keyed: tuple[Repository, KeySource]) -> None:
+    """Someone who can write the repository replaces config.json by an unencrypted one: the key file given names
+    the repository, so it is not opened; with only a passphrase it opens, but nothing plain is written."""
+    repo, keys = keyed
+    backup_vm(repo, "vm01", [disk(payload(9, 1))], source_info={})
+    config = json.loads((repo.path / "config.json").read_text())
+    for field in ("features", "hash", "encryption"):
+        del config[field]
+    (repo.path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RepositoryKeyError, match=f"config.json says unencrypted, but key file {keys.key_files[0]}"):
+        Repository.open(repo.path, keys)
+    before = sorted(p for p in repo.path.rglob("*") if p.is_file())
+    downgraded = Repository.open(repo.path, KeySource(passphrase="the operator's"))
+    with pytest.raises(RepositoryKeyError, match="is not encrypted .config.json., but BOOTBACK_PASSPHRASE was given"):
+        backup_vm(downgraded, "vm01", [disk(payload(10, 1))], source_info={})
+    assert sorted(p for p in repo.path.rglob("*") if p.is_file()) == before
+    # a repository meant to be plain, with the operator's standing choice, is written as before
+    plain = Repository.init(tmp_path / "plain", CS)
+    opened = Repository.open(plain.path, KeySource(passphrase="the operator's", plain_ok=True))
+    assert backup_vm(opened, "vm01", [disk(payload(11, 1))], source_info={}).vm == "vm01"
+
+
+def test_key_files_open_to_other_users_are_refused(keyed: tuple[Repository, KeySource]) -> None:
+    repo, keys = keyed
+    key_file = keys.key_files[0]
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    for mode in (0o644, 0o604, 0o660):
+        key_file.chmod(mode)
+        with pytest.raises(RepositoryKeyError, match=f"key file {key_file} is open to other users .mode 0{mode:o}."):
+            Repository.open(repo.path, keys)
+    key_file.chmod(0o640)  # a group-readable secret mount
+    assert Repository.open(repo.path, keys).encrypted
