@@ -11,6 +11,7 @@ from pathlib import Path
 
 from appliance.errors import UsageError
 from appliance.repo import Repository
+from appliance.repo.backends import repository_arg
 from appliance.repo.keys import (
     AES_256_GCM,
     ALGORITHMS,
@@ -87,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("key", help="export or import the key of an encrypted repository")
     keysub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
     e = keysub.add_parser("export", help="write the repository's key to a new key file (keep it like the passphrase)")
-    e.add_argument("repo", type=Path)
+    e.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     e.add_argument("file", type=Path, help="the key file to create (never overwritten)")
     add_key_options(e)
     e.add_argument("--json", action="store_true")
@@ -97,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep a key file's key in the repository, wrapped by a (new) passphrase: recovers a lost or damaged "
         "wrapped key, changes the passphrase, or adds one to a key-file repository",
     )
-    i.add_argument("repo", type=Path)
+    i.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     i.add_argument("file", type=Path, help="a key file written by 'key export' or 'init --key-file'")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_key_import)
@@ -114,8 +115,8 @@ def cmd_key_export(args: argparse.Namespace) -> int:
         raise UsageError(f"key file {args.file} would sit inside the repository it unlocks: keep it elsewhere")
     repo = _encrypted(Repository.open(args.repo, key_source(args)))
     write_key_file(args.file, repo.key, repo.config.id)
-    doc = {"repository": str(repo.path), "id": repo.config.id, "key_file": str(args.file)}
-    print(json.dumps(doc) if args.json else f"wrote the key of repository {repo.path} to {args.file}")
+    doc = {"repository": repo.location, "id": repo.config.id, "key_file": str(args.file)}
+    print(json.dumps(doc) if args.json else f"wrote the key of repository {repo.location} to {args.file}")
     return 0
 
 
@@ -124,7 +125,7 @@ def cmd_key_import(args: argparse.Namespace) -> int:
     repo = _encrypted(Repository.open(args.repo, KeySource((args.file,), None, False)))
     if repo.config.id != repo_id:  # unlock() would have refused it; said plainly all the same
         raise UsageError(f"key file {args.file} is for repository {repo_id}, not {repo.config.id}")
-    repo.wrap_key(KeySource.from_env((), interactive=True).new_passphrase(f"repository {repo.path}"))
-    doc = {"repository": str(repo.path), "id": repo.config.id, "key": "wrapped by passphrase"}
-    print(json.dumps(doc) if args.json else f"repository {repo.path}: key imported, wrapped by the passphrase")
+    repo.wrap_key(KeySource.from_env((), interactive=True).new_passphrase(f"repository {repo.location}"))
+    doc = {"repository": repo.location, "id": repo.config.id, "key": "wrapped by passphrase"}
+    print(json.dumps(doc) if args.json else f"repository {repo.location}: key imported, wrapped by the passphrase")
     return 0

@@ -238,3 +238,12 @@ def test_key_files_open_to_other_users_are_refused(keyed: tuple[Repository, KeyS
             Repository.open(repo.path, keys)
     key_file.chmod(0o640)  # a group-readable secret mount
     assert Repository.open(repo.path, keys).encrypted
+
+
+def test_key_commands_take_s3_repositories() -> None:
+    """``key export|import s3://BUCKET/PREFIX FILE`` name the bucket, not a local directory "s3:/BUCKET/PREFIX"."""
+    from appliance.cli import build_parser
+
+    for action in ("export", "import"):
+        args = build_parser().parse_args(["key", action, "s3://bucket/prefix", "repo.key"])
+        assert args.repo == "s3://bucket/prefix"
