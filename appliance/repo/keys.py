@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from appliance.errors import RepositoryKeyError, UsageError
+from appliance.errors import IntegrityError, RepositoryKeyError, UsageError
 from appliance.repo import safefile
 
 AES_256_GCM = "aes-256-gcm"
@@ -107,11 +107,15 @@ def check_encryption_doc(doc: object, where: str) -> dict:
         not isinstance(doc, dict)
         or doc.get("algorithm") != AES_256_GCM
         or doc.get("chunk_id") != CHUNK_ID_HMAC
-        or not isinstance(doc.get("key_check"), str)
+        or not _is_hex_digest(doc.get("key_check"))  # compare_digest raises TypeError on non-ASCII text
         or not isinstance(doc.get("key"), dict | None)
     ):
         raise RepositoryKeyError(f"{where}: config.json's encryption settings are damaged or unknown: {doc!r:.200}")
     return doc
+
+
+def _is_hex_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 # --- the passphrase-wrapped key -----------------------------------------------------------------------
@@ -228,7 +232,7 @@ class KeySource:
         for path in self.key_files:
             try:
                 file_repo, _key = read_key_file(path)
-            except RepositoryKeyError:
+            except (RepositoryKeyError, IntegrityError):
                 continue  # a broken key file is refused where it is needed, not when opening a plain repository
             if file_repo == repo_id:
                 raise RepositoryKeyError(

@@ -247,3 +247,12 @@ def test_key_commands_take_s3_repositories() -> None:
     for action in ("export", "import"):
         args = build_parser().parse_args(["key", action, "s3://bucket/prefix", "repo.key"])
         assert args.repo == "s3://bucket/prefix"
+
+
+def test_a_hostile_key_check_is_one_clear_error(keyed: tuple[Repository, KeySource]) -> None:
+    repo, keys = keyed
+    config = json.loads((repo.path / "config.json").read_text())
+    config["encryption"]["key_check"] = "é" * 64  # hmac.compare_digest would raise TypeError on it
+    (repo.path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RepositoryKeyError, match="encryption settings are damaged or unknown"):
+        Repository.open(repo.path, keys)
