@@ -6,6 +6,7 @@ session published beside it, and the verification's record, survive `docker rest
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.integration.test_container import wait_healthy
 pytestmark = pytest.mark.slow
 DEMO_REPO = "/var/lib/bootback-demo/repo"  # prepared by the Dockerfile's demo stage
 ADVERTISED = "appliance.invalid"  # what hypervisors would use; never resolves (RFC 2606), not even in here
+PASSWORD = "container-verify-password"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def verifying_appliance(docker_engine, appliance_image: str, tmp_path_factory: p
         name=f"bootback-verify-{uuid.uuid4().hex[:6]}",
         user="bootback",
         ports={"6161/tcp": ("127.0.0.1", web)},
-        environment={"BOOTBACK_ADVERTISE": ADVERTISED, "BOOTBACK_MIN_FREE": "1G"},
+        environment={"BOOTBACK_ADVERTISE": ADVERTISED, "BOOTBACK_MIN_FREE": "1G", "BOOTBACK_ADMIN_PASSWORD": PASSWORD},
         healthcheck={
             "test": ["CMD", "bootback", "health"],
             "interval": 1_000_000_000,
@@ -51,7 +53,12 @@ def verifying_appliance(docker_engine, appliance_image: str, tmp_path_factory: p
         api.verify = str(base / "tls.crt")
         Path(api.verify).write_bytes(container.exec_run(["cat", "/var/lib/bootback/web/tls.crt"]).output)
         api.headers["Authorization"] = f"Bearer {token}"
-        yield {"container": container, "api": api, "url": f"https://127.0.0.1:{web}/api/v1"}
+        yield {
+            "container": container,
+            "api": api,
+            "url": f"https://127.0.0.1:{web}/api/v1",
+            "page": f"https://127.0.0.1:{web}",
+        }
     finally:
         (ROOT / "test-artifacts").mkdir(exist_ok=True)
         (ROOT / "test-artifacts" / "container-verify.log").write_text(container.logs().decode(errors="replace"))
@@ -77,6 +84,19 @@ def test_verification_boots_the_demo_vm_in_the_container_and_sessions_survive_re
     assert job["state"] == "verified", job
     assert report["accelerator"] == "tcg" and report["matched"] is True, report
     assert BANNER in report["console_tail"], report["console_tail"]
+    # the page lists it the same way, naming the accelerator
+    page = requests.Session()
+    page.trust_env, page.verify = False, api.verify
+    login = page.get(f"{verifying_appliance['page']}/login", timeout=10)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', login.text)[1]
+    form = {"csrf_token": csrf, "username": "admin", "password": PASSWORD}
+    assert page.post(f"{verifying_appliance['page']}/login", data=form, timeout=10).status_code == 200
+    row = re.search(
+        rf'<tr data-verification="{job["id"]}" data-state="([a-z]+)">(.*?)</tr>',
+        page.get(verifying_appliance["page"] + "/", timeout=10).text,
+        re.S,
+    )
+    assert row and row[1] == "verified" and 'class="accelerator">TCG<' in row[2], row and row[0]
 
     container.restart(timeout=30)  # SIGTERM, then the same container (its anonymous volumes) starts again
     wait_healthy(container)
