@@ -184,7 +184,10 @@ class Repository:
             raise UnsupportedFormatError(
                 f"repository {path} has format {fmt}, newer than this bootback supports ({REPO_FORMAT}): upgrade"
             )
-        unknown = set(doc.get("features", [])) - KNOWN_FEATURES
+        features = doc.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise NotARepositoryError(f"{path}: config.json is damaged (features {features!r:.100})")
+        unknown = set(features) - KNOWN_FEATURES
         if unknown:
             raise UnsupportedFormatError(f"repository {path} uses features this bootback lacks: {sorted(unknown)}")
         cs = doc.get("chunk_size")
@@ -194,7 +197,7 @@ class Repository:
             id=doc["id"],
             chunk_size=check_chunk_size(cs),
             format=fmt,
-            features=tuple(doc.get("features", [])),
+            features=tuple(features),
             hash=doc.get("hash", "sha256"),
             compression=doc.get("compression", "zstd,3"),
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from appliance.errors import IntegrityError, RepositoryKeyError
+from appliance.errors import IntegrityError, NotARepositoryError, RepositoryKeyError
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import DiskSource
 from appliance.repo import Repository, objects
@@ -255,4 +255,8 @@ def test_a_hostile_key_check_is_one_clear_error(keyed: tuple[Repository, KeySour
     config["encryption"]["key_check"] = "é" * 64  # hmac.compare_digest would raise TypeError on it
     (repo.path / "config.json").write_text(json.dumps(config))
     with pytest.raises(RepositoryKeyError, match="encryption settings are damaged or unknown"):
+        Repository.open(repo.path, keys)
+    config["features"] = 1  # not a list: one line too
+    (repo.path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotARepositoryError, match=r"config.json is damaged \(features 1\)"):
         Repository.open(repo.path, keys)
