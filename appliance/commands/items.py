@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", type=Path, help="where private views and servers live (default STATE/items)")
     p.add_argument("--list", action="store_true", help="list databases/tables, or messages")
     p.add_argument("--db", help="PostgreSQL/MariaDB: only this database in --list")
+    p.add_argument("--no-count", action="store_true", help="PostgreSQL: list tables without counting their rows")
     p.add_argument(
         "--dump",
         action="append",
@@ -89,7 +90,7 @@ def _postgres(args: argparse.Namespace, target: service.Target, work: Path) -> i
         return 0
     if not args.list:
         raise UsageError("postgres: give --list or --dump")
-    _print_tables(service.pg_list(target, item, work, args.db), args.json)
+    _print_tables(service.pg_list(target, item, work, args.db, counts=not args.no_count), args.json)
     return 0
 
 
@@ -139,7 +140,8 @@ def _print_tables(tables: list, as_json: bool) -> None:
         return
     for t in tables:
         name = f"{t.schema}.{t.name}"
-        print(f"{t.database:16} {name:32} {t.rows:>12,} rows")
+        rows = "-" if t.rows is None else f"{t.rows:,}"
+        print(f"{t.database:16} {name:32} {rows:>12} rows")
 
 
 def _openldap(args: argparse.Namespace, target: service.Target, work: Path) -> int:

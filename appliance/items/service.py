@@ -95,10 +95,13 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return database, table or None
 
 
-def pg_list(target: Target, item: Item, work_root: Path, database: str | None = None) -> list[postgres.Table]:
+def pg_list(
+    target: Target, item: Item, work_root: Path, database: str | None = None, counts: bool = True
+) -> list[postgres.Table]:
+    """Tables with exact row counts; ``counts=False`` reads only the catalogs (no table is scanned or fetched)."""
     with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
         names = [database] if database else server.databases()
-        return [t for name in names for t in server.tables(name)]
+        return [t for name in names for t in server.tables(name, counts)]
 
 
 def pg_databases(target: Target, item: Item, work_root: Path) -> list[str]:
