@@ -139,10 +139,11 @@ def test_postgres_lists_tables_with_row_counts_after_crash_recovery(apps: dict, 
     got = {(t["database"], f"{t['schema']}.{t['table']}"): t["rows"] for t in listed}
     # the crash copy's last table and updates exist only because recovery replayed the WAL
     assert got == _counts(apps["expected"]["crash"]) and ("shop", "public.late_orders") in got
-    text = items(apps, work, "postgres", "--path", "/srv/pg-clean", "--list", "--db", "shop").stdout
+    # catalogs only: the clean copy's tables (no late_orders), no row counted
+    text = items(apps, work, "postgres", "--path", "/srv/pg-clean", "--list", "--db", "shop", "--no-count").stdout
     assert text.splitlines() == [
-        f"shop             {name:32} {rows:>12,} rows"
-        for (db, name), rows in sorted(_counts(apps["expected"]["clean"]).items())
+        f"shop             {name:32} {'-':>12} rows"
+        for (db, name), _ in sorted(_counts(apps["expected"]["clean"]).items())
         if db == "shop"
     ]
 
