@@ -187,9 +187,8 @@ def read_key_file(path: Path) -> tuple[str, RepoKey]:
     what = f"key file {path}"
     try:
         mode = os.stat(path, follow_symlinks=False).st_mode
-        if (
-            stat.S_ISREG(mode) and mode & KEY_FILE_REFUSED_MODE
-        ):  # the master key in the clear: other users must not read or change it
+        # the master key in the clear: other users must not read or change it (ssh refuses such keys too)
+        if stat.S_ISREG(mode) and mode & KEY_FILE_REFUSED_MODE:
             raise RepositoryKeyError(f"{what} is open to other users (mode {mode & 0o777:04o}): chmod 600 {path}")
         doc = json.loads(safefile.read_regular(path, what, MAX_KEY_FILE_BYTES))
     except FileNotFoundError:
