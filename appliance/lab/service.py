@@ -74,7 +74,8 @@ class Labs:
     ) -> None:
         self.dir = Path(state_dir) / "labs"
         self.groups_dir = Path(state_dir) / "lab-groups"
-        for d in (self.dir, self.groups_dir):
+        self.scripts_dir = Path(state_dir) / "lab-scripts"
+        for d in (self.dir, self.groups_dir, self.scripts_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._publish, self._stop, self._points = publish, stop, points
         self.max_running, self.nfs_host = max_running, nfs_host
@@ -127,6 +128,22 @@ class Labs:
         doc = json.loads(self._group_path(group).read_text())
         return parse_group(doc), doc
 
+    def _check_scripts(self, group: Group) -> None:
+        """A script check runs a program as the daemon's user (root): only programs the operator put in
+        STATE/lab-scripts/ (not through a symlink out of it), never any path a group names."""
+        root = self.scripts_dir.resolve()
+        for vm in group.vms:
+            for check in vm.checks:
+                if check.type != "script":
+                    continue
+                program = Path(check.script[0])
+                real = program.resolve()
+                if real.parent != root or not real.is_file() or not os.access(real, os.X_OK):
+                    raise UsageError(
+                        f"vm {vm.vm}: script {str(program)!r} is not an executable file in {root} "
+                        "(lab scripts run as the appliance's user, so only from there)"
+                    )
+
     # --- labs -------------------------------------------------------------------------------------------
     def verify(self, group: str | dict[str, Any]) -> dict[str, Any]:
         """Start verifying a group (a defined group's name, or a group document); poll ``get`` for the result."""
@@ -138,6 +155,7 @@ class Labs:
 
     def _launch(self, group_ref: str | dict[str, Any], kind: str, ttl: timedelta | None) -> dict[str, Any]:
         group, doc = self._group(group_ref)
+        self._check_scripts(group)
         need = sum(v.memory_mib + QEMU_OVERHEAD_MIB for v in group.vms)
         lab_id = uuid.uuid4().hex[:12]
         with self._lock:

@@ -69,6 +69,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory, build_cache: Path):
     assert "bootback-lab-" not in leftover, f"lab networks left behind: {leftover}"
 
 
+# A custom check: run in the lab's namespace with the VM's address last; asks the app's front page over HTTP.
+APP_SCRIPT = """#!/bin/sh
+[ "$1" = up ] && [ "$2" = "$LAB_ADDRESS" ] || exit 3
+printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 "$2" 80 | grep -q 'app: up'
+"""
+
+
 def start_owning_the_portmapper(repo: Path, state: Path, wait: float = 120) -> DaemonProcess:
     """qemu's nfs driver asks the portmapper on port 111 of the URL's host. A daemon that finds another program
     there registers with it, and loses its registration when that program ends (another test's daemon, run in
@@ -134,7 +141,12 @@ def namespaces() -> str:
 def test_group_verifies_in_order_with_screenshots(lab, artifacts_dir: Path) -> None:
     base, repo, daemon, consistent = lab
     before = tree_hash(repo)
-    p = daemon.cli("lab", "verify", write_group(base, shop("shop-then", at=consistent)), "--json", ok=False)
+    script = daemon.state / "lab-scripts" / "app-page.sh"
+    script.write_text(APP_SCRIPT)
+    script.chmod(0o755)
+    group = shop("shop-then", at=consistent)
+    group["vms"][1]["checks"].insert(3, {"type": "script", "script": [str(script), "up"], "timeout": 20})
+    p = daemon.cli("lab", "verify", write_group(base, group), "--json", ok=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr
     record = json.loads(p.stdout)
     report = record["report"]
@@ -144,7 +156,8 @@ def test_group_verifies_in_order_with_screenshots(lab, artifacts_dir: Path) -> N
     assert db["finished"] <= app["started"], "app started before db had passed"
     points = {p["id"]: p for p in json.loads(bootback("points", repo, "--json").stdout)}
     assert points[db["point"]]["time"] <= consistent, "the db point is not the one at the group's time"
-    assert [c["type"] for c in app["checks"]] == ["console", "tcp", "http", "screenshot"]
+    assert [c["type"] for c in app["checks"]] == ["console", "tcp", "http", "script", "screenshot"]
+    assert app["checks"][3]["line"].startswith(f"script {script} up {APP_ADDRESS}: passed"), app["checks"][3]
     assert all(c["ok"] and c["line"] for vm in (db, app) for c in vm["checks"])
     assert "db: reachable (db-ok)" in app["checks"][2]["detail"]
     for vm in (db, app):
@@ -271,6 +284,11 @@ def test_a_vm_that_never_boots_fails_at_its_timeout_while_nfs_is_served(lab) -> 
         "name": "broken",
         "vms": [{"vm": "broken", "checks": [{"type": "console", "expect": "login:", "timeout": 15}]}],
     }
+    # a script check may only run a program the operator put in STATE/lab-scripts/
+    hostile = {"name": "hostile", "vms": [{"vm": "broken", "checks": [{"type": "script", "script": "/bin/sh"}]}]}
+    p = daemon.cli("lab", "verify", write_group(base, hostile), ok=False)
+    assert p.returncode == 2 and "'/bin/sh' is not an executable file in" in p.stderr, p.stderr
+    assert namespaces().count("bootback-lab-") == 0
     started = time.monotonic()
     verify = subprocess.Popen(
         [sys.executable, "-m", "appliance", "lab", "verify", str(write_group(base, group)), "--state", daemon.state],
