@@ -194,26 +194,36 @@ class S3Store(ObjectStore):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        yield from self.list_with_time(prefix)[0]
+        for page in self._pages(prefix):
+            yield from self._infos(page)
 
     def list_with_time(self, prefix: str) -> tuple[list[ObjectInfo], float]:
         """The objects under ``prefix`` and the server's clock when it listed them (lease ages are judged on the
         server's clock, never ours)."""
         found: list[ObjectInfo] = []
-        token: dict[str, str] = {}
         now = 0.0
-        while True:
-            with self.errors(f"listing {prefix}"):
-                resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._root + prefix, **token)
-            date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        for page in self._pages(prefix):
+            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
             if date and not now:
                 now = parsedate_to_datetime(date).timestamp()
-            for obj in resp.get("Contents", []):
-                key = obj["Key"][len(self._root) :]
-                found.append(ObjectInfo(key, obj["Size"], obj["LastModified"].timestamp()))
-            if not resp.get("IsTruncated"):
-                return found, now
-            token = {"ContinuationToken": resp["NextContinuationToken"]}
+            found.extend(self._infos(page))
+        return found, now
+
+    def _pages(self, prefix: str) -> Iterator[dict]:
+        """ListObjectsV2 responses, 1,000 keys each, fetched as they are consumed (a big repository's chunk
+        listing is never held whole)."""
+        token: dict[str, str] = {}
+        while True:
+            with self.errors(f"listing {prefix}"):
+                page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._root + prefix, **token)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def _infos(self, page: dict) -> Iterator[ObjectInfo]:
+        for obj in page.get("Contents", []):
+            yield ObjectInfo(obj["Key"][len(self._root) :], obj["Size"], obj["LastModified"].timestamp())
 
     # --- concurrency: leases instead of flock --------------------------------------------------------------
     @contextlib.contextmanager
