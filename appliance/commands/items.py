@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.errors import UsageError
 from appliance.items import KINDS, mail, service
+from appliance.repo.backends import repository_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "items",
         help="find applications (PostgreSQL, MariaDB, OpenLDAP, mail) in a restore point; list, dump, restore items",
     )
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("point", metavar="VM[@POINT]")
     p.add_argument("kind", nargs="?", choices=[*KINDS, "mail"], help="act on one application of this kind")
     p.add_argument("--path", help="which one, when there are several: its path as listed")
