@@ -72,7 +72,9 @@ def select(target: Target, kind: str, path: str | None = None, kinds: tuple[str,
         where = f" at {path}" if path else ""
         raise ItemRecoveryError(f"no {what}{where} in {target.point}")
     paths = ", ".join(i.browser_path for i in items)
-    raise ItemRecoveryError(f"{target.point} holds several of {what}: choose one with --path ({paths})")
+    raise ItemRecoveryError(
+        f"{target.point} holds {len(items)} applications of kind {what}: choose one with --path ({paths})"
+    )
 
 
 def place(tmp: Path, out: Path) -> None:

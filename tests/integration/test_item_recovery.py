@@ -206,7 +206,10 @@ def test_a_database_dump_to_a_file_restores_exactly(apps: dict, work: Path, targ
             ("--path", "/srv/pg-clean", "--dump", "shop.late_orders", "--to"),
             "no table 'late_orders' in database 'shop'",
         ),
-        (("--list",), "holds several of PostgreSQL data directory: choose one with --path"),
+        (
+            ("--list",),
+            "holds 4 applications of kind PostgreSQL data directory: choose one with --path (/disk/srv/pg-clean, ",
+        ),
         (("--path", "/nowhere", "--list"), "no PostgreSQL data directory at /nowhere in db01@"),
     ],
 )
