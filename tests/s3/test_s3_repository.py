@@ -98,16 +98,18 @@ def test_deleted_or_corrupted_chunk_is_an_integrity_error_naming_it(rgw, s3_repo
 
 
 @pytest.mark.parametrize(
-    ("change", "expect"),
+    ("change", "expect", "code"),
     [
-        ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, "access denied"),
-        ({"AWS_ACCESS_KEY_ID": "nobody"}, "access denied"),
-        ({"bucket": "no-such-bucket-here"}, "bucket 'no-such-bucket-here' does not exist"),
-        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "did not answer"),
+        ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, "access denied", 16),
+        ({"AWS_ACCESS_KEY_ID": "nobody"}, "access denied", 16),
+        ({"bucket": "no-such-bucket-here"}, "bucket 'no-such-bucket-here' does not exist", 16),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "did not answer", 16),
+        ({"AWS_PROFILE": "no-such-profile"}, "The config profile (no-such-profile) could not be found", 3),
+        ({"AWS_ENDPOINT_URL": "not-a-url"}, "Invalid endpoint: not-a-url", 3),
     ],
 )
 def test_wrong_credentials_missing_bucket_or_endpoint_give_one_clear_line(
-    rgw, s3_repo: str, monkeypatch: pytest.MonkeyPatch, change: dict, expect: str
+    rgw, s3_repo: str, monkeypatch: pytest.MonkeyPatch, change: dict, expect: str, code: int
 ) -> None:
     location = s3_repo
     for name, value in change.items():
@@ -118,7 +120,7 @@ def test_wrong_credentials_missing_bucket_or_endpoint_give_one_clear_line(
     for command in (["points", location], ["init", location + "2"]):
         p = bootback(*command, ok=False)
         err = p.stderr.decode()
-        assert p.returncode == 16, err
+        assert p.returncode == code, err
         assert len(err.strip().splitlines()) == 1 and expect in err, err
         assert "bootback-test-secret" not in err and "not-the-secret" not in err
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
-from appliance.errors import IntegrityError, RepositoryLockedError, StorageUnavailableError, UsageError
+from appliance.errors import ConfigError, IntegrityError, RepositoryLockedError, StorageUnavailableError, UsageError
 from appliance.repo.backends import S3_SCHEME, ChunkBatch, ObjectInfo, ObjectStore
 from appliance.repo.backends.leases import GC_LEASE, Lease, expired_leases, gc_grace_seconds, live_leases
 
@@ -78,7 +78,12 @@ class S3Store(ObjectStore):
         self.bucket, self.prefix = parse_location(location)
         self.location = f"{S3_SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{self.bucket}"
         self.name = self.prefix.rsplit("/", 1)[-1] if self.prefix else self.bucket
-        self.client = make_client()
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            self.client = make_client()
+        except (BotoCoreError, ValueError) as exc:  # an unknown AWS_PROFILE, a malformed AWS_ENDPOINT_URL ...
+            raise ConfigError(f"{self.location}: the S3 settings are not usable: {exc}") from None
         self.endpoint = self.client.meta.endpoint_url
         self._root = f"{self.prefix}/" if self.prefix else ""
         self._gc_now: float | None = None  # the server's time when garbage collection took its lease
