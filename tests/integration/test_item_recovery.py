@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.errors import ItemRecoveryError
 from tests.daemon_process import bootback, tree_hash
 from tests.integration.item_disks import (
     LDAP_LDIF,
@@ -425,6 +426,29 @@ def test_the_api_lists_applications_and_tables_and_downloads_a_dump(apps: dict, 
     finally:
         d.stop()
         shutil.rmtree(state, ignore_errors=True)
+        Path(f"{state}-daemon.log").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("mode", ["fuse", "copy"])
+def test_the_copy_on_write_view_is_private_writable_and_leaves_nothing(apps: dict, work: Path, mode: str) -> None:
+    """Both ways of making a view (FUSE + overlayfs, and the copy used where mounting is not allowed)."""
+    from appliance.items.cowview import CowView
+    from appliance.items.service import Target
+
+    target = Target.resolve(apps["repo"], "db01")
+    root = "/disk/home/alice/Maildir"
+    with CowView(target.repo, target.point, "disk.raw", root, work, (os.geteuid(), os.getegid()), mode=mode) as data:
+        names = sorted(p.name for p in (data / "new").iterdir())
+        assert len(names) == 3 and not any("evil" in n for n in names), names  # links out of the view are not there
+        assert list((data / "cur").iterdir()) == []
+        first = data / "new" / names[0]
+        assert b"Subject: Quarterly report" in first.read_bytes()
+        first.write_bytes(b"changed on the copy")
+        assert first.read_bytes() == b"changed on the copy"
+    assert os.listdir(work) == []
+    with pytest.raises(ItemRecoveryError, match=r"holds [\d,]+ bytes, more than the copy limit of 100"):
+        CowView(target.repo, target.point, "disk.raw", root, work, (0, 0), mode="copy", copy_limit=100).__enter__()
+    assert os.listdir(work) == []
 
 
 def test_no_postgres_in_a_point_without_one_and_the_backup_never_changes(apps: dict, work: Path) -> None:
