@@ -23,7 +23,7 @@ from pathlib import Path
 from bench._common import WORK, Row, log, python, random_file, report, sh
 
 ROOT = Path(__file__).resolve().parent.parent
-RGW = ROOT / "tests" / "s3" / "ceph-rgw.sh"
+RGW = ROOT.parent / "shared" / "anchors" / "ceph-rgw.sh"
 PORT = 27480
 ACCESS, SECRET = "benchaccess", "benchsecret"
 MiB = 1 << 20

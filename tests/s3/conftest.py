@@ -1,6 +1,6 @@
 """A real S3 service for the S3 repository tests: Ceph's RADOS Gateway, single node on loopback, started once per
-test session by ``../shared/anchors/ceph-rgw.sh`` (a copy lives in ``tests/s3/ceph-rgw.sh``, so CI needs nothing
-outside the repository) and stopped at its end.
+test session by ``../shared/anchors/ceph-rgw.sh`` (CI runs with ``../shared`` beside the clone) and stopped at its
+end.
 
 ``rgw`` is the gateway (endpoint, keys, a boto3 client, the gateway's own request counters, a way to stop and
 restart it); ``s3_repo`` is a fresh bucket's ``s3://`` location with the AWS_* variables set for the test, so the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent / "ceph-rgw.sh"
+SCRIPT = Path(__file__).resolve().parents[3] / "shared" / "anchors" / "ceph-rgw.sh"
 ACCESS, SECRET = "bootbacktest", "bootback-test-secret"
 
 
