@@ -17,8 +17,10 @@ unmounts and deletes it all.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -46,6 +48,53 @@ def check_reachable(path: Path, uid: int) -> None:
             f"work directory {path} is not reachable by uid {uid}: {parent} has mode "
             f"{stat.filemode(info.st_mode)} (choose a --work-dir whose parents are world-traversable)"
         )
+
+
+OWNER_FILE = "owner.pid"  # the process that made a workspace
+SERVER_FILE = "server.pid"  # a server started in it (its own process group), written by the server's module
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def sweep(work_root: Path) -> list[Path]:
+    """Remove the workspaces of commands that died without cleaning up (SIGKILL, power cut): stop their server
+    (only if its command line names the workspace, so a reused pid is never hit), unmount, delete."""
+    swept = []
+    for space in sorted(work_root.iterdir()) if work_root.is_dir() else []:
+        owner = _pid(space / OWNER_FILE)
+        if not re.fullmatch(r"[0-9a-f]{8}", space.name) or owner is None or _alive(owner):
+            continue
+        for server in space.glob(f"*/{SERVER_FILE}"):
+            pid = _pid(server)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+            except OSError:
+                cmdline = b""
+            if pid and str(space).encode() in cmdline:
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        if os.path.ismount(space / "data"):
+            subprocess.run(["umount", "-l", str(space / "data")], capture_output=True)
+        if os.path.ismount(space / "lower"):
+            subprocess.run(["fusermount", "-u", "-z", str(space / "lower")], capture_output=True)
+        shutil.rmtree(space, ignore_errors=True)
+        swept.append(space)
+    return swept
 
 
 class CowView:
@@ -81,8 +130,10 @@ class CowView:
     # workspace ---------------------------------------------------------------------------------------------
     def _make_space(self) -> Path:
         self.work_root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        sweep(self.work_root)
         space = self.work_root / secrets.token_hex(4)
         space.mkdir(mode=0o700)
+        (space / OWNER_FILE).write_text(f"{os.getpid()}\n")
         os.chown(space, *self.owner)
         check_reachable(space, self.owner[0])
         return space

@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from appliance.errors import ItemRecoveryError
-from appliance.items.cowview import CowView
+from appliance.items.cowview import SERVER_FILE, CowView
 from appliance.items.discovery import Item
 from appliance.items.postgres import Table
 from appliance.items.runas import server_owner
@@ -117,6 +117,7 @@ class DisposableServer:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
+        (self.rundir / SERVER_FILE).write_text(f"{self.proc.pid}\n")  # for cowview.sweep after a SIGKILL
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:

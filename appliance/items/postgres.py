@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import ItemRecoveryError
-from appliance.items.cowview import CowView
+from appliance.items.cowview import SERVER_FILE, CowView
 from appliance.items.discovery import Item
 from appliance.items.runas import server_owner
 
@@ -133,6 +133,7 @@ class DisposableServer:
                 cwd=self.rundir,
                 start_new_session=True,
             )
+        (self.rundir / SERVER_FILE).write_text(f"{self.proc.pid}\n")  # for cowview.sweep after a SIGKILL
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:

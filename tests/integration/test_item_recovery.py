@@ -57,8 +57,11 @@ def apps(build_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="session")
 def work() -> Iterator[Path]:
+    from appliance.items.cowview import sweep
+
     path = traversable_tmp("bb-items-")
     yield path
+    sweep(path)  # what a failed test's killed command left (server, mounts) goes before the directory
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -449,6 +452,34 @@ def test_the_copy_on_write_view_is_private_writable_and_leaves_nothing(apps: dic
     with pytest.raises(ItemRecoveryError, match=r"holds [\d,]+ bytes, more than the copy limit of 100"):
         CowView(target.repo, target.point, "disk.raw", root, work, (0, 0), mode="copy", copy_limit=100).__enter__()
     assert os.listdir(work) == []
+
+
+def test_a_killed_command_leaves_a_workspace_the_next_one_sweeps(apps: dict, work: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "appliance", "items", str(apps["repo"]), "db01", "postgres", "--path", "/srv/pg-clean"]
+    cli = subprocess.Popen(
+        [*cmd, "--list", "--work-dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not list(work.glob("*/run/server.pid")) or not os.path.ismount(next(work.glob("*/data"), work)):
+        assert cli.poll() is None and time.monotonic() < deadline, "the server never started"
+        time.sleep(0.05)
+    server = int(next(work.glob("*/run/server.pid")).read_text())
+    cli.send_signal(signal.SIGKILL)  # no cleanup: its server, overlay and FUSE view stay behind
+    cli.wait()
+    left = [p.name for p in work.iterdir()]
+    assert len(left) == 1 and os.path.exists(f"/proc/{server}")
+    items(apps, work, "maildir", "--list")  # any next command that makes a view sweeps first
+    assert os.listdir(work) == []
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{server}") or b"zombie" in Path(f"/proc/{server}/status").read_bytes():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the dead command's server {server} still runs")
 
 
 def test_no_postgres_in_a_point_without_one_and_the_backup_never_changes(apps: dict, work: Path) -> None:
