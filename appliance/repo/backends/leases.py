@@ -91,6 +91,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        self._lapsed = False  # a renewal came more than ttl/2 after the one before: the lease may have expired
 
     def _body(self) -> bytes:
         doc = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl}
@@ -134,15 +135,20 @@ class Lease:
                 self.store.put(self.key, self._body())
             except BootbackError:
                 continue  # the store is away: check() tells the holder once the lease may have lapsed
+            if sent - self._renewed > self.ttl / 2:
+                self._lapsed = True  # a collector may have seen it expired meanwhile: renewing does not undo that
             self._renewed = sent
 
     def check(self) -> None:
-        """RepositoryLockedError if the lease may have expired on the server (no heartbeat for ttl/2)."""
+        """RepositoryLockedError if the lease may have expired on the server, now or at any time since it was
+        taken (no successful heartbeat for ttl/2): a lease renewed after a gap is not trusted again."""
         age = time.monotonic() - self._renewed
-        if not self._held or age > self.ttl / 2:
+        if not self._held or self._lapsed or age > self.ttl / 2:
+            who = "this backup" if self.kind == "backup" else "garbage collection"
+            then = "nothing was committed: run it again" if self.kind == "backup" else "it stopped deleting"
             raise RepositoryLockedError(
-                f"repository {self.store.location}: this backup lost its lease (no successful renewal for "
-                f"{age:.0f} s of {self.ttl}); it was abandoned, nothing was committed: run it again"
+                f"repository {self.store.location}: {who} lost its lease (a gap of more than {self.ttl / 2:.0f} s "
+                f"without a successful renewal, of a {self.ttl} s lease); it was abandoned, {then}"
             )
 
     def release(self) -> None:

@@ -31,6 +31,7 @@ BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 MAX_PREFIX = 512
 FIRST_READ = 256 << 10  # a point file's first GET: its summary, and the chunk lists of disks up to ~4 TB
 POOL_CONNECTIONS = 32  # backup workers and read-ahead threads share one client
+MAX_EMPTY_PAGES = 100  # truncated listing pages without a key, in a row: an endpoint that pages forever
 
 
 def parse_location(location: str) -> tuple[str, str]:
@@ -45,6 +46,15 @@ def parse_location(location: str) -> tuple[str, str]:
     if len(prefix) > MAX_PREFIX or any(p in ("", ".", "..") for p in parts) or re.search(r"[\x00-\x1f\x7f\\]", prefix):
         raise UsageError(f"repository {location!r}: the prefix must be '/'-separated names without '.', '..' or //")
     return bucket, prefix
+
+
+def redact_endpoint(url: str) -> str:
+    """``url`` without a user or password in it (``http://user:secret@host`` names ``http://***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rpartition("@")[2]
+    return f"{scheme}{sep}{host}{slash}{path}"
 
 
 def make_client():  # noqa: ANN201 - a botocore client, typed at runtime only
@@ -84,9 +94,10 @@ class S3Store(ObjectStore):
             self.client = make_client()
         except (BotoCoreError, ValueError) as exc:  # an unknown AWS_PROFILE, a malformed AWS_ENDPOINT_URL ...
             raise ConfigError(f"{self.location}: the S3 settings are not usable: {exc}") from None
-        self.endpoint = self.client.meta.endpoint_url
+        self.endpoint = redact_endpoint(self.client.meta.endpoint_url)  # named in messages: never a password
         self._root = f"{self.prefix}/" if self.prefix else ""
         self._gc_now: float | None = None  # the server's time when garbage collection took its lease
+        self._gc_lease: Lease | None = None  # checked before every delete while garbage collection runs
 
     # --- errors ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -140,13 +151,15 @@ class S3Store(ObjectStore):
         with self.errors(f"reading {name}"):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             body = resp["Body"]
-            if resp["ContentLength"] > limit:
+            announced = resp.get("ContentLength")  # absent with a chunked answer: the read below is bounded anyway
+            data = b"" if announced is not None and announced > limit else _read_at_most(body, limit + 1)
+            if len(data) > limit or announced is not None and announced > limit:
                 body.close()
                 raise IntegrityError(
-                    f"{name}: {self.location}/{key} holds {resp['ContentLength']} bytes, more than the {limit} "
-                    "it may hold"
+                    f"{name}: {self.location}/{key} holds {announced if announced is not None else 'more than'} "
+                    f"bytes, more than the {limit} it may hold"
                 )
-            return body.read()
+            return data
 
     def read_range(self, key: str, start: int, end: int, name: str) -> tuple[bytes, int]:
         """Bytes ``start..end`` (inclusive, clipped to the object) and the object's whole size."""
@@ -157,9 +170,17 @@ class S3Store(ObjectStore):
                 if getattr(exc, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
                     return b"", 0 if start == 0 else start  # an empty object (or reading past the end)
                 raise
-            data = resp["Body"].read()
+            data = _read_at_most(resp["Body"], end - start + 2)  # one byte more than asked: a longer answer shows
         content_range = resp.get("ContentRange") or ""
-        size = int(content_range.rpartition("/")[2]) if "/" in content_range else resp["ContentLength"]
+        total = content_range.rpartition("/")[2] if "/" in content_range else resp.get("ContentLength")
+        size = int(total) if str(total).isdigit() else -1
+        expected = max(0, min(end + 1, size) - start)
+        if size < 0 or len(data) != expected:
+            got = f"more than {expected}" if len(data) > expected else str(len(data))
+            raise IntegrityError(
+                f"{name}: {self.location}/{key}: asked for bytes {start}-{end}, the endpoint answered {got} bytes "
+                f"of an object of {total!r} bytes"
+            )
         return data, size
 
     def open(self, key: str, name: str) -> BinaryIO:
@@ -195,6 +216,8 @@ class S3Store(ObjectStore):
         return True
 
     def delete(self, key: str) -> None:
+        if self._gc_lease is not None:  # a collector paused or cut off past its lease must not delete what a
+            self._gc_lease.check()  # backup that has since started deduplicated against
         with self.errors(f"deleting {key}"):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
@@ -210,21 +233,44 @@ class S3Store(ObjectStore):
         for page in self._pages(prefix):
             date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
             if date and not now:
-                now = parsedate_to_datetime(date).timestamp()
+                with contextlib.suppress(TypeError, ValueError):
+                    now = parsedate_to_datetime(date).timestamp()
             found.extend(self._infos(page))
+        if not now:  # never fall back to our own clock: a skewed one would shorten leases and the grace period
+            raise StorageUnavailableError(
+                f"{self.location}: listing {prefix}: {self.endpoint} sent no usable Date header, so lease ages "
+                "cannot be judged on the server's clock"
+            )
         return found, now
 
     def _pages(self, prefix: str) -> Iterator[dict]:
         """ListObjectsV2 responses, 1,000 keys each, fetched as they are consumed (a big repository's chunk
-        listing is never held whole)."""
+        listing is never held whole). The endpoint is not trusted to end: every key must be under the prefix
+        and greater than the one before (S3 lists in key order), so a repeated page or token, or a page that
+        goes back, is one StorageUnavailableError instead of an endless or wrong listing."""
         token: dict[str, str] = {}
+        full = self._root + prefix
+        last = ""
+        empty = 0
         while True:
             with self.errors(f"listing {prefix}"):
-                page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._root + prefix, **token)
+                page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, **token)
+            keys = [obj.get("Key") for obj in page.get("Contents", [])]
+            for k in keys:
+                if not isinstance(k, str) or not k.startswith(full) or k <= last:
+                    raise self._bad_listing(prefix, f"key {k!r} is out of order or outside {full!r}")
+                last = k
             yield page
             if not page.get("IsTruncated"):
                 return
-            token = {"ContinuationToken": page["NextContinuationToken"]}
+            empty = 0 if keys else empty + 1
+            nxt = page.get("NextContinuationToken")
+            if not nxt or nxt == token.get("ContinuationToken") or empty > MAX_EMPTY_PAGES:
+                raise self._bad_listing(prefix, "a truncated page without a new continuation token or any key")
+            token = {"ContinuationToken": nxt}
+
+    def _bad_listing(self, prefix: str, why: str) -> StorageUnavailableError:
+        return StorageUnavailableError(f"{self.location}: listing {prefix}: {self.endpoint} answered wrongly: {why}")
 
     def _infos(self, page: dict) -> Iterator[ObjectInfo]:
         for obj in page.get("Contents", []):
@@ -257,9 +303,10 @@ class S3Store(ObjectStore):
         try:
             self._gc_now = lease.server_time
             lease.keep_alive()
+            self._gc_lease = lease
             yield
         finally:
-            self._gc_now = None
+            self._gc_now = self._gc_lease = None
             lease.release()
 
     def collectable_before(self) -> float:
@@ -269,6 +316,18 @@ class S3Store(ObjectStore):
     def clean_stale(self) -> None:
         for info in expired_leases(self):
             self.delete(info.key)
+
+
+def _read_at_most(body, n: int) -> bytes:  # noqa: ANN001 - botocore's StreamingBody
+    """Up to ``n`` bytes of ``body``, to its end if shorter: the last, empty read makes botocore check the bytes
+    against the announced Content-Length (a cut-off answer is an error, never a short object)."""
+    data = bytearray()
+    while len(data) < n:
+        part = body.read(n - len(data))
+        if not part:
+            break
+        data += part
+    return bytes(data)
 
 
 def _locked(store: S3Store, what: str, why: str) -> RepositoryLockedError:
