@@ -181,3 +181,21 @@ def test_collector_past_its_lease_deletes_nothing(store: S3Store, monkeypatch: p
         monkeypatch.undo()
     assert "repo/chunks/ab/abc" in store.client.objects
     assert store.client.deleted == ["repo/locks/gc.120s"]  # only its own lease, on release
+
+
+def test_collector_whose_create_was_retried_keeps_its_lease(store: S3Store) -> None:
+    """The conditional PUT of the GC lease succeeded but its answer was lost: the client's retry finds the object
+    (PreconditionFailed). The collector must know the lease is its own, not report itself as running elsewhere
+    and leave a lease behind that holds backups off."""
+    real = store.client.put_object
+
+    def answer_lost_then_retried(**kw: object) -> dict:
+        real(**kw)
+        if kw.get("IfNoneMatch") == "*":
+            raise ClientError({"Error": {"Code": "PreconditionFailed"}}, "PutObject")  # what the retry saw
+        return {}
+
+    store.client.put_object = answer_lost_then_retried
+    with store.exclusive(wait=False):
+        assert store.collectable_before() > 0
+    assert not any(k.startswith("repo/locks/") for k in store.client.objects)

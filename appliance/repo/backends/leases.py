@@ -91,10 +91,11 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        self._id = uuid.uuid4().hex  # tells our own lease from another holder's
         self._lapsed = False  # a renewal came more than ttl/2 after the one before: the lease may have expired
 
     def _body(self) -> bytes:
-        doc = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl}
+        doc = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl, "id": self._id}
         return json.dumps(doc).encode()
 
     def announce(self) -> None:
@@ -107,8 +108,8 @@ class Lease:
         not (and nothing is held)."""
         for _attempt in range(2):
             sent = time.monotonic()
-            if self.store.put_new(self.key, self._body()):
-                break
+            if self.store.put_new(self.key, self._body()) or self._is_ours():
+                break  # created; or created by our own PUT, retried by the client after its answer was lost
             others = [le for le in _leases(self.store)[0] if le.kind == "gc"]
             if any(le.live for le in others):
                 return "garbage collection is already running"
@@ -123,6 +124,13 @@ class Lease:
             self.release()
             return f"a backup is running ({backups[0].key})"
         return None
+
+    def _is_ours(self) -> bool:
+        try:
+            doc = json.loads(self.store.get(self.key, f"lease {self.key}", 4096))
+        except (FileNotFoundError, BootbackError, ValueError):
+            return False
+        return isinstance(doc, dict) and doc.get("id") == self._id
 
     def keep_alive(self) -> None:
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.kind}", daemon=True)
