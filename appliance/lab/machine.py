@@ -1,5 +1,9 @@
 """One lab guest: a qemu process booting published disks over nfs://, its NIC a tap device on the lab's
-bridge, its serial console in a file (bounded), and a QMP socket for screenshots and stopping it.
+bridge, its serial console in a file, and a QMP socket for screenshots.
+
+The console is bounded: qemu writes it to a Unix socket this process listens on (qemu connects as the client
+when it starts, so nothing is lost), and a reader thread keeps the first MAX_CONSOLE bytes and drains the rest.
+``-serial file:`` would let a guest that prints without end fill the state directory during a days-long lab.
 
 QMP is three JSON lines here (greeting, ``qmp_capabilities``, one command), so a small synchronous client is
 written out below rather than pulling in ``qemu.qmp``, whose API is asyncio with a deprecated sync wrapper.
@@ -7,10 +11,12 @@ written out below rather than pulling in ``qemu.qmp``, whose API is asyncio with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +24,9 @@ from typing import Any
 from appliance.demo.qemu import accel_setting
 from appliance.errors import BootbackError
 
-MAX_CONSOLE = 1 << 20  # console bytes kept per guest; reading stops there
+MAX_CONSOLE = 1 << 20  # console bytes kept per guest; the rest is read and dropped
 QMP_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 60.0  # qemu connects its serial port while it starts, or it has failed
 
 
 class MachineError(BootbackError):
@@ -30,7 +37,9 @@ class Machine:
     def __init__(self, name: str, workdir: Path, drives: list[str], tap_fd: int, mac: str, memory_mib: int, nic: str):
         self.name = name
         self.console_log = Path(workdir) / f"{name}.console"
-        self.qmp_path = Path(workdir) / f"{name}.qmp"
+        sock = hashlib.sha256(name.encode()).hexdigest()[:8]  # short: a socket path has at most 107 bytes
+        self.qmp_path = Path(workdir) / f"{sock}.qmp"
+        self.serial_path = Path(workdir) / f"{sock}.serial"
         self.drives, self.tap_fd, self.mac = drives, tap_fd, mac
         self.memory_mib, self.nic = memory_mib, nic
         self.proc: subprocess.Popen | None = None
@@ -55,8 +64,10 @@ class Machine:
             "-no-reboot",
             "-monitor",
             "none",
+            "-chardev",
+            f"socket,id=console,path={self.serial_path},server=off",
             "-serial",
-            f"file:{self.console_log}",
+            "chardev:console",
             "-qmp",
             f"unix:{self.qmp_path},server=on,wait=off",
             "-netdev",
@@ -70,14 +81,42 @@ class Machine:
 
     def start(self) -> None:
         self.console_log.write_text("")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.console_log.with_suffix(".qemu.log"), "wb"),  # noqa: SIM115 - the child keeps it
-            pass_fds=(self.tap_fd,),
-        )
-        os.close(self.tap_fd)  # qemu holds the tap now; the lab's copy would keep the device after qemu exits
+        self.serial_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.serial_path))
+            listener.listen(1)
+            self.started = time.monotonic()
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.console_log.with_suffix(".qemu.log"), "wb"),  # noqa: SIM115 - the child keeps it
+                pass_fds=(self.tap_fd,),
+            )
+        except BaseException:
+            listener.close()
+            raise
+        finally:
+            os.close(self.tap_fd)  # qemu holds the tap now; our copy would keep the device after qemu exits
+        threading.Thread(target=self._read_console, args=(listener,), daemon=True, name=f"console-{self.name}").start()
+
+    def _read_console(self, listener: socket.socket) -> None:
+        listener.settimeout(CONNECT_TIMEOUT)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # qemu did not start; its error is in the .qemu.log
+        finally:
+            listener.close()
+            self.serial_path.unlink(missing_ok=True)
+        kept = 0
+        with conn, open(self.console_log, "ab") as log:
+            while data := conn.recv(1 << 16):
+                if kept < MAX_CONSOLE:
+                    part = data[: MAX_CONSOLE - kept]
+                    log.write(part)
+                    log.flush()
+                    kept += len(part)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
