@@ -104,3 +104,34 @@ def test_ttl() -> None:
     for bad in ("0", "10s", "8d", "4 hours", "-1h", True):
         with pytest.raises(UsageError, match="ttl"):
             parse_ttl(bad)
+
+
+def test_the_daemons_lab_operations_refuse_bad_requests_before_anything_starts(tmp_path: Path) -> None:
+    from appliance.errors import LimitExceededError, SessionNotFoundError
+    from appliance.lab.service import Labs
+
+    def never(**_: object) -> list:
+        raise AssertionError("nothing may be published for a refused request")
+
+    labs = Labs(tmp_path, never, never, never)
+    try:
+        with pytest.raises(UsageError, match="123"):
+            labs.verify(123)
+        with pytest.raises(UsageError, match="'../etc'"):
+            labs.start("../etc")
+        with pytest.raises(SessionNotFoundError, match="'nope'.*defined: none"):
+            labs.start("nope")
+        with pytest.raises(UsageError, match="'forever'"):
+            labs.start({"name": "g", "vms": [{"vm": "a"}]}, ttl="forever")
+        with pytest.raises(UsageError, match="'../x'"):
+            labs.define({"name": "../x", "vms": [{"vm": "a"}]})
+        with pytest.raises(SessionNotFoundError):
+            labs.get(5)
+        huge = {"name": "huge", "vms": [{"vm": f"v{i}", "memory_mib": 8192} for i in range(16)]}
+        with pytest.raises(LimitExceededError, match="need 132096 MiB"):
+            labs.verify(huge)
+        assert labs.list() == [] and list((tmp_path / "labs").iterdir()) == []
+        assert labs.define({"name": "g", "vms": [{"vm": "a"}]})["name"] == "g"
+        assert [g["name"] for g in labs.groups()] == ["g"]
+    finally:
+        labs.close()
