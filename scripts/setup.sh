@@ -15,6 +15,7 @@ apt_packages=(
   golang-go golang-github-vmware-govmomi-dev dosfstools mtools ntfs-3g lvm2 xfsprogs
   postgresql-15 fuse3 mariadb-server mariadb-client slapd ldap-utils
   ceph-mon ceph-osd radosgw ceph-common
+  cpio iproute2  # virtual labs: the test guests' initramfs; network namespaces, bridges, taps
 )
 demo_packages=(
   libnfs-utils qemu-utils qemu-block-extra qemu-system-x86
