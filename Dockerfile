@@ -58,8 +58,9 @@ LABEL org.opencontainers.image.title="bootback" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # What each use needs at run time (README, "The container"): qemu for backup verification (TCG, or KVM with
-# --device /dev/kvm) with its nfs:// block driver (qemu-block-extra); iproute2, bridge and nftables for the
-# virtual labs; e2fsprogs, xfsprogs and FUSE for item recovery. No recommends, no apt lists or caches.
+# --device /dev/kvm) with its nfs:// block driver (qemu-block-extra); iproute2, bridge, nftables and busybox (the
+# lab segment's udhcpd, ping) for the virtual labs; e2fsprogs, xfsprogs and FUSE for item recovery. No recommends,
+# no apt lists or caches.
 # Documentation, manual pages and translations of these packages are not installed (copyright files are).
 RUN set -eu; export DEBIAN_FRONTEND=noninteractive; \
     printf '%s\n' 'path-exclude=/usr/share/doc/*' 'path-include=/usr/share/doc/*/copyright' \
@@ -67,7 +68,7 @@ RUN set -eu; export DEBIAN_FRONTEND=noninteractive; \
       > /etc/dpkg/dpkg.cfg.d/bootback-lean; \
     apt-get update -qq; \
     apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-block-extra qemu-utils \
-      iproute2 nftables e2fsprogs xfsprogs fuse3 libfuse2 >/dev/null; \
+      iproute2 nftables busybox-static e2fsprogs xfsprogs fuse3 libfuse2 >/dev/null; \
     apt-get clean; rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log; \
     useradd --system --uid 10001 --user-group --home-dir /var/lib/bootback --shell /usr/sbin/nologin bootback
 

@@ -137,7 +137,7 @@ def test_file_browsing_inside_the_image_and_the_tools_each_use_needs(appliance) 
             "filesystem": None,
         }
     ]
-    tools = "qemu-system-x86_64 qemu-img ip bridge nft mkfs.ext4 debugfs mkfs.xfs xfs_db fusermount fusermount3"
+    tools = "qemu-system-x86_64 qemu-img ip bridge nft busybox mkfs.ext4 debugfs mkfs.xfs xfs_db fusermount fusermount3"
     found = container.exec_run(["sh", "-c", f"for t in {tools}; do command -v $t >/dev/null || echo missing $t; done"])
     assert found.output.decode().strip() == "", found.output.decode()
     drivers = container.exec_run(["sh", "-c", "ls /usr/lib/x86_64-linux-gnu/qemu/"]).output.decode()
