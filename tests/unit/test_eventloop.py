@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
@@ -21,3 +22,14 @@ def test_the_servers_run_on_uvloop_by_default(monkeypatch: pytest.MonkeyPatch) -
 def test_bootback_event_loop_asyncio_keeps_the_standard_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BOOTBACK_EVENT_LOOP", "asyncio")
     assert eventloop.run(loop_module()).startswith("asyncio")
+
+
+def test_the_servers_keep_gil_waits_short() -> None:
+    async def interval() -> float:
+        return sys.getswitchinterval()
+
+    before = sys.getswitchinterval()
+    try:
+        assert eventloop.run(interval()) == eventloop.SWITCH_INTERVAL < 0.005
+    finally:
+        sys.setswitchinterval(before)
