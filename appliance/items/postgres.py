@@ -2,8 +2,8 @@
 
 The server is Debian's own binaries of the data directory's major version (``/usr/lib/postgresql/NN/bin``), run
 as an unprivileged user, listening on a Unix socket in a private directory only (``listen_addresses=''``), with
-a configuration of ours (the backed-up postgresql.conf is not read; ``-c`` options override
-postgresql.auto.conf). Crash recovery runs on the copy, as after a power cut: a backup of a running VM is
+a configuration of ours (neither the backed-up postgresql.conf nor postgresql.auto.conf is read: the copy's
+auto.conf is emptied). Crash recovery runs on the copy, as after a power cut: a backup of a running VM is
 crash-consistent. Tables and databases come out with ``pg_dump`` and go into a running server with ``psql`` in
 one transaction, so a failed restore leaves the target as it was.
 """
@@ -98,6 +98,10 @@ class DisposableServer:
         # would make the copy wait for a primary or an archive, go; recovery is then plain crash recovery.
         for name in ("postmaster.pid", "standby.signal", "recovery.signal"):
             (self.datadir / name).unlink(missing_ok=True)
+        # ALTER SYSTEM's settings, read by every start and not all overridable with -c: in a backup of a VM that
+        # was broken into, session_preload_libraries or dynamic_library_path would run the intruder's code here.
+        # Nothing in it is needed to read the data (encoding, WAL size and layout live in pg_control).
+        (self.datadir / "postgresql.auto.conf").write_text("# emptied by bootback: backed-up settings are not used\n")
 
     def start(self) -> None:
         self._prepare()
