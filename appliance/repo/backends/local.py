@@ -141,10 +141,10 @@ class LocalStore(ObjectStore):
 def _walk(root: Path, folder: str, depth: int) -> Iterator[ObjectInfo]:
     try:
         entries = sorted(os.scandir(root / folder), key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    except OSError as exc:
-        raise IntegrityError(f"repository {root}: cannot list {folder}: {exc.strerror or exc}") from None
+    except FileNotFoundError:
+        return  # nothing stored there yet
+    except OSError as exc:  # a file where the folder should be is damage, never an empty listing
+        raise IntegrityError(f"repository {root}: cannot list {root / folder}: {exc.strerror or exc}") from None
     for entry in entries:
         if entry.name.startswith("."):
             continue
