@@ -38,6 +38,9 @@ NONE = "none"
 ALGORITHMS = (AES_256_GCM, NONE)
 CHUNK_ID_HMAC = "hmac-sha256"
 PASSPHRASE_ENV = "BOOTBACK_PASSPHRASE"
+# A file holding the passphrase (a container's secret mount): not in the environment, where `docker inspect` shows it
+PASSPHRASE_FILE_ENV = "BOOTBACK_PASSPHRASE_FILE"
+MAX_PASSPHRASE_BYTES = 4096
 KEY_FILE_ENV = "BOOTBACK_KEY_FILE"  # one or more key files, separated by ':'
 ENCRYPTION_ENV = "BOOTBACK_ENCRYPTION"  # the operator's standing choice for init (e.g. "none")
 KEY_FILE_MAGIC = "bootback-key"
@@ -204,6 +207,27 @@ def read_key_file(path: Path) -> tuple[str, RepoKey]:
     return doc["repository"], RepoKey(_unb64(doc.get("key"), what))
 
 
+def read_passphrase_file(path: Path) -> str:
+    """The passphrase held by ``path`` (``BOOTBACK_PASSPHRASE_FILE``), without its final newline; refused when
+    other users may read or change it, like a key file."""
+    what = f"passphrase file {path} (${PASSPHRASE_FILE_ENV})"
+    try:
+        mode = os.stat(path, follow_symlinks=False).st_mode
+        if stat.S_ISREG(mode) and mode & KEY_FILE_REFUSED_MODE:
+            raise RepositoryKeyError(f"{what} is open to other users (mode {mode & 0o777:04o}): chmod 600 {path}")
+        text = safefile.read_regular(path, what, MAX_PASSPHRASE_BYTES).decode()
+    except FileNotFoundError:
+        raise RepositoryKeyError(f"{what} does not exist") from None
+    except OSError as exc:
+        raise RepositoryKeyError(f"cannot read {what}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise RepositoryKeyError(f"{what} is not UTF-8 text") from None
+    passphrase = text.removesuffix("\n").removesuffix("\r")
+    if not passphrase:
+        raise RepositoryKeyError(f"{what} is empty")
+    return passphrase
+
+
 # --- where a key comes from ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KeySource:
@@ -221,6 +245,8 @@ class KeySource:
         ``BOOTBACK_PASSPHRASE``; a prompt only when asked for and stdin is a terminal."""
         files = tuple(key_files) or tuple(Path(p) for p in os.environ.get(KEY_FILE_ENV, "").split(os.pathsep) if p)
         passphrase = os.environ.get(PASSPHRASE_ENV) or None
+        if passphrase is None and os.environ.get(PASSPHRASE_FILE_ENV):
+            passphrase = read_passphrase_file(Path(os.environ[PASSPHRASE_FILE_ENV]))
         plain_ok = os.environ.get(ENCRYPTION_ENV) == NONE
         return cls(files, passphrase, interactive and sys.stdin.isatty(), plain_ok)
 
