@@ -191,9 +191,16 @@ def mail_restore(target: Target, item: Item, work_root: Path, flt: mail.Filter, 
 
 
 # MariaDB ----------------------------------------------------------------------------------------------------
-def mariadb_list(target: Target, item: Item, work_root: Path, database: str | None = None) -> list[postgres.Table]:
+def mariadb_list(
+    target: Target, item: Item, work_root: Path, database: str | None = None, counts: bool = True
+) -> list[postgres.Table]:
     with mariadb.disposable_server(item, target.repo, target.point, work_root) as server:
-        return server.tables(database)
+        return server.tables(database, counts)
+
+
+def mariadb_databases(target: Target, item: Item, work_root: Path) -> list[str]:
+    with mariadb.disposable_server(item, target.repo, target.point, work_root) as server:
+        return server.databases()
 
 
 def mariadb_dump(
