@@ -18,7 +18,7 @@ from web.validation import ApiError
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from appliance.access import logins
     from appliance.access.credentials import secret_key
-    from web import api, backup_items, items_page, pages
+    from web import api, backup_items, labs, pages
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -38,8 +38,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config)
     app.register_blueprint(api.bp)
     app.register_blueprint(backup_items.bp)
-    app.register_blueprint(items_page.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(labs.api)
+    app.register_blueprint(labs.page)
     app.after_request(_security_headers)
     # The one place requests' errors become answers (STYLE rule 15): expected ones (ApiError, and the
     # UsageError the web's own checks raise) say why; anything else is a bug or an unforeseen failure.
