@@ -18,7 +18,7 @@ from web.validation import ApiError
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from appliance.access import logins
     from appliance.access.credentials import secret_key
-    from web import api, backup_items, labs, pages
+    from web import api, backup_items, items_page, labs, pages
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -38,6 +38,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config)
     app.register_blueprint(api.bp)
     app.register_blueprint(backup_items.bp)
+    app.register_blueprint(items_page.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(labs.api)
     app.register_blueprint(labs.page)
