@@ -125,6 +125,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  try        : {me} publish {VM} --mode sandbox --state {state}",
             f"               nfs-ls 'nfs://{host}{config.export_path}/{direct}'",
             f"               {me} files {repo} {VM} /p1   # files inside the backup (or Browse files)",
+            *(
+                [f"               {me} lab verify demo-lab --state {state}   # two VMs on an isolated network"]
+                if demo.lab
+                else []
+            ),
             "",
         ]
         print("\n".join(lines), flush=True)

@@ -129,7 +129,8 @@ def cmd_groups(args: argparse.Namespace) -> int:
         print(json.dumps(groups, indent=2))
     for g in [] if args.json else groups:
         vms = " -> ".join(v["vm"] for v in g.get("vms", [])) or g.get("error", "")
-        print(f"{g['name']}: {vms}")
+        when = f"  (schedule {g['schedule']}, next run {g['next_run']})" if g.get("schedule") else ""
+        print(f"{g['name']}: {vms}{when}")
     return 0
 
 

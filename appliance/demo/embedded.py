@@ -1,8 +1,9 @@
 """The embedded demo: a local repository holding a small VM with two restore points, ready to serve.
 
-The VM is the bootable demo disk (appliance.demo.bootdisk) when this machine can build it (root, Debian's
-kernel, busybox-static, syslinux); otherwise a data disk with an ext4 file system, so the demo still runs
-anywhere Python does. The second restore point changes a little, to show incremental backups.
+Beside it, where the VM boots, the two VMs and the application group of the demo's virtual lab
+(appliance.demo.lab). The VM is the bootable demo disk (appliance.demo.bootdisk) when this machine can build it
+(root, Debian's kernel, busybox-static, syslinux); otherwise a data disk with an ext4 file system, so the demo
+still runs anywhere Python does. The second restore point changes a little, to show incremental backups.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.demo.bootdisk import DemoBuildError, build_boot_disk, demo_vmx
+from appliance.demo.lab import prepare_demo_lab
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import open_source
 from appliance.repo import Repository
@@ -30,24 +32,28 @@ class Demo:
     state: Path
     bootable: bool
     points: int
+    lab: bool = False  # the demo-lab group and its VMs are there (appliance.demo.lab)
 
 
 def prepare_demo(data_dir: Path) -> Demo:
     """Create (once) DATA_DIR/repo with the demo VM; later runs reuse it."""
     data_dir = Path(data_dir).resolve()
     repo_path = data_dir / "repo"
+    build_cache = Path(os.environ.get("BOOTBACK_BUILD_CACHE", data_dir / "build-cache"))
     if Repository.is_repository(repo_path):
         repo = Repository.open(repo_path)
         points = repo.restore_points(VM)
         if points:
-            return Demo(repo_path, data_dir / "state", points[-1].source.get("bootable", False), len(points))
+            bootable = points[-1].source.get("bootable", False)
+            lab = bootable and prepare_demo_lab(repo, data_dir / "state", build_cache)
+            return Demo(repo_path, data_dir / "state", bootable, len(points), lab)
     data_dir.mkdir(parents=True, exist_ok=True)
     repo = Repository.open(repo_path) if Repository.is_repository(repo_path) else Repository.init(repo_path)
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
         vmdir = Path(tmp) / VM
         vmdir.mkdir()
         disk = vmdir / f"{VM}.img"
-        bootable = _make_disk(disk, Path(os.environ.get("BOOTBACK_BUILD_CACHE", data_dir / "build-cache")))
+        bootable = _make_disk(disk, build_cache)
         (vmdir / f"{VM}.vmx").write_text(demo_vmx(VM, disk.name))
         vmx = (vmdir / f"{VM}.vmx").read_text()
         for _ in range(2):
@@ -57,7 +63,8 @@ def prepare_demo(data_dir: Path) -> Demo:
             finally:
                 source.close()
             _touch_a_little(disk)
-    return Demo(repo_path, data_dir / "state", bootable, len(repo.restore_points(VM)))
+    lab = bootable and prepare_demo_lab(repo, data_dir / "state", build_cache)
+    return Demo(repo_path, data_dir / "state", bootable, len(repo.restore_points(VM)), lab)
 
 
 def _make_disk(disk: Path, build_cache: Path) -> bool:

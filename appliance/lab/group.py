@@ -6,6 +6,7 @@ names the field and the value. Example::
     name: shop
     network: 10.0.0.0/24          # the lab's segment (default); the lab itself is .1
     at: 2026-05-01T03:00:00Z      # optional: each VM's newest point at or before this time (a consistent group)
+    schedule: "0 3 * * *"         # optional: the daemon verifies the group then (cron; appliance.lab.schedule)
     vms:
       - vm: db
         address: 10.0.0.10        # given by the lab's DHCP (default: the next free one from .10)
@@ -32,6 +33,7 @@ import yaml
 
 from appliance.errors import UsageError
 from appliance.lab.network import check_subnet
+from appliance.lab.schedule import check_schedule
 from appliance.verification import compile_expect
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -76,6 +78,7 @@ class Group:
     network: str
     at: datetime | None
     vms: list[GroupVM]
+    schedule: str | None = None  # five cron fields: the daemon verifies the group at those times
 
     def as_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -187,7 +190,7 @@ def _mac(group_index: int, vm_index: int) -> str:
 
 def parse_group(doc: object) -> Group:
     """A group from its document (a file's or the API's); raises UsageError naming the first bad field."""
-    doc = _fields("group", doc, {"name", "network", "at", "vms"}, {"name", "vms"})
+    doc = _fields("group", doc, {"name", "network", "at", "vms", "schedule"}, {"name", "vms"})
     name = _str("group name", doc["name"], 64)
     if not NAME_RE.match(name):
         raise UsageError(f"group name: letters, digits, '.', '_' and '-', got {name!r}")
@@ -245,7 +248,8 @@ def parse_group(doc: object) -> Group:
             raise UsageError(f"{where}.checks: a list of at most {MAX_CHECKS} checks, got {checks_doc!r}")
         checks = [parse_check(f"{where}.checks[{j}]", c) for j, c in enumerate(checks_doc)]
         vms.append(GroupVM(vm, repo, point, address, _mac(0, i), memory, nic, checks))
-    return Group(name, network, at, vms)
+    schedule = check_schedule(doc["schedule"]) if doc.get("schedule") is not None else None
+    return Group(name, network, at, vms, schedule)
 
 
 def group_from_json(text: str) -> Group:

@@ -28,6 +28,7 @@ from appliance.errors import LimitExceededError, SessionNotFoundError, UsageErro
 from appliance.lab.group import NAME_RE, Group, parse_group
 from appliance.lab.network import PREFIX, LabNetwork, namespaces
 from appliance.lab.runner import LabRun, Points, Publish, Stop
+from appliance.lab.schedule import ScheduleState, next_run
 
 log = logging.getLogger("bootback.lab")
 KEEP = 50  # finished labs kept (newest), with their consoles and screenshots
@@ -37,6 +38,7 @@ DEFAULT_TTL = timedelta(hours=4)
 MEMORY_MARGIN_MIB = 512  # left for the appliance itself when guests start
 QEMU_OVERHEAD_MIB = 64  # a TCG qemu's own memory beside its guest's
 LIVE = ("verifying", "starting", "running")
+VERDICTS = ("passed", "failed", "error")  # a verification's ends that say something about its group
 
 
 def parse_ttl(text: object) -> timedelta:
@@ -48,6 +50,17 @@ def parse_ttl(text: object) -> timedelta:
     if not timedelta(minutes=1) <= ttl <= MAX_TTL:
         raise UsageError(f"ttl: from 1m to {MAX_TTL.days}d, got {text!r}")
     return ttl
+
+
+def save_group(groups_dir: Path, group: dict[str, Any]) -> Group:
+    """Keep a group document in ``groups_dir`` under its name (checked first; replaces one of the same name)."""
+    parsed = parse_group(group)
+    path = Path(groups_dir) / f"{parsed.name}.json"
+    if not path.exists() and len(list(path.parent.glob("*.json"))) >= MAX_GROUPS:
+        raise LimitExceededError(f"{MAX_GROUPS} lab groups are defined, the most kept: remove one first")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(group, indent=2, default=str))
+    return parsed
 
 
 def available_memory_mib() -> int:
@@ -87,25 +100,28 @@ class Labs:
         self.runs: dict[str, LabRun] = {}
         self._closed = threading.Event()
         self._recover()
+        self.schedule = ScheduleState(Path(state_dir) / "lab-schedule.json")
         threading.Thread(target=self._expire_loop, daemon=True, name="lab-ttl").start()
+        threading.Thread(target=self._schedule_loop, daemon=True, name="lab-schedule").start()
 
     # --- groups -----------------------------------------------------------------------------------------
     def define(self, group: dict[str, Any]) -> dict[str, Any]:
         """Keep a group (the API's or a file's document) under its name; replaces one of the same name."""
-        parsed = parse_group(group)
-        path = self.groups_dir / f"{parsed.name}.json"
-        if not path.exists() and len(list(self.groups_dir.glob("*.json"))) >= MAX_GROUPS:
-            raise LimitExceededError(f"{MAX_GROUPS} lab groups are defined, the most kept: remove one first")
-        write_atomic(path, json.dumps(group, indent=2, default=str))
-        return parsed.as_json()
+        return save_group(self.groups_dir, group).as_json()
 
     def groups(self) -> list[dict[str, Any]]:
+        """The defined groups; a scheduled one with its ``next_run`` (ISO time)."""
         out = []
         for path in sorted(self.groups_dir.glob("*.json")):
             try:
-                out.append(parse_group(json.loads(path.read_text())).as_json())
+                doc = parse_group(json.loads(path.read_text())).as_json()
             except (OSError, ValueError, UsageError) as exc:
                 out.append({"name": path.stem, "error": str(exc)})
+                continue
+            if doc["schedule"]:
+                since = self.schedule.last.get(doc["name"]) or datetime.now().astimezone()
+                doc["next_run"] = next_run(doc["schedule"], since).isoformat(timespec="seconds")
+            out.append(doc)
         return out
 
     def remove_group(self, name: str) -> dict[str, Any]:
@@ -153,7 +169,9 @@ class Labs:
         """Start a sandbox lab of a group that runs until ``stop`` or its TTL."""
         return self._launch(group, kind="sandbox", ttl=parse_ttl(ttl))
 
-    def _launch(self, group_ref: str | dict[str, Any], kind: str, ttl: timedelta | None) -> dict[str, Any]:
+    def _launch(
+        self, group_ref: str | dict[str, Any], kind: str, ttl: timedelta | None, trigger: str = "request"
+    ) -> dict[str, Any]:
         group, doc = self._group(group_ref)
         self._check_scripts(group)
         need = sum(v.memory_mib + QEMU_OVERHEAD_MIB for v in group.vms)
@@ -175,6 +193,7 @@ class Labs:
                 "id": lab_id,
                 "group": group.name,
                 "kind": kind,
+                "trigger": trigger,  # "request" (CLI, API) or "schedule" (the group's own)
                 "state": "verifying" if kind == "verification" else "starting",
                 "started": _now(),
                 "finished": None,
@@ -263,6 +282,18 @@ class Labs:
             records = sorted(self.records.values(), key=lambda r: r["started"], reverse=True)
             return [_copy(r) for r in records]
 
+    def metrics(self) -> dict[str, Any]:
+        """What the Prometheus metrics show: labs running, and per group its last finished verification (1
+        passed, 0 failed or could not run) and when it finished (Unix time)."""
+        groups: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            running = sum(r["state"] in LIVE for r in self.records.values())
+            done = [r for r in self.records.values() if r["kind"] == "verification" and r["state"] in VERDICTS]
+        for r in sorted(done, key=lambda r: r["finished"] or ""):
+            finished = datetime.fromisoformat(r["finished"]).timestamp() if r["finished"] else None
+            groups[r["group"]] = {"passed": int(r["state"] == "passed"), "finished": finished, "lab": r["id"]}
+        return {"running": running, "groups": groups}
+
     def ops(self) -> dict[str, Callable[..., Any]]:
         """The daemon's control operations for labs."""
         return {
@@ -281,6 +312,38 @@ class Labs:
         self._closed.set()
         for lab_id in list(self.runs):
             self._finish(lab_id, "stopped")
+
+    def _schedule_loop(self, every: float = 5.0) -> None:
+        """One thread for every group's schedule: a due group's verification is started like a requested one
+        (so never more labs than ``max_running``; a due group waits while that limit is reached)."""
+        while not self._closed.wait(every):
+            try:
+                self._run_due(datetime.now().astimezone())
+            except Exception:  # noqa: BLE001 - the next tick tries again; the loop must not die
+                log.exception("lab schedule")
+
+    def _run_due(self, now: datetime) -> None:
+        schedules = {}
+        for doc in self.groups():
+            if doc.get("schedule"):
+                schedules[doc["name"]] = doc["schedule"]
+        for name in self.schedule.due(schedules, now):
+            with self._lock:
+                busy = any(r["group"] == name and r["state"] in LIVE for r in self.records.values())
+            if busy:
+                log.info("lab group %s: scheduled run skipped, its previous lab still runs", name)
+                self.schedule.done(name, now)
+                continue
+            try:
+                record = self._launch(name, kind="verification", ttl=None, trigger="schedule")
+            except LimitExceededError as exc:
+                log.info("lab group %s: scheduled run waits: %s", name, exc)
+                continue  # still due at the next tick
+            except Exception as exc:  # noqa: BLE001 - a bad group must not stop the others' schedules
+                log.warning("lab group %s: scheduled run not started: %s", name, exc)
+            else:
+                log.info("lab group %s: scheduled verification %s started", name, record["id"])
+            self.schedule.done(name, now)
 
     def _expire_loop(self, every: float = 5.0) -> None:
         while not self._closed.wait(every):

@@ -29,7 +29,7 @@ def test_demo_prepares_once_then_serves_and_stops_cleanly(tmp_path: Path, build_
     )
     assert first.returncode == 0, first.stderr
     assert "VM 'demo-vm', 2 restore points" in first.stderr
-    points = json.loads(bootback("points", data / "repo", "--json").stdout)
+    points = json.loads(bootback("points", data / "repo", "--vm", "demo-vm", "--json").stdout)
     assert len(points) == 2
     # the second restore point is incremental: it stored a small fraction of the disk
     assert points[1]["stats"]["bytes_new"] < points[0]["stats"]["bytes_new"] / 4
