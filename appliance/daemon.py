@@ -230,6 +230,7 @@ class Daemon:
             "nfs_clients": list(self.config.clients),
             "nfs_open_to_everyone": self.config.open_to_everyone(),
             "read_cache": self.read_cache.status() if self.read_cache else None,
+            "labs": self.labs.metrics(),  # labs running, each group's last verification (web/metrics.py)
         }
 
     def op_publish(

@@ -89,4 +89,21 @@ def render_metrics(status: dict, sessions: list[dict], repositories: list[dict])
         "RPC calls served on open connections, per client.",
         [({"client": c["address"]}, c.get("calls", 0)) for c in clients],
     )
+    labs = status.get("labs") or {"running": 0, "groups": {}}
+    metric(
+        "bootback_labs_running", "gauge", "Virtual labs running (verifications and sandboxes).", [({}, labs["running"])]
+    )
+    groups = labs["groups"]
+    metric(
+        "bootback_lab_last_result",
+        "gauge",
+        "1 when a lab group's last verification passed, 0 when it failed.",
+        [({"group": g}, v["passed"]) for g, v in sorted(groups.items())],
+    )
+    metric(
+        "bootback_lab_last_run_timestamp_seconds",
+        "gauge",
+        "When a lab group's last verification finished (Unix time).",
+        [({"group": g}, v["finished"]) for g, v in sorted(groups.items()) if v.get("finished") is not None],
+    )
     return "\n".join(lines) + "\n"
