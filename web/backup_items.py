@@ -145,7 +145,8 @@ def items(name: str) -> Response:
     return jsonify({"point": tgt.point, "items": [i.to_json() for i in found]})
 
 
-@bp.get("/<any(postgres, mariadb):kind>/databases")
+@bp.get("/postgres/databases", defaults={"kind": "postgres"})
+@bp.get("/mariadb/databases", defaults={"kind": "mariadb"})
 @api_auth
 def databases(name: str, kind: str) -> Response:
     tgt = target(name)
@@ -158,7 +159,8 @@ def databases(name: str, kind: str) -> Response:
     return jsonify({"point": tgt.point, "path": item.path, "databases": names})
 
 
-@bp.get("/<any(postgres, mariadb):kind>/tables")
+@bp.get("/postgres/tables", defaults={"kind": "postgres"})
+@bp.get("/mariadb/tables", defaults={"kind": "mariadb"})
 @api_auth
 def tables(name: str, kind: str) -> Response:
     tgt = target(name)
@@ -172,7 +174,8 @@ def tables(name: str, kind: str) -> Response:
     return jsonify({"point": tgt.point, "path": item.path, "tables": [t.to_json() for t in found]})
 
 
-@bp.get("/<any(postgres, mariadb):kind>/dump")
+@bp.get("/postgres/dump", defaults={"kind": "postgres"})
+@bp.get("/mariadb/dump", defaults={"kind": "mariadb"})
 @api_auth
 def dump(name: str, kind: str) -> Response:
     """``dump=DB``, or ``dump=DB.[SCHEMA.]TABLE`` (repeated for several tables of one database): plain SQL,

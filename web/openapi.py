@@ -69,27 +69,57 @@ def ITEM_PATHS(repo: dict) -> dict:  # noqa: N802 - application item recovery (w
     text = {"type": "string", "maxLength": 200}
     db = {"name": "db", "in": "query", "required": False, "schema": text, "description": "only this database"}
     dump = {"name": "dump", "in": "query", "required": True, "schema": text, "description": "DB or DB.[SCHEMA.]TABLE"}
-    return {
-        "/api/v1/repositories/{name}/items": {
+    count = {"name": "count", "in": "query", "required": False, "schema": {"type": "string", "enum": ["1", "0"]}}
+    specs = {**dump, "schema": {"type": "array", "items": text, "maxItems": 64}, "description": dump["description"]}
+    ldap = {"name": "filter", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 1000}}
+    day = {"type": "string", "format": "date"}
+    mail = [
+        *({"name": n, "in": "query", "required": False, "schema": text} for n in ("folder", "from", "subject")),
+        *({"name": n, "in": "query", "required": False, "schema": day} for n in ("since", "until")),
+        {"name": "id", "in": "query", "required": False, "schema": {"type": "array", "items": text, "maxItems": 64}},
+    ]
+    fmt = {"name": "format", "in": "query", "required": False, "schema": {"type": "string", "enum": ["mbox", "eml"]}}
+    base = "/api/v1/repositories/{name}/items"
+    paths = {
+        base: {
             "get": _op(
                 "Applications inside a restore point (kind, disk, volume, path, version)",
                 _json(OBJ),
-                params=[repo, point],
+                params=[repo, point, path],
             )
         },
-        "/api/v1/repositories/{name}/items/postgres/tables": {
+        f"{base}/openldap/entries": {
             "get": _op(
-                "Tables and exact row counts of a backed-up PostgreSQL cluster",
+                "Entries of a backed-up OpenLDAP database (DN, objectClass)",
                 _json(OBJ),
-                params=[repo, point, path, db],
+                params=[repo, point, path, ldap],
             )
         },
-        "/api/v1/repositories/{name}/items/postgres/dump": {
-            "get": _op(
-                "A database or table of a backed-up PostgreSQL cluster as SQL", BINARY, params=[repo, point, path, dump]
-            )
+        f"{base}/openldap/export": {"get": _op("Matching entries as LDIF", BINARY, params=[repo, point, path, ldap])},
+        f"{base}/mail/messages": {
+            "get": _op("Messages of a backed-up Maildir or mbox", _json(OBJ), params=[repo, point, path, *mail])
+        },
+        f"{base}/mail/export": {
+            "get": _op("Matching messages as mbox, or one as .eml", BINARY, params=[repo, point, path, *mail, fmt])
         },
     }
+    for kind, what in (("postgres", "PostgreSQL cluster"), ("mariadb", "MariaDB/MySQL data directory")):
+        paths[f"{base}/{kind}/databases"] = {
+            "get": _op(f"Databases of a backed-up {what}", _json(OBJ), params=[repo, point, path])
+        }
+        paths[f"{base}/{kind}/tables"] = {
+            "get": _op(
+                f"Tables (and exact row counts) of a backed-up {what}",
+                _json(OBJ),
+                params=[repo, point, path, db, count],
+            )
+        }
+        paths[f"{base}/{kind}/dump"] = {
+            "get": _op(
+                f"A database, or tables of one, of a backed-up {what} as SQL", BINARY, params=[repo, point, path, specs]
+            )
+        }
+    return paths
 
 
 def FILE_QUERY(repo: dict) -> list[dict]:  # noqa: N802 - reads like the constant lists above

@@ -425,11 +425,62 @@ def test_the_api_lists_applications_and_tables_and_downloads_a_dump(apps: dict, 
         ]:
             r = api.get(f"{url}/postgres/dump", params=params)
             assert r.status_code == status and message in r.json()["error"]["message"], (params, r.text)
+        _api_parity(api, url, apps)
         assert not list((state / "items").iterdir()), "a download or view was left in STATE/items"
     finally:
         d.stop()
         shutil.rmtree(state, ignore_errors=True)
         Path(f"{state}-daemon.log").unlink(missing_ok=True)
+
+
+def _api_parity(api, url: str, apps: dict) -> None:  # noqa: ANN001
+    """The CLI's listings and downloads through the API: databases, MariaDB tables and dumps, LDAP search and
+    LDIF export, mail search and .eml/mbox export; each bad field is one error naming it."""
+    pg = {"point": "db01", "path": "/srv/pg-clean"}
+    assert api.get(f"{url}/postgres/databases", params=pg).json()["databases"] == ["hr", "postgres", "shop"]
+    uncounted = api.get(f"{url}/postgres/tables", params={**pg, "db": "hr", "count": "0"}).json()["tables"]
+    assert uncounted == [{"database": "hr", "schema": "public", "table": "staff", "rows": None}]
+    two = api.get(f"{url}/postgres/dump", params={**pg, "dump": ["shop.customers", "shop.sales.invoices"]})
+    assert two.status_code == 200 and "COPY public.customers" in two.text and "COPY sales.invoices" in two.text
+    assert apps["expected"]["clean"]["shop"]["sales.invoices"] in two.text
+
+    assert api.get(f"{url}/mariadb/databases", params={"point": "db01"}).json()["databases"] == ["inventory"]
+    mtables = api.get(f"{url}/mariadb/tables", params={"point": "db01", "db": "inventory"}).json()["tables"]
+    assert {(t["table"], t["rows"]) for t in mtables} == {
+        (t, rows.count("\n")) for t, rows in apps["expected"]["mariadb"]["inventory"].items()
+    }
+    mdump = api.get(f"{url}/mariadb/dump", params={"point": "db01", "dump": "inventory.moves"})
+    assert mdump.status_code == 200 and "INSERT INTO `moves`" in mdump.text and "`items`" not in mdump.text
+
+    ldap = api.get(f"{url}/openldap/entries", params={"point": "db01", "filter": "(objectClass=inetOrgPerson)"})
+    assert [e["dn"] for e in ldap.json()["entries"]] == [
+        "uid=ann,ou=people,dc=example,dc=org",
+        "uid=bo,ou=people,dc=example,dc=org",
+    ]
+    ldif = api.get(f"{url}/openldap/export", params={"point": "db01", "filter": "(uid=bo)"})
+    assert ldif.status_code == 200 and ldif.text.startswith("dn: uid=bo,ou=people,dc=example,dc=org\n")
+
+    box = {"point": "db01", "path": "/home/alice/Maildir"}
+    found = api.get(f"{url}/mail/messages", params={**box, "from": "carol", "since": "2026-03-03"}).json()
+    assert [m["subject"] for m in found["messages"]] == ["Re: Quarterly report"]
+    eml = api.get(f"{url}/mail/export", params={**box, "id": found["messages"][0]["id"], "format": "eml"})
+    assert eml.status_code == 200 and eml.content.startswith(b"From: carol@example.org")
+    mbox = api.get(f"{url}/mail/export", params={"point": "db01", "path": "/var/mail/bob"})
+    assert mbox.status_code == 200 and mbox.text.count("\nSubject: ") == 2
+
+    for route, params, message in [
+        ("postgres/tables", {**pg, "count": "yes"}, "count: expected 1 (count rows) or 0"),
+        ("postgres/dump", pg, "dump: expected 1 to 64 of DB"),
+        ("mariadb/dump", {"point": "db01", "dump": "shop\nx"}, "dump: expected DB, DB.TABLE"),
+        ("openldap/entries", {"point": "db01", "filter": "uid=ann"}, "filter: expected an LDAP filter"),
+        ("mail/messages", {**box, "since": "March"}, "since: expected a day such as 2026-03-01, got 'March'"),
+        ("mail/messages", {**box, "subject": "a\x01"}, "subject: expected 1 to 200 printable characters"),
+        ("mail/export", {**box, "format": "zip"}, "format: expected mbox or eml, got 'zip'"),
+        ("mail/export", {**box, "format": "eml"}, "an .eml file holds one message; 4 match"),
+        ("mail/messages", {"point": "db01", "path": "relative"}, "path: expected an absolute path"),
+    ]:
+        r = api.get(f"{url}/{route}", params=params)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (route, params, r.text)
 
 
 @pytest.mark.parametrize("mode", ["fuse", "copy"])
