@@ -1,9 +1,10 @@
 """The demo's virtual lab: two small VMs backed up into the demo repository and the application group
 ``demo-lab`` kept in the demo's state, so ``bootback lab verify demo-lab`` works on a fresh machine.
 
-``demo-web`` serves a page (and answers qemu-guest-agent's ping); ``demo-client`` boots after it, fetches that
-page over the lab network and says so on its console, which is its check. The guests are the lab's busybox
-guests (appliance.lab.guests), built like the demo disk: no loop device, mount or root.
+``demo-web`` serves a page and answers qemu-guest-agent's ping (its "agent" check); ``demo-client`` boots
+after it, fetches that page over the lab network and says so on its console, which is its check.
+The guests are the lab's busybox guests (appliance.lab.guests), built like the demo disk: no loop device, mount
+or root.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def demo_lab_group() -> dict[str, Any]:
                     {"type": "console", "expect": "bootback-lab: web serving http", "timeout": 180},
                     {"type": "ping", "timeout": 30},
                     {"type": "http", "path": "/", "text": WEB_PAGE, "timeout": 30},
+                    {"type": "agent", "timeout": 60},
                     {"type": "screenshot", "timeout": 15},
                 ],
             },

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.lab.group import Check
-from appliance.lab.machine import Machine
+from appliance.lab.machine import Machine, MachineError
 from appliance.lab.network import LabNetwork, run_in
 from appliance.verification import compile_expect
 
 RETRY = 1.0  # seconds between attempts
 MAX_BODY = 64 << 10  # bytes of an HTTP answer read
 MAX_OUTPUT = 4000  # characters of a script's output kept
+AGENT_WAIT = 3.0  # seconds one guest-agent attempt waits for its answers
 
 
 @dataclass
@@ -72,6 +73,8 @@ def target_of(check: Check, address: str) -> str:
         return f"{'https' if check.https else 'http'}://{address}:{check.port}{check.path}"
     if check.type == "script":
         return " ".join([*check.script, address])
+    if check.type == "agent":
+        return "org.qemu.guest_agent.0"
     return address
 
 
@@ -177,6 +180,18 @@ def _script(probe: Probe, check: Check, wait: float, _extra: dict) -> tuple[bool
     return p.returncode == 0, f"exit {p.returncode}" + (f": {out[-300:]}" if out else "")
 
 
+def _agent(probe: Probe, check: Check, wait: float, _extra: dict) -> tuple[bool, str]:
+    """qemu-guest-agent answers on its virtio-serial channel: guest-sync with a fresh id (so a reply left over
+    from an earlier attempt is not taken for this one's), then guest-ping."""
+    try:
+        probe.machine.guest_agent_ping(min(wait, AGENT_WAIT))
+    except TimeoutError:
+        return False, "no answer from the guest agent (org.qemu.guest_agent.0)"
+    except MachineError as exc:
+        return False, str(exc)
+    return True, "guest-ping answered"
+
+
 def _screenshot(probe: Probe, check: Check, _wait: float, extra: dict) -> tuple[bool, str]:
     """The guest's screen as PNG, kept; it passes when the screen shows something (not one colour)."""
     png = probe.machine.screendump(probe.workdir / f"{probe.machine.name}.png")
@@ -208,4 +223,5 @@ ATTEMPTS = {
     "http": _http,
     "script": _script,
     "screenshot": _screenshot,
+    "agent": _agent,
 }

@@ -17,6 +17,7 @@ names the field and the value. Example::
         checks:
           - {type: http, port: 80, path: /status, status: 200, text: "db: reachable"}
           - {type: screenshot}
+          - {type: agent}           # qemu-guest-agent answers (guest-ping)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ MAX_CHECKS = 32
 MAX_FILE = 256 << 10  # bytes of a group file
 MIN_MEMORY, MAX_MEMORY = 96, 8192  # MiB; the Debian kernel does not boot in 64
 NICS = ("e1000", "virtio-net-pci", "rtl8139")
-CHECK_TYPES = ("console", "ping", "tcp", "http", "script", "screenshot")
+CHECK_TYPES = ("console", "ping", "tcp", "http", "script", "screenshot", "agent")
 DEFAULT_TIMEOUT = 120.0  # seconds a check may take (it retries within them)
 MAX_TIMEOUT = 3600.0
 
@@ -146,6 +147,7 @@ def parse_check(where: str, doc: object) -> Check:
         "http": {"port", "path", "status", "text", "https"},
         "script": {"script"},
         "screenshot": set(),
+        "agent": set(),  # qemu-guest-agent answers guest-ping on its virtio-serial channel
     }
     if not isinstance(doc, dict) or doc.get("type") not in CHECK_TYPES:
         got = doc.get("type") if isinstance(doc, dict) else doc

@@ -1,5 +1,6 @@
 """One lab guest: a qemu process booting published disks over nfs://, its NIC a tap device on the lab's
-bridge, its serial console in a file, and a QMP socket for screenshots.
+bridge, its serial console in a file, a QMP socket for screenshots, and a virtio-serial channel named
+org.qemu.guest_agent.0 where a guest's qemu-guest-agent answers (the "agent" check).
 
 The console is bounded: qemu writes it to a Unix socket this process listens on (qemu connects as the client
 when it starts, so nothing is lost), and a reader thread keeps the first MAX_CONSOLE bytes and drains the rest.
@@ -26,6 +27,7 @@ from appliance.errors import BootbackError
 
 MAX_CONSOLE = 1 << 20  # console bytes kept per guest; the rest is read and dropped
 QMP_TIMEOUT = 10.0
+MAX_AGENT_LINE = 64 << 10  # bytes of one guest-agent reply read (the guest is not trusted to end its lines)
 CONNECT_TIMEOUT = 60.0  # qemu connects its serial port while it starts, or it has failed
 
 
@@ -40,6 +42,7 @@ class Machine:
         sock = hashlib.sha256(name.encode()).hexdigest()[:8]  # short: a socket path has at most 107 bytes
         self.qmp_path = Path(workdir) / f"{sock}.qmp"
         self.serial_path = Path(workdir) / f"{sock}.serial"
+        self.agent_path = Path(workdir) / f"{sock}.qga"
         self.drives, self.tap_fd, self.mac = drives, tap_fd, mac
         self.memory_mib, self.nic = memory_mib, nic
         self.proc: subprocess.Popen | None = None
@@ -70,6 +73,12 @@ class Machine:
             "chardev:console",
             "-qmp",
             f"unix:{self.qmp_path},server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=vserial",
+            "-chardev",
+            f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+            "-device",
+            "virtserialport,bus=vserial.0,chardev=agent,name=org.qemu.guest_agent.0",
             "-netdev",
             f"tap,id=lan,fd={self.tap_fd}",
             "-device",
@@ -155,6 +164,37 @@ class Machine:
                         raise MachineError(f"{self.name}: QMP {command}: {reply['error'].get('desc')}")
                     break
             return reply.get("return")
+
+    def guest_agent_ping(self, wait: float) -> None:
+        """guest-sync (a random id, echoed back) then guest-ping on the agent channel; TimeoutError when the
+        agent does not answer within ``wait`` seconds, MachineError when it answers with an error."""
+        sync_id = int.from_bytes(os.urandom(4), "big")
+        deadline = time.monotonic() + wait
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(wait)
+            try:
+                s.connect(str(self.agent_path))
+            except OSError as exc:
+                raise MachineError(f"{self.name}: no guest agent channel: {exc.strerror or exc}") from None
+            reader = s.makefile("rb")
+            for doc, want in (
+                ({"execute": "guest-sync", "arguments": {"id": sync_id}}, sync_id),
+                ({"execute": "guest-ping"}, {}),
+            ):
+                s.sendall(json.dumps(doc).encode() + b"\n")
+                while True:
+                    s.settimeout(max(0.1, deadline - time.monotonic()))
+                    line = reader.readline(MAX_AGENT_LINE)  # TimeoutError when the agent is silent
+                    if not line:
+                        raise TimeoutError  # the channel closed: no agent behind it yet
+                    try:
+                        reply = json.loads(line)
+                    except ValueError:
+                        continue  # a partial or foreign line: only a matching reply counts
+                    if isinstance(reply, dict) and "error" in reply:
+                        raise MachineError(f"{self.name}: guest agent: {doc['execute']}: {reply['error']}")
+                    if isinstance(reply, dict) and reply.get("return") == want:
+                        break
 
     def screendump(self, path: Path, fmt: str = "png") -> Path:
         self.qmp("screendump", filename=str(path), format=fmt)
