@@ -7,6 +7,7 @@ service off. Disks are built once and cached (BOOTBACK_TEST_CACHE)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -65,8 +66,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory, build_cache: Path):
     daemon = start_owning_the_portmapper(repo, base / "state")
     yield base, repo, daemon, consistent
     daemon.stop()
+    owner = hashlib.sha256(str((base / "state").resolve()).encode()).hexdigest()[:6]  # another test's labs may run
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "bootback-lab-" not in leftover, f"lab networks left behind: {leftover}"
+    assert f"bootback-lab-{owner}-" not in leftover, f"lab networks left behind: {leftover}"
 
 
 # A custom check: run in the lab's namespace with the VM's address last; asks the app's front page over HTTP.
@@ -288,7 +290,8 @@ def test_a_vm_that_never_boots_fails_at_its_timeout_while_nfs_is_served(lab) -> 
     hostile = {"name": "hostile", "vms": [{"vm": "broken", "checks": [{"type": "script", "script": "/bin/sh"}]}]}
     p = daemon.cli("lab", "verify", write_group(base, hostile), ok=False)
     assert p.returncode == 2 and "'/bin/sh' is not an executable file in" in p.stderr, p.stderr
-    assert namespaces().count("bootback-lab-") == 0
+    owner = hashlib.sha256(str(daemon.state.resolve()).encode()).hexdigest()[:6]
+    assert f"bootback-lab-{owner}-" not in namespaces()  # refused before its network was made
     started = time.monotonic()
     verify = subprocess.Popen(
         [sys.executable, "-m", "appliance", "lab", "verify", str(write_group(base, group)), "--state", daemon.state],
