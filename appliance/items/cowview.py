@@ -30,6 +30,7 @@ from pathlib import Path
 
 from appliance.errors import BootbackError, ItemRecoveryError, NoSpaceError
 from appliance.files import FileBrowser, browse
+from appliance.items.viewtree import nodes
 from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
 from appliance.units import GiB
@@ -227,8 +228,8 @@ class CowView:
     def _enter_copy(self) -> Path:
         repo = Repository.open(repository_arg(self.repo))
         browser: FileBrowser = browse(repo, repo.resolve(self.point), self.disk)
-        entries = list(browser.walk(self.root))
-        total = sum(e.size for _, e, _ in entries if e.kind == "file")
+        entries = list(nodes(browser, self.root))
+        total = sum(n.entry.size for n in entries if n.entry.kind == "file")
         if total > self.copy_limit:
             raise ItemRecoveryError(
                 f"{self.root} holds {total:,} bytes, more than the copy limit of {self.copy_limit:,} "
@@ -238,8 +239,8 @@ class CowView:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(mode=0o700)
         try:
-            for rel, entry, opener in entries:
-                target = dest / rel
+            for node in entries:
+                target, entry, opener = dest / node.rel, node.entry, node.opener
                 if entry.kind == "directory":
                     target.mkdir(mode=0o700)
                 elif entry.kind == "file" and opener is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import posixpath
 import stat
 import sys
 import time
@@ -26,6 +25,7 @@ from fuse import FUSE, FuseOSError, Operations  # fusepy
 from appliance.errors import BootbackError, FileNotFoundInBackupError
 from appliance.files import FileBrowser, browse
 from appliance.files.filesystems import Entry
+from appliance.items.viewtree import link_target, nodes
 from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
 
@@ -51,31 +51,16 @@ class BackupView(Operations):
             raise FileNotFoundInBackupError(f"not a directory: {root}")
         self._entries: dict[str, tuple[Entry, Callable[[], BinaryIO] | None]] = {"/": (top, None)}
         self._children: dict[str, list[str]] = {"/": []}
-        for rel, entry, opener in browser.walk(root):
-            if entry.kind not in ("file", "directory", "symlink"):
-                continue  # FIFOs, devices, sockets: nothing an application's data needs
-            path = "/" + rel
+        self._sources: dict[str, str] = {"/": self.root}  # each path's place in the backup (grafts: elsewhere)
+        for node in nodes(browser, root):  # symlinks leaving the view are grafted or left out: see viewtree
+            path = "/" + node.rel
             parent, _, name = path.rpartition("/")
-            if entry.kind == "symlink" and not self._inside(parent, path):
-                continue  # see _inside
             self._children.setdefault(parent or "/", []).append(name)
-            self._entries[path] = (entry, opener)
-            if entry.kind == "directory":
+            self._entries[path] = (node.entry, node.opener)
+            self._sources[path] = node.source
+            if node.entry.kind == "directory":
                 self._children.setdefault(path, [])
         self._attrs: dict[str, dict] = {}
-
-    def _inside(self, parent: str, path: str) -> bool:
-        """A symlink is shown only when its target stays inside the view. An absolute one (a PostgreSQL pg_wal or
-        tablespace link, /var/mail -> /home/...) would send the server to this host's own files, and write there."""
-        try:
-            target = self.readlink(path)
-        except FuseOSError:
-            return False
-        joined = posixpath.normpath(posixpath.join(parent.lstrip("/"), target))
-        return not target.startswith("/") and joined != ".." and not joined.startswith("../")
-
-    def _inner(self, path: str) -> str:
-        return self.root + ("" if path == "/" else path)
 
     def _entry(self, path: str) -> tuple[Entry, Callable[[], BinaryIO] | None]:
         found = self._entries.get(path)
@@ -111,12 +96,11 @@ class BackupView(Operations):
         return [".", "..", *self._children[path]]
 
     def readlink(self, path: str) -> str:
-        vol, inner = self.browser.split(self._inner(path))
-        fs = self.browser.filesystem(vol) if vol else None
-        try:
-            return fs.fs.get(inner).link  # ext and XFS inodes (dissect) carry the target
-        except Exception:  # noqa: BLE001 - NTFS/FAT reparse points are not followed
-            raise FuseOSError(errno.EINVAL) from None
+        self._entry(path)
+        target = link_target(self.browser, self._sources[path])
+        if target is None:
+            raise FuseOSError(errno.EINVAL)
+        return target
 
     def open(self, path: str, flags: int) -> int:
         entry, opener = self._entry(path)

@@ -428,3 +428,65 @@ def build_app_disk(cache: Path) -> Path:
     shutil.rmtree(work / "mariadb")
     os.replace(work, out) if not out.exists() else shutil.rmtree(work)
     return out
+
+
+XFS_VERSION = "2"
+XFS_BYTES = 320 << 20  # mkfs.xfs refuses file systems under 300 MB; the image is sparse
+
+
+def _protofile(root: Path, uid: int, gid: int) -> str:
+    """mkfs.xfs's prototype file (xfsprogs' 'mkfs.xfs -p'): the tree under ``root``, owned by uid:gid, so the
+    file system is made populated, without mounting it. Names must not hold spaces (PostgreSQL's do not)."""
+    lines = ["/dev/null", "0 0", f"d--{root.stat().st_mode & 0o777:03o} {uid} {gid}"]
+
+    def walk(d: Path, depth: int) -> None:
+        for p in sorted(d.iterdir()):
+            assert " " not in p.name, p
+            pad = " " * depth
+            mode = f"{p.lstat().st_mode & 0o777:03o}"
+            if p.is_symlink():
+                lines.append(f"{pad}{p.name} l--{mode} {uid} {gid} {os.readlink(p)}")
+            elif p.is_dir():
+                lines.append(f"{pad}{p.name} d--{mode} {uid} {gid}")
+                walk(p, depth + 1)
+                lines.append(f"{pad}$")
+            else:
+                lines.append(f"{pad}{p.name} ---{mode} {uid} {gid} {p}")
+
+    walk(root, 1)
+    return "\n".join([*lines, "$", ""])
+
+
+def build_xfs_disk(cache: Path) -> Path:
+    """An XFS image (made populated by ``mkfs.xfs -p``, no mount, no root needed) holding the clean PostgreSQL
+    cluster of ``build_app_disk`` twice: /srv/pg-xfs as it was, and /var/lib/postgresql/15/walink whose pg_wal is
+    a symlink to /srv/wal-elsewhere on the same file system (as ``initdb --waldir`` makes it), and links to /etc
+    and to its own ancestor that the view must leave out."""
+    out = cache / f"items-xfs-v{XFS_VERSION}-{BUILD_VERSION}"
+    if (out / "xfs.raw").exists():
+        return out
+    ext4 = build_app_disk(cache) / "disk.raw"
+    work = Path(f"{out}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "tree/srv").mkdir(parents=True)
+    sh("debugfs", "-R", f"rdump /srv/pg-clean {work / 'tree/srv'}", ext4)  # read out of the image, no mount
+    (work / "tree/srv/pg-clean").rename(work / "tree/srv/pg-xfs")
+    walink = work / "tree/var/lib/postgresql/15/walink"
+    walink.parent.mkdir(parents=True)
+    shutil.copytree(work / "tree/srv/pg-xfs", walink, symlinks=True)
+    (walink / "pg_wal").rename(work / "tree/srv/wal-elsewhere")
+    (walink / "pg_wal").symlink_to("/srv/wal-elsewhere")
+    # hostile links: to /etc (not on this file system: on the appliance it would be the host's) and to an
+    # ancestor of the data directory (a loop)
+    (walink / "pg_tblspc/99999").symlink_to("/etc")
+    (walink / "up").symlink_to("../../..")
+    entry = pwd.getpwnam("postgres")
+    proto = work / "proto.txt"
+    proto.write_text(_protofile(work / "tree", entry.pw_uid, entry.pw_gid))
+    with open(work / "xfs.raw", "wb") as f:
+        f.truncate(XFS_BYTES)
+    # two allocation groups: mkfs puts a prototype's files in one, and a quarter of 320 MB is too small
+    sh("mkfs.xfs", "-q", "-f", "-d", "agcount=2", "-p", proto, work / "xfs.raw")
+    shutil.rmtree(work / "tree")
+    os.replace(work, out) if not out.exists() else shutil.rmtree(work)
+    return out
