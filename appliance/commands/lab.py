@@ -11,6 +11,8 @@ from typing import Any
 
 from appliance.commands.daemon import _client, _state_arg
 from appliance.errors import VerificationFailedError
+from appliance.lab.esxi import add_arguments as esxi_arguments
+from appliance.lab.esxi import cmd_verify_esxi
 
 LIVE = ("verifying", "starting", "running")
 POLL = 1.0
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     group_arg(p)
     _state_arg(p)
     p.add_argument("--json", action="store_true")
+    esxi_arguments(p)
     p.set_defaults(func=cmd_verify)
 
     p = labsub.add_parser("start", help="start a sandbox lab of a group: it runs until 'lab stop' or its TTL")
@@ -136,6 +139,8 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.esxi:  # the lab on an ESXi host instead of the appliance's qemu (appliance/lab/esxi.py)
+        return cmd_verify_esxi(args, client, _group_ref(args.group))
     record = client.call("lab_verify", group=_group_ref(args.group))
     try:
         record = _wait(client, record["id"], LIVE)

@@ -11,6 +11,7 @@ whose published sandboxes the simulator's datastore shows (standing in for the h
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -300,6 +301,29 @@ def test_a_group_the_appliance_publishes_runs_from_its_export(vcsim, si, tmp_pat
             "app",
         ], registered
         assert "guestOS" in (vcsim.root / DATASTORE / registered[0].split("] ")[1]).read_text()
+        assert client.call("sessions") == [], "the sandboxes were not stopped"
+
+        # the CLI, for a group the appliance keeps: nothing mirrors the export into the simulator's datastore
+        # now, so registering db fails; the command says which .vmx, exits 70, and leaves nothing behind
+        client.call("lab_define", group={"name": "shop", "vms": [{"vm": "db"}, {"vm": "app"}]})
+        password = tmp_path / "esxi-password"
+        password.write_text("vcsim-pass\n")
+        esxi = ["--esxi", "127.0.0.1", "--esxi-port", str(vcsim.port), "--esxi-user", "bootback", "--esxi-insecure"]
+        p = d.cli("lab", "verify", "shop", *esxi, ok=False)
+        assert p.returncode == 2 and "--esxi: give the password with --esxi-password-file" in p.stderr, p.stderr
+        mark = vcsim.mark()
+        p = d.cli("lab", "verify", "shop", *esxi, "--esxi-password-file", password, "--json", ok=False)
+        assert p.returncode == 70, p.stdout + p.stderr
+        report = json.loads(p.stdout)
+        assert [v["state"] for v in report["vms"]] == ["failed", "skipped"], report
+        assert re.search(r"db: registering \[bootback\] db-sandbox-\w+/db\.vmx: .*NotFound", p.stderr), p.stderr
+        assert [c[0] for c in vcsim.calls(mark)] == [
+            "AddVirtualSwitch",
+            "AddPortGroup",
+            "RegisterVM_Task",
+            "RemovePortGroup",
+            "RemoveVirtualSwitch",
+        ]
         assert client.call("sessions") == [], "the sandboxes were not stopped"
     finally:
         d.stop()
