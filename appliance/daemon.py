@@ -23,6 +23,7 @@ from appliance.errors import (
 from appliance.lab.service import Labs
 from appliance.repo import Repository
 from appliance.repo.backends import is_s3
+from appliance.repo.prefetch import rewarm
 from appliance.repo.readcache import ReadCache
 from appliance.repo.repository import find_repositories
 from appliance.sessions.control import ControlServer
@@ -144,6 +145,7 @@ class Daemon:
             self.op_points,
             config.max_verifications,
             nfs_host=local_nfs_host(config.bind),
+            space=lambda: self.sessions.check_space(self.sessions.default_cache),
         )
         self.control = ControlServer(state, self._ops())
         self.web: subprocess.Popen | None = None
@@ -195,6 +197,7 @@ class Daemon:
             "session": self.op_session,
             "stop": self.op_stop,
             "migrate": self.op_migrate,
+            "prefetch": self.op_prefetch,
             "migrate_status": self.op_migrate_status,
             "repositories": self.op_repositories,
             "points": self.op_points,
@@ -278,6 +281,18 @@ class Daemon:
 
     def op_migrate(self, id: str, output: str, overwrite: bool = False) -> dict:  # noqa: A002
         return self.sessions.migrate(id, output, overwrite).status()
+
+    def op_prefetch(self, id: str) -> dict:  # noqa: A002
+        """Warm a running session's disks into the read cache in the background (what ``publish --prefetch``
+        does at the start); its progress is the session's "prefetch" field."""
+        if self.sessions.read_cache is None:
+            raise UsageError("prefetch needs the read cache: serve with --read-cache SIZE (not 0)")
+        with self.sessions._lock:  # against a concurrent stop: its readers stay while the warm-ups start
+            rec = self.sessions.get(id)
+            self.sessions.prefetches[rec.id] = rewarm(
+                self.sessions.readers[rec.id], self.sessions.prefetches.get(rec.id)
+            )
+        return self._doc(rec)
 
     def op_migrate_status(self, id: str) -> dict:  # noqa: A002
         rec = self.sessions.get(id)

@@ -34,6 +34,7 @@ def demo_lab_group() -> dict[str, Any]:
                 "vm": WEB,
                 "address": WEB_ADDRESS,
                 "memory_mib": 96,
+                "cache_mib": 64,  # the busybox guests write next to nothing
                 "checks": [
                     {"type": "console", "expect": "bootback-lab: web serving http", "timeout": 180},
                     {"type": "ping", "timeout": 30},
@@ -46,6 +47,7 @@ def demo_lab_group() -> dict[str, Any]:
                 "vm": CLIENT,
                 "address": CLIENT_ADDRESS,
                 "memory_mib": 96,
+                "cache_mib": 64,  # the busybox guests write next to nothing
                 "checks": [
                     {"type": "console", "expect": f"client reached {WEB_ADDRESS}: {WEB_PAGE}", "timeout": 180},
                     {"type": "screenshot", "timeout": 15},

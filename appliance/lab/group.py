@@ -10,6 +10,7 @@ names the field and the value. Example::
     vms:
       - vm: db
         address: 10.0.0.10        # given by the lab's DHCP (default: the next free one from .10)
+        cache_mib: 2048           # write cache its sandbox may take (default 512): checked before the lab starts
         checks:
           - {type: console, expect: "db ready", timeout: 60}
           - {type: tcp, port: 5432}
@@ -42,6 +43,7 @@ MAX_VMS = 16
 MAX_CHECKS = 32
 MAX_FILE = 256 << 10  # bytes of a group file
 MIN_MEMORY, MAX_MEMORY = 96, 8192  # MiB; the Debian kernel does not boot in 64
+DEFAULT_CACHE_MIB, MAX_CACHE_MIB = 512, 1 << 22  # MiB of write cache a VM's sandbox may take (up to 4 TiB)
 NICS = ("e1000", "virtio-net-pci", "rtl8139")
 CHECK_TYPES = ("console", "ping", "tcp", "http", "script", "screenshot", "agent")
 DEFAULT_TIMEOUT = 120.0  # seconds a check may take (it retries within them)
@@ -71,6 +73,7 @@ class GroupVM:
     memory_mib: int
     nic: str
     checks: list[Check]
+    cache_mib: int = 512  # write-cache space its sandbox may take: a lab is refused when it is not there
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ def parse_group(doc: object) -> Group:
     vms: list[GroupVM] = []
     for i, v in enumerate(vms_doc):
         where = f"vms[{i}]"
-        v = _fields(where, v, {"vm", "repo", "point", "address", "memory_mib", "nic", "checks"}, {"vm"})
+        v = _fields(where, v, {"vm", "repo", "point", "address", "memory_mib", "nic", "checks", "cache_mib"}, {"vm"})
         vm = _str(f"{where}.vm", v["vm"], 255)
         where = f"vm {vm}"
         if any(x.vm == vm for x in vms):
@@ -242,6 +245,7 @@ def parse_group(doc: object) -> Group:
             if address is None:
                 raise UsageError(f"{where}: no free address left in {network}")
         memory = _int(f"{where}.memory_mib", v.get("memory_mib", 128), MIN_MEMORY, MAX_MEMORY)
+        cache_mib = _int(f"{where}.cache_mib", v.get("cache_mib", DEFAULT_CACHE_MIB), 1, MAX_CACHE_MIB)
         nic = v.get("nic", "e1000")
         if nic not in NICS:
             raise UsageError(f"{where}.nic: one of {', '.join(NICS)}, got {nic!r}")
@@ -249,7 +253,7 @@ def parse_group(doc: object) -> Group:
         if not isinstance(checks_doc, list) or len(checks_doc) > MAX_CHECKS:
             raise UsageError(f"{where}.checks: a list of at most {MAX_CHECKS} checks, got {checks_doc!r}")
         checks = [parse_check(f"{where}.checks[{j}]", c) for j, c in enumerate(checks_doc)]
-        vms.append(GroupVM(vm, repo, point, address, _mac(0, i), memory, nic, checks))
+        vms.append(GroupVM(vm, repo, point, address, _mac(0, i), memory, nic, checks, cache_mib))
     schedule = check_schedule(doc["schedule"]) if doc.get("schedule") is not None else None
     return Group(name, network, at, vms, schedule)
 

@@ -84,14 +84,17 @@ class Labs:
         points: Points,
         max_running: int = 2,
         nfs_host: str | None = None,
+        space: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        """``space``: the write cache's ``{path, free, min_free}`` (the session manager's check_space), so a lab
+        whose sandboxes may need more than is left above the minimum is refused before it starts."""
         self.dir = Path(state_dir) / "labs"
         self.groups_dir = Path(state_dir) / "lab-groups"
         self.scripts_dir = Path(state_dir) / "lab-scripts"
         for d in (self.dir, self.groups_dir, self.scripts_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._publish, self._stop, self._points = publish, stop, points
-        self.max_running, self.nfs_host = max_running, nfs_host
+        self.max_running, self.nfs_host, self._space = max_running, nfs_host, space
         # Namespaces are named after this state directory too: a second appliance on the host (a test's)
         # never removes this one's labs as stale.
         self.owner = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:6]
@@ -189,6 +192,7 @@ class Labs:
                     f"lab {group.name}: its guests need {need} MiB, the host has {free} MiB available "
                     f"(and keeps {MEMORY_MARGIN_MIB} MiB for itself)"
                 )
+            self._check_cache_space(group, live)
             record = {
                 "id": lab_id,
                 "group": group.name,
@@ -199,6 +203,7 @@ class Labs:
                 "finished": None,
                 "expires": (datetime.now(UTC) + ttl).isoformat(timespec="seconds") if ttl else None,
                 "definition": doc,
+                "cache_mib": sum(v.cache_mib for v in group.vms),  # reserved while the lab is live
                 "report": None,
                 "error": None,
             }
@@ -221,6 +226,22 @@ class Labs:
             started = _copy(record)
         threading.Thread(target=self._run, args=(record, run), daemon=True, name=f"lab-{lab_id}").start()
         return started
+
+    def _check_cache_space(self, group: Group, live: list[dict[str, Any]]) -> None:
+        """Refuse a lab whose sandboxes may write more than the write cache has above its minimum, less what
+        the labs already running reserved (their guests may still write it)."""
+        if self._space is None:
+            return
+        cache = self._space()
+        reserved = sum(r.get("cache_mib") or 0 for r in live)
+        spare = max(0, (cache["free"] - cache["min_free"]) >> 20) - reserved
+        want = sum(v.cache_mib for v in group.vms)
+        if want > spare:
+            raise LimitExceededError(
+                f"lab {group.name}: its sandboxes may write {want} MiB (cache_mib), the write cache at "
+                f"{cache['path']} has {max(0, spare)} MiB left above its minimum of {cache['min_free'] >> 20} MiB"
+                + (f" and {reserved} MiB reserved by running labs" if reserved else "")
+            )
 
     def _progress(self, record: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
         def saved(report: dict[str, Any]) -> None:

@@ -178,3 +178,20 @@ def test_the_scheduled_group_ran_and_metrics_show_both_results(demo: dict) -> No
         for m in re.finditer(r'bootback_lab_last_run_timestamp_seconds\{group="([^"]+)"\} (\S+)', text)
     }
     assert set(ran) == {"demo-lab", "demo-tick"} and all(time.time() - 600 < t <= time.time() for t in ran.values())
+
+
+def test_a_lab_whose_write_cache_would_run_out_is_refused_before_it_starts(demo: dict) -> None:
+    big = json.loads((demo["state"] / "lab-groups" / "demo-lab.json").read_text())
+    big["name"] = "demo-big"
+    big["vms"][1]["cache_mib"] = 1 << 22  # 4 TiB: more than this disk has
+    path = demo["data"] / "demo-big.json"
+    path.write_text(json.dumps(big))
+    before = ControlClient(demo["state"]).call("lab_list")
+    p = lab(demo, "verify", str(path))
+    assert p.returncode == 42, p.stdout + p.stderr
+    assert re.search(
+        r"lab demo-big: its sandboxes may write 4194368 MiB \(cache_mib\), the write cache at \S+ has \d+ MiB "
+        r"left above its minimum of 1024 MiB",
+        p.stderr,
+    ), p.stderr
+    assert ControlClient(demo["state"]).call("lab_list") == before, "a record or lab was made all the same"
