@@ -214,6 +214,12 @@ def migrate(sid: str) -> tuple[Response, int]:
     return jsonify(daemon.call("migrate", id=sid, output=body["output"], overwrite=body["overwrite"])), 202
 
 
+@bp.post("/sessions/<sid>/prefetch")
+@api_auth
+def prefetch(sid: str) -> tuple[Response, int]:
+    return jsonify(daemon.call("prefetch", id=sid)), 202
+
+
 @bp.get("/sessions/<sid>/migration")
 @api_auth
 def migration(sid: str) -> Response:

@@ -218,6 +218,15 @@ def openapi_document() -> dict:
                     ],
                 ),
             },
+            "/api/v1/sessions/{sid}/prefetch": {
+                "post": _op(
+                    "Warm the session's disks into the local read cache in the background (progress: the "
+                    "session's prefetch field)",
+                    _json(_ref("Session"), "Started"),
+                    params=[sid],
+                    code="202",
+                ),
+            },
             "/api/v1/sessions/{sid}/migration": {
                 "get": _op("Migration progress", _json(_ref("Migration")), params=[sid]),
                 "post": _op(
@@ -351,6 +360,24 @@ def openapi_document() -> dict:
                         "cache_used_bytes": {"type": "integer"},
                         "changed_bytes": {"type": "integer"},
                         "migration": {"oneOf": [_ref("Migration"), {"type": "null"}]},
+                        "prefetch": {
+                            "oneOf": [
+                                {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "disk": {"type": "string"},
+                                            "chunks": {"type": "integer"},
+                                            "done": {"type": "integer"},
+                                            "failed": {"type": "integer"},
+                                            "running": {"type": "boolean"},
+                                        },
+                                    },
+                                },
+                                {"type": "null"},
+                            ]
+                        },
                     },
                 },
                 "VerifyRequest": {

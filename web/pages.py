@@ -152,6 +152,16 @@ def stop(sid: str) -> Response:
     return _act(stop_it, f"Could not stop {sid}")
 
 
+@bp.post("/sessions/<sid>/prefetch")
+@login_required
+def prefetch(sid: str) -> Response:
+    def start() -> str:
+        daemon.call("prefetch", id=sid)
+        return f"Prefetch of {sid} started: its disks come into the read cache in the background."
+
+    return _act(start, f"Could not prefetch {sid}")
+
+
 @bp.post("/sessions/<sid>/migrate")
 @login_required
 def migrate(sid: str) -> Response:

@@ -72,3 +72,12 @@ class Prefetch:
 
     def status(self) -> dict:
         return {"disk": self.reader.disk.name, "chunks": len(self.todo), "done": self.done, "failed": self.failed}
+
+
+def rewarm(readers: list[DiskReader], current: list[Prefetch] | None) -> list[Prefetch]:
+    """The warm-ups of a session asked to prefetch (the page's button, ``POST /sessions/ID/prefetch``): the
+    current ones while any still runs (one warm-up per disk at a time, however often it is asked), else new ones,
+    which skip whatever is hydrated already."""
+    if current and any(w.running for w in current):
+        return current
+    return [Prefetch(r).start() for r in readers]
