@@ -126,7 +126,10 @@ def groups() -> Response:
 @api_auth
 def define() -> tuple[Response, int]:
     """The body is the group document itself (name, network, at, vms)."""
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json raises it, not ValueError, for arrays nested thousands deep
+        raise ApiError(400, "body: JSON nested too deeply") from None
     if not isinstance(body, dict):
         json_body()  # the same answers as elsewhere for a missing, non-JSON or non-object body
         raise ApiError(400, "body: a group document (an object with 'name' and 'vms')")
