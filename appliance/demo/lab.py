@@ -16,19 +16,20 @@ from typing import Any
 from appliance.demo.bootdisk import DemoBuildError, demo_vmx
 from appliance.ingest.backup import backup_vm
 from appliance.ingest.sources import open_source
-from appliance.lab.guests import WEB_ADDRESS, WEB_PAGE, build_guest_disk
+from appliance.lab.guests import WEB_ADDRESS, WEB_NAME, WEB_PAGE, build_guest_disk
 from appliance.lab.service import save_group
 from appliance.repo import Repository
 
 log = logging.getLogger("bootback.demo")
 GROUP = "demo-lab"
-WEB, CLIENT = "demo-web", "demo-client"
+WEB, CLIENT = WEB_NAME, "demo-client"
 CLIENT_ADDRESS = "10.0.0.20"
 
 
 def demo_lab_group() -> dict[str, Any]:
     return {
         "name": GROUP,
+        "dns": True,  # the client finds the web VM by its name
         "vms": [
             {
                 "vm": WEB,
@@ -49,7 +50,8 @@ def demo_lab_group() -> dict[str, Any]:
                 "memory_mib": 96,
                 "cache_mib": 64,  # the busybox guests write next to nothing
                 "checks": [
-                    {"type": "console", "expect": f"client reached {WEB_ADDRESS}: {WEB_PAGE}", "timeout": 180},
+                    {"type": "console", "expect": f"client resolved {WEB} to {WEB_ADDRESS}", "timeout": 180},
+                    {"type": "console", "expect": f"client reached {WEB_ADDRESS}: {WEB_PAGE}", "timeout": 120},
                     {"type": "screenshot", "timeout": 15},
                 ],
             },

@@ -7,6 +7,7 @@ names the field and the value. Example::
     network: 10.0.0.0/24          # the lab's segment (default); the lab itself is .1
     at: 2026-05-01T03:00:00Z      # optional: each VM's newest point at or before this time (a consistent group)
     schedule: "0 3 * * *"         # optional: the daemon verifies the group then (cron; appliance.lab.schedule)
+    dns: true                     # optional: the lab answers its VMs' names (db, db.lab) on its own address
     vms:
       - vm: db
         address: 10.0.0.10        # given by the lab's DHCP (default: the next free one from .10)
@@ -83,6 +84,7 @@ class Group:
     at: datetime | None
     vms: list[GroupVM]
     schedule: str | None = None  # five cron fields: the daemon verifies the group at those times
+    dns: bool = False  # a name server in the lab answering the VMs' names (appliance.lab.nameserver)
 
     def as_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -195,7 +197,7 @@ def _mac(group_index: int, vm_index: int) -> str:
 
 def parse_group(doc: object) -> Group:
     """A group from its document (a file's or the API's); raises UsageError naming the first bad field."""
-    doc = _fields("group", doc, {"name", "network", "at", "vms", "schedule"}, {"name", "vms"})
+    doc = _fields("group", doc, {"name", "network", "at", "vms", "schedule", "dns"}, {"name", "vms"})
     name = _str("group name", doc["name"], 64)
     if not NAME_RE.match(name):
         raise UsageError(f"group name: letters, digits, '.', '_' and '-', got {name!r}")
@@ -255,7 +257,10 @@ def parse_group(doc: object) -> Group:
         checks = [parse_check(f"{where}.checks[{j}]", c) for j, c in enumerate(checks_doc)]
         vms.append(GroupVM(vm, repo, point, address, _mac(0, i), memory, nic, checks, cache_mib))
     schedule = check_schedule(doc["schedule"]) if doc.get("schedule") is not None else None
-    return Group(name, network, at, vms, schedule)
+    dns = doc.get("dns", False)
+    if not isinstance(dns, bool):
+        raise UsageError(f"group dns: true or false, got {dns!r}")
+    return Group(name, network, at, vms, schedule, dns)
 
 
 def group_from_json(text: str) -> Group:

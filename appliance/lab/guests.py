@@ -4,7 +4,7 @@ seconds under TCG. Roles: ``db`` listens on DB_PORT; ``db-off`` is the same gues
 ``app`` serves HTTP with a page that says whether it reached the db from inside the lab, and a probe page that
 tries any address:port (the isolation test asks it to reach the host). The demo's lab (appliance.demo.lab):
 ``web`` serves a page and answers qemu-guest-agent's ``guest-sync``/``guest-ping`` on its virtio-serial port;
-``client`` fetches the web VM's page over the lab network and says so on its console.
+``client`` looks the web VM up in the lab's DNS, fetches its page over the lab network and says so on its console.
 
 Built once per recipe into a cache directory (``appliance.demo.bootdisk`` does the disk; this module the
 initramfs), keyed by content: a rebuild happens only when the recipe, kernel or busybox changes.
@@ -29,6 +29,7 @@ DB_ADDRESS = "10.0.0.10"  # the db's address "in production": the group gives it
 DB_PORT = 5432
 DB_REPLY = "db-ok"
 WEB_ADDRESS = "10.0.0.10"  # the demo lab's web VM
+WEB_NAME = "demo-web"  # its name, which the client resolves in the lab's DNS
 WEB_PAGE = "demo-web: up"
 BANNER = "bootback-lab: {role} booted"
 READY = "bootback-lab: {role} ready"
@@ -63,13 +64,17 @@ SERVICES = {
     "db-off": 'say "db service off"',
     "app": 'httpd -p 80 -h /www\nsay "app serving http on 80"',
     "web": 'httpd -p 80 -h /www\n/agent.sh &\nsay "web serving http on 80"',
-    "client": f"""n=0
+    "client": f"""# by name when the lab has a name server (the group's dns), as in production; else by address
+web=$(nslookup {WEB_NAME} 2>/dev/null | sed -n 's/^Address: *\\([0-9.]*\\)$/\\1/p' | tail -n 1)
+if [ -n "$web" ]; then say "client resolved {WEB_NAME} to $web"; else say "client could not resolve {WEB_NAME}"; fi
+web=${{web:-{WEB_ADDRESS}}}
+n=0
 # nc, not wget: a static busybox's wget resolves even an address through glibc's NSS, and crashes doing so
-until page=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {WEB_ADDRESS} 80 | tail -n 1) && [ -n "$page" ]; do
+until page=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 "$web" 80 | tail -n 1) && [ -n "$page" ]; do
   n=$((n + 1)); [ $n -ge 120 ] && break; sleep 1
 done
-if [ -n "$page" ]; then say "client reached {WEB_ADDRESS}: $page"
-else say "client could not reach {WEB_ADDRESS}"; fi""",
+if [ -n "$page" ]; then say "client reached $web: $page"
+else say "client could not reach $web"; fi""",
 }
 
 # Load order matters: each module needs the ones before it (modules.dep of Debian's kernel).
@@ -113,6 +118,9 @@ UDHCPC = """#!/bin/sh
 ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
 gw=${router%% *}
 ip route replace default via "${gw:-$serverid}" dev "$interface"
+mkdir -p /etc
+: > /etc/resolv.conf
+for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
 """
 
 HEADERS = 'echo "Content-Type: text/plain"\necho ""\n'

@@ -18,6 +18,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import socket
 import struct
 import subprocess
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance.errors import BootbackError, UsageError
+from appliance.lab.nameserver import DOMAIN, LabDns
 
 log = logging.getLogger("bootback.lab")
 PREFIX = "bootback-lab-"  # every namespace a lab creates is named so (stale ones are removed at start)
@@ -92,9 +94,11 @@ class LabNetwork:
         self.workdir = Path(workdir)
         self._taps = 0
         self._dhcpd: subprocess.Popen | None = None
+        self._dns: LabDns | None = None
 
-    def create(self, leases: dict[str, str]) -> None:
-        """The namespace, its bridge and a DHCP server giving each MAC in ``leases`` its address."""
+    def create(self, leases: dict[str, str], names: dict[str, str] | None = None) -> None:
+        """The namespace, its bridge and a DHCP server giving each MAC in ``leases`` its address; with ``names``
+        (DNS name -> address), a name server on the lab's address that the DHCP server tells guests of."""
         _ip("netns", "add", self.name)
         try:
             ns = ("-n", self.name)
@@ -102,10 +106,21 @@ class LabNetwork:
             _ip(*ns, "link", "add", BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0")
             _ip(*ns, "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", BRIDGE)
             _ip(*ns, "link", "set", BRIDGE, "up")
+            if names is not None:
+                self._dns = LabDns(run_in(self.name, self._dns_socket), names)
             self._start_dhcp(leases)
         except BaseException:
             self.destroy()
             raise
+
+    def _dns_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # made here, it lives in the lab's namespace
+        try:
+            sock.bind((self.gateway, 53))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def _start_dhcp(self, leases: dict[str, str]) -> None:
         hosts = list(self.subnet.hosts())
@@ -120,7 +135,8 @@ class LabNetwork:
             f"opt subnet {self.subnet.netmask}",
             "opt lease 86400",
             *(f"static_lease {mac} {address}" for mac, address in leases.items()),
-        ]  # no router, no dns: the guests learn of no way out
+            *([f"opt dns {self.gateway}", f"opt domain {DOMAIN}"] if self._dns else []),
+        ]  # no router: the guests learn of no way out (the name server is the lab's own, answering its names)
         conf.write_text("\n".join(lines) + "\n")
         (self.workdir / "udhcpd.leases").touch()
         self._dhcpd = subprocess.Popen(
@@ -159,6 +175,9 @@ class LabNetwork:
         )
 
     def destroy(self) -> None:
+        if self._dns is not None:
+            self._dns.stop()
+            self._dns = None
         if self._dhcpd is not None and self._dhcpd.poll() is None:
             self._dhcpd.kill()
             self._dhcpd.wait()

@@ -19,6 +19,7 @@ from appliance.errors import RestorePointNotFoundError
 from appliance.lab.checks import Probe, run_check
 from appliance.lab.group import Group, GroupVM
 from appliance.lab.machine import Machine
+from appliance.lab.nameserver import dns_names
 from appliance.lab.network import LabNetwork
 
 log = logging.getLogger("bootback.lab")
@@ -90,7 +91,8 @@ class LabRun:
         """Boot and check the group in order; the guests stay up (``close()`` ends them)."""
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.network.create({v.mac: v.address for v in self.group.vms})
+        names = dns_names({v.vm: v.address for v in self.group.vms}) if self.group.dns else None
+        self.network.create({v.mac: v.address for v in self.group.vms}, names)
         blocked: str | None = None
         for vm, doc in zip(self.group.vms, self.report["vms"], strict=True):
             if self.cancelled.is_set():

@@ -1,5 +1,6 @@
-"""`bootback demo` on a fresh machine carries a virtual lab: the application group ``demo-lab`` (a web VM and a
-client VM that reaches it over the lab network) verifies with `bootback lab verify demo-lab --state STATE`.
+"""`bootback demo` on a fresh machine carries a virtual lab: the application group ``demo-lab`` (a web VM, and a
+client VM that finds it in the lab's DNS and reaches it over the lab network) verifies with
+`bootback lab verify demo-lab --state STATE`.
 
 One demo is started for the module (its disks come from the shared build cache); the lab's Prometheus metrics
 and its schedule are checked against the same running demo."""
@@ -123,7 +124,9 @@ def test_demo_lab_verifies_out_of_the_box(demo: dict, artifacts_dir: Path) -> No
     assert [c["type"] for c in web["checks"]] == ["console", "ping", "http", "agent", "screenshot"]
     assert web["checks"][3]["line"].startswith("agent org.qemu.guest_agent.0: passed"), web["checks"][3]
     assert all(c["ok"] and c["line"] for vm in (web, client) for c in vm["checks"])
-    assert "client reached 10.0.0.10: demo-web: up" in client["checks"][0]["detail"], client["checks"][0]
+    # the client found the web VM by name in the lab's DNS, then fetched its page over the lab network
+    assert "client resolved demo-web to 10.0.0.10" in client["checks"][0]["detail"], client["checks"][0]
+    assert "client reached 10.0.0.10: demo-web: up" in client["checks"][1]["detail"], client["checks"][1]
     for vm in (web, client):
         png = Path(vm["screenshot"])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
