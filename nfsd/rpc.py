@@ -37,6 +37,8 @@ MAX_AUTH_BYTES = 400
 MAX_RECORD = (1 << 20) + 64 * 1024  # a 1 MiB WRITE plus headers; anything bigger is hostile
 
 _REPLY_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, MSG_ACCEPTED, verf flavor, verf len, accept_stat
+_CALL_HEAD = struct.Struct(">IIIIIIII")  # xid, CALL, rpcvers, prog, vers, proc, cred flavor, cred length
+_VERF_HEAD = struct.Struct(">II")  # verf flavor, verf length
 
 Body = Sequence[bytes | bytearray | memoryview]
 
@@ -149,24 +151,32 @@ class Dispatcher:
         max_data: int = 0xFFFFFFFF,
     ) -> list | None:
         """Decode one call and produce the reply's parts (None: not a call, nothing to answer)."""
-        u = Unpacker(record)
-        try:
-            xid = u.u32("xid")
-            if u.u32("msg_type") != CALL:
-                return None
-        except XDRError:
-            return None
-        try:
-            rpcvers = u.u32("rpcvers")
+        head = _well_formed_head(record)
+        if head is not None:
+            # the common case in one struct call; anything unusual takes the checked path below
+            xid, rpcvers, prog, vers, proc, flavor, cred_body, pos = head
             if rpcvers != 2:
                 return denied(xid, RPC_MISMATCH, 2, 2)
-            prog, vers, proc = u.u32("prog"), u.u32("vers"), u.u32("proc")
-            flavor = u.u32("cred flavor")
-            cred_body = u.opaque(MAX_AUTH_BYTES, "cred body")
-            u.u32("verf flavor")
-            u.opaque(MAX_AUTH_BYTES, "verf body")
-        except XDRError:
-            return denied(xid, AUTH_ERROR, AUTH_BADCRED)
+            u = Unpacker(record, pos)
+        else:
+            u = Unpacker(record)
+            try:
+                xid = u.u32("xid")
+                if u.u32("msg_type") != CALL:
+                    return None
+            except XDRError:
+                return None
+            try:
+                rpcvers = u.u32("rpcvers")
+                if rpcvers != 2:
+                    return denied(xid, RPC_MISMATCH, 2, 2)
+                prog, vers, proc = u.u32("prog"), u.u32("vers"), u.u32("proc")
+                flavor = u.u32("cred flavor")
+                cred_body = u.opaque(MAX_AUTH_BYTES, "cred body")
+                u.u32("verf flavor")
+                u.opaque(MAX_AUTH_BYTES, "verf body")
+            except XDRError:
+                return denied(xid, AUTH_ERROR, AUTH_BADCRED)
         if flavor == AUTH_SYS:
             # A client sends the same credential on every call: decode each distinct one once.
             key = (bytes(cred_body), address[0])
@@ -212,6 +222,26 @@ class Dispatcher:
             limited.log(log, logging.ERROR, "%s proc %d failed", program.name, proc, exc_info=True)
             return accepted(xid, SYSTEM_ERR)
         return accepted(xid, SUCCESS, body)
+
+
+def _well_formed_head(record: bytes | memoryview) -> tuple[int, int, int, int, int, int, bytes, int] | None:
+    """The call header of a record whose header is complete and within bounds: (xid, rpcvers, prog, vers,
+    proc, cred flavor, cred body, offset of the arguments); None for anything else (not a call, short, over a
+    bound), which ``Dispatcher.handle`` then decodes field by field to give the precise answer."""
+    n = len(record)
+    if n < 40:
+        return None
+    xid, mtype, rpcvers, prog, vers, proc, flavor, clen = _CALL_HEAD.unpack_from(record)
+    if mtype != CALL or clen > MAX_AUTH_BYTES:
+        return None
+    pos = 32 + clen + (-clen % 4)
+    if pos + 8 > n:
+        return None
+    _, vlen = _VERF_HEAD.unpack_from(record, pos)
+    end = pos + 8 + vlen + (-vlen % 4)
+    if vlen > MAX_AUTH_BYTES or end > n:
+        return None
+    return xid, rpcvers, prog, vers, proc, flavor, bytes(record[32 : 32 + clen]), end
 
 
 def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task | None:

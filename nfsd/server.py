@@ -155,21 +155,10 @@ class NFSServer:
         external = False
         got_pmap: int | None = None
         if pmap_port is not None:
-            try:
-                pm_socks = _bind_pair(self.bind, pmap_port)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                external = True
-            if external:
-                # Another portmapper (rpcbind) owns the port: register with it instead.
-                for m in mappings:
-                    await asyncio.to_thread(portmap.remote_unset, m, "127.0.0.1", pmap_port)
-                for m in mappings:
-                    if await asyncio.to_thread(portmap.remote_set, m, "127.0.0.1", pmap_port):
-                        self._registered.append(m)
+            pm_socks = await self._portmap_port(pmap_port, mappings)
+            if pm_socks is None:
                 log.info("portmapper on %d is another program's; registered with it", pmap_port)
-                got_pmap = pmap_port
+                external, got_pmap = True, pmap_port
             else:
                 self.dispatcher.register(self.portmap)
                 got_pmap = pm_socks[0].getsockname()[1]
@@ -180,6 +169,29 @@ class NFSServer:
                 await self._listen(*pm_socks, exports_only=False)
         self.ports = Ports(got_pmap, got_nfs, got_mount, external, moved)
         return self.ports
+
+    async def _portmap_port(self, port: int, mappings: list[Mapping]) -> tuple[socket.socket, socket.socket] | None:
+        """Take the portmapper's port (its sockets), or, when another portmapper (rpcbind) owns it, register
+        ``mappings`` with that one (None). An owner that goes away between the two (rpcbind restarting, another
+        appliance stopping) leaves the port free again: try to take it once more rather than fail."""
+        for attempt in range(3):
+            try:
+                return _bind_pair(self.bind, port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+            try:
+                for m in mappings:
+                    await asyncio.to_thread(portmap.remote_unset, m, "127.0.0.1", port)
+                for m in mappings:
+                    if await asyncio.to_thread(portmap.remote_set, m, "127.0.0.1", port):
+                        self._registered.append(m)
+                return None
+            except (ConnectionRefusedError, ConnectionResetError) as exc:
+                log.warning("portmapper port %d: taken, but its owner does not answer (%s); retrying", port, exc)
+                self._registered.clear()
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise OSError(errno.EADDRINUSE, f"portmapper port {port} is taken by a program that does not answer")
 
     async def stop(self) -> None:
         for m in self._registered:
