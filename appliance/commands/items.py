@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from appliance.commands.keys import add_key_options, key_source
 from appliance.errors import UsageError
 from appliance.items import KINDS, mail, service
 from appliance.repo.backends import repository_arg
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("point", metavar="VM[@POINT]")
     p.add_argument("kind", nargs="?", choices=[*KINDS, "mail"], help="act on one application of this kind")
+    add_key_options(p)
     p.add_argument("--path", help="which one, when there are several: its path as listed")
     p.add_argument("--json", action="store_true")
     p.add_argument("--work-dir", type=Path, help="where private views and servers live (default STATE/items)")
@@ -58,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_items(args: argparse.Namespace) -> int:
-    target = service.Target.resolve(args.repo, args.point)
+    # No passphrase prompt: the repository is opened again by the FUSE view's own process, which cannot ask.
+    target = service.Target.resolve(args.repo, args.point, key_source(args, interactive=False))
     work = args.work_dir or service.default_work_root()
     if args.kind is None:
         return _print_items(service.find_items(target), args.json)

@@ -33,6 +33,7 @@ from appliance.files import FileBrowser, browse
 from appliance.items.viewtree import nodes
 from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
+from appliance.repo.keys import KEY_FILE_ENV, PASSPHRASE_ENV, KeySource
 from appliance.units import GiB
 
 MOUNT_TIMEOUT = 30.0  # seconds for the FUSE process to open the repository and mount
@@ -115,6 +116,7 @@ class CowView:
         owner: tuple[int, int],
         mode: str = "auto",
         copy_limit: int = DEFAULT_COPY_LIMIT,
+        keys: KeySource | None = None,
     ) -> None:
         if mode not in ("auto", "fuse", "copy"):
             raise ItemRecoveryError(f"unknown view mode {mode!r} (auto, fuse or copy)")
@@ -124,6 +126,7 @@ class CowView:
         self.requested = mode
         self.mode = ""  # the one used: fuse or copy
         self.copy_limit = copy_limit
+        self.keys = keys
         self.space: Path | None = None  # the private workspace
         self._fuse: subprocess.Popen | None = None
         self._mounts: list[Path] = []
@@ -189,7 +192,9 @@ class CowView:
             str(lower),
         ]
         cmd += ["--uid", str(self.owner[0]), "--gid", str(self.owner[1])]
-        self._fuse = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._fuse = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self._child_env()
+        )
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.ismount(lower):
             if self._fuse.poll() is not None:
@@ -209,6 +214,19 @@ class CowView:
         self.mode = "fuse"
         return self.data
 
+    def _child_env(self) -> dict[str, str]:
+        """The FUSE process opens the repository itself: the key reaches it in its environment (as the daemon's
+        reaches the web app), never on its command line, which every local user can read."""
+        env = dict(os.environ)
+        if self.keys is not None:
+            env.pop(KEY_FILE_ENV, None)
+            env.pop(PASSPHRASE_ENV, None)
+            if self.keys.key_files:
+                env[KEY_FILE_ENV] = os.pathsep.join(str(Path(p).resolve()) for p in self.keys.key_files)
+            if self.keys.passphrase is not None:
+                env[PASSPHRASE_ENV] = self.keys.passphrase
+        return env
+
     def _unmount(self) -> None:
         for point in reversed(self._mounts):
             tool = ["fusermount", "-u", "-z"] if point.name == "lower" else ["umount", "-l"]
@@ -226,7 +244,7 @@ class CowView:
 
     # copy --------------------------------------------------------------------------------------------------
     def _enter_copy(self) -> Path:
-        repo = Repository.open(repository_arg(self.repo))
+        repo = Repository.open(repository_arg(self.repo), self.keys)
         browser: FileBrowser = browse(repo, repo.resolve(self.point), self.disk)
         entries = list(nodes(browser, self.root))
         total = sum(n.entry.size for n in entries if n.entry.kind == "file")

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,9 @@ from appliance.errors import ItemRecoveryError
 from appliance.items.cowview import SERVER_FILE, CowView
 from appliance.items.discovery import Item
 from appliance.items.postgres import Table
+from appliance.items.ready import wait_until_ready
 from appliance.items.runas import server_owner
+from appliance.repo.keys import KeySource
 
 MARIADBD = Path("/usr/sbin/mariadbd")
 CLIENT = "mariadb"
@@ -118,16 +119,8 @@ class DisposableServer:
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         (self.rundir / SERVER_FILE).write_text(f"{self.proc.pid}\n")  # for cowview.sweep after a SIGKILL
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise ItemRecoveryError(f"MariaDB could not start on the copy of {self.where}: {self._failure()}")
-            if self.socket.exists() and self._ping():
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ItemRecoveryError(f"MariaDB did not become ready within {START_TIMEOUT:.0f} s on {self.where}")
-            time.sleep(0.1)
+        ready = lambda: self.socket.exists() and self._ping()  # noqa: E731
+        wait_until_ready(self.proc, ready, "MariaDB", self.where, self._failure, self.stop, START_TIMEOUT)
 
     def _ping(self) -> bool:
         return (
@@ -252,13 +245,13 @@ def restore(dump: Path, target: Server, tables: list[str]) -> None:
 
 @contextmanager
 def disposable_server(
-    item: Item, repo: str, point: str, work_root: Path, view_mode: str = "auto"
+    item: Item, repo: str, point: str, work_root: Path, view_mode: str = "auto", keys: KeySource | None = None
 ) -> Iterator[DisposableServer]:
     if item.kind != "mariadb":
         raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a MariaDB/MySQL data directory")
     check_version(item, installed_version())
     owner = server_owner("mysql")
-    with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode) as data:
+    with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode, keys=keys) as data:
         server = DisposableServer(data, data.parent / "run", owner, item.browser_path)
         try:
             server.start()

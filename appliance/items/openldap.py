@@ -21,6 +21,7 @@ from appliance.errors import BootbackError, ItemRecoveryError
 from appliance.files import FileBrowser
 from appliance.items.cowview import CowView
 from appliance.items.discovery import Item
+from appliance.repo.keys import KeySource
 
 SLAPCAT = Path("/usr/sbin/slapcat")
 STANDARD_SCHEMA = Path("/etc/ldap/schema")
@@ -190,12 +191,15 @@ def restore(entries: list[Entry], uri: str, bind_dn: str, password_file: Path, s
 class Directory:
     """``with Directory(...) as d:`` the database on a private view, with its slapcat configuration."""
 
-    def __init__(self, item: Item, repo: str, point: str, work_root: Path, browser: FileBrowser) -> None:
+    def __init__(
+        self, item: Item, repo: str, point: str, work_root: Path, browser: FileBrowser, keys: KeySource | None = None
+    ) -> None:
         if item.kind != "openldap":
             raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not an OpenLDAP database")
         self.item = item
         self.schema = schema_from_slapd_d(browser, item.volume)
-        self.view = CowView(repo, point, item.disk, item.browser_path, work_root, (os.geteuid(), os.getegid()))
+        owner = (os.geteuid(), os.getegid())
+        self.view = CowView(repo, point, item.disk, item.browser_path, work_root, owner, keys=keys)
 
     def __enter__(self) -> Directory:
         data = self.view.__enter__()

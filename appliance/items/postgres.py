@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from pathlib import Path
 from appliance.errors import ItemRecoveryError
 from appliance.items.cowview import SERVER_FILE, CowView
 from appliance.items.discovery import Item
+from appliance.items.ready import wait_until_ready
 from appliance.items.runas import server_owner
+from appliance.repo.keys import KeySource
 
 BIN_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
@@ -138,20 +139,11 @@ class DisposableServer:
                 start_new_session=True,
             )
         (self.rundir / SERVER_FILE).write_text(f"{self.proc.pid}\n")  # for cowview.sweep after a SIGKILL
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise ItemRecoveryError(f"PostgreSQL could not start on the copy of {self.where}: {self._failure()}")
-            ready = subprocess.run(
-                [str(self.bindir / "pg_isready"), "-q", "-h", str(self.rundir), "-U", SUPERUSER, "-d", "postgres"],
-                capture_output=True,
-            )
-            if ready.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ItemRecoveryError(f"PostgreSQL did not become ready within {START_TIMEOUT:.0f} s on {self.where}")
-            time.sleep(0.1)
+        wait_until_ready(self.proc, self._ready, "PostgreSQL", self.where, self._failure, self.stop, START_TIMEOUT)
+
+    def _ready(self) -> bool:
+        cmd = [str(self.bindir / "pg_isready"), "-q", "-h", str(self.rundir), "-U", SUPERUSER, "-d", "postgres"]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
 
     def _failure(self) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
@@ -321,14 +313,14 @@ def _redact(url: str) -> str:
 
 @contextmanager
 def disposable_server(
-    item: Item, repo: str, point: str, work_root: Path, view_mode: str = "auto"
+    item: Item, repo: str, point: str, work_root: Path, view_mode: str = "auto", keys: KeySource | None = None
 ) -> Iterator[DisposableServer]:
     """A running server on a private view of ``item``'s data directory, stopped and deleted on leaving."""
     if item.kind != "postgres":
         raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a PostgreSQL data directory")
     bindir = server_bindir(major_version(item))
     owner = server_owner("postgres")
-    with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode) as data:
+    with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode, keys=keys) as data:
         server = DisposableServer(data, bindir, data.parent / "run", owner, item.browser_path)
         try:
             server.start()

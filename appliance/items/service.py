@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import default_state_dir
@@ -22,6 +22,7 @@ from appliance.items.cowview import CowView
 from appliance.items.discovery import KINDS, Item, discover, probe
 from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
+from appliance.repo.keys import KeySource
 
 KIND_NAMES = {
     "postgres": "PostgreSQL data directory",
@@ -34,14 +35,19 @@ KIND_NAMES = {
 
 @dataclass(frozen=True)
 class Target:
-    """A restore point resolved once, so every step (and the FUSE process) reads the same point."""
+    """A restore point resolved once, so every step (and the FUSE process) reads the same point, with the key
+    that unlocked its repository (``--key-file``, ``BOOTBACK_PASSPHRASE``, a prompt)."""
 
     repo: str
     point: str  # VM@ID, exact
+    keys: KeySource | None = field(default=None, compare=False)  # None: the environment's
 
     @classmethod
-    def resolve(cls, repo: str | Path, ref: str) -> Target:
-        return cls(str(repo), Repository.open(repository_arg(str(repo))).resolve(ref).ref)
+    def resolve(cls, repo: str | Path, ref: str, keys: KeySource | None = None) -> Target:
+        return cls(str(repo), Repository.open(repository_arg(str(repo)), keys).resolve(ref).ref, keys)
+
+    def open(self) -> Repository:
+        return Repository.open(repository_arg(self.repo), self.keys)
 
 
 def default_work_root() -> Path:
@@ -50,7 +56,7 @@ def default_work_root() -> Path:
 
 def find_items(target: Target, path: str | None = None) -> list[Item]:
     """Every application of the point, or only the one at ``path`` (a look there instead of a walk)."""
-    repo = Repository.open(repository_arg(target.repo))
+    repo = target.open()
     point = repo.resolve(target.point)
     items: list[Item] = []
     for disk in point.disks:
@@ -101,13 +107,13 @@ def pg_list(
     target: Target, item: Item, work_root: Path, database: str | None = None, counts: bool = True
 ) -> list[postgres.Table]:
     """Tables with exact row counts; ``counts=False`` reads only the catalogs (no table is scanned or fetched)."""
-    with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
+    with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         names = [database] if database else server.databases()
         return [t for name in names for t in server.tables(name, counts)]
 
 
 def pg_databases(target: Target, item: Item, work_root: Path) -> list[str]:
-    with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
+    with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         return server.databases()
 
 
@@ -136,7 +142,7 @@ def pg_dump(
         raise ItemRecoveryError("--as renames one table; to restore a database under another name, name it in --to")
     if out is not None and not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
-    with postgres.disposable_server(item, target.repo, target.point, work_root) as server:
+    with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         server.check_database(database)
         tables = [server.find_table(database, t) for _, t in parsed if t is not None]
         if as_name:
@@ -162,7 +168,7 @@ def mail_store(target: Target, item: Item, work_root: Path) -> Iterator[tuple[ma
         raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a mail store")
     root, _, name = item.browser_path.rpartition("/") if item.kind == "mbox" else (item.browser_path, "", "")
     owner = (os.geteuid(), os.getegid())
-    with CowView(target.repo, target.point, item.disk, root, work_root, owner) as data:
+    with CowView(target.repo, target.point, item.disk, root, work_root, owner, keys=target.keys) as data:
         scratch = data.parent / "out"
         scratch.mkdir()
         yield mail.Store(data / name if name else data, item.kind), scratch
@@ -194,12 +200,12 @@ def mail_restore(target: Target, item: Item, work_root: Path, flt: mail.Filter, 
 def mariadb_list(
     target: Target, item: Item, work_root: Path, database: str | None = None, counts: bool = True
 ) -> list[postgres.Table]:
-    with mariadb.disposable_server(item, target.repo, target.point, work_root) as server:
+    with mariadb.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         return server.tables(database, counts)
 
 
 def mariadb_databases(target: Target, item: Item, work_root: Path) -> list[str]:
-    with mariadb.disposable_server(item, target.repo, target.point, work_root) as server:
+    with mariadb.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         return server.databases()
 
 
@@ -220,7 +226,7 @@ def mariadb_dump(
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     if to is not None:
         mariadb.Server(to).client_args()  # a malformed URL fails before the server starts
-    with mariadb.disposable_server(item, target.repo, target.point, work_root) as server:
+    with mariadb.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         have = {t.name for t in server.tables(database, counts=False)}
         missing = [n for n in names if n not in have]
         if missing:
@@ -240,9 +246,9 @@ def mariadb_dump(
 
 # OpenLDAP ---------------------------------------------------------------------------------------------------
 def _directory(target: Target, item: Item, work_root: Path) -> openldap.Directory:
-    repo = Repository.open(repository_arg(target.repo))
+    repo = target.open()
     browser = FileBrowser(repo.open_disk(repo.resolve(target.point), item.disk))
-    return openldap.Directory(item, target.repo, target.point, work_root, browser)
+    return openldap.Directory(item, target.repo, target.point, work_root, browser, target.keys)
 
 
 def ldap_entries(target: Target, item: Item, work_root: Path, ldap_filter: str | None) -> list[openldap.Entry]:
