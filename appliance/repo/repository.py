@@ -247,8 +247,9 @@ class Repository:
             self._upgrade_config()
         data = pointfile.encode(point, self.store.envelope)
         if batch is not None:
-            batch.check_alive()
-        self.backend.put(pointfile.point_key(point.vm, point.id), data)
+            batch.write_point(pointfile.point_key(point.vm, point.id), data)
+        else:
+            self.backend.put(pointfile.point_key(point.vm, point.id), data)
 
     def _upgrade_config(self) -> None:
         """A format-1 repository becomes format 2 before its first format-2 point is written, so an older

@@ -55,6 +55,11 @@ class ChunkBatch(ABC):
     def check_alive(self) -> None:
         """Raise RepositoryLockedError if the writer's right to add a point has lapsed (an expired lease)."""
 
+    @abstractmethod
+    def write_point(self, key: str, data: bytes) -> None:
+        """Create the restore point ``key`` as the writer's last act, only while its right to add one holds, and
+        so that it is visible before that right could lapse (RepositoryLockedError otherwise)."""
+
 
 class ObjectStore(ABC):
     """A flat namespace of immutable objects under one repository root, and the locks that guard it."""

@@ -204,6 +204,9 @@ class _LocalBatch(ChunkBatch):
     def check_alive(self) -> None:
         return None  # the flock lasts as long as the process holds it
 
+    def write_point(self, key: str, data: bytes) -> None:
+        self.store.put(key, data)  # under the flock: no lease to outlive
+
 
 def sync_filesystem(path: Path) -> None:
     """syncfs(2) on the file system holding ``path`` (os.sync() where libc has no syncfs)."""

@@ -57,19 +57,49 @@ def redact_endpoint(url: str) -> str:
     return f"{scheme}{sep}{host}{slash}{path}"
 
 
-def make_client():  # noqa: ANN201 - a botocore client, typed at runtime only
-    """An S3 client configured from the environment and ~/.aws (boto3's own resolution)."""
+RETRY_BACKOFF_MAX = 1.0  # botocore's standard mode waits at most random() * 2**0 s before the first retry
+
+
+def point_attempts(ttl: int) -> int:
+    """Tries of a restore point's PUT under a lease of ``ttl`` seconds: one retry where the lease leaves room."""
+    return 2 if ttl / 4 > 2 * RETRY_BACKOFF_MAX else 1
+
+
+def point_timeout(ttl: int) -> float:
+    """Connect and read timeout of one try of a restore point's PUT: chosen so that ``point_write_seconds``
+    is a quarter of the lease (30 s of the default 120)."""
+    attempts = point_attempts(ttl)
+    backoff = RETRY_BACKOFF_MAX if attempts > 1 else 0.0
+    return max(0.1, (ttl / 4 - backoff) / (2 * attempts))
+
+
+def point_write_seconds(ttl: int) -> float:
+    """The longest a restore point's write can take, retries included (each try's connect and read timeouts,
+    the wait before the retry): at most half a lease, which is what the lease check guarantees is left, so a
+    point is visible before its writer's lease could have lapsed."""
+    attempts = point_attempts(ttl)
+    return attempts * 2 * point_timeout(ttl) + (RETRY_BACKOFF_MAX if attempts > 1 else 0.0)
+
+
+def make_client(point_ttl: int | None = None):  # noqa: ANN201 - a botocore client, typed at runtime only
+    """An S3 client configured from the environment and ~/.aws (boto3's own resolution). ``point_ttl``: the
+    client that writes restore points under a lease of that many seconds, with its retries and timeouts bounded
+    to ``point_write_seconds`` (the general client may retry a request for ~95 s)."""
     import boto3
     from botocore.config import Config
 
     session = boto3.session.Session()
     custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    timeout = point_timeout(point_ttl) if point_ttl else None
     config = Config(
         region_name=session.region_name or "us-east-1",
         s3={"addressing_style": "path" if custom_endpoint else "auto"},  # RGW/MinIO on an address: path style
-        retries={"mode": "standard", "max_attempts": 3},
-        connect_timeout=5,
-        read_timeout=30,
+        # botocore's max_attempts counts retries, total_max_attempts the first try too
+        retries={"mode": "standard", "total_max_attempts": point_attempts(point_ttl)}
+        if point_ttl
+        else {"mode": "standard", "max_attempts": 3},
+        connect_timeout=timeout or 5,
+        read_timeout=timeout or 30,
         max_pool_connections=POOL_CONNECTIONS,
         tcp_keepalive=True,
         # botocore >= 1.36 adds checksum trailers by default, not understood by every S3-compatible service;
@@ -98,6 +128,7 @@ class S3Store(ObjectStore):
         self._root = f"{self.prefix}/" if self.prefix else ""
         self._gc_now: float | None = None  # the server's time when garbage collection took its lease
         self._gc_lease: Lease | None = None  # checked before every delete while garbage collection runs
+        self._point_client = None  # restore points' writes: bounded retries and timeouts (put_point)
 
     # --- errors ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -207,6 +238,34 @@ class S3Store(ObjectStore):
             raise StorageUnavailableError(f"{self.location}: writing {key}: refused (404)") from None
         return True
 
+    def put_point(self, key: str, data: bytes, ttl: int) -> None:
+        """Create the restore point ``key`` (never replacing one) with the client whose retries and timeouts
+        end within ``point_write_seconds(ttl)``; our own PUT retried after its answer was lost is recognised by
+        its bytes."""
+        if self._point_client is None:
+            self._point_client = make_client(point_ttl=ttl)
+        from botocore.exceptions import ClientError
+
+        budget = point_write_seconds(ttl)
+        try:
+            with self.errors(f"writing {key}"):
+                try:
+                    self._point_client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                    return
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") not in (
+                        "PreconditionFailed",
+                        "ConditionalRequestConflict",
+                    ):
+                        raise
+        except (StorageUnavailableError, FileNotFoundError) as exc:
+            raise StorageUnavailableError(
+                f"{exc}; the restore point was not committed (its write is given {budget:.0f} s, half the "
+                "backup's lease): run the backup again"
+            ) from None
+        if self.get(key, key, len(data)) != data:
+            raise IntegrityError(f"{self.location}: restore point {key} exists already: not replaced")
+
     def exists(self, key: str) -> bool:
         try:
             with self.errors(f"looking up {key}"):
@@ -280,6 +339,8 @@ class S3Store(ObjectStore):
     @contextlib.contextmanager
     def writer(self) -> Iterator[ChunkBatch]:
         lease = Lease(self, "backup")
+        if self._point_client is None:  # made now: its making must not eat into the point write's time
+            self._point_client = make_client(point_ttl=lease.ttl)
         lease.announce()  # first announce, then look: a collection that starts later sees this lease
         try:
             gc = [le for le in live_leases(self) if le.kind == "gc"]
@@ -362,6 +423,13 @@ class _S3Batch(ChunkBatch):
 
     def check_alive(self) -> None:
         self.lease.check()
+
+    def write_point(self, key: str, data: bytes) -> None:
+        # The lease is checked last, right before the write, and the write ends within half a lease: a point
+        # never becomes visible after its writer's lease could have lapsed (a collector may then have deleted
+        # chunks it deduplicated against).
+        self.lease.check()
+        self.store.put_point(key, data, self.lease.ttl)
 
 
 class _RangedReader(io.RawIOBase):
