@@ -46,7 +46,7 @@ def test_the_vms_names_and_nothing_else(server) -> None:
 
 def test_hostile_datagrams_are_dropped_and_the_server_goes_on(server) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(1)
+        s.settimeout(0.3)  # a reply on loopback comes in microseconds
         reply_not_query = dns.message.make_response(dns.message.make_query("demo-web", "A")).to_wire()
         for junk in (b"", b"\x00" * 3, b"\xff" * 512, reply_not_query, b"\x12\x34" + b"\x01\x00" + b"\x00\x40" * 4):
             s.sendto(junk, server)
