@@ -430,7 +430,7 @@ def build_app_disk(cache: Path) -> Path:
     return out
 
 
-XFS_VERSION = "2"
+XFS_VERSION = "3"
 XFS_BYTES = 320 << 20  # mkfs.xfs refuses file systems under 300 MB; the image is sparse
 
 
@@ -457,11 +457,36 @@ def _protofile(root: Path, uid: int, gid: int) -> str:
     return "\n".join([*lines, "$", ""])
 
 
+def _make_tablespace_cluster(work: Path, datadir: Path, ts_dir: Path) -> None:
+    """A copy of /srv/pg-xfs with a tablespace (table shop.archived, 77 rows) kept in ``ts_dir``: its link
+    pg_tblspc/OID points to /srv/ts-elsewhere, where the VM had it."""
+    shutil.copytree(work / "tree/srv/pg-xfs", datadir, symlinks=True)
+    made = work / "ts"
+    sock = work / "ts-sock"
+    for d in (made, sock):
+        d.mkdir(mode=0o700)
+    sh("chown", "-R", "postgres:postgres", datadir, made, sock)
+    cluster = Cluster(datadir, sock)
+    cluster.start()
+    try:
+        cluster.psql("postgres", f"CREATE TABLESPACE elsewhere LOCATION '{made}'")
+        cluster.psql(
+            "shop", "CREATE TABLE archived TABLESPACE elsewhere AS SELECT g AS id FROM generate_series(1, 77) g"
+        )
+    finally:
+        cluster.stop()
+    (link,) = [p for p in (datadir / "pg_tblspc").iterdir() if p.is_symlink()]
+    made.rename(ts_dir)
+    link.unlink()
+    link.symlink_to("/srv/ts-elsewhere")
+    shutil.rmtree(sock)
+
+
 def build_xfs_disk(cache: Path) -> Path:
     """An XFS image (made populated by ``mkfs.xfs -p``, no mount, no root needed) holding the clean PostgreSQL
     cluster of ``build_app_disk`` twice: /srv/pg-xfs as it was, and /var/lib/postgresql/15/walink whose pg_wal is
     a symlink to /srv/wal-elsewhere on the same file system (as ``initdb --waldir`` makes it), and links to /etc
-    and to its own ancestor that the view must leave out."""
+    and to its own ancestor that the view must leave out; and /srv/pg-ts, whose tablespace is in /srv/ts-elsewhere."""
     out = cache / f"items-xfs-v{XFS_VERSION}-{BUILD_VERSION}"
     if (out / "xfs.raw").exists():
         return out
@@ -480,6 +505,7 @@ def build_xfs_disk(cache: Path) -> Path:
     # ancestor of the data directory (a loop)
     (walink / "pg_tblspc/99999").symlink_to("/etc")
     (walink / "up").symlink_to("../../..")
+    _make_tablespace_cluster(work, work / "tree/srv/pg-ts", work / "tree/srv/ts-elsewhere")
     entry = pwd.getpwnam("postgres")
     proto = work / "proto.txt"
     proto.write_text(_protofile(work / "tree", entry.pw_uid, entry.pw_gid))

@@ -1,7 +1,8 @@
 """Item recovery from an XFS file system (``tests/integration/item_disks.build_xfs_disk``: made populated by
 ``mkfs.xfs -p``, no mount): a PostgreSQL 15 cluster found, listed and dumped through dissect.xfs and the
 copy-on-write view, exactly as from ext4; and a cluster whose pg_wal is a symlink elsewhere on the same file
-system (``initdb --waldir``), followed inside the backup, never onto the appliance's own files."""
+system (``initdb --waldir``), or a tablespace there, followed inside the backup, never onto the appliance's own
+files."""
 
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ def items(xfs: dict, *args: str) -> str:
     return bootback("items", xfs["repo"], "xfs01", *args, "--work-dir", xfs["work"]).stdout
 
 
-@pytest.mark.parametrize("path", ["/srv/pg-xfs", "/var/lib/postgresql/15/walink"])
+@pytest.mark.parametrize("path", ["/srv/pg-xfs", "/var/lib/postgresql/15/walink", "/srv/pg-ts"])
 def test_a_cluster_on_xfs_is_listed_and_dumped(xfs: dict, path: str, tmp_path: Path) -> None:
     found = json.loads(items(xfs, "--json"))
     assert {"kind": "postgres", "disk": "xfs.raw", "volume": "disk", "path": path, "version": "15"} in found
     tables = json.loads(items(xfs, "postgres", "--path", path, "--list", "--json"))
     counts = {(t["database"], f"{t['schema']}.{t['table']}"): t["rows"] for t in tables}
     assert counts[("shop", "public.orders")] == 1500 and counts[("hr", "public.staff")] == 2
+    if path == "/srv/pg-ts":
+        assert counts[("shop", "public.archived")] == 77  # its files are in the tablespace: /srv/ts-elsewhere
     if path == "/srv/pg-xfs":  # the linked one proves its point by starting; one dump is enough
         out = tmp_path / "invoices.sql"
         items(xfs, "postgres", "--path", path, "--dump", "shop.sales.invoices", "-o", str(out))
