@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 from appliance.errors import ConfigError, IntegrityError, RepositoryLockedError, StorageUnavailableError, UsageError
 from appliance.repo.backends import S3_SCHEME, ChunkBatch, ObjectInfo, ObjectStore
+from appliance.repo.backends.chunkids import ChunkIds
 from appliance.repo.backends.leases import GC_LEASE, Lease, expired_leases, gc_grace_seconds, live_leases
 
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -347,7 +348,11 @@ class S3Store(ObjectStore):
             if gc:
                 raise _locked(self, "back up", f"garbage collection is running ({gc[0].key})")
             lease.keep_alive()
-            yield _S3Batch(self, lease)
+            batch = _S3Batch(self, lease)
+            try:
+                yield batch
+            finally:
+                batch.close()
         finally:
             lease.release()
 
@@ -400,20 +405,26 @@ class _S3Batch(ChunkBatch):
 
     The dedup check is one listing of ``chunks/`` (1,000 ids per request) made at the first lookup, not a HEAD
     per chunk: the lease keeps garbage collection away, so what was listed stays; a chunk another backup adds
-    meanwhile is at worst PUT twice, with the same bytes."""
+    meanwhile is at worst PUT twice, with the same bytes. The listed ids are kept in a temporary file, not in
+    memory (``chunkids``)."""
 
     def __init__(self, store: S3Store, lease: Lease) -> None:
         self.store = store
         self.lease = lease
-        self._known: set[str] | None = None
+        self._known: ChunkIds | None = None
         self._lock = threading.Lock()
 
     def has(self, key: str) -> bool:
         if self._known is None:
             with self._lock:
                 if self._known is None:
-                    self._known = {info.key for info in self.store.list("chunks/")}
+                    listing = (info.key for info in self.store.list("chunks/"))
+                    self._known = ChunkIds(listing, self.store.location)
         return key in self._known
+
+    def close(self) -> None:
+        if self._known is not None:
+            self._known.close()
 
     def stage(self, key: str, blob: bytes) -> None:
         self.store.put(key, blob)
