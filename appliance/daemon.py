@@ -217,6 +217,7 @@ class Daemon:
         return {
             "export": self.export.path,
             "host": self.config.host,
+            "local_nfs_host": local_nfs_host(self.config.bind),  # where verifiers on this host mount from
             "ports": {
                 "portmap": ports.portmap,
                 "nfs": ports.nfs,

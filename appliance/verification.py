@@ -67,13 +67,17 @@ def verify_boot(
     memory_mib: int = 1024,
     repo: str | None = None,
 ) -> dict[str, Any]:
-    """Verify through a running daemon's control socket (the CLI's way)."""
+    """Verify through a running daemon's control socket (the CLI's way). The control socket is a Unix socket,
+    so the CLI runs on the daemon's host and mounts from there, as the daemon's own jobs do."""
 
     def publish() -> dict:
         (doc,) = client.call("publish", vm=vm, mode="sandbox", repo=repo)
         return doc
 
-    return run_verification(publish, lambda sid: client.call("stop", id=sid), timeout, expect, console_log, memory_mib)
+    nfs_host = client.call("status").get("local_nfs_host")
+    return run_verification(
+        publish, lambda sid: client.call("stop", id=sid), timeout, expect, console_log, memory_mib, nfs_host
+    )
 
 
 def local_nfs_host(bind: str) -> str:
