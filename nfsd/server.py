@@ -191,7 +191,7 @@ class NFSServer:
                 log.warning("portmapper port %d: taken, but its owner does not answer (%s); retrying", port, exc)
                 self._registered.clear()
                 await asyncio.sleep(0.2 * (attempt + 1))
-        raise OSError(errno.EADDRINUSE, f"portmapper port {port} is taken by a program that does not answer")
+        raise PortError(errno.EADDRINUSE, f"portmapper port {port} is taken by a program that does not answer")
 
     async def stop(self) -> None:
         for m in self._registered:

@@ -15,7 +15,7 @@ from typing import Any
 
 from appliance.commands.keys import add_key_options
 from appliance.config import DaemonConfig, default_export_name, default_state_dir
-from appliance.errors import UsageError, VerificationFailedError
+from appliance.errors import ConfigError, UsageError, VerificationFailedError
 from appliance.progress import byte_progress
 from appliance.repo.backends import repository_arg
 from appliance.repo.keys import KEY_FILE_ENV
@@ -23,6 +23,7 @@ from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
 from nfsd import eventloop
 from nfsd.limits import parse_limits
+from nfsd.server import PortError
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
@@ -248,7 +249,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fixed_ports=args.fixed_ports,
     )
     daemon = Daemon(config, start_web=start_web_app if web else None)
-    eventloop.run(daemon.run())
+    try:
+        eventloop.run(daemon.run())
+    except PortError as exc:  # a taken port is the operator's to resolve: one line, not a traceback
+        raise ConfigError(f"cannot listen: {exc.strerror}") from None
     return 0
 
 
