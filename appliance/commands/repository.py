@@ -25,6 +25,7 @@ from appliance.repo import ChunkCache, DiskReader, Repository
 from appliance.repo.backends import repository_arg
 from appliance.repo.maintenance import prune, verify
 from appliance.repo.manifest import DamagedPoint
+from appliance.repo.reader import READ_AHEAD, streaming_cache_bytes
 from appliance.repo.repository import DEFAULT_CHUNK
 from appliance.units import GiB, parse_size
 
@@ -184,7 +185,9 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo, key_source(args))
-    repo.chunk_cache = ChunkCache(64 << 20)  # a restore reads each chunk once: keep only the read-ahead window
+    # a restore reads each chunk once: keep only the read-ahead window
+    ahead = repo.backend.read_ahead if repo.backend.remote else READ_AHEAD
+    repo.chunk_cache = ChunkCache(streaming_cache_bytes(ahead, repo.config.chunk_size))
     point = repo.resolve(args.point)
     if args.disk is None:
         if len(point.disks) != 1:

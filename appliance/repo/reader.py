@@ -130,6 +130,14 @@ class ChunkCache:
             self._size = 0
 
 
+def streaming_cache_bytes(read_ahead: int, chunk_size: int) -> int:
+    """In-memory cache for a reader that reads each chunk once (a restore): twice the fetch-ahead window and the
+    chunk being read, at least 64 MiB. Smaller, chunks fetched ahead are evicted before use and fetched again:
+    the chunks just read were referenced, so CLOCK's second chance keeps them for one more pass and evicts the
+    unread ones fetched ahead first (16 chunks of 4 MiB in a 64 MiB cache: 36 GETs for 20 chunks)."""
+    return max(64 << 20, 2 * (read_ahead + 1) * chunk_size)
+
+
 class DiskReader:
     """Read-only random access to one disk of one restore point (checked when it was loaded). Thread-safe.
 
