@@ -38,6 +38,7 @@ GROUP = Field("group", (str, dict), required=True)
 KIND = Field("kind", str, choices=KINDS, default="verification")
 TTL = Field("ttl", (str, int), default="4h", max_length=20)
 GROUP_TEXT = Field("group", str, required=True, max_length=256 << 10)
+MAX_GROUP_DEPTH = 20  # a group document is four levels deep (group, vms, vm, checks)
 
 
 def _group_ref(value: str | dict[str, Any]) -> str | dict[str, Any]:
@@ -219,15 +220,31 @@ def detail(lab_id: str) -> Any:
     return render_template("lab.html", lab=record, live=LIVE)
 
 
+def group_yaml(text: str) -> Any:
+    """A pasted group document. YAML aliases are refused before anything is built: nine lines of them expand
+    to 10^9 items when the document is turned into JSON, and one may refer to itself; nesting is bounded (the
+    composer recurses)."""
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ApiError(400, f"group: YAML aliases (*{event.anchor}) are not accepted; write the values out")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_GROUP_DEPTH:
+                    raise ApiError(400, f"group: nested more than {MAX_GROUP_DEPTH} deep")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ApiError(400, f"group: not YAML or JSON: {exc}") from None
+
+
 @page.post("/labs/groups")
 @login_required
 def define_group() -> Response:
     def run() -> str:
-        text = form_fields(GROUP_TEXT)["group"]
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ApiError(400, f"group: not YAML or JSON: {exc}") from None
+        doc = group_yaml(form_fields(GROUP_TEXT)["group"])
         if not isinstance(doc, dict):
             raise ApiError(400, "group: a mapping with 'name' and 'vms'")
         doc = json.loads(json.dumps(doc, default=str))  # YAML times become the strings the daemon parses
