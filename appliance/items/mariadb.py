@@ -192,6 +192,7 @@ class DisposableServer:
                     f"--socket={self.socket}",
                     "--single-transaction",
                     "--skip-lock-tables",
+                    "--",  # the names are the backup's: a table named '--result-file=/x' is a table
                     database,
                     *tables,
                 ],

@@ -165,7 +165,10 @@ class DisposableServer:
 
     # clients -----------------------------------------------------------------------------------------------
     def _conn(self, database: str) -> list[str]:
-        return ["-h", str(self.rundir), "-p", "5432", "-U", SUPERUSER, "-d", database]
+        # A database's name comes from the backup: psql and pg_dump read a -d holding '=' (or a URL) as a whole
+        # connection string ('host=elsewhere dbname=x'), so it goes in as the quoted value of dbname, only a name.
+        quoted = database.replace("\\", "\\\\").replace("'", "\\'")
+        return ["-h", str(self.rundir), "-p", "5432", "-U", SUPERUSER, "-d", f"dbname='{quoted}'"]
 
     def query(self, database: str, sql: str) -> object:
         """The single JSON value ``sql`` returns."""
