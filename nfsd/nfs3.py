@@ -40,11 +40,17 @@ UNBOUNDED = 0xFFFFFFFF  # filename3<> and nfspath3<>: only the bytes left in the
 
 ACCESS_READ, ACCESS_LOOKUP, ACCESS_MODIFY, ACCESS_EXTEND, ACCESS_DELETE, ACCESS_EXECUTE = 1, 2, 4, 8, 16, 32
 
-_FATTR = struct.Struct(">IIIIIQQIIQQIIIIII")
+_FATTR_FIELDS = "IIIIIQQIIQQIIIIII"
+_FATTR = struct.Struct(">" + _FATTR_FIELDS)
+# A successful READ's reply up to its data, in one pack: status, attributes follow, fattr3, count, eof, length.
+_READ_OK = struct.Struct(">II" + _FATTR_FIELDS + "III")
+_BILLION = 1_000_000_000
 
 
-def pack_fattr(p: Packer, a: Attr) -> None:
-    p.buf += _FATTR.pack(
+def _fattr_values(a: Attr) -> tuple[int, ...]:
+    """fattr3's fields in wire order (times as seconds, nanoseconds)."""
+    at, mt, ct = a.atime_ns, a.mtime_ns, a.ctime_ns
+    return (
         int(a.type),
         a.mode & 0o7777,
         a.nlink,
@@ -56,14 +62,21 @@ def pack_fattr(p: Packer, a: Attr) -> None:
         a.rdev[1],
         a.fsid,
         a.fileid,
-        *_time(a.atime_ns),
-        *_time(a.mtime_ns),
-        *_time(a.ctime_ns),
+        (at // _BILLION) & 0xFFFFFFFF,
+        at % _BILLION,
+        (mt // _BILLION) & 0xFFFFFFFF,
+        mt % _BILLION,
+        (ct // _BILLION) & 0xFFFFFFFF,
+        ct % _BILLION,
     )
 
 
+def pack_fattr(p: Packer, a: Attr) -> None:
+    p.buf += _FATTR.pack(*_fattr_values(a))
+
+
 def _time(ns: int) -> tuple[int, int]:
-    s, n = divmod(ns, 1_000_000_000)
+    s, n = divmod(ns, _BILLION)
     return s & 0xFFFFFFFF, n
 
 
@@ -362,11 +375,13 @@ class NFSv3(Program):
                 return data, eof, self._attr_or_none(export, obj)
 
             data, eof, attr = await self._io(do)
-        p = Packer().u32(0)
-        post_op(p, attr)
-        p.u32(len(data)).bool(eof).u32(len(data))
-        pad = -len(data) % 4
-        return [p.buf, data, b"\0" * pad] if pad else [p.buf, data]
+        n = len(data)
+        if attr is not None:
+            head: bytes | bytearray = _READ_OK.pack(0, 1, *_fattr_values(attr), n, 1 if eof else 0, n)
+        else:
+            head = Packer().u32(0).u32(0).u32(n).bool(eof).u32(n).buf
+        pad = -n % 4
+        return [head, data, b"\0" * pad] if pad else [head, data]
 
     async def NFSPROC3_WRITE(self, call: Call) -> list:
         u = call.args

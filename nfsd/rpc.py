@@ -572,7 +572,9 @@ class TcpConnection(asyncio.Protocol):
         try:
             parts = await self.dispatcher.handle(record, self.address, "tcp", flow=ticket)
             if parts is not None and not self.transport.is_closing():
-                total = sum(len(p) for p in parts)
+                total = 0
+                for p in parts:
+                    total += len(p)
                 self._charge_out(total + 4 - ticket.reserved)  # the reply replaces what was reserved for it
                 ticket.reserved = 0
                 self._out.append(struct.pack(">I", 0x80000000 | total))
