@@ -42,9 +42,10 @@ FROM ${BASE_IMAGE} AS demo
 # The tools first, apart from the code: this layer stays cached while the code changes.
 RUN set -eu; export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; \
     apt-get install -y -qq --no-install-recommends linux-image-amd64 busybox-static syslinux syslinux-common \
-      mtools dosfstools e2fsprogs fdisk >/dev/null
+      mtools dosfstools e2fsprogs fdisk cpio >/dev/null
 COPY --from=builder /opt/bootback /opt/bootback
-# No loop device or root needed (appliance/demo/bootdisk.py), so this runs in an unprivileged build.
+# No loop device or root needed (appliance/demo/bootdisk.py), so this runs in an unprivileged build; cpio packs
+# the demo-lab guests' initramfs (appliance/lab/guests.py).
 # A demo that fell back to a data disk fails the build: the image promises the bootable one.
 RUN set -eu; \
     out=$(BOOTBACK_BUILD_CACHE=/tmp/demo-build /opt/bootback/bin/bootback demo --prepare-only --data /opt/bootback-demo 2>&1); \
