@@ -217,6 +217,7 @@ def migrate(sid: str) -> tuple[Response, int]:
 @bp.post("/sessions/<sid>/prefetch")
 @api_auth
 def prefetch(sid: str) -> tuple[Response, int]:
+    json_body()  # it has no fields: one sent would be ignored, so it is refused
     return jsonify(daemon.call("prefetch", id=sid)), 202
 
 

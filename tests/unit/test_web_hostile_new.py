@@ -60,3 +60,19 @@ def test_labs_page_group_form_refuses_hostile_yaml_with_one_line(page: tuple[Fla
     assert resp.status_code in (302, 303), resp.status_code
     assert time.monotonic() - started < 5
     assert re.search(r"group: .*(alias|nested)", flashed(client)), flashed(client)
+
+
+def test_prefetch_refuses_a_body_it_does_not_read(app: Flask) -> None:
+    """Like every other API route, prefetch takes no field it ignores: a body with fields, or not JSON, is refused
+    naming it (a script sending {"disk": ...} must not believe it chose a disk)."""
+    from appliance.access.credentials import Credentials as Creds
+
+    token = Creds(app.config["STATE_DIR"]).create_token("t")["token"]
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {token}"}
+    url = f"{BASE}/api/v1/sessions/s1/prefetch"
+    resp = client.post(url, json={"disk": "a.vmdk"}, headers=auth)
+    assert resp.status_code == 400 and resp.get_json()["error"]["message"].startswith("disk: unknown field")
+    resp = client.post(url, data="[[", headers={**auth, "Content-Type": "application/json"})
+    assert resp.status_code == 400 and "body" in resp.get_json()["error"]["message"]
+    assert client.post(url, headers=auth).status_code == 503  # no body: on to the daemon (none runs here)
