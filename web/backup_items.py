@@ -31,6 +31,7 @@ LDAP_FILTER = re.compile(r"\([^\x00-\x1f\x7f]{1,998}\)")
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 MAIL_ID = re.compile(r"[^\x00-\x1f\x7f]{1,300}")
 MAX_SPECS = 64
+MAX_LISTED = 1000  # entries or messages in one answer: a store of 100,000 is narrowed by the search fields
 PIECE = 1 << 20
 DB_KINDS = ("postgres", "mariadb")
 
@@ -125,6 +126,11 @@ def mail_format() -> str:
     return fmt
 
 
+def listed(found: list) -> dict[str, int | bool]:
+    """How many matched, and whether the answer shows only the first ``MAX_LISTED`` of them."""
+    return {"total": len(found), "truncated": len(found) > MAX_LISTED}
+
+
 def work_root() -> Path:
     return Path(current_app.config["STATE_DIR"]) / "items"
 
@@ -196,7 +202,8 @@ def ldap_entries(name: str) -> Response:
     item = select(tgt, "openldap")
     with daemon.domain_errors():
         entries = service.ldap_entries(tgt, item, work_root(), flt)
-    return jsonify({"point": tgt.point, "path": item.path, "entries": [e.to_json() for e in entries]})
+    shown = [e.to_json() for e in entries[:MAX_LISTED]]
+    return jsonify({"point": tgt.point, "path": item.path, "entries": shown, **listed(entries)})
 
 
 @bp.get("/openldap/export")
@@ -216,7 +223,8 @@ def mail_messages(name: str) -> Response:
     item = select(tgt, "mail")
     with daemon.domain_errors():
         msgs = service.mail_list(tgt, item, work_root(), flt)
-    return jsonify({"point": tgt.point, "path": item.path, "messages": [m.to_json() for m in msgs]})
+    shown = [m.to_json() for m in msgs[:MAX_LISTED]]
+    return jsonify({"point": tgt.point, "path": item.path, "messages": shown, **listed(msgs)})
 
 
 @bp.get("/mail/export")

@@ -54,7 +54,9 @@ def _open(tgt: service.Target, kind: str) -> dict[str, Any]:
         elif kind == "mariadb":
             doc["tables"] = service.mariadb_list(tgt, item, work, q.database())
         elif kind == "openldap":
-            doc["entries"] = service.ldap_entries(tgt, item, work, q.ldap_filter())
+            found = service.ldap_entries(tgt, item, work, q.ldap_filter())
+            doc["entries"], doc["total"] = found[: q.MAX_LISTED], len(found)
         else:
-            doc["messages"] = service.mail_list(tgt, item, work, q.mail_filter())
+            found = service.mail_list(tgt, item, work, q.mail_filter())
+            doc["messages"], doc["total"] = found[: q.MAX_LISTED], len(found)
     return doc

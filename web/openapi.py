@@ -90,14 +90,18 @@ def ITEM_PATHS(repo: dict) -> dict:  # noqa: N802 - application item recovery (w
         },
         f"{base}/openldap/entries": {
             "get": _op(
-                "Entries of a backed-up OpenLDAP database (DN, objectClass)",
+                "Entries of a backed-up OpenLDAP database (DN, objectClass): the first 1000, with total and truncated",
                 _json(OBJ),
                 params=[repo, point, path, ldap],
             )
         },
         f"{base}/openldap/export": {"get": _op("Matching entries as LDIF", BINARY, params=[repo, point, path, ldap])},
         f"{base}/mail/messages": {
-            "get": _op("Messages of a backed-up Maildir or mbox", _json(OBJ), params=[repo, point, path, *mail])
+            "get": _op(
+                "Messages of a backed-up Maildir or mbox: the first 1000, with total and truncated",
+                _json(OBJ),
+                params=[repo, point, path, *mail],
+            )
         },
         f"{base}/mail/export": {
             "get": _op("Matching messages as mbox, or one as .eml", BINARY, params=[repo, point, path, *mail, fmt])

@@ -17,7 +17,8 @@ from tests.integration.test_item_recovery import traversable_tmp
 
 pytestmark = pytest.mark.skipif(not (PG_BIN / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
 
-HOSTILE_VERSION = "2"
+HOSTILE_VERSION = "3"
+MANY = 1005  # messages in one Maildir: more than a listing shows
 EVIL_TABLE = "--no-data"  # as an option: the whole database, without rows ('--result-file=/x' would write a file)
 EVIL_DB = "dbname=hr"  # psql/pg_dump -d read a name with '=' as a connection string: it would open 'hr'
 
@@ -56,6 +57,12 @@ def build_hostile_disk(cache: Path) -> Path:
         sh("cp", "-a", server.datadir, tree / "var/lib/mysql")
     finally:
         server.stop()
+    for sub in ("new", "cur", "tmp"):
+        (tree / "home/many/Maildir" / sub).mkdir(parents=True)
+    for i in range(MANY):
+        (tree / f"home/many/Maildir/new/{1700000000 + i}.M{i}P1.host").write_text(
+            f"From: n{i}@example.org\nSubject: note {i}\nDate: Mon, 2 Mar 2026 10:00:00 +0000\n\nbody {i}\n"
+        )
     sh("mkfs.ext4", "-q", "-F", "-d", tree, work / "disk.raw", "160M")
     shutil.rmtree(tree)
     shutil.rmtree(work / "pg")
@@ -82,7 +89,7 @@ def hostile_api(build_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         api.trust_env = False
         api.verify = str(d.state / "web" / "tls.crt")
         api.headers["Authorization"] = f"Bearer {token}"
-        yield api, f"{base_url}/api/v1/repositories/repo/items", state
+        yield api, f"{base_url}/api/v1/repositories/repo/items", base_url
     finally:
         d.stop()
         shutil.rmtree(state, ignore_errors=True)
@@ -108,3 +115,31 @@ def test_a_mariadb_table_named_like_a_dump_option_is_only_a_name(hostile_api: tu
     assert got.status_code == 200, got.text
     assert f"CREATE TABLE `{EVIL_TABLE}`" in got.text and f"INSERT INTO `{EVIL_TABLE}` VALUES\n(7)" in got.text
     assert "`other`" not in got.text, "mariadb-dump took a table's name for an option"
+
+
+def test_a_listing_of_a_huge_mail_store_is_bounded_and_says_so(hostile_api: tuple) -> None:
+    """A Maildir of more messages than a listing shows: the API and the page answer the first ones and say how
+    many there are (the rest by narrowing the search), not a JSON or a page as large as the store."""
+    import re
+
+    import requests
+
+    from web.backup_items import MAX_LISTED
+
+    assert MAX_LISTED < MANY
+    api, url, base_url = hostile_api
+    where = {"point": "evil", "path": "/home/many/Maildir"}
+    got = api.get(f"{url}/mail/messages", params=where).json()
+    assert len(got["messages"]) == MAX_LISTED and got["total"] == MANY and got["truncated"] is True
+    narrowed = api.get(f"{url}/mail/messages", params={**where, "subject": "note 100"}).json()
+    assert narrowed["total"] == len(narrowed["messages"]) == 6 and narrowed["truncated"] is False  # 100, 1000-1004
+
+    browser = requests.Session()
+    browser.trust_env = False
+    browser.verify = api.verify
+    page = browser.get(f"{base_url}/login").text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)[1]
+    browser.post(f"{base_url}/login", data={"csrf_token": csrf, "username": "admin", "password": "hostile-password"})
+    html = browser.get(f"{base_url}/items", params={"repository": "repo", "kind": "mail", **where}).text
+    assert html.count('<tr data-message="') == MAX_LISTED
+    assert f"the first {MAX_LISTED} of {MANY}" in html
