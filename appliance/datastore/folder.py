@@ -85,6 +85,10 @@ class SessionFolder(FilesLayer):
         ext = self._extent(obj)
         if ext is None:
             return self.files.getattr(obj)
+        return self._extent_attr(ext, obj.fileid)
+
+    @staticmethod
+    def _extent_attr(ext: Extent, fileid: int) -> Attr:
         size = ext.cache.size
         return Attr(
             type=FileType.REG,
@@ -94,7 +98,7 @@ class SessionFolder(FilesLayer):
             gid=0,
             size=size,
             used=min(size, ext.cache.usage_bytes()) if size else 0,
-            fileid=obj.fileid,
+            fileid=fileid,
             atime_ns=ext.mtime_ns,
             mtime_ns=ext.mtime_ns,
             ctime_ns=ext.ctime_ns,
@@ -137,7 +141,7 @@ class SessionFolder(FilesLayer):
         data = ext.cache.read_nowait(offset, count)
         if data is None:
             return None
-        return data, offset + len(data) >= ext.cache.size, self.getattr(obj)
+        return data, offset + len(data) >= ext.cache.size, self._extent_attr(ext, obj.fileid)
 
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
         ext = self._extent(obj)
