@@ -37,6 +37,7 @@ import yaml
 from appliance.errors import UsageError
 from appliance.lab.network import check_subnet
 from appliance.lab.schedule import check_schedule
+from appliance.repo.manifest import check_vm_name
 from appliance.verification import compile_expect
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -225,6 +226,10 @@ def parse_group(doc: object) -> Group:
         where = f"vms[{i}]"
         v = _fields(where, v, {"vm", "repo", "point", "address", "memory_mib", "nic", "checks", "cache_mib"}, {"vm"})
         vm = _str(f"{where}.vm", v["vm"], 255)
+        try:
+            check_vm_name(vm)  # the repository's own rule: a name it could never hold is refused here, not later
+        except UsageError as exc:
+            raise UsageError(f"{where}.vm: {exc}") from None
         where = f"vm {vm}"
         if any(x.vm == vm for x in vms):
             raise UsageError(f"{where}: named twice in the group")
