@@ -11,7 +11,8 @@ starts: files are fetched from the repository when read, and copied up (by the k
 directory is larger than ``copy_limit`` bytes. Works anywhere; costs the full copy.
 
 Either way the backup is only read, everything written lands under the workspace, and leaving the context
-unmounts and deletes it all.
+unmounts and deletes it all. While the view is open, ``guard`` keeps the work directory's file system above its
+reserve (``space``): a job is refused below it, and stopped when it would fall below.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from appliance.errors import BootbackError, ItemRecoveryError, NoSpaceError
 from appliance.files import FileBrowser, browse
+from appliance.items.space import SpaceGuard, default_reserve
 from appliance.items.viewtree import nodes
 from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
@@ -117,6 +119,7 @@ class CowView:
         mode: str = "auto",
         copy_limit: int = DEFAULT_COPY_LIMIT,
         keys: KeySource | None = None,
+        reserve: int | None = None,
     ) -> None:
         if mode not in ("auto", "fuse", "copy"):
             raise ItemRecoveryError(f"unknown view mode {mode!r} (auto, fuse or copy)")
@@ -130,11 +133,10 @@ class CowView:
         self.space: Path | None = None  # the private workspace
         self._fuse: subprocess.Popen | None = None
         self._mounts: list[Path] = []
+        self.guard = SpaceGuard(self.work_root, default_reserve() if reserve is None else reserve)
 
     # workspace ---------------------------------------------------------------------------------------------
     def _make_space(self) -> Path:
-        self.work_root.mkdir(parents=True, exist_ok=True, mode=0o755)
-        sweep(self.work_root)
         space = self.work_root / secrets.token_hex(4)
         space.mkdir(mode=0o700)
         (space / OWNER_FILE).write_text(f"{os.getpid()}\n")
@@ -143,8 +145,11 @@ class CowView:
         return space
 
     def __enter__(self) -> Path:
-        self.space = self._make_space()
+        self.work_root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        sweep(self.work_root)  # a killed command's workspace: its space counts before the check
+        self.guard.start()  # refused before anything is made when free space is already below the reserve
         try:
+            self.space = self._make_space()
             if self.requested in ("auto", "fuse"):
                 try:
                     return self._enter_fuse()
@@ -153,18 +158,26 @@ class CowView:
                         raise
                     self._unmount()  # then copy: a container without the right to mount still works
             return self._enter_copy()
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            self.close(exc)
             raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(exc)
 
-    def close(self) -> None:
+    def close(self, exc: BaseException | None = None) -> None:
+        """Unmount and delete; when the reserve was crossed (or the job failed while below it: a server that hit
+        ENOSPC before the next poll), the one error that says so, not the stopped server's."""
+        self.guard.stop()
+        if exc is not None and self.guard.tripped is None:
+            with suppress(ItemRecoveryError, OSError):
+                self.guard.check()
         self._unmount()
         if self.space is not None:
             shutil.rmtree(self.space, ignore_errors=True)
             self.space = None
+        if self.guard.tripped is not None:
+            raise self.guard.error(self.guard.tripped) from exc
 
     @property
     def data(self) -> Path:

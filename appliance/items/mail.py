@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.policy
 import mailbox
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.parser import BytesHeaderParser
@@ -153,14 +154,19 @@ class Store:
         return box.get_message(key if self.kind == "maildir" else int(key))
 
     # outputs ---------------------------------------------------------------------------------------------
-    def export(self, msgs: list[Message], out: Path, fmt: str) -> None:
-        """``out`` is a fresh file: one message as .eml (its bytes as stored), or any number as mbox."""
+    def export(
+        self, msgs: list[Message], out: Path, fmt: str, claim: Callable[[int], None] = lambda size: None
+    ) -> None:
+        """``out`` is a fresh file: one message as .eml (its bytes as stored), or any number as mbox. ``claim(n)``
+        runs before each message's n bytes are written (the work directory's space guard)."""
         if not msgs:
             raise ItemRecoveryError("no message matches: nothing to export")
         if fmt == "eml":
             if len(msgs) != 1:
                 raise ItemRecoveryError(f"an .eml file holds one message; {len(msgs)} match (use --format mbox)")
-            out.write_bytes(self.raw(msgs[0]))
+            raw = self.raw(msgs[0])
+            claim(len(raw))
+            out.write_bytes(raw)
             return
         if fmt != "mbox":
             raise ItemRecoveryError(f"unknown export format {fmt!r} (eml or mbox)")
@@ -168,6 +174,7 @@ class Store:
         try:
             box.lock()
             for m in msgs:
+                claim(len(self.raw(m)))
                 box.add(mailbox.mboxMessage(self._get(m)))
             box.flush()
         finally:

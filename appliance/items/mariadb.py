@@ -26,6 +26,7 @@ from appliance.items.discovery import Item
 from appliance.items.postgres import Table
 from appliance.items.ready import wait_until_ready
 from appliance.items.runas import server_owner
+from appliance.items.space import SpaceGuard
 from appliance.repo.keys import KeySource
 
 MARIADBD = Path("/usr/sbin/mariadbd")
@@ -87,8 +88,11 @@ class Server:
 
 
 class DisposableServer:
-    def __init__(self, datadir: Path, rundir: Path, owner: tuple[int, int], where: str) -> None:
+    def __init__(
+        self, datadir: Path, rundir: Path, owner: tuple[int, int], where: str, guard: SpaceGuard | None = None
+    ) -> None:
         self.datadir, self.rundir, self.owner, self.where = datadir, rundir, owner, where
+        self.guard = guard  # stops the server (and a dump) when the work directory's free space runs low
         self.socket = rundir / "mysqld.sock"
         self.log = rundir / "error.log"
         self.proc: subprocess.Popen | None = None
@@ -118,6 +122,8 @@ class DisposableServer:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
+        if self.guard is not None:
+            self.guard.watch(self.proc, group=True)
         (self.rundir / SERVER_FILE).write_text(f"{self.proc.pid}\n")  # for cowview.sweep after a SIGKILL
         ready = lambda: self.socket.exists() and self._ping()  # noqa: E731
         wait_until_ready(self.proc, ready, "MariaDB", self.where, self._failure, self.stop, START_TIMEOUT)
@@ -184,24 +190,24 @@ class DisposableServer:
         return sorted(n for n in names if n not in SYSTEM_SCHEMAS)
 
     def dump(self, database: str, tables: list[str], out: Path) -> None:
+        cmd = [
+            DUMP,
+            "--no-defaults",
+            f"--socket={self.socket}",
+            "--single-transaction",
+            "--skip-lock-tables",
+            "--",  # the names are the backup's: a table named '--result-file=/x' is a table
+            database,
+            *tables,
+        ]
         with open(out, "wb") as fh:
-            p = subprocess.run(
-                [
-                    DUMP,
-                    "--no-defaults",
-                    f"--socket={self.socket}",
-                    "--single-transaction",
-                    "--skip-lock-tables",
-                    "--",  # the names are the backup's: a table named '--result-file=/x' is a table
-                    database,
-                    *tables,
-                ],
-                stdout=fh,
-                stderr=subprocess.PIPE,
-                timeout=24 * 3600,
-            )
-        if p.returncode != 0:
-            msg = p.stderr.decode(errors="replace").strip().splitlines()
+            if self.guard is not None:
+                code, err = self.guard.run_into(cmd, fh)
+            else:
+                p = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, timeout=24 * 3600)
+                code, err = p.returncode, p.stderr.decode(errors="replace")
+        if code != 0:
+            msg = err.strip().splitlines()
             raise ItemRecoveryError(f"mariadb-dump of {database!r} from {self.where} failed: {msg[-1] if msg else '?'}")
 
 
@@ -252,8 +258,9 @@ def disposable_server(
         raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a MariaDB/MySQL data directory")
     check_version(item, installed_version())
     owner = server_owner("mysql")
-    with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode, keys=keys) as data:
-        server = DisposableServer(data, data.parent / "run", owner, item.browser_path)
+    view = CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode, keys=keys)
+    with view as data:
+        server = DisposableServer(data, data.parent / "run", owner, item.browser_path, view.guard)
         try:
             server.start()
             yield server

@@ -207,13 +207,13 @@ class Directory:
             self.scratch = data.parent / "ldap"
             self.scratch.mkdir(mode=0o700)
             self.conf = write_config(self.scratch, data, self.schema)
-        except BaseException:
-            self.view.close()
+        except BaseException as exc:
+            self.view.close(exc)
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.view.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.view.close(exc)
 
     def entries(self, ldap_filter: str | None = None) -> list[Entry]:
         return slapcat(self.conf, self.item.browser_path, ldap_filter)

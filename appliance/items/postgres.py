@@ -25,6 +25,7 @@ from appliance.items.cowview import SERVER_FILE, CowView
 from appliance.items.discovery import Item
 from appliance.items.ready import wait_until_ready
 from appliance.items.runas import server_owner
+from appliance.items.space import SpaceGuard
 from appliance.repo.keys import KeySource
 
 BIN_ROOT = Path("/usr/lib/postgresql")
@@ -78,9 +79,18 @@ def quote_literal(text: str) -> str:
 class DisposableServer:
     """One PostgreSQL server on ``datadir``, sockets and logs in ``rundir``; ``stop()`` (or the context) ends it."""
 
-    def __init__(self, datadir: Path, bindir: Path, rundir: Path, owner: tuple[int, int], where: str) -> None:
+    def __init__(
+        self,
+        datadir: Path,
+        bindir: Path,
+        rundir: Path,
+        owner: tuple[int, int],
+        where: str,
+        guard: SpaceGuard | None = None,
+    ) -> None:
         self.datadir, self.bindir, self.rundir, self.owner = datadir, bindir, rundir, owner
         self.where = where  # the data directory's place in the backup, for messages
+        self.guard = guard  # stops the server (and a dump) when the work directory's free space runs low
         self.log = rundir / "server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -138,6 +148,8 @@ class DisposableServer:
                 cwd=self.rundir,
                 start_new_session=True,
             )
+        if self.guard is not None:
+            self.guard.watch(self.proc, group=True)
         (self.rundir / SERVER_FILE).write_text(f"{self.proc.pid}\n")  # for cowview.sweep after a SIGKILL
         wait_until_ready(self.proc, self._ready, "PostgreSQL", self.where, self._failure, self.stop, START_TIMEOUT)
 
@@ -266,13 +278,17 @@ END $$; SELECT 'null'::json""",
         cmd = [str(self.bindir / "pg_dump"), *self._conn(database), "--no-owner", "--no-acl"]
         for t in tables:
             cmd += ["-t", f"{quote_ident(t.schema)}.{quote_ident(t.name)}"]
-        with open(out, "w") as fh:
+        with open(out, "wb") as fh:
             for schema in sorted({t.schema for t in tables} - {"public"}):
-                fh.write(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)};\n")
+                fh.write(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)};\n".encode())
             fh.flush()
-            p = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, timeout=24 * 3600)
-        if p.returncode != 0:
-            raise ItemRecoveryError(f"pg_dump of {database!r} from {self.where} failed: {_first_error(p.stderr)}")
+            if self.guard is not None:
+                code, err = self.guard.run_into(cmd, fh)
+            else:
+                p = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, timeout=24 * 3600)
+                code, err = p.returncode, p.stderr
+        if code != 0:
+            raise ItemRecoveryError(f"pg_dump of {database!r} from {self.where} failed: {_first_error(err)}")
 
     def restore(self, dump: Path, target: str) -> None:
         """Into a running server, in one transaction: all of it or nothing."""
@@ -323,8 +339,9 @@ def disposable_server(
         raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a PostgreSQL data directory")
     bindir = server_bindir(major_version(item))
     owner = server_owner("postgres")
-    with CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode, keys=keys) as data:
-        server = DisposableServer(data, bindir, data.parent / "run", owner, item.browser_path)
+    view = CowView(repo, point, item.disk, item.browser_path, work_root, owner, mode=view_mode, keys=keys)
+    with view as data:
+        server = DisposableServer(data, bindir, data.parent / "run", owner, item.browser_path, view.guard)
         try:
             server.start()
             yield server

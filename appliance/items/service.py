@@ -20,6 +20,7 @@ from appliance.files import FileBrowser
 from appliance.items import mail, mariadb, openldap, postgres
 from appliance.items.cowview import CowView
 from appliance.items.discovery import KINDS, Item, discover, probe
+from appliance.items.space import SpaceGuard
 from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
 from appliance.repo.keys import KeySource
@@ -162,36 +163,38 @@ MAIL_KINDS = ("maildir", "mbox")
 
 
 @contextmanager
-def mail_store(target: Target, item: Item, work_root: Path) -> Iterator[tuple[mail.Store, Path]]:
-    """The store on a private view, and a scratch directory beside it for outputs in the making."""
+def mail_store(target: Target, item: Item, work_root: Path) -> Iterator[tuple[mail.Store, Path, SpaceGuard]]:
+    """The store on a private view, a scratch directory beside it for outputs in the making, and the view's
+    space guard."""
     if item.kind not in MAIL_KINDS:
         raise ItemRecoveryError(f"{item.browser_path} is a {item.kind} item, not a mail store")
     root, _, name = item.browser_path.rpartition("/") if item.kind == "mbox" else (item.browser_path, "", "")
     owner = (os.geteuid(), os.getegid())
-    with CowView(target.repo, target.point, item.disk, root, work_root, owner, keys=target.keys) as data:
+    view = CowView(target.repo, target.point, item.disk, root, work_root, owner, keys=target.keys)
+    with view as data:
         scratch = data.parent / "out"
         scratch.mkdir()
-        yield mail.Store(data / name if name else data, item.kind), scratch
+        yield mail.Store(data / name if name else data, item.kind), scratch, view.guard
 
 
 def mail_list(target: Target, item: Item, work_root: Path, flt: mail.Filter) -> list[mail.Message]:
-    with mail_store(target, item, work_root) as (store, _):
+    with mail_store(target, item, work_root) as (store, _, _):
         return store.select(flt)
 
 
 def mail_export(target: Target, item: Item, work_root: Path, flt: mail.Filter, out: Path, fmt: str) -> str:
     if not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
-    with mail_store(target, item, work_root) as (store, scratch):
+    with mail_store(target, item, work_root) as (store, scratch, guard):
         msgs = store.select(flt)
         tmp = scratch / "export"
-        store.export(msgs, tmp, fmt)
+        store.export(msgs, tmp, fmt, guard.claim)
         place(tmp, out)
     return f"exported {len(msgs)} message(s) from {item.browser_path} of {target.point} to {out}"
 
 
 def mail_restore(target: Target, item: Item, work_root: Path, flt: mail.Filter, dest: Path, folder: str | None) -> str:
-    with mail_store(target, item, work_root) as (store, _):
+    with mail_store(target, item, work_root) as (store, _, _):
         count = store.restore(store.select(flt), dest, folder)
     return f"restored {count} message(s) from {item.browser_path} of {target.point} into {dest}"
 
@@ -264,7 +267,9 @@ def ldap_export(target: Target, item: Item, work_root: Path, ldap_filter: str | 
         if not entries:
             raise ItemRecoveryError(f"no entry matches {ldap_filter!r}: nothing to export")
         tmp = directory.scratch / "export.ldif"
-        tmp.write_text("\n\n".join(e.ldif for e in entries) + "\n")
+        text = ("\n\n".join(e.ldif for e in entries) + "\n").encode()
+        directory.view.guard.claim(len(text))
+        tmp.write_bytes(text)
         place(tmp, out)
     return f"exported {len(entries)} entries from {item.browser_path} of {target.point} to {out}"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.item_space import small_reserve  # noqa: F401 (autouse: a reserve this machine has)
 from tests.integration.test_encrypted_repo_cli import run
 
 PASS = "items passphrase"

@@ -10,6 +10,7 @@ import mailbox
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.integration.item_disks import (
     build_app_disk,
     sh,
 )
+from tests.integration.item_space import small_reserve  # noqa: F401 (autouse: a reserve this machine has)
 
 pytestmark = pytest.mark.skipif(not (PG_BIN / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
 
@@ -540,3 +542,63 @@ def test_no_postgres_in_a_point_without_one_and_the_backup_never_changes(apps: d
     verify = bootback("verify", apps["repo"])
     assert verify.returncode == 0, verify.stderr
     assert os.listdir(work) == [], "a private view or server was left behind"
+
+
+# Free space ------------------------------------------------------------------------------------------------
+def items_on_small_fs(apps: dict, size_mib: int, reserve: str, *args: str | Path) -> tuple[int, str, str, str]:
+    """``bootback items`` whose --work-dir is a fresh tmpfs of ``size_mib`` MiB, mounted in a mount namespace of
+    its own (nothing of it outside the command); its exit status, stdout, stderr, and what it left on the tmpfs."""
+    mnt = traversable_tmp("bb-small-")
+    script = (
+        'mount -t tmpfs -o "size=${0}m,mode=0755" bb-small "$1" || exit 99; w=$1; shift; "$@"; rc=$?; '
+        'echo "LEFT:$(ls -A "$w" | tr "\\n" " ")"; exit $rc'
+    )
+    cmd = ["unshare", "--mount", "sh", "-c", script, str(size_mib), str(mnt)]
+    cmd += [
+        sys.executable,
+        "-m",
+        "appliance",
+        "items",
+        str(apps["repo"]),
+        "db01",
+        *map(str, args),
+        "--work-dir",
+        str(mnt),
+    ]
+    try:
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "BOOTBACK_MIN_FREE": reserve}
+        )
+    finally:
+        os.rmdir(mnt)
+    out, _, left = p.stdout.rpartition("LEFT:")
+    return p.returncode, out, p.stderr, left.strip()
+
+
+def test_an_item_job_is_stopped_before_the_work_directory_falls_below_its_reserve(apps: dict, tmp_path: Path) -> None:
+    """Crash recovery copies a 16 MiB WAL segment up into the overlay: on a 48 MiB file system with a 40 MiB
+    reserve, the server is stopped, the workspace removed, one line said, nothing written to the output."""
+    out = tmp_path / "shop.sql"
+    args = ("postgres", "--path", "/var/lib/postgresql/15/main", "--dump", "shop", "-o", out)
+    rc, _, err, left = items_on_small_fs(apps, 48, "40M", *args)
+    assert rc == 62, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "item recovery stopped: " in err and "below the reserve of 41,943,040 bytes" in err, err
+    assert left == "", f"left on the work directory: {left}"
+    assert list(tmp_path.iterdir()) == [], "something was written beside the output"
+    assert tree_hash(apps["repo"]) == apps["hash"]
+
+
+def test_an_item_job_is_refused_when_free_space_is_already_below_the_reserve(apps: dict) -> None:
+    rc, _, err, left = items_on_small_fs(apps, 16, "64M", "postgres", "--path", "/srv/pg-clean", "--list")
+    assert rc == 62 and "has 16,777,216 bytes free, below the reserve of 67,108,864 bytes" in err, err
+    assert left == ""
+
+
+def test_an_item_job_with_room_above_its_reserve_works(apps: dict, tmp_path: Path) -> None:
+    out = tmp_path / "customers.sql"
+    args = ("postgres", "--path", "/var/lib/postgresql/15/main", "--dump", "shop.customers", "-o", out)
+    rc, said, err, left = items_on_small_fs(apps, 160, "64M", *args)
+    assert rc == 0, err
+    assert "dumped shop.public.customers" in said and "COPY public.customers" in out.read_text()
+    assert left == ""

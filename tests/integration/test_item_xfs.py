@@ -17,6 +17,7 @@ import pytest
 
 from tests.daemon_process import bootback, tree_hash
 from tests.integration.item_disks import PG_BIN, build_app_disk, build_xfs_disk
+from tests.integration.item_space import small_reserve  # noqa: F401 (autouse: a reserve this machine has)
 
 pytestmark = pytest.mark.skipif(not (PG_BIN / "postgres").exists(), reason="Debian's postgresql-15 is not installed")
 
