@@ -16,6 +16,8 @@ Run: ``./run bench s3`` (``--quick``: a smaller input, one round).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import random
 import resource
@@ -25,7 +27,18 @@ import sys
 import time
 from pathlib import Path
 
-from bench._common import WORK, Row, log, python, random_file, report, sh
+from bench._common import (
+    WORK,
+    Row,
+    log,
+    nfs_cat_mbs,
+    nfs_sha256,
+    python,
+    random_file,
+    report,
+    require_no_nfs_on_111,
+    sh,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RGW = ROOT.parent / "shared" / "anchors" / "ceph-rgw.sh"
@@ -73,6 +86,20 @@ def anchor(client, bucket: str, src: Path, dst: Path) -> dict[str, float]:  # no
     return {"anchor_up": up, "anchor_down": down, "anchor_up_cpu": up_cpu, "anchor_down_cpu": down_cpu}
 
 
+def objects_anchor(client, location: str) -> dict[str, float]:  # noqa: ANN001
+    """Wall and CPU seconds for boto3 to fetch the repository's own chunk objects, 16 GETs in flight (what a
+    bulk copy of the ``chunks/`` prefix does): the gateway's cost per object, apart from our decoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/chunks/")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    cpu, start = time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        n = sum(pool.map(lambda k: len(client.get_object(Bucket=bucket, Key=k)["Body"].read()), keys))
+    return {"objects_down": time.perf_counter() - start, "objects_down_cpu": time.process_time() - cpu, "bytes": n}
+
+
 def reads(location: str, size: int, expected: Path, cache_dir: Path) -> dict[str, float]:
     """Cold sequential and cold random reads through a fresh reader with a read cache, as the daemon serves a
     published disk."""
@@ -106,6 +133,56 @@ def reads(location: str, size: int, expected: Path, cache_dir: Path) -> dict[str
                     out["random_reads_s"] = len(offsets) / elapsed
             finally:
                 cache.close()
+    return out
+
+
+def published(location: str, size: int, digest: str, work: Path) -> dict[str, float]:
+    """The daemon serving the bucket's repository (``serve --repo s3://...``): a published disk read over NFS by
+    real clients, cold (every chunk from the bucket: ``nfs-cat`` sequential, ``qemu-img bench`` 4 KiB first
+    touches), and a second session published with ``--prefetch``, read once its warm-up has finished."""
+    from bench.bench_speed import first_touch_step, qemu_rate, require_ours_on_111
+    from tests.daemon_process import DaemonProcess
+
+    require_no_nfs_on_111("the daemon")
+    empty = work / "no-local-repos"
+    empty.mkdir(exist_ok=True)
+    state = work / "daemon-state"
+    shutil.rmtree(state, ignore_errors=True)
+    daemon = DaemonProcess(empty, state, "--repo", location, "--bind", "127.0.0.1", repo_flag="--repo-dir").start()
+    out: dict[str, float] = {}
+    try:
+        require_ours_on_111(daemon.nfs_port)
+        reads = min(300, size // MiB)
+        step = first_touch_step(size, reads)
+        for kind in ("random", "seq"):
+            daemon.stop()  # a fresh daemon per case: its in-memory chunk cache is shared by every session
+            daemon.start()
+            require_ours_on_111(daemon.nfs_port)
+            doc = daemon.publish("bench", mode="sandbox")
+            url = f"{doc['nfs_url']}/{doc['disks'][0]['extent']}"
+            if kind == "seq":
+                out["cold_seq_mb_s"] = nfs_cat_mbs(url, size)
+                if nfs_sha256(url) != digest:
+                    raise RuntimeError(f"{url}: other bytes than the backed-up disk")
+            else:
+                out["cold_random_reads_s"] = qemu_rate(url, reads, step=step)
+            daemon.cli("stop", doc["id"])
+        daemon.stop()  # and a fresh one for the warm-up, whose read cache holds nothing yet
+        daemon.start()
+        require_ours_on_111(daemon.nfs_port)
+        doc = daemon.publish("bench", mode="sandbox", extra=("--prefetch",))
+        started = time.perf_counter()
+        while True:
+            (rec,) = [r for r in json.loads(daemon.cli("sessions", "--json").stdout) if r["id"] == doc["id"]]
+            if not any(w["running"] for w in rec["prefetch"] or []):
+                break
+            time.sleep(0.2)
+        out["prefetch_s"] = time.perf_counter() - started
+        url = f"{doc['nfs_url']}/{doc['disks'][0]['extent']}"
+        out["prefetched_seq_mb_s"] = nfs_cat_mbs(url, size)
+        out["prefetched_random_reads_s"] = qemu_rate(url, reads, step=step)
+    finally:
+        daemon.stop()
     return out
 
 
@@ -161,12 +238,17 @@ def main(argv: list[str]) -> int:
                 )
                 if chunk == "1M":
                     location_1m = location
+                    o = objects_anchor(client, location)
+                    keep("objects_down", o["objects_down"], o["objects_down_cpu"])
+                    log(f"round {n}: boto3 fetching the same 1 MiB chunk objects {o['objects_down']:.1f} s")
             a = anchor(client, bucket, src, work / "anchor.raw")
             log(f"round {n}: transfer manager {a['anchor_up']:.1f} s / {a['anchor_down']:.1f} s")
             keep("anchor_up", a["anchor_up"], a["anchor_up_cpu"])
             keep("anchor_down", a["anchor_down"], a["anchor_down_cpu"])
         location = location_1m
         r = reads(location, size, src, work / "readcache")
+        nfs = published(location, size, hashlib.sha256(src.read_bytes()).hexdigest(), work)
+        log(f"published disk over NFS: {nfs}")
     finally:
         sh("bash", RGW, "stop", work / "rgw")
         for name in ("restored.raw", "anchor.raw"):
@@ -208,6 +290,18 @@ def main(argv: list[str]) -> int:
         ]
     rows += [
         Row(
+            "restore from S3 (1M chunks) vs boto3 fetching the same chunk objects (16 threads)",
+            mb / best["ours_down_1M"],
+            mb / best["objects_down"],
+            "MB/s",
+        ),
+        Row(
+            "restore CPU (1M chunks) vs fetching the same chunk objects",
+            cpu_ms_per_mb("ours_down_1M"),
+            cpu_ms_per_mb("objects_down"),
+            "CPU ms/MB",
+        ),
+        Row(
             "cold sequential read of the disk (read cache, 1M chunks) vs restore",
             r["seq_mb_s"],
             mb / best["ours_down_1M"],
@@ -215,8 +309,39 @@ def main(argv: list[str]) -> int:
             ">= 0.8",
         ),
         Row("cold 4 KiB random reads from S3 (1M chunks)", r["random_reads_s"], 0, "reads/s"),
+        Row(
+            "published disk over NFS, cold sequential (nfs-cat) vs restore",
+            nfs["cold_seq_mb_s"],
+            mb / best["ours_down_1M"],
+            "MB/s",
+            ">= 0.8",
+        ),
+        Row(
+            "published disk over NFS, cold 4 KiB first touches (qemu-img bench)",
+            nfs["cold_random_reads_s"],
+            0,
+            "reads/s",
+        ),
+        Row(
+            "published with --prefetch, after its warm-up: sequential vs cold",
+            nfs["prefetched_seq_mb_s"],
+            nfs["cold_seq_mb_s"],
+            "MB/s",
+        ),
+        Row(
+            "published with --prefetch, after its warm-up: 4 KiB reads vs cold",
+            nfs["prefetched_random_reads_s"],
+            nfs["cold_random_reads_s"],
+            "reads/s",
+        ),
+        Row("--prefetch warm-up of the whole disk vs restore", nfs["prefetch_s"], best["ours_down_1M"], "s"),
     ]
-    report("s3", "./run bench s3", rows, {"input_bytes": size, "rounds": rounds, "seconds": best, "reads": r})
+    report(
+        "s3",
+        "./run bench s3",
+        rows,
+        {"input_bytes": size, "rounds": rounds, "seconds": best, "reads": r, "published": nfs},
+    )
     return 0
 
 
