@@ -25,7 +25,7 @@ from web.validation import NAME, ApiError, check_path_params
 
 bp = Blueprint("items_api", __name__, url_prefix="/api/v1/repositories/<name>/items")
 bp.url_value_preprocessor(check_path_params)
-SPEC = re.compile(r"[^\x00-\x1f/]{1,200}")  # DB[.SCHEMA.TABLE]: database names, no control characters
+SPEC = re.compile(r"[^\x00-\x1f/]{1,200}")  # a database name, or DB.[SCHEMA.]TABLE: no control characters
 TEXT = re.compile(r"[^\x00-\x1f\x7f]{1,200}")  # a search text: any printable characters
 LDAP_FILTER = re.compile(r"\([^\x00-\x1f\x7f]{1,998}\)")
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -66,14 +66,20 @@ def counts() -> bool:
     return value == "1"
 
 
-def dump_specs() -> list[str]:
-    specs = request.args.getlist("dump")
-    if not specs or len(specs) > MAX_SPECS:
-        raise ApiError(400, f"dump: expected 1 to {MAX_SPECS} of DB, DB.TABLE or DB.SCHEMA.TABLE, got {len(specs)}")
+def dump_request() -> tuple[list[str], str | None]:
+    """``dump=DB.[SCHEMA.]TABLE`` (repeated: tables of one database); or ``db=NAME`` (whatever its name, dots
+    included) alone for the whole database, or with ``dump=[SCHEMA.]TABLE`` for tables of it."""
+    specs, db = request.args.getlist("dump"), database()
+    if len(specs) > MAX_SPECS or (db is None and not specs):
+        raise ApiError(
+            400, f"dump: expected 1 to {MAX_SPECS} of DB.TABLE or DB.SCHEMA.TABLE, or db=NAME, got {len(specs)}"
+        )
     for spec in specs:
-        if not SPEC.fullmatch(spec):
-            raise ApiError(400, f"dump: expected DB, DB.TABLE or DB.SCHEMA.TABLE, got {spec[:100]!r}")
-    return specs
+        if not SPEC.fullmatch(spec) or (db is None and "." not in spec):
+            raise ApiError(
+                400, f"dump: expected DB.TABLE or DB.SCHEMA.TABLE (a whole database: db=NAME), got {spec[:100]!r}"
+            )
+    return specs, db
 
 
 def ldap_filter() -> str | None:
@@ -184,14 +190,17 @@ def tables(name: str, kind: str) -> Response:
 @bp.get("/mariadb/dump", defaults={"kind": "mariadb"})
 @api_auth
 def dump(name: str, kind: str) -> Response:
-    """``dump=DB``, or ``dump=DB.[SCHEMA.]TABLE`` (repeated for several tables of one database): plain SQL,
-    made whole before the first byte is sent."""
+    """``db=NAME`` (a whole database; with ``dump=[SCHEMA.]TABLE``, tables of it), or ``dump=DB.[SCHEMA.]TABLE``
+    (repeated for several tables of one database): plain SQL, made whole before the first byte is sent."""
     tgt = target(name)
-    specs = dump_specs()
+    specs, db = dump_request()
     item = select(tgt, kind)
     run = service.pg_dump if kind == "postgres" else service.mariadb_dump
-    filename = f"{specs[0]}.sql" if len(specs) == 1 else f"{specs[0].partition('.')[0]}-tables.sql"
-    return download(lambda out: run(tgt, item, work_root(), specs, out=out), filename, "application/sql")
+    if db is not None:
+        filename = f"{db}.{specs[0]}.sql" if len(specs) == 1 else f"{db}-tables.sql" if specs else f"{db}.sql"
+    else:
+        filename = f"{specs[0]}.sql" if len(specs) == 1 else f"{specs[0].partition('.')[0]}-tables.sql"
+    return download(lambda out: run(tgt, item, work_root(), specs, out=out, database=db), filename, "application/sql")
 
 
 @bp.get("/openldap/entries")

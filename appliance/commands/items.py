@@ -26,13 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--work-dir", type=Path, help="where private views and servers live (default STATE/items)")
     p.add_argument("--list", action="store_true", help="list databases/tables, or messages")
-    p.add_argument("--db", help="PostgreSQL/MariaDB: only this database in --list")
+    p.add_argument(
+        "--db",
+        help="PostgreSQL/MariaDB: only this database in --list; with --dump, the database whose tables are named "
+        "(--dump TABLE) or which is dumped whole (a bare --dump)",
+    )
     p.add_argument("--no-count", action="store_true", help="PostgreSQL: list tables without counting their rows")
     p.add_argument(
         "--dump",
         action="append",
-        metavar="DB[.SCHEMA.TABLE]",
-        help="PostgreSQL/MariaDB: dump a database, or a table (repeat for several tables of one database)",
+        nargs="?",
+        const="",
+        metavar="DB.[SCHEMA.]TABLE",
+        help="PostgreSQL/MariaDB: dump a table (repeat for several tables of one database); with --db NAME, "
+        "--dump [SCHEMA.]TABLE, or a bare --dump for the whole database (a database name may hold dots)",
     )
     p.add_argument("-o", "--output", type=Path, help="output file")
     p.add_argument(
@@ -90,12 +97,22 @@ def _print_items(items: list, as_json: bool) -> int:
 def _postgres(args: argparse.Namespace, target: service.Target, work: Path) -> int:
     item = service.select(target, "postgres", args.path)
     if args.dump:
-        print(service.pg_dump(target, item, work, args.dump, args.output, args.to, args.as_name))
+        specs, database = _dump_request(args)
+        print(service.pg_dump(target, item, work, specs, args.output, args.to, args.as_name, database))
         return 0
     if not args.list:
         raise UsageError("postgres: give --list or --dump")
     _print_tables(service.pg_list(target, item, work, args.db, counts=not args.no_count), args.json)
     return 0
+
+
+def _dump_request(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """``--dump DB.TABLE...``: tables; with ``--db NAME`` (whatever its name, dots included), ``--dump TABLE...``
+    are tables of NAME and a bare ``--dump`` is the whole of it."""
+    tables = [s for s in args.dump if s]
+    if "" in args.dump and (tables or not args.db):
+        raise UsageError("a bare --dump dumps the whole database named by --db NAME, and goes alone")
+    return tables, args.db
 
 
 def _mail(args: argparse.Namespace, target: service.Target, work: Path) -> int:
@@ -130,7 +147,8 @@ def _mail(args: argparse.Namespace, target: service.Target, work: Path) -> int:
 def _mariadb(args: argparse.Namespace, target: service.Target, work: Path) -> int:
     item = service.select(target, "mariadb", args.path)
     if args.dump:
-        print(service.mariadb_dump(target, item, work, args.dump, args.output, args.to))
+        specs, database = _dump_request(args)
+        print(service.mariadb_dump(target, item, work, specs, args.output, args.to, database))
         return 0
     if not args.list:
         raise UsageError("mariadb: give --list or --dump")

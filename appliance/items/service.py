@@ -96,12 +96,32 @@ def place(tmp: Path, out: Path) -> None:
 
 
 # PostgreSQL -------------------------------------------------------------------------------------------------
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """'shop' -> ('shop', None); 'shop.orders' and 'shop.sales.orders' -> ('shop', '[sales.]orders')."""
+WHOLE_DATABASE_HINT = "a whole database is named on its own: --db NAME --dump, or db=NAME in the API"
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """'shop.orders' and 'shop.sales.orders' -> ('shop', '[sales.]orders'). A spec names a table only: a whole
+    database is named apart (``database``), so one called 'shop.public.orders' is never read as a table."""
     database, _, table = spec.partition(".")
-    if not database or (spec.count(".") and not table) or spec.count(".") > 2:
-        raise ItemRecoveryError(f"expected DB, DB.TABLE or DB.SCHEMA.TABLE, got {spec!r}")
-    return database, table or None
+    if not database or not table or spec.count(".") > 2:
+        raise ItemRecoveryError(f"expected DB.TABLE or DB.SCHEMA.TABLE, got {spec!r} ({WHOLE_DATABASE_HINT})")
+    return database, table
+
+
+def dump_request(specs: list[str], database: str | None) -> tuple[str, list[str]]:
+    """The database and the tables of one dump. With ``database`` (whatever its name, dots included) the specs
+    are its tables, [SCHEMA.]TABLE, and none means the whole of it; without, they are DB.[SCHEMA.]TABLE of one
+    database."""
+    if database is not None:
+        return database, list(specs)
+    if not specs:
+        raise ItemRecoveryError(f"name tables as DB.TABLE ({WHOLE_DATABASE_HINT})")
+    parsed = [split_spec(s) for s in specs]
+    if len({db for db, _ in parsed}) > 1:
+        raise ItemRecoveryError(
+            f"dump tables of one database at a time, not {', '.join(sorted({d for d, _ in parsed}))}"
+        )
+    return parsed[0][0], [t for _, t in parsed]
 
 
 def pg_list(
@@ -126,31 +146,25 @@ def pg_dump(
     out: Path | None = None,
     to: str | None = None,
     as_name: str | None = None,
+    database: str | None = None,
 ) -> str:
-    """Dump DB, or tables DB.[SCHEMA.]TABLE of one database, to ``out`` (SQL) or restore them into the server at
-    ``to`` (all in one transaction); returns what was done."""
+    """Dump the whole ``database``, or tables DB.[SCHEMA.]TABLE of one database, to ``out`` (SQL) or restore
+    them into the server at ``to`` (all in one transaction); returns what was done."""
     if (out is None) == (to is None):
         raise ItemRecoveryError("give exactly one of -o FILE and --to postgresql://...")
-    parsed = [split_spec(s) for s in specs]
-    database = parsed[0][0]
-    if any(db != database for db, _ in parsed):
-        raise ItemRecoveryError(
-            f"dump tables of one database at a time, not {', '.join(sorted({d for d, _ in parsed}))}"
-        )
-    if len(parsed) > 1 and any(t is None for _, t in parsed):
-        raise ItemRecoveryError(f"{database!r} names a whole database: dump it alone")
-    if as_name is not None and (len(parsed) != 1 or parsed[0][1] is None):
+    database, names = dump_request(specs, database)
+    if as_name is not None and len(names) != 1:
         raise ItemRecoveryError("--as renames one table; to restore a database under another name, name it in --to")
     if out is not None and not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         server.check_database(database)
-        tables = [server.find_table(database, t) for _, t in parsed if t is not None]
+        tables = [server.find_table(database, t) for t in names]
         if as_name:
             tables = [server.rename_table(tables[0], as_name)]
         dump = server.rundir / "dump.sql"
         server.dump(database, tables, dump)
-        what = ", ".join(f"{database}.{t.schema}.{t.name}" for t in tables) or database
+        what = ", ".join(f"{database}.{t.schema}.{t.name}" for t in tables) or f"database {database}"
         if to is not None:
             server.restore(dump, to)
             return f"restored {what} from {target.point}"
@@ -213,18 +227,19 @@ def mariadb_databases(target: Target, item: Item, work_root: Path) -> list[str]:
 
 
 def mariadb_dump(
-    target: Target, item: Item, work_root: Path, specs: list[str], out: Path | None = None, to: str | None = None
+    target: Target,
+    item: Item,
+    work_root: Path,
+    specs: list[str],
+    out: Path | None = None,
+    to: str | None = None,
+    database: str | None = None,
 ) -> str:
-    """DB or DB.TABLE (several tables of one database) to ``out`` or into the server at ``to``."""
+    """The whole ``database``, or DB.TABLE specs (several tables of one database), to ``out`` or into the server
+    at ``to``."""
     if (out is None) == (to is None):
         raise ItemRecoveryError("give exactly one of -o FILE and --to mariadb://...")
-    parsed = [s.partition(".")[::2] for s in specs]
-    database = parsed[0][0]
-    if not database or any(db != database for db, _ in parsed):
-        raise ItemRecoveryError(f"dump tables of one database at a time: {', '.join(specs)}")
-    names = [t for _, t in parsed if t]
-    if len(names) != len(parsed) and len(parsed) > 1:
-        raise ItemRecoveryError(f"{database!r} names a whole database: dump it alone")
+    database, names = dump_request(specs, database)
     if out is not None and not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     if to is not None:
@@ -239,7 +254,7 @@ def mariadb_dump(
             )
         dump = server.rundir / "dump.sql"
         server.dump(database, names, dump)
-        what = ", ".join(f"{database}.{n}" for n in names) or database
+        what = ", ".join(f"{database}.{n}" for n in names) or f"database {database}"
         if to is not None:
             mariadb.restore(dump, mariadb.Server(to), names or sorted(have))
             return f"restored {what} from {target.point}"

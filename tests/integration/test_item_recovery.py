@@ -54,7 +54,34 @@ def apps(build_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     (plain / "etc/hostname").write_text("web01\n")
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", plain, base / "web.raw", "8M"], check=True, capture_output=True)
     bootback("backup", repo, "--vm", "web01", base / "web.raw")
+    bootback("backup", repo, "--vm", "dots01", dotted_database_disk())
     return {"repo": repo, "expected": json.loads((built / "expected.json").read_text()), "hash": tree_hash(repo)}
+
+
+DOTTED = "shop.public.orders"
+
+
+def dotted_database_disk() -> Path:
+    """A disk whose PostgreSQL 15 cluster (/srv/pg) holds a database named 'shop.public.orders' (table marker)
+    beside a database 'shop' with a table public.orders: the dotted name must never be read as that table."""
+    base = traversable_tmp("bb-dots-")
+    cluster = Cluster(base / "pg" / "data", base / "sock")
+    cluster.init()
+    cluster.start()
+    try:
+        cluster.psql("postgres", f'CREATE DATABASE "{DOTTED}"')
+        cluster.psql("postgres", "CREATE DATABASE shop")
+        cluster.psql(
+            DOTTED, "CREATE TABLE marker (id int PRIMARY KEY, what text); INSERT INTO marker VALUES (1, 'whole')"
+        )
+        cluster.psql(
+            "shop", "CREATE TABLE orders (id int PRIMARY KEY, what text); INSERT INTO orders VALUES (7, 'table')"
+        )
+    finally:
+        cluster.stop()
+    shutil.copytree(cluster.datadir, base / "tree/srv/pg", symlinks=True)
+    sh("mkfs.ext4", "-q", "-F", "-d", base / "tree", base / "dots.raw", "128M")
+    return base / "dots.raw"
 
 
 @pytest.fixture(scope="session")
@@ -191,8 +218,10 @@ def test_tables_restored_into_a_fresh_server_have_exactly_the_rows(apps: dict, w
 
 def test_a_database_dump_to_a_file_restores_exactly(apps: dict, work: Path, target_pg: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "shop.sql"
-    p = items(apps, work, "postgres", "--path", "/srv/pg-clean", "--dump", "shop", "-o", out)
-    assert "dumped shop from db01@" in p.stdout and out.read_text().startswith("--\n-- PostgreSQL database dump")
+    p = items(apps, work, "postgres", "--path", "/srv/pg-clean", "--db", "shop", "--dump", "-o", out)
+    assert "dumped database shop from db01@" in p.stdout and out.read_text().startswith(
+        "--\n-- PostgreSQL database dump"
+    )
     fresh_db(target_pg, "fromfile")
     sh(PG_BIN / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target_pg.url_for("fromfile"), "-f", out)
     for table, rows in apps["expected"]["clean"]["shop"].items():
@@ -203,9 +232,9 @@ def test_a_database_dump_to_a_file_restores_exactly(apps: dict, work: Path, targ
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--path", "/srv/pg14", "--dump", "shop", "-o"), "needs PostgreSQL 14, whose server is not installed"),
+        (("--path", "/srv/pg14", "--db", "shop", "--dump", "-o"), "needs PostgreSQL 14, whose server is not installed"),
         (
-            ("--path", "/srv/pg-damaged", "--dump", "shop", "--to"),
+            ("--path", "/srv/pg-damaged", "--db", "shop", "--dump", "--to"),
             "PostgreSQL could not start on the copy of /disk/srv/pg-damaged: FATAL: incorrect checksum in control file",
         ),
         (
@@ -421,12 +450,18 @@ def test_the_api_lists_applications_and_tables_and_downloads_a_dump(apps: dict, 
                 400,
                 "no database 'nope' in /disk/srv/pg-clean (databases: hr, postgres, shop)",
             ),
-            ({"point": "db01", "path": "/srv/pg14", "dump": "shop"}, 400, "needs PostgreSQL 14"),
-            ({"point": "db01", "dump": "shop"}, 400, "choose one with --path"),
-            ({"point": "../x", "dump": "shop"}, 400, "point:"),
+            ({"point": "db01", "path": "/srv/pg14", "db": "shop"}, 400, "needs PostgreSQL 14"),
+            ({"point": "db01", "db": "shop"}, 400, "choose one with --path"),
+            ({"point": "../x", "db": "shop"}, 400, "point:"),
         ]:
             r = api.get(f"{url}/postgres/dump", params=params)
             assert r.status_code == status and message in r.json()["error"]["message"], (params, r.text)
+        dotted = api.get(f"{url}/postgres/dump", params={"point": "dots01", "db": DOTTED})
+        assert dotted.status_code == 200 and f"{DOTTED}.sql" in dotted.headers["Content-Disposition"]
+        assert "1\twhole" in dotted.text and "7\ttable" not in dotted.text
+        one = api.get(f"{url}/postgres/dump", params={"point": "dots01", "db": DOTTED, "dump": "public.marker"})
+        assert one.status_code == 200 and f"{DOTTED}.public.marker.sql" in one.headers["Content-Disposition"]
+        assert "1\twhole" in one.text and "7\ttable" not in one.text
         _api_parity(api, url, apps)
         assert not list((state / "items").iterdir()), "a download or view was left in STATE/items"
     finally:
@@ -473,7 +508,9 @@ def _api_parity(api, url: str, apps: dict) -> None:  # noqa: ANN001
     for route, params, message in [
         ("postgres/tables", {**pg, "count": "yes"}, "count: expected 1 (count rows) or 0"),
         ("postgres/dump", pg, "dump: expected 1 to 64 of DB"),
-        ("mariadb/dump", {"point": "db01", "dump": "shop\nx"}, "dump: expected DB, DB.TABLE"),
+        ("mariadb/dump", {"point": "db01", "dump": "shop\nx"}, "dump: expected DB.TABLE or DB.SCHEMA.TABLE"),
+        ("postgres/dump", {**pg, "dump": "shop"}, "dump: expected DB.TABLE or DB.SCHEMA.TABLE (a whole database: db"),
+        ("postgres/dump", {**pg, "db": "shop", "dump": "shop.orders"}, "no table 'shop.orders' in database 'shop'"),
         ("openldap/entries", {"point": "db01", "filter": "uid=ann"}, "filter: expected an LDAP filter"),
         ("mail/messages", {**box, "since": "March"}, "since: expected a day such as 2026-03-01, got 'March'"),
         ("mail/messages", {**box, "subject": "a\x01"}, "subject: expected 1 to 200 printable characters"),
@@ -579,7 +616,7 @@ def test_an_item_job_is_stopped_before_the_work_directory_falls_below_its_reserv
     """Crash recovery copies a 16 MiB WAL segment up into the overlay: on a 48 MiB file system with a 40 MiB
     reserve, the server is stopped, the workspace removed, one line said, nothing written to the output."""
     out = tmp_path / "shop.sql"
-    args = ("postgres", "--path", "/var/lib/postgresql/15/main", "--dump", "shop", "-o", out)
+    args = ("postgres", "--path", "/var/lib/postgresql/15/main", "--db", "shop", "--dump", "-o", out)
     rc, _, err, left = items_on_small_fs(apps, 48, "40M", *args)
     assert rc == 62, err
     assert len(err.strip().splitlines()) == 1, err
@@ -602,3 +639,23 @@ def test_an_item_job_with_room_above_its_reserve_works(apps: dict, tmp_path: Pat
     assert rc == 0, err
     assert "dumped shop.public.customers" in said and "COPY public.customers" in out.read_text()
     assert left == ""
+
+
+# Database names with dots ---------------------------------------------------------------------------------
+def test_a_database_whose_name_holds_dots_is_dumped_whole_never_read_as_a_table(
+    apps: dict, work: Path, tmp_path: Path
+) -> None:
+    def pg(*args: str | Path, ok: bool = True):  # noqa: ANN202
+        return bootback("items", apps["repo"], "dots01", "postgres", *args, "--work-dir", work, ok=ok)
+
+    whole, table = tmp_path / "whole.sql", tmp_path / "table.sql"
+    assert f"dumped database {DOTTED} from dots01@" in pg("--db", DOTTED, "--dump", "-o", whole).stdout
+    assert "1\twhole" in whole.read_text() and "7\ttable" not in whole.read_text()
+    assert "dumped shop.public.orders from" in pg("--dump", DOTTED, "-o", table).stdout
+    assert "7\ttable" in table.read_text() and "1\twhole" not in table.read_text()
+    marker = tmp_path / "marker.sql"
+    assert f"dumped {DOTTED}.public.marker from" in pg("--db", DOTTED, "--dump", "marker", "-o", marker).stdout
+    assert "1\twhole" in marker.read_text() and "CREATE TABLE public.marker" in marker.read_text()
+    bare = pg("--dump", "shop", "-o", tmp_path / "x.sql", ok=False)
+    assert bare.returncode == 62 and "expected DB.TABLE or DB.SCHEMA.TABLE, got 'shop'" in bare.stderr, bare.stderr
+    assert not (tmp_path / "x.sql").exists()

@@ -11,13 +11,12 @@ import pytest
 from appliance.errors import ItemRecoveryError
 from appliance.items import mail, mariadb, openldap, postgres
 from appliance.items.discovery import Item
-from appliance.items.service import split_spec
+from appliance.items.service import dump_request, split_spec
 
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("shop", ("shop", None)),
         ("shop.orders", ("shop", "orders")),
         ("shop.sales.invoices", ("shop", "sales.invoices")),
     ],
@@ -26,10 +25,21 @@ def test_dump_specs(spec: str, expected: tuple) -> None:
     assert split_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["", ".orders", "shop.", "a.b.c.d"])
+@pytest.mark.parametrize("spec", ["", "shop", ".orders", "shop.", "a.b.c.d"])
 def test_bad_dump_specs_name_the_value(spec: str) -> None:
-    with pytest.raises(ItemRecoveryError, match="expected DB, DB.TABLE or DB.SCHEMA.TABLE"):
+    with pytest.raises(ItemRecoveryError, match=r"expected DB.TABLE or DB.SCHEMA.TABLE, got .*--db NAME --dump"):
         split_spec(spec)
+
+
+def test_a_whole_database_is_named_apart_so_a_dotted_name_is_never_a_table() -> None:
+    assert dump_request([], "shop.public.orders") == ("shop.public.orders", [])
+    assert dump_request(["shop.public.orders"], None) == ("shop", ["public.orders"])
+    assert dump_request(["marker", "public.other"], "shop.public.orders") == (
+        "shop.public.orders",
+        ["marker", "public.other"],
+    )
+    with pytest.raises(ItemRecoveryError, match="one database at a time, not hr, shop"):
+        dump_request(["shop.orders", "hr.staff"], None)
 
 
 def _item(kind: str, version: str) -> Item:
