@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_key_options(p)
     p.add_argument("--path", help="which one, when there are several: its path as listed")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--work-dir", type=Path, help="where private views and servers live (default STATE/items)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where private views and servers live (default STATE/items); a job keeps its file system above "
+        "the daemon's minimum free space ($BOOTBACK_MIN_FREE, default 100G)",
+    )
     p.add_argument("--list", action="store_true", help="list databases/tables, or messages")
     p.add_argument(
         "--db",
