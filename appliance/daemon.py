@@ -386,6 +386,7 @@ class Daemon:
                 bind=self.config.bind,
                 port=self.config.control_port,
                 advertise=self.config.advertise,
+                min_free=self.config.min_free_bytes,
             )
         moved = "; ".join(ports.moved)
         log.info(

@@ -52,8 +52,14 @@ def _gunicorn_has(setting: str) -> bool:
 
 
 def start_web(
-    state_dir: Path, bind: str, port: int, advertise: str | None = None, timeout: float = 30.0
+    state_dir: Path,
+    bind: str,
+    port: int,
+    advertise: str | None = None,
+    timeout: float = 30.0,
+    min_free: int | None = None,
 ) -> subprocess.Popen:
+    """``min_free``: the daemon's --min-free, which the page's item-recovery jobs keep free too."""
     cert, key = prepare(state_dir, advertise)
     host = f"[{bind}]" if ":" in bind else bind
     cmd = [
@@ -89,6 +95,8 @@ def start_web(
     if _gunicorn_has("control_socket_disable"):
         cmd[-1:-1] = ["--no-control-socket"]  # gunicorn >= 25 opens ~/.gunicorn/gunicorn.ctl otherwise
     env = {**os.environ, "BOOTBACK_STATE": str(state_dir)}
+    if min_free is not None:
+        env["BOOTBACK_MIN_FREE"] = str(min_free)
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parent.parent)
     probe = "127.0.0.1" if bind in ("0.0.0.0", "") else ("::1" if bind == "::" else bind)
     deadline = time.monotonic() + timeout

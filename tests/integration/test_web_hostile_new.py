@@ -103,7 +103,7 @@ def test_a_postgres_database_named_like_a_connection_string_is_only_a_name(hosti
     assert listed.status_code == 200, listed.text
     tables = {(t["database"], t["table"]) for t in listed.json()["tables"]}
     assert (EVIL_DB, "decoy") in tables and (EVIL_DB, "staff") not in tables, tables
-    got = api.get(f"{url}/postgres/dump", params={**pg, "dump": EVIL_DB})
+    got = api.get(f"{url}/postgres/dump", params={**pg, "db": EVIL_DB})
     assert got.status_code == 200, got.text
     assert "CREATE TABLE public.decoy" in got.text and "staff" not in got.text
 
