@@ -23,7 +23,7 @@ from appliance.errors import UsageError
 from appliance.lab.group import parse_group
 from web import daemon
 from web.security import api_auth, login_required
-from web.validation import NAME, ApiError, Field, check_path_params, form_fields, json_body
+from web.validation import NAME, ApiError, Field, check_path_params, form_fields, json_body, json_object
 
 api = Blueprint("labs_api", __name__, url_prefix="/api/v1")
 api.url_value_preprocessor(check_path_params)
@@ -127,12 +127,8 @@ def groups() -> Response:
 @api_auth
 def define() -> tuple[Response, int]:
     """The body is the group document itself (name, network, at, vms)."""
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # json raises it, not ValueError, for arrays nested thousands deep
-        raise ApiError(400, "body: JSON nested too deeply") from None
-    if not isinstance(body, dict):
-        json_body()  # the same answers as elsewhere for a missing, non-JSON or non-object body
+    body = json_object()  # the same answers as elsewhere for a non-JSON, non-object or too deep body
+    if not body and not request.content_length:
         raise ApiError(400, "body: a group document (an object with 'name' and 'vms')")
     parse_group(body)
     return _json(daemon.call("lab_define", group=body)), 201

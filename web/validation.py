@@ -75,8 +75,9 @@ OVERWRITE = Field("overwrite", bool, default=False)
 TOKEN_NAME = Field("name", str, required=True, max_length=64)
 
 
-def json_body(*fields: Field) -> dict[str, Any]:
-    """The request's JSON object, checked against ``fields``; unknown fields are refused, not ignored."""
+def json_object() -> dict[str, Any]:
+    """The request's JSON object as sent (an empty body: {}); one answer each for a body that is not JSON, not
+    an object, or nested too deeply."""
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # json raises it, not ValueError, for arrays nested thousands deep
@@ -89,6 +90,12 @@ def json_body(*fields: Field) -> dict[str, Any]:
         body = {}
     if not isinstance(body, dict):
         raise ApiError(400, f"body: expected a JSON object, got {_json_type(body)}")
+    return body
+
+
+def json_body(*fields: Field) -> dict[str, Any]:
+    """The request's JSON object, checked against ``fields``; unknown fields are refused, not ignored."""
+    body = json_object()
     known = {f.name: f for f in fields}
     unknown = sorted(set(body) - set(known))
     if unknown:

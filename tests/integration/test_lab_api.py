@@ -78,6 +78,8 @@ def test_groups_are_defined_listed_and_removed_with_each_bad_field_named(applian
     assert resp.status_code == 400 and error(resp) == "body: expected a JSON object, got a list"
     resp = api.post(f"{url}/lab-groups", data="name: x", headers={"Content-Type": "text/yaml"})
     assert resp.status_code == 415
+    resp = api.post(f"{url}/lab-groups")
+    assert resp.status_code == 400 and error(resp).startswith("body: a group document"), resp.text
     deep = "[" * 100_000 + "]" * 100_000
     for path in ("lab-groups", "labs"):
         resp = api.post(f"{url}/{path}", data=deep, headers={"Content-Type": "application/json"})
