@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance import __version__
+from web.backup_items import openapi_paths as item_restore_paths
 from web.labs import openapi_paths as lab_paths
 from web.validation import MAX_ITEMS, MAX_STRING, NAME
 
@@ -195,6 +196,7 @@ def openapi_document() -> dict:
                 "get": _op("Download a file, or a directory as tar", BINARY, params=FILE_QUERY(repo))
             },
             **ITEM_PATHS(repo),
+            **item_restore_paths(repo),
             **lab_paths(),
             "/api/v1/sessions": {
                 "get": _op("Sessions", _json(SESSIONS)),
