@@ -9,7 +9,7 @@ from pathlib import Path
 
 from appliance.commands.keys import add_key_options, key_source
 from appliance.errors import UsageError
-from appliance.items import KINDS, mail, service
+from appliance.items import KINDS, mail, service, targets
 from appliance.repo.backends import repository_arg
 
 
@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--to",
         metavar="URL",
-        help="restore into this running server instead of a file: postgresql://... or mariadb://USER@HOST/DB",
+        help="restore into this running server instead of a file: postgresql://USER@HOST[:PORT]/DB, "
+        "mariadb://USER@HOST/DB (?socket=PATH), ldap://HOST or ldapi://SOCKET; the password with --password-file",
     )
     p.add_argument("--as", dest="as_name", metavar="NAME", help="PostgreSQL: restore the table under this name")
     p.add_argument("--folder", help="mail: only this folder (INBOX, Archive ...; an mbox's folder is its file name)")
@@ -67,7 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--into-folder", metavar="NAME", help="mail: restore into this Maildir++ subfolder")
     p.add_argument("--filter", metavar="LDAP_FILTER", help="OpenLDAP: only entries matching, e.g. '(uid=ann)'")
     p.add_argument("--bind-dn", help="OpenLDAP: DN to bind as for --to")
-    p.add_argument("--password-file", type=Path, help="OpenLDAP: file holding the --bind-dn password")
+    p.add_argument(
+        "--password-file",
+        type=Path,
+        help="the --to server's password (PostgreSQL, MariaDB user; OpenLDAP --bind-dn): the file's first line",
+    )
     p.set_defaults(func=cmd_items)
 
 
@@ -103,12 +108,21 @@ def _postgres(args: argparse.Namespace, target: service.Target, work: Path) -> i
     item = service.select(target, "postgres", args.path)
     if args.dump:
         specs, database = _dump_request(args)
-        print(service.pg_dump(target, item, work, specs, args.output, args.to, args.as_name, database))
+        to = _server(args, "postgres")
+        print(service.pg_dump(target, item, work, specs, args.output, to, args.as_name, database))
         return 0
     if not args.list:
         raise UsageError("postgres: give --list or --dump")
     _print_tables(service.pg_list(target, item, work, args.db, counts=not args.no_count), args.json)
     return 0
+
+
+def _server(args: argparse.Namespace, kind: str) -> targets.ServerTarget | None:
+    """--to, checked as the API checks it (but a Unix socket may be anywhere: the CLI's caller is root here)."""
+    if args.to is None:
+        return None
+    password = targets.read_password_file(args.password_file) if args.password_file else None
+    return targets.parse_server(kind, args.to, password, socket_dirs=None)
 
 
 def _dump_request(args: argparse.Namespace) -> tuple[list[str], str | None]:
@@ -153,7 +167,7 @@ def _mariadb(args: argparse.Namespace, target: service.Target, work: Path) -> in
     item = service.select(target, "mariadb", args.path)
     if args.dump:
         specs, database = _dump_request(args)
-        print(service.mariadb_dump(target, item, work, specs, args.output, args.to, database))
+        print(service.mariadb_dump(target, item, work, specs, args.output, _server(args, "mariadb"), database))
         return 0
     if not args.list:
         raise UsageError("mariadb: give --list or --dump")
@@ -181,7 +195,7 @@ def _openldap(args: argparse.Namespace, target: service.Target, work: Path) -> i
     if args.to:
         if not args.bind_dn or not args.password_file:
             raise UsageError("--to needs --bind-dn and --password-file")
-        print(service.ldap_restore(target, item, work, args.filter, args.to, args.bind_dn, args.password_file))
+        print(service.ldap_restore(target, item, work, args.filter, _server(args, "openldap"), args.bind_dn))
         return 0
     entries = service.ldap_entries(target, item, work, args.filter)
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.policy
 import mailbox
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -19,6 +20,7 @@ from pathlib import Path
 from appliance.errors import ItemRecoveryError
 
 INBOX = "INBOX"
+FOLDER = re.compile(r"[^/\x00-\x1f\x7f]{1,200}")  # a Maildir++ subfolder: its directory is ".NAME", never a path
 _headers = BytesHeaderParser(policy=email.policy.compat32)
 
 
@@ -183,6 +185,8 @@ class Store:
 
     def restore(self, msgs: list[Message], dest: Path, folder: str | None = None) -> int:
         """Into the Maildir ``dest`` (created when missing), or its Maildir++ subfolder ``folder``, flags kept."""
+        if folder is not None and not FOLDER.fullmatch(folder):
+            raise ItemRecoveryError(f"into folder: {folder[:80]!r} is not a Maildir++ folder name (no '/', printable)")
         if not msgs:
             raise ItemRecoveryError("no message matches: nothing to restore")
         if dest.exists() and not (dest / "cur").is_dir():

@@ -16,9 +16,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlparse
 
 from appliance.errors import ItemRecoveryError
 from appliance.items.cowview import SERVER_FILE, CowView
@@ -27,6 +25,7 @@ from appliance.items.postgres import Table
 from appliance.items.ready import wait_until_ready
 from appliance.items.runas import server_owner
 from appliance.items.space import SpaceGuard
+from appliance.items.targets import ServerTarget, TargetConflictError, TargetLoginError, secret_file
 from appliance.repo.keys import KeySource
 
 MARIADBD = Path("/usr/sbin/mariadbd")
@@ -65,26 +64,24 @@ def quote_name(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-@dataclass(frozen=True)
-class Server:
-    url: str  # mariadb://USER[:PASSWORD]@HOST[:PORT]/[DB][?socket=PATH]
-
-    def client_args(self) -> tuple[list[str], dict[str, str], str]:
-        """(options, environment, database) for the mariadb client; the password goes in MYSQL_PWD, not argv."""
-        u = urlparse(self.url)
-        if u.scheme not in ("mariadb", "mysql"):
-            raise ItemRecoveryError(f"--to must be a mariadb:// URL, not {self.url[:80]!r}")
-        args, env = ["--no-defaults"], {}
-        socket = parse_qs(u.query).get("socket", [None])[0]
-        if socket:
-            args.append(f"--socket={socket}")
-        elif u.hostname:
-            args += [f"--host={u.hostname}", f"--port={u.port or 3306}", "--protocol=TCP"]
-        if u.username:
-            args.append(f"--user={unquote(u.username)}")
-        if u.password:
-            env["MYSQL_PWD"] = unquote(u.password)
-        return args, env, unquote(u.path.lstrip("/"))
+@contextmanager
+def client(target: ServerTarget) -> Iterator[tuple[list[str], str]]:
+    """(the mariadb client's options, the database) for ``target``. The password goes in an option file of its
+    own (``--defaults-file``, which must come first): never argv, never MYSQL_PWD in the environment."""
+    args = []
+    if target.socket:
+        args.append(f"--socket={target.socket}")
+    elif target.host:
+        args += [f"--host={target.host}", f"--port={target.port or 3306}", "--protocol=TCP"]
+    if target.user:
+        args.append(f"--user={target.user}")
+    database = target.database or ""
+    if target.password is None:
+        yield ["--no-defaults", *args], database
+        return
+    escaped = target.password.replace("\\", "\\\\").replace('"', '\\"')
+    with secret_file(f'[client]\npassword="{escaped}"\n') as conf:
+        yield [f"--defaults-file={conf}", *args], database
 
 
 class DisposableServer:
@@ -211,40 +208,53 @@ class DisposableServer:
             raise ItemRecoveryError(f"mariadb-dump of {database!r} from {self.where} failed: {msg[-1] if msg else '?'}")
 
 
-def restore(dump: Path, target: Server, tables: list[str]) -> None:
-    """Into a running server; tables it already has are refused before anything is sent."""
-    args, env, database = target.client_args()
-    if not database:
-        raise ItemRecoveryError("--to must name the target database: mariadb://USER@HOST/DB")
-    environ = {**os.environ, **env}
-    if tables:
-        names = ", ".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in tables)
-        check = subprocess.run(
-            [
-                CLIENT,
-                *args,
-                "-N",
-                "-B",
-                "-e",
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
-                f" AND table_name IN ({names})",
-                database,
-            ],
+def check_target(target: ServerTarget) -> None:
+    """Log in to the target once before the disposable server starts: one line, nothing written."""
+    with client(target) as (args, database):
+        p = subprocess.run(
+            [CLIENT, *args, "-N", "-B", "-e", "SELECT 1", "--", database],
             capture_output=True,
             text=True,
-            env=environ,
             timeout=60,
+            stdin=subprocess.DEVNULL,
         )
-        if check.returncode != 0:
-            why = check.stderr.strip().splitlines()
-            raise ItemRecoveryError(f"cannot reach the target server: {why[-1] if why else '?'}")
-        clash = check.stdout.split()
-        if clash:
-            raise ItemRecoveryError(
-                f"the target database {database!r} already has table(s) {', '.join(clash)}: nothing was restored"
+    if p.returncode != 0:
+        why = p.stderr.strip().splitlines()
+        raise TargetLoginError(f"cannot log in to {target}, nothing was restored: {why[-1] if why else '?'}")
+
+
+def restore(dump: Path, target: ServerTarget, tables: list[str]) -> None:
+    """Into a running server; tables it already has are refused before anything is sent."""
+    with client(target) as (args, database):
+        if tables:
+            names = ", ".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in tables)
+            check = subprocess.run(
+                [
+                    CLIENT,
+                    *args,
+                    "-N",
+                    "-B",
+                    "-e",
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
+                    f" AND table_name IN ({names})",
+                    "--",
+                    database,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
             )
-    with open(dump, "rb") as fh:
-        p = subprocess.run([CLIENT, *args, database], stdin=fh, capture_output=True, env=environ, timeout=24 * 3600)
+            if check.returncode != 0:
+                why = check.stderr.strip().splitlines()
+                raise TargetLoginError(f"cannot reach the target server: {why[-1] if why else '?'}")
+            clash = check.stdout.split()
+            if clash:
+                raise TargetConflictError(
+                    f"the target database {database!r} already has table(s) {', '.join(clash)}: nothing was restored"
+                )
+        with open(dump, "rb") as fh:
+            p = subprocess.run([CLIENT, *args, "--", database], stdin=fh, capture_output=True, timeout=24 * 3600)
     if p.returncode != 0:
         msg = p.stderr.decode(errors="replace").strip().splitlines()
         raise ItemRecoveryError(f"restore into {database!r} failed: {msg[-1] if msg else '?'}")

@@ -21,6 +21,7 @@ from appliance.errors import BootbackError, ItemRecoveryError
 from appliance.files import FileBrowser
 from appliance.items.cowview import CowView
 from appliance.items.discovery import Item
+from appliance.items.targets import ServerTarget, TargetConflictError, TargetLoginError, check_name, secret_file
 from appliance.repo.keys import KeySource
 
 SLAPCAT = Path("/usr/sbin/slapcat")
@@ -164,28 +165,36 @@ def slapcat(conf: Path, where: str, ldap_filter: str | None = None) -> list[Entr
     return parse_ldif(p.stdout)
 
 
-def restore(entries: list[Entry], uri: str, bind_dn: str, password_file: Path, scratch: Path) -> None:
-    """ldapadd of the entries (parents first, as slapcat gives them); refused if any DN exists in the target."""
-    if not re.match(r"ldapi?s?://", uri):
-        raise ItemRecoveryError(f"--to must be an ldap://, ldaps:// or ldapi:// URI, not {uri[:80]!r}")
-    if not password_file.is_file():
-        raise ItemRecoveryError(f"no such password file: {password_file}")
-    auth = ["-x", "-H", uri, "-D", bind_dn, "-y", str(password_file)]
-    for e in entries:
+def restore(entries: list[Entry], target: ServerTarget, bind_dn: str, scratch: Path) -> None:
+    """ldapadd of the entries (parents first, as slapcat gives them); refused if any DN exists in the target.
+    The bind password is read by the tools from a file of its own (``-y``), never from argv."""
+    check_name("bind_dn", bind_dn)
+    with secret_file(target.password or "") as password:
+        auth = ["-x", "-H", str(target), "-D", bind_dn, "-y", str(password)]
+        for e in entries:
+            p = subprocess.run(
+                ["ldapsearch", *auth, "-LLL", "-s", "base", "-b", e.dn, "1.1"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+            if p.returncode == 0:
+                raise TargetConflictError(f"the target already has {e.dn!r}: nothing was restored")
+            if p.returncode != 32:  # 32: no such object, the expected answer
+                why = p.stderr.strip().splitlines()
+                raise TargetLoginError(
+                    f"cannot query the target {target}, nothing was restored: "
+                    f"{why[-1] if why else 'exit ' + str(p.returncode)}"
+                )
+        ldif = scratch / "restore.ldif"
+        ldif.write_text("\n\n".join(without_operational(e) for e in entries) + "\n")
         p = subprocess.run(
-            ["ldapsearch", *auth, "-LLL", "-s", "base", "-b", e.dn, "1.1"], capture_output=True, text=True, timeout=60
+            ["ldapadd", *auth, "-f", str(ldif)], capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL
         )
-        if p.returncode == 0:
-            raise ItemRecoveryError(f"the target already has {e.dn!r}: nothing was restored")
-        if p.returncode != 32:  # 32: no such object, the expected answer
-            why = p.stderr.strip().splitlines()
-            raise ItemRecoveryError(f"cannot query the target {uri}: {why[-1] if why else 'exit ' + str(p.returncode)}")
-    ldif = scratch / "restore.ldif"
-    ldif.write_text("\n\n".join(without_operational(e) for e in entries) + "\n")
-    p = subprocess.run(["ldapadd", *auth, "-f", str(ldif)], capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         why = p.stderr.strip().splitlines()
-        raise ItemRecoveryError(f"ldapadd into {uri} failed: {why[-1] if why else 'exit ' + str(p.returncode)}")
+        raise ItemRecoveryError(f"ldapadd into {target} failed: {why[-1] if why else 'exit ' + str(p.returncode)}")
 
 
 class Directory:

@@ -26,6 +26,7 @@ from appliance.items.discovery import Item
 from appliance.items.ready import wait_until_ready
 from appliance.items.runas import server_owner
 from appliance.items.space import SpaceGuard
+from appliance.items.targets import ServerTarget, TargetConflictError, TargetLoginError, secret_file
 from appliance.repo.keys import KeySource
 
 BIN_ROOT = Path("/usr/lib/postgresql")
@@ -290,32 +291,39 @@ END $$; SELECT 'null'::json""",
         if code != 0:
             raise ItemRecoveryError(f"pg_dump of {database!r} from {self.where} failed: {_first_error(err)}")
 
-    def restore(self, dump: Path, target: str) -> None:
+    def restore(self, dump: Path, target: ServerTarget) -> None:
         """Into a running server, in one transaction: all of it or nothing."""
-        if not re.match(r"postgres(ql)?://", target):
-            raise ItemRecoveryError(f"--to must be a postgresql:// URL, not {target[:80]!r}")
-        p = subprocess.run(
-            [
-                str(self.bindir / "psql"),
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "--single-transaction",
-                "-d",
-                target,
-                "-f",
-                str(dump),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=24 * 3600,
-            stdin=subprocess.DEVNULL,
-        )
+        p = _psql(self.bindir, target, ["--single-transaction", "-f", str(dump)], 24 * 3600)
         if p.returncode != 0:
-            raise ItemRecoveryError(
-                f"restore into {_redact(target)} failed, nothing was changed: {_first_error(p.stderr)}"
-            )
+            raise TargetConflictError(f"restore into {target} failed, nothing was changed: {_first_error(p.stderr)}")
+
+
+def check_target(bindir: Path, target: ServerTarget) -> None:
+    """Log in to the target once before anything is dumped: a wrong password or an unreachable server is one
+    line, early, and nothing is written."""
+    p = _psql(bindir, target, ["-A", "-t", "-c", "SELECT 1"], 60)
+    if p.returncode != 0:
+        raise TargetLoginError(f"cannot log in to {target}, nothing was restored: {_first_error(p.stderr)}")
+
+
+def _psql(bindir: Path, target: ServerTarget, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """psql on ``target``, its connection in libpq's environment variables (no inherited PG* one: no service
+    file, no other passfile), the password in a PGPASSFILE of its own (never argv, never the environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=target.socket or target.host or "", PGUSER=target.user or "", PGDATABASE=target.database or "")
+    env.update(PGAPPNAME="bootback-restore", PGCONNECT_TIMEOUT="20")
+    if target.port:
+        env["PGPORT"] = str(target.port)
+    if target.sslmode:
+        env["PGSSLMODE"] = target.sslmode
+    env = {k: v for k, v in env.items() if v}
+    cmd = [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-w", *args]
+    if target.password is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+    escaped = target.password.replace("\\", "\\\\").replace(":", "\\:")
+    with secret_file(f"*:*:*:*:{escaped}\n") as passfile:
+        env["PGPASSFILE"] = str(passfile)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
 def _first_error(stderr: str) -> str:
@@ -324,10 +332,6 @@ def _first_error(stderr: str) -> str:
         if "ERROR" in ln or "FATAL" in ln or "error" in ln:
             return ln
     return lines[0] if lines else "no message"
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from appliance.items import mail, mariadb, openldap, postgres
 from appliance.items.cowview import CowView
 from appliance.items.discovery import KINDS, Item, discover, probe
 from appliance.items.space import SpaceGuard
+from appliance.items.targets import ServerTarget
 from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
 from appliance.repo.keys import KeySource
@@ -144,7 +145,7 @@ def pg_dump(
     work_root: Path,
     specs: list[str],
     out: Path | None = None,
-    to: str | None = None,
+    to: ServerTarget | None = None,
     as_name: str | None = None,
     database: str | None = None,
 ) -> str:
@@ -157,6 +158,8 @@ def pg_dump(
         raise ItemRecoveryError("--as renames one table; to restore a database under another name, name it in --to")
     if out is not None and not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
+    if to is not None:
+        postgres.check_target(postgres.server_bindir(postgres.major_version(item)), to)
     with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         server.check_database(database)
         tables = [server.find_table(database, t) for t in names]
@@ -232,7 +235,7 @@ def mariadb_dump(
     work_root: Path,
     specs: list[str],
     out: Path | None = None,
-    to: str | None = None,
+    to: ServerTarget | None = None,
     database: str | None = None,
 ) -> str:
     """The whole ``database``, or DB.TABLE specs (several tables of one database), to ``out`` or into the server
@@ -243,7 +246,7 @@ def mariadb_dump(
     if out is not None and not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     if to is not None:
-        mariadb.Server(to).client_args()  # a malformed URL fails before the server starts
+        mariadb.check_target(to)  # a wrong password or an unreachable server fails before the server starts
     with mariadb.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
         have = {t.name for t in server.tables(database, counts=False)}
         missing = [n for n in names if n not in have]
@@ -256,7 +259,7 @@ def mariadb_dump(
         server.dump(database, names, dump)
         what = ", ".join(f"{database}.{n}" for n in names) or f"database {database}"
         if to is not None:
-            mariadb.restore(dump, mariadb.Server(to), names or sorted(have))
+            mariadb.restore(dump, to, names or sorted(have))
             return f"restored {what} from {target.point}"
         place(dump, out)
         return f"dumped {what} from {target.point} to {out}"
@@ -290,11 +293,14 @@ def ldap_export(target: Target, item: Item, work_root: Path, ldap_filter: str | 
 
 
 def ldap_restore(
-    target: Target, item: Item, work_root: Path, ldap_filter: str | None, uri: str, bind_dn: str, password_file: Path
+    target: Target, item: Item, work_root: Path, ldap_filter: str | None, to: ServerTarget, bind_dn: str
 ) -> str:
+    """The matching entries into the slapd at ``to`` (its password set), bound as ``bind_dn``."""
+    if to.password is None:
+        raise ItemRecoveryError("an LDAP restore needs the bind password (--password-file, or password in the API)")
     with _directory(target, item, work_root) as directory:
         entries = directory.entries(ldap_filter)
         if not entries:
             raise ItemRecoveryError(f"no entry matches {ldap_filter!r}: nothing to restore")
-        openldap.restore(entries, uri, bind_dn, password_file, directory.scratch)
-    return f"restored {len(entries)} entries from {item.browser_path} of {target.point} into {uri}"
+        openldap.restore(entries, to, bind_dn, directory.scratch)
+    return f"restored {len(entries)} entries from {item.browser_path} of {target.point} into {to}"
