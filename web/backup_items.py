@@ -353,6 +353,8 @@ def run_restore(repo_name: str, kind: str) -> dict[str, str]:
                 done = service.mariadb_dump(tgt, item, work, specs, to=to, database=db)
     elif kind == "openldap":
         flt, bind_dn = ldap_filter(), _required("bind_dn")
+        with _restore_errors():
+            targets.check_name("bind_dn", bind_dn)
         to = server_target(kind)
         if to.password is None:
             raise ApiError(400, "password: an LDAP restore needs the bind password (password or password_ref)")
@@ -362,10 +364,11 @@ def run_restore(repo_name: str, kind: str) -> dict[str, str]:
     else:
         flt, folder = mail_filter(), _text("into_folder")
         with _restore_errors():
+            mail.check_folder(folder)
             dest = targets.maildir_under(restore_root(), _required("restore_to"))
         item = select(tgt, kind)
         with _restore_errors():
-            done = service.mail_restore(tgt, item, work, flt, dest, folder)
+            done = service.mail_restore(tgt, item, work, flt, dest, folder, parents=True)
     return {"point": tgt.point, "path": item.path, "result": done}
 
 

@@ -1,7 +1,8 @@
 """The admin page's application item recovery: pick a restore point, see its applications, open one (a
 database's tables with row counts, a directory's entries, a mail store's messages) and download items through
-the API's download routes (the login cookie authenticates them). GET only: nothing here changes state, so no
-CSRF token is needed; the query is checked by the same functions as the API's."""
+the API's download routes (the login cookie authenticates them). Listing is GET (no state changes, no CSRF
+token); "Restore to server" is a POST form with the session's CSRF token, run by the same function as the API's
+restore routes, and its answer page shows what was done or one error line (never the password)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,19 @@ def _open(tgt: service.Target, kind: str) -> dict[str, Any]:
             found = service.mail_list(tgt, item, work, q.mail_filter())
             doc["messages"], doc["total"] = found[: q.MAX_LISTED], len(found)
     return doc
+
+
+@bp.post("/items/restore")
+@login_required
+def restore() -> Any:
+    ctx: dict[str, Any] = {"repository": request.form.get("repository", ""), "result": None, "error": None}
+    ctx["kind"] = request.form.get("kind", "")
+    try:
+        field.REPOSITORY.check(ctx["repository"])
+        ctx.update(q.run_restore(ctx["repository"], ctx["kind"]))
+    except ApiError as exc:
+        ctx["error"], status = exc.message, exc.status
+    else:
+        status = 200
+    ctx.setdefault("point", request.form.get("point", ""))
+    return render_template("items_restored.html", **ctx), status

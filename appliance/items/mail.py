@@ -21,6 +21,14 @@ from appliance.errors import ItemRecoveryError
 
 INBOX = "INBOX"
 FOLDER = re.compile(r"[^/\x00-\x1f\x7f]{1,200}")  # a Maildir++ subfolder: its directory is ".NAME", never a path
+
+
+def check_folder(folder: str | None) -> None:
+    """A Maildir++ subfolder's name: its directory is '.' + the name, so no '/' may lead it elsewhere."""
+    if folder is not None and not FOLDER.fullmatch(folder):
+        raise ItemRecoveryError(f"into folder: {folder[:80]!r} is not a Maildir++ folder name (no '/', printable)")
+
+
 _headers = BytesHeaderParser(policy=email.policy.compat32)
 
 
@@ -183,14 +191,16 @@ class Store:
             box.unlock()
             box.close()
 
-    def restore(self, msgs: list[Message], dest: Path, folder: str | None = None) -> int:
-        """Into the Maildir ``dest`` (created when missing), or its Maildir++ subfolder ``folder``, flags kept."""
-        if folder is not None and not FOLDER.fullmatch(folder):
-            raise ItemRecoveryError(f"into folder: {folder[:80]!r} is not a Maildir++ folder name (no '/', printable)")
+    def restore(self, msgs: list[Message], dest: Path, folder: str | None = None, parents: bool = False) -> int:
+        """Into the Maildir ``dest`` (created when missing, with its parents too when ``parents``), or its
+        Maildir++ subfolder ``folder``, flags kept."""
+        check_folder(folder)
         if not msgs:
             raise ItemRecoveryError("no message matches: nothing to restore")
         if dest.exists() and not (dest / "cur").is_dir():
             raise ItemRecoveryError(f"{dest} exists and is not a Maildir (no cur/ in it)")
+        if parents:
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not dest.parent.is_dir():
             raise ItemRecoveryError(f"no such directory: {dest.parent}")
         target = mailbox.Maildir(dest, factory=None, create=True)

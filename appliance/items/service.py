@@ -210,9 +210,13 @@ def mail_export(target: Target, item: Item, work_root: Path, flt: mail.Filter, o
     return f"exported {len(msgs)} message(s) from {item.browser_path} of {target.point} to {out}"
 
 
-def mail_restore(target: Target, item: Item, work_root: Path, flt: mail.Filter, dest: Path, folder: str | None) -> str:
+def mail_restore(
+    target: Target, item: Item, work_root: Path, flt: mail.Filter, dest: Path, folder: str | None, parents: bool = False
+) -> str:
+    """The matching messages into the Maildir ``dest``; ``parents``: make its missing parent directories (the
+    API's, whose ``dest`` was checked to lie under the restore root)."""
     with mail_store(target, item, work_root) as (store, _, _):
-        count = store.restore(store.select(flt), dest, folder)
+        count = store.restore(store.select(flt), dest, folder, parents)
     return f"restored {count} message(s) from {item.browser_path} of {target.point} into {dest}"
 
 

@@ -103,16 +103,17 @@ def parse_server(
     schemes = SCHEMES[kind]
     if not isinstance(url, str) or len(url) > 4096 or re.search(r"[\x00-\x20\x7f]", url):
         raise ItemRecoveryError(f"{field_name}: expected a {schemes[0]}:// URL without spaces or control characters")
+    # Messages name the part that is wrong, never the URL as sent: it may hold a password.
     try:
         u = urlsplit(url)
         port = u.port
-    except ValueError as exc:
-        raise ItemRecoveryError(f"{field_name}: not a valid URL ({exc})") from None
-    shown = _redact(url)
+    except ValueError:
+        raise ItemRecoveryError(f"{field_name}: not a valid URL (is the port a number from 0 to 65535?)") from None
     if u.scheme not in schemes:
-        raise ItemRecoveryError(f"{field_name}: must be a {' or '.join(s + '://' for s in schemes)} URL, not {shown!r}")
+        wanted = " or ".join(s + "://" for s in schemes)
+        raise ItemRecoveryError(f"{field_name}: must be a {wanted} URL, not {u.scheme[:20] or 'one without a scheme'}")
     if u.fragment:
-        raise ItemRecoveryError(f"{field_name}: no #fragment in a target URL, got {shown!r}")
+        raise ItemRecoveryError(f"{field_name}: no #fragment in a target URL")
     if u.password is not None:
         if not password_in_url:
             raise ItemRecoveryError(f"{field_name}: put the password in its own field, not in the URL")
@@ -130,7 +131,9 @@ def parse_server(
     host = u.hostname
     if kind == "openldap":
         if u.username or u.path not in ("", "/") or u.query:
-            raise ItemRecoveryError(f"{field_name}: an LDAP target is only {u.scheme}://HOST[:PORT], got {shown!r}")
+            raise ItemRecoveryError(
+                f"{field_name}: an LDAP target is only {u.scheme}://HOST[:PORT] (no user, DN, query)"
+            )
         database = None
         if u.scheme == "ldapi":
             socket, host = unquote(u.netloc) or None, None
@@ -147,7 +150,7 @@ def parse_server(
         _check_socket(field_name, socket, socket_dirs)
     elif not host:
         if socket_dirs is not None:
-            raise ItemRecoveryError(f"{field_name}: name the server's host (or an allowed Unix socket), got {shown!r}")
+            raise ItemRecoveryError(f"{field_name}: name the server's host (or an allowed Unix socket)")
     elif not HOST.fullmatch(host):
         raise ItemRecoveryError(f"{field_name}: {host[:80]!r} is not a host name or address")
     sslmode = params.get("sslmode")
@@ -178,10 +181,6 @@ def _check_socket(field_name: str, socket: str, allowed: Sequence[Path] | None) 
         raise ItemRecoveryError(
             f"{field_name}: Unix socket {socket[:100]!r} is outside the allowed directories ({where})"
         )
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)[:200]
 
 
 # The password, out of argv ---------------------------------------------------------------------------------
@@ -227,7 +226,8 @@ def read_password_file(path: Path, field_name: str = "--password-file") -> str:
 # Maildir ---------------------------------------------------------------------------------------------------
 def maildir_under(root: Path, relative: str, field_name: str = "restore_to") -> Path:
     """``root/relative`` for a Maildir restore: a relative path of plain names (no '..', '.', leading '-' or
-    '.'), whose existing components are real directories, never symlinks; the root is made when missing."""
+    '.'), whose existing components are real directories, never symlinks; the root is made when missing, the
+    Maildir's other parents by the restore itself, once something matched."""
     parts = relative.split("/") if isinstance(relative, str) else []
     if not relative or len(relative) > 1024 or not all(PATH_PART.fullmatch(p) for p in parts):
         raise ItemRecoveryError(
@@ -244,6 +244,4 @@ def maildir_under(root: Path, relative: str, field_name: str = "restore_to") -> 
             break
         if not stat.S_ISDIR(st.st_mode):
             raise ItemRecoveryError(f"{field_name}: {relative[:100]!r} leads through something that is not a directory")
-    dest = root / relative
-    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return dest
+    return root / relative
