@@ -1,12 +1,14 @@
 """Application item recovery from the admin page, in real headless Chromium against a live appliance: an
 operator picks a restore point, sees its applications, lists a PostgreSQL cluster's tables with row counts and
 downloads one table's dump (the SQL holds the backed-up rows), finds an OpenLDAP entry and downloads it as LDIF,
-and downloads one mail as .eml. The disk is the item tests' (tests/integration/item_disks.py, built once and
-cached); the repository is never changed and nothing is left in STATE/items."""
+downloads one mail as .eml and restores it with the page's restore form into a Maildir under the restore root.
+The disk is the item tests' (tests/integration/item_disks.py, built once and cached); the repository is never
+changed and nothing is left in STATE/items."""
 
 from __future__ import annotations
 
 import json
+import mailbox
 import shutil
 import tempfile
 from pathlib import Path
@@ -59,6 +61,8 @@ def test_operator_lists_applications_and_downloads_a_table_an_entry_and_a_mail(p
     assert page.locator("tr[data-table='shop.public.orders'] .rows").inner_text() == "1,500"
     assert page.locator("tr[data-table='hr.public.staff'] .rows").inner_text() == "2"
     page.shot("tables")
+    password = page.locator("#restore-postgres input[name=password]")  # the 'Restore to server' form
+    assert password.get_attribute("type") == "password" and password.get_attribute("autocomplete") == "off"
     with page.expect_download() as info:
         page.locator("tr[data-table='shop.sales.invoices'] a.download").click()
     sql = tmp_path / "invoices.sql"
@@ -95,6 +99,15 @@ def test_operator_lists_applications_and_downloads_a_table_an_entry_and_a_mail(p
     eml = tmp_path / "message.eml"
     info.value.save_as(eml)
     assert b"Subject: Lunch?" in eml.read_bytes() and b"noon?" in eml.read_bytes()
+
+    # the message found, restored by the form into a Maildir under the restore root (STATE/items-restore)
+    page.fill("#restore-mail input[name=restore_to]", "page/Maildir")
+    page.click("#restore-mail button")
+    page.wait_for_selector("#restored")
+    assert page.locator("#restore-result").inner_text().startswith("restored 1 message(s) from /disk/home/alice")
+    page.shot("restored")
+    restored = mailbox.Maildir(appliance["state"] / "items-restore" / "page" / "Maildir", create=False)
+    assert [(m["Subject"], m.get_payload()) for m in restored] == [("Lunch?", "noon?\n")]
 
 
 def test_a_wrong_choice_on_the_page_is_one_clear_message(page, appliance) -> None:  # noqa: F811
