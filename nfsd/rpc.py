@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nfsd.filerange import FileRange
 from nfsd.limits import DEFAULT, FLOOR_BYTES, Limits
 from nfsd.ratelog import limited
 from nfsd.vfs import Cred
@@ -385,6 +386,7 @@ class TcpConnection(asyncio.Protocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         self._parsing = False
+        self._sock_fd = -1
         self.calls = 0
 
     # --- lifecycle --------------------------------------------------------------------------------------
@@ -394,6 +396,8 @@ class TcpConnection(asyncio.Protocol):
             peer = transport.get_extra_info("peername") or ("", 0)
             self.address = (peer[0], peer[1])
         self.last_active = time.monotonic()
+        sock = transport.get_extra_info("socket")
+        self._sock_fd = sock.fileno() if sock is not None else -1  # for sendfile(2) of FileRange replies
         # pause_writing as soon as the socket would block, resume_writing when the buffer is empty again
         transport.set_write_buffer_limits(0)  # type: ignore[attr-defined]
 
@@ -599,18 +603,12 @@ class TcpConnection(asyncio.Protocol):
         nbytes, self._out_bytes = self._out_bytes, 0
         if not out or self.transport.is_closing():
             return
-        small: list = []
-        for p in out:
-            if len(p) > 65536:
-                # big READ data: hand the buffer to the transport as is instead of copying it into a join
-                if small:
-                    self.transport.write(b"".join(small))
-                    small = []
-                self.transport.write(p)
-            else:
-                small.append(p)
-        if small:
-            self.transport.write(b"".join(small))
+        try:
+            self._write_out(out)
+        except OSError as exc:  # a FileRange's file failed us: the record stream cannot be resumed
+            limited.log(log, logging.ERROR, "closing %s: reply data unreadable: %s", self.address[0], exc)
+            self.transport.abort()
+            return
         if self._draining:
             # What the transport still buffers is exactly what the client has not read yet.
             left = self.transport.get_write_buffer_size()
@@ -624,6 +622,29 @@ class TcpConnection(asyncio.Protocol):
             self._charge_out(-nbytes)
             if self._waiters or not self._reading:
                 self.pump()
+
+    def _write_out(self, out: list) -> None:
+        transport = self.transport
+        small: list = []
+        for p in out:
+            if type(p) is FileRange:
+                # Straight from the page cache when nothing waits before it in the transport, else copied.
+                if small:
+                    transport.write(b"".join(small))
+                    small = []
+                sent = p.send(self._sock_fd) if self._sock_fd >= 0 and not transport.get_write_buffer_size() else 0
+                if sent < p.length:
+                    transport.write(p.tail(sent).read())
+            elif len(p) > 65536:
+                # big READ data: hand the buffer to the transport as is instead of copying it into a join
+                if small:
+                    transport.write(b"".join(small))
+                    small = []
+                transport.write(p)
+            else:
+                small.append(p)
+        if small:
+            transport.write(b"".join(small))
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -650,7 +671,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         parts = await self.dispatcher.handle(data, (addr[0], addr[1]), "udp", max_data=self.limits.udp_max_data)
         if parts is None or self.transport is None or self.transport.is_closing():
             return
-        reply = b"".join(parts)
+        reply = b"".join(p.read() if type(p) is FileRange else p for p in parts)
         if len(reply) > self.limits.udp_max_reply:
             limited.log(
                 log,

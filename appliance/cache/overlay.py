@@ -22,10 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from appliance.atomicfile import write_atomic
 from appliance.errors import DiskTooLargeError, IntegrityError
+
+if TYPE_CHECKING:
+    from nfsd.filerange import FileRange
 
 MAP_MAGIC = b"BBWC"
 MAP_VERSION = 1
@@ -37,6 +40,7 @@ DIR_MODE, FILE_MODE = 0o700, 0o600
 
 ReadBacking = Callable[[int, int], bytes]  # (offset, length) -> bytes, zero-filled past the backing's end
 ReadBackingNowait = Callable[[int, int], "bytes | None"]  # the same, or None when it would have to wait
+ReadBackingRange = Callable[[int, int], "FileRange | None"]  # the same as bytes still in a file (sendfile)
 
 
 class WriteCache:
@@ -51,11 +55,13 @@ class WriteCache:
         block_size: int = DEFAULT_BLOCK,
         backing_nowait: ReadBackingNowait | None = None,
         max_size: int | None = None,
+        backing_range: ReadBackingRange | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.name = name
         self._backing = backing
         self._backing_nowait = backing_nowait
+        self._backing_range = backing_range
         self.data_path = self.directory / f"{name}.data"
         self.map_path = self.directory / f"{name}.map"
         self._lock = threading.RLock()
@@ -165,13 +171,14 @@ class WriteCache:
         assert data is not None
         return data
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """``read`` if it needs no disk access (page cache, chunk cache), else None."""
+    def read_nowait(self, offset: int, length: int) -> bytes | FileRange | None:
+        """``read`` if it needs no disk access (page cache, chunk cache), else None. A large read of backup
+        bytes in the read cache may be a ``FileRange`` (``backing_range``), sent from the file by sendfile."""
         if self._backing_nowait is None:
             return None
         return self._read(offset, length, nowait=True)
 
-    def _read(self, offset: int, length: int, nowait: bool) -> bytes | None:
+    def _read(self, offset: int, length: int, nowait: bool) -> bytes | FileRange | None:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
@@ -191,7 +198,12 @@ class WriteCache:
                 if data is not None and len(data) < n:
                     data += bytes(n - len(data))
             elif nowait:
-                data = self._backing_nowait_read(pos, n)
+                data = None
+                if n == end - offset and run_end <= self.backing_limit and self._backing_range is not None:
+                    # One run of backup bytes for the whole read: it may stay in the read cache's file.
+                    data = self._backing_range(pos, n)
+                if data is None:
+                    data = self._backing_nowait_read(pos, n)
             else:
                 data = self._backing_read(pos, n)
             if data is None:

@@ -19,6 +19,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nfsd.filerange import FileRange, SharedFd
+
 log = logging.getLogger("bootback.readcache")
 
 MAX_PENDING = 64  # chunks decoded by readers and waiting to be written into the cache (64 MiB at 1 MiB chunks)
@@ -73,6 +75,8 @@ class HydratedDisk:
         self.size = size
         self.chunk_size = chunk_size
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Closed when the last reply being sent from it is gone too (``range_nowait``), not at ``close``.
+        self._file: SharedFd | None = SharedFd(self._fd)
         os.ftruncate(self._fd, size)
         self._bits = bytearray((-(-size // chunk_size) + 7) // 8)
         self._enabled = True
@@ -160,13 +164,28 @@ class HydratedDisk:
             return None
         return buf if n == length else None  # no copy: a 1 MiB copy costs more than the read here
 
+    def range_nowait(self, offset: int, length: int) -> FileRange | None:
+        """The hydrated bytes at ``offset`` as a ``FileRange`` to be sent with sendfile(2), if their first and
+        last pages are in the page cache (else None: ``pread_nowait`` decides). A hydrated chunk never changes,
+        so the bytes are still right when the connection sends them later. Pages of one range are written and
+        read together, so a page evicted in the middle (sendfile would then wait for the disk on the loop) is
+        the rare case this accepts."""
+        file = self._file
+        if file is None:
+            return None
+        probe = bytearray(1)
+        try:
+            for at in (offset, offset + length - 1):
+                if os.preadv(file.fd, [probe], at, os.RWF_NOWAIT) != 1:
+                    return None
+        except OSError:  # EAGAIN: not in the page cache
+            return None
+        return FileRange(file, offset, length)
+
     def close(self) -> None:
         # Chunks still queued must not reach a descriptor number that the process has reused meanwhile.
         self._enabled = False
         if not self.drain(10):
             log.warning("read cache %s: stores still pending at close; its descriptor is left open", self.path)
             return
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        self._file = None  # the descriptor closes when no reply holds it any more

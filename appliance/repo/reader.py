@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from appliance.errors import IntegrityError
 from appliance.units import parse_size
+from nfsd.filerange import MIN_RANGE, FileRange
 
 if TYPE_CHECKING:
     from appliance.repo.manifest import DiskEntry, RestorePoint
@@ -251,6 +252,18 @@ class DiskReader:
         if self.hydrated is not None and self.disk.chunks[index] is not None:
             self.hydrated.store_later(index, data)
         return data
+
+    def file_range(self, offset: int, length: int) -> FileRange | None:
+        """The bytes of a large read (``MIN_RANGE`` or more) as a ``FileRange`` of the read cache, for the NFS
+        connection to send with sendfile(2): when every chunk is hydrated and in the page cache, else None."""
+        end = min(offset + length, self.size)
+        hd = self.hydrated
+        if hd is None or end - offset < MIN_RANGE or offset < 0:
+            return None
+        cs = self.chunk_size
+        if all(hd.has(i) for i in range(offset // cs, (end - 1) // cs + 1)):
+            return hd.range_nowait(offset, end - offset)
+        return None
 
     def read_cached(self, offset: int, length: int) -> bytes | None:
         """``read`` when every chunk it needs is in memory, else None (for callers that must not block)."""

@@ -257,7 +257,12 @@ class SessionManager:
             reader = repository.open_disk(rp, d["key"], read_cache=self.read_cache)
             readers.append(reader)
             caches[d["extent"]] = WriteCache(
-                session_dir / "disks", d["extent"], reader.read, d["size"], backing_nowait=reader.read_cached
+                session_dir / "disks",
+                d["extent"],
+                reader.read,
+                d["size"],
+                backing_nowait=reader.read_cached,
+                backing_range=reader.file_range,
             )
         folder = SessionFolder(session_dir, caches)
         self.backend.add_folder(rec.slot, rec.folder, folder)
