@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import json
 import os
 import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -247,14 +249,62 @@ def restore_output(target: str) -> Iterator[tuple[BinaryIO, bool]]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # 0600, O_EXCL
     tmp = Path(name)
     try:
-        with open(fd, "wb") as out:
-            yield out, True
-            out.flush()
-            os.fsync(out.fileno())
+        with _SyncBehindFile(fd, "wb") as out:
+            yield out, True  # type: ignore[misc]
+            out.finish()
         os.replace(tmp, path)  # streamed, so not write_atomic; its directory step is the same helper's
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a partial file after a failure
+
+
+SYNC_BEHIND = 64 << 20  # bytes written between two background flushes of a restore's output file
+
+
+class _SyncBehindFile(io.FileIO):
+    """A restore's output file, flushed to disk in the background while the restore runs: the kernel starts
+    writing dirty pages only past a tenth of memory (GBs here), so a single fsync at the end would write the
+    whole disk image while nothing else happens (~2 s per GiB on this machine, a fifth of an S3 restore). One
+    ``fdatasync`` at a time runs in a helper thread (it releases the GIL) every ``SYNC_BEHIND`` bytes;
+    ``finish`` waits for it and fsyncs the rest, so the file is durable before it is renamed into place."""
+
+    def __init__(self, fd: int, mode: str) -> None:
+        super().__init__(fd, mode)
+        self._since = 0
+        self._dropped = 0  # bytes before this offset were synced and dropped from the page cache
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sync-behind")
+        self._syncing: Future | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data)
+        while view:  # a raw write may be short
+            view = view[super().write(view) :]
+        self._since += len(data)
+        if self._since >= SYNC_BEHIND and (self._syncing is None or self._syncing.done()):
+            if self._syncing is not None:
+                self._syncing.result()  # a failed flush (EIO, ENOSPC) stops the restore now
+            self._since = 0
+            self._syncing = self._pool.submit(self._sync_and_drop, self.tell())
+        return len(data)
+
+    def _sync_and_drop(self, end: int) -> None:
+        os.fdatasync(self.fileno())
+        # What is on disk now leaves the page cache at once, so a restore of a big disk neither evicts everything
+        # else cached nor makes each new page a reclaim (measured: ~1 s less per 512 MiB on this machine).
+        os.posix_fadvise(self.fileno(), self._dropped, end - self._dropped, os.POSIX_FADV_DONTNEED)
+        self._dropped = end
+
+    def finish(self) -> None:
+        """Everything written durable (the background flush's error, if any, raised here)."""
+        if self._syncing is not None:
+            self._syncing.result()
+        os.fsync(self.fileno())
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)  # absent when __init__ failed
+        if pool is not None:
+            pool.shutdown(wait=True)  # never close the descriptor under a running fdatasync
+        super().close()
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
