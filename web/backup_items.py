@@ -66,9 +66,19 @@ def _body_fields() -> MultiDict:
         if value is None:
             continue
         if len(values) > MAX_SPECS or not all(isinstance(v, str) for v in values):
-            raise ApiError(400, f"{key[:40]}: expected a string or a list of at most {MAX_SPECS} strings")
+            raise ApiError(400, f"{key[:40]!r}: expected a string or a list of at most {MAX_SPECS} strings")
+        if not all(_utf8(v) for v in values):  # JSON may carry lone surrogates, which no tool could be given
+            raise ApiError(400, f"{key[:40]!r}: not valid Unicode text")
         pairs += [(key, v) for v in values if v != ""]
     return MultiDict(pairs)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def target(repo_name: str) -> service.Target:

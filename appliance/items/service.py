@@ -85,15 +85,35 @@ def select(target: Target, kind: str, path: str | None = None, kinds: tuple[str,
     )
 
 
-def place(tmp: Path, out: Path) -> None:
-    """Move a finished temporary output to ``out`` (same directory first, then an atomic rename)."""
-    staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        shutil.move(str(tmp), staged)
-        os.replace(staged, out)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
+class Output:
+    """An output file in the making. ``stage(tmp, guard)`` moves a finished file beside ``out`` (a hidden
+    .partial name) while the job's view is still open; leaving the ``with`` block without an error checks the
+    reserve once more and renames it into place. So a reserve crossed late (by a server's writes after the last
+    poll, seen when the view closes, or still crossed once it is gone) leaves no output, only the one error."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out  # None: the job writes no file (a restore into a server)
+        self.staged = out.with_name(f".{out.name}.partial-{os.getpid()}") if out is not None else None
+        self.guard: SpaceGuard | None = None
+
+    def stage(self, tmp: Path, guard: SpaceGuard | None) -> None:
+        assert self.staged is not None, "no output to stage"
+        shutil.move(str(tmp), self.staged)
+        self.guard = guard
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self.staged is None:
+            return
+        try:
+            if exc is None and self.staged.exists():
+                if self.guard is not None:
+                    self.guard.check()
+                os.replace(self.staged, self.out)
+        finally:
+            self.staged.unlink(missing_ok=True)
 
 
 # PostgreSQL -------------------------------------------------------------------------------------------------
@@ -160,19 +180,30 @@ def pg_dump(
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     if to is not None:
         postgres.check_target(postgres.server_bindir(postgres.major_version(item)), to)
-    with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
-        server.check_database(database)
-        tables = [server.find_table(database, t) for t in names]
-        if as_name:
-            tables = [server.rename_table(tables[0], as_name)]
-        dump = server.rundir / "dump.sql"
-        server.dump(database, tables, dump)
-        what = ", ".join(f"{database}.{t.schema}.{t.name}" for t in tables) or f"database {database}"
-        if to is not None:
+        with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
+            what, dump = _pg_dump_on(server, database, names, as_name)
             server.restore(dump, to)
-            return f"restored {what} from {target.point}"
-        place(dump, out)
-        return f"dumped {what} from {target.point} to {out}"
+        return f"restored {what} from {target.point}"
+    with (
+        Output(out) as output,
+        postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server,
+    ):
+        what, dump = _pg_dump_on(server, database, names, as_name)
+        output.stage(dump, server.guard)
+    return f"dumped {what} from {target.point} to {out}"
+
+
+def _pg_dump_on(
+    server: postgres.DisposableServer, database: str, names: list[str], as_name: str | None
+) -> tuple[str, Path]:
+    """The dump made on the disposable server, and what it holds."""
+    server.check_database(database)
+    tables = [server.find_table(database, t) for t in names]
+    if as_name:
+        tables = [server.rename_table(tables[0], as_name)]
+    dump = server.rundir / "dump.sql"
+    server.dump(database, tables, dump)
+    return ", ".join(f"{database}.{t.schema}.{t.name}" for t in tables) or f"database {database}", dump
 
 
 # Mail -------------------------------------------------------------------------------------------------------
@@ -202,11 +233,11 @@ def mail_list(target: Target, item: Item, work_root: Path, flt: mail.Filter) -> 
 def mail_export(target: Target, item: Item, work_root: Path, flt: mail.Filter, out: Path, fmt: str) -> str:
     if not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
-    with mail_store(target, item, work_root) as (store, scratch, guard):
+    with Output(out) as output, mail_store(target, item, work_root) as (store, scratch, guard):
         msgs = store.select(flt)
         tmp = scratch / "export"
         store.export(msgs, tmp, fmt, guard.claim)
-        place(tmp, out)
+        output.stage(tmp, guard)
     return f"exported {len(msgs)} message(s) from {item.browser_path} of {target.point} to {out}"
 
 
@@ -251,7 +282,10 @@ def mariadb_dump(
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     if to is not None:
         mariadb.check_target(to)  # a wrong password or an unreachable server fails before the server starts
-    with mariadb.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
+    with (
+        Output(out) as output,
+        mariadb.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server,
+    ):
         have = {t.name for t in server.tables(database, counts=False)}
         missing = [n for n in names if n not in have]
         if missing:
@@ -265,8 +299,8 @@ def mariadb_dump(
         if to is not None:
             mariadb.restore(dump, to, names or sorted(have))
             return f"restored {what} from {target.point}"
-        place(dump, out)
-        return f"dumped {what} from {target.point} to {out}"
+        output.stage(dump, server.guard)
+    return f"dumped {what} from {target.point} to {out}"
 
 
 # OpenLDAP ---------------------------------------------------------------------------------------------------
@@ -284,7 +318,7 @@ def ldap_entries(target: Target, item: Item, work_root: Path, ldap_filter: str |
 def ldap_export(target: Target, item: Item, work_root: Path, ldap_filter: str | None, out: Path) -> str:
     if not out.parent.is_dir():
         raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
-    with _directory(target, item, work_root) as directory:
+    with Output(out) as output, _directory(target, item, work_root) as directory:
         entries = directory.entries(ldap_filter)
         if not entries:
             raise ItemRecoveryError(f"no entry matches {ldap_filter!r}: nothing to export")
@@ -292,7 +326,7 @@ def ldap_export(target: Target, item: Item, work_root: Path, ldap_filter: str | 
         text = ("\n\n".join(e.ldif for e in entries) + "\n").encode()
         directory.view.guard.claim(len(text))
         tmp.write_bytes(text)
-        place(tmp, out)
+        output.stage(tmp, directory.view.guard)
     return f"exported {len(entries)} entries from {item.browser_path} of {target.point} to {out}"
 
 
