@@ -22,6 +22,7 @@ from tests.integration.item_disks import (
     MAILDIR_MESSAGES,
     PG_BIN,
     Cluster,
+    MariaDB,
     Slapd,
     as_postgres,
     build_app_disk,
@@ -93,6 +94,12 @@ def setup(build_cache: Path) -> Iterator[dict]:
     allowed.mkdir()
     slapd = Slapd(allowed / "slapd")
     slapd.start()
+    maria = MariaDB(base / "mariadb", allowed / "mysql")
+    maria.init()
+    maria.start()
+    quoted = PASSWORD.replace("\\", "\\\\").replace("'", "\\'")
+    maria.sql(f"CREATE DATABASE target; CREATE USER restorer@localhost IDENTIFIED BY '{quoted}'; ")
+    maria.sql("GRANT ALL ON target.* TO restorer@localhost")
     secrets = base / "secrets"
     secrets.mkdir(mode=0o700)
     (secrets / "ldap-admin").write_text(LDAP_SECRET + "\n")
@@ -115,6 +122,7 @@ def setup(build_cache: Path) -> Iterator[dict]:
             "url": f"https://127.0.0.1:{port}/api/v1/repositories/repo/items",
             "pg": pg,
             "slapd": slapd,
+            "maria": maria,
             "root": root,
             "base": base,
             "daemon": d,
@@ -122,6 +130,7 @@ def setup(build_cache: Path) -> Iterator[dict]:
         }
     finally:
         d.stop()
+        maria.stop()
         slapd.stop()
         pg.stop()
     assert tree_hash(repo) == before, "a restore changed the backup"
@@ -175,6 +184,22 @@ def test_a_table_is_restored_under_another_name_into_a_running_postgresql(setup:
     assert pg.rows("hrcopy", "staff") == setup["expected"]["clean"]["hr"]["staff"]
 
 
+def test_mariadb_tables_are_restored_through_an_allowed_socket_with_a_password(setup: dict) -> None:
+    maria, expected = setup["maria"], setup["expected"]["mariadb"]["inventory"]
+    body = {
+        "dump": ["inventory.items", "inventory.moves"],
+        "to": f"mariadb://restorer@localhost/target?socket={maria.socket}",
+    }
+    r = post(setup, "mariadb", {**body, "password": PASSWORD})
+    assert r.status_code == 200 and r.json()["result"].startswith("restored inventory.items, inventory.moves"), r.text
+    for table, rows in expected.items():
+        assert maria.rows("target", table) == rows, table
+    again = post(setup, "mariadb", {**body, "password": PASSWORD})
+    assert again.status_code == 409 and "already has table(s) items, moves: nothing was restored" in again.text
+    wrong = post(setup, "mariadb", {**body, "dump": "inventory.nope", "password": "wrong-maria"})
+    assert wrong.status_code == 422 and "Access denied for user 'restorer'@'localhost'" in wrong.text, wrong.text
+
+
 def test_ldap_entries_are_restored_through_an_allowed_socket_with_a_password_file(setup: dict) -> None:
     slapd = setup["slapd"]
     flt = "(|(objectClass=organization)(objectClass=organizationalUnit)(uid=bo))"
@@ -224,6 +249,7 @@ def test_hostile_targets_are_one_error_naming_the_field_and_write_nothing(setup:
         ("mariadb", {**db, "to": "mariadb://root@localhost/--init-command=x"}, "to database: '--init-command=x'"),
         ("mariadb", {**db, "to": "mariadb://root@x/db?socket=/run/mysqld/mysqld.sock"}, "outside the allowed"),
         ("postgres", {"path": "/srv/pg-clean", "dump": "hr.staff"}, "to: required"),
+        ("postgres", {**db, "to": "postgresql://a@h/\ud800"}, "'to': not valid Unicode text"),
         ("postgres", {**db, "to": pg_target(setup), "password_ref": "x"}, "password: give password or password_ref"),
         ("openldap", {"to": "ldap://h", "bind_dn": "cn=a", "password_ref": "../ldap-admin"}, "password_ref: expected"),
         ("openldap", {"to": "ldap://h/dc=x", "bind_dn": "cn=a", "password": "hostile-pw"}, "an LDAP target is only"),
