@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ItemRecoveryError
-from appliance.items import mail, mariadb, openldap, postgres
+from appliance.items import mail, mariadb, openldap, postgres, targets
 from appliance.items.discovery import Item
 from appliance.items.service import dump_request, split_spec
 
@@ -68,13 +68,18 @@ def test_mariadb_refuses_newer_and_mysql8_data_directories() -> None:
 
 
 def test_mariadb_urls_keep_the_password_out_of_argv() -> None:
-    args, env, db = mariadb.Server("mariadb://app:s%40cret@db2:3307/inv").client_args()
-    assert args == ["--no-defaults", "--host=db2", "--port=3307", "--protocol=TCP", "--user=app"]
-    assert env == {"MYSQL_PWD": "s@cret"} and db == "inv"
-    args, _, db = mariadb.Server("mariadb://root@localhost/inv?socket=/run/m.sock").client_args()
-    assert "--socket=/run/m.sock" in args and db == "inv"
-    with pytest.raises(ItemRecoveryError, match="--to must be a mariadb:// URL, not 'postgresql://x'"):
-        mariadb.Server("postgresql://x").client_args()
+    to = targets.parse_server("mariadb", "mariadb://app:s%40cret@db2:3307/inv")
+    with mariadb.client(to) as (args, db):
+        conf = Path(args[0].removeprefix("--defaults-file="))
+        assert args[1:] == ["--host=db2", "--port=3307", "--protocol=TCP", "--user=app"] and db == "inv"
+        assert conf.read_text() == '[client]\npassword="s@cret"\n' and conf.stat().st_mode & 0o777 == 0o600
+        assert "s@cret" not in " ".join(args) and "s@cret" not in str(to) and "s@cret" not in repr(to)
+    assert not conf.exists() and not conf.parent.exists()
+    sock = targets.parse_server("mariadb", "mariadb://root@localhost/inv?socket=/run/m.sock")
+    with mariadb.client(sock) as (args, db):
+        assert args == ["--no-defaults", "--socket=/run/m.sock", "--user=root"] and db == "inv"
+    with pytest.raises(ItemRecoveryError, match="--to: must be a mariadb:// or mysql:// URL, not postgresql"):
+        targets.parse_server("mariadb", "postgresql://x/db")
 
 
 LDIF = """dn: uid=ann,ou=people,dc=example,dc=org
