@@ -3,8 +3,9 @@
 Disk: the Debian ext4 image of ``bench repo`` (1.5 GiB, ~0.9 GiB used), backed up into a fresh repository and
 published as a sandbox; ganesha serves the same image file. Measures 4 KiB reads/s at qd16 (second of two
 runs), sequential ``nfs-cat`` of the extent, 64 KiB writes into the sandbox's cache (qd16), and the time from
-``publish`` to the first line a guest prints on its serial console, against booting the same disk from a
-local file. qemu asks the portmapper on 111, so the daemon and ganesha run one after the other.
+``publish`` to the first line a guest prints on its serial console, against booting the same disk from
+ganesha's export and from a local file (qemu under TCG everywhere). qemu asks the portmapper on 111, so the
+daemon and ganesha run one after the other.
 Run: ``./run bench datastore`` (or ``.venv/bin/python -m bench datastore``).
 """
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 HERE = WORK / "datastore"
 READS, WRITES = 100_000, 20_000
+BOOT_TIMEOUT = 300
+ACCEL = "tcg"  # KVM hangs on this machine; every boot, ours and the anchors', uses the same emulator
 
 
 def make_repo(image: Path, bootdisk: Path) -> Path:
@@ -99,7 +102,9 @@ def boot_published(daemon: DaemonProcess, runs: int) -> dict[str, float]:
         doc = daemon.publish("bootdemo", mode="sandbox")
         assert isinstance(doc, dict)
         publish_s = time.perf_counter() - start
-        result = boot(extent_url(doc), timeout=300, console_log=HERE / f"console-published-{i}.log")
+        result = boot(
+            extent_url(doc), timeout=BOOT_TIMEOUT, console_log=HERE / f"console-published-{i}.log", accel=ACCEL
+        )
         daemon.cli("stop", doc["id"])
         if not result.booted or result.first_line_seconds is None:
             raise RuntimeError(f"the published VM did not boot: {result.console[-1500:]}")
@@ -131,7 +136,33 @@ def run_ours(repo: Path, size: int, digest: str, boots: int) -> dict[str, Any]:
     return result
 
 
-def run_ganesha(image: Path, size: int, digest: str) -> dict[str, Any]:
+def fresh_copy(src: Path, dst: Path) -> None:
+    """``dst`` = the bytes of ``src``, synced (no writeback of the copy during the boot) and in the page cache."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+    warm_page_cache(dst)
+
+
+def boot_ganesha(bootdisk: Path, export: Path, runs: int) -> dict[str, float]:
+    """The NFS anchor: the same disk served by ganesha, booted over ``nfs://`` exactly as the published one."""
+    from appliance.demo.qemu import boot
+
+    best: dict[str, float] = {}
+    for i in range(runs):
+        disk = export / "boot.raw"  # the guest writes a marker: every boot starts from the built disk's bytes
+        fresh_copy(bootdisk, disk)
+        url = f"nfs://127.0.0.1{export}/{disk.name}"
+        result = boot(url, timeout=BOOT_TIMEOUT, console_log=HERE / f"console-ganesha-{i}.log", accel=ACCEL)
+        if not result.booted or result.first_line_seconds is None:
+            raise RuntimeError(f"the disk on ganesha's export did not boot: {result.console[-1500:]}")
+        log(f"ganesha: first line {result.first_line_seconds:.1f} s, boot {result.seconds:.1f} s")
+        if not best or result.first_line_seconds < best["first_line_s"]:
+            best = {"first_line_s": result.first_line_seconds, "boot_s": result.seconds}
+    return best
+
+
+def run_ganesha(image: Path, size: int, digest: str, bootdisk: Path, boots: int) -> dict[str, Any]:
     export = HERE / "ganesha"
     shutil.rmtree(export, ignore_errors=True)
     export.mkdir(parents=True)
@@ -139,7 +170,9 @@ def run_ganesha(image: Path, size: int, digest: str) -> dict[str, Any]:
     sh("cp", "--sparse=always", image, export / "write.raw")  # writes must not touch the input
     with ganesha(export):
         base = f"nfs://127.0.0.1{export}"
-        return io_suite(f"{base}/data.raw", f"{base}/write.raw", size, digest, [image])
+        result = io_suite(f"{base}/data.raw", f"{base}/write.raw", size, digest, [image])
+        result["boot"] = boot_ganesha(bootdisk, export, boots)
+    return result
 
 
 def boot_local(bootdisk: Path, runs: int) -> dict[str, float]:
@@ -150,7 +183,7 @@ def boot_local(bootdisk: Path, runs: int) -> dict[str, float]:
     for i in range(runs):
         copy = HERE / "local-boot.raw"  # the guest writes a marker: boot a copy, keep the built disk pristine
         shutil.copyfile(bootdisk, copy)
-        result = boot(str(copy), timeout=300, console_log=HERE / f"console-local-{i}.log")
+        result = boot(str(copy), timeout=BOOT_TIMEOUT, console_log=HERE / f"console-local-{i}.log", accel=ACCEL)
         if not result.booted or result.first_line_seconds is None:
             raise RuntimeError(f"the local disk did not boot: {result.console[-1500:]}")
         log(f"local: first line {result.first_line_seconds:.1f} s, boot {result.seconds:.1f} s")
@@ -171,7 +204,7 @@ def main(argv: list[str]) -> int:
     bootdisk = build_boot_disk(WORK / "bootdisk").path
     repo = make_repo(image, bootdisk)
     ours = run_ours(repo, size, digest, boots)
-    anchor = run_ganesha(image, size, digest)
+    anchor = run_ganesha(image, size, digest, bootdisk, boots)
     local = boot_local(bootdisk, boots)
     ours_boot = ours["publish_s"] + ours["first_line_s"]
     rows = [
@@ -184,7 +217,20 @@ def main(argv: list[str]) -> int:
         ),
         Row("sequential read of the extent, nfs-cat (best of 3)", ours["seq_mb_s"], anchor["seq_mb_s"], "MB/s"),
         Row("64 KiB sequential write qd16, qemu-img bench -w", ours["write_mb_s"], anchor["write_mb_s"], "MB/s"),
-        Row("publish + first console line vs local (best of 2)", ours_boot, local["first_line_s"], "s"),
+        Row(
+            f"publish + first console line vs ganesha's export (best of {boots})",
+            ours_boot,
+            anchor["boot"]["first_line_s"],
+            "s",
+            "<= 1.05",
+        ),
+        Row(
+            "publish + boot to power-off vs ganesha's export",
+            ours["publish_s"] + ours["boot_s"],
+            anchor["boot"]["boot_s"],
+            "s",
+        ),
+        Row(f"publish + first console line vs local (best of {boots})", ours_boot, local["first_line_s"], "s"),
         Row("publish + boot to power-off vs local", ours["publish_s"] + ours["boot_s"], local["boot_s"], "s"),
     ]
     extra = {
