@@ -38,7 +38,7 @@ SCHEMES = {
     "openldap": ("ldap", "ldaps", "ldapi"),
 }
 # query parameters a target URL may carry; libpq's others name files (passfile, sslkey, service) or server options
-PARAMS = {"postgres": {"host", "sslmode"}, "mariadb": {"socket"}, "openldap": set()}
+PARAMS = {"postgres": {"host", "port", "sslmode"}, "mariadb": {"socket"}, "openldap": set()}
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|[0-9A-Fa-f:.]{2,45}")
 NAME = re.compile(r"[^-\x00-\x1f\x7f][^\x00-\x1f\x7f]{0,254}")  # users, databases, DNs: no control, no leading '-'
@@ -75,7 +75,7 @@ class ServerTarget:
         if self.kind == "openldap":
             where = quote(self.socket, safe="") if self.socket else self._hostport()
             return f"{self.scheme}://{where}"
-        where = self._hostport() if self.host else ""
+        where = self._hostport() if self.host or self.port else ""
         query = f"?{'host' if self.kind == 'postgres' else 'socket'}={self.socket}" if self.socket else ""
         return f"{self.scheme}://{user}{where}/{quote(self.database or '', safe='')}{query}"
 
@@ -146,13 +146,17 @@ def parse_server(
     if socket is not None:
         if host and kind == "postgres":
             raise ItemRecoveryError(f"{field_name}: give a host or ?host=SOCKET_DIR, not both")
-        host, port = None, None
+        host = None  # PostgreSQL's port still names the socket file (.s.PGSQL.PORT)
         _check_socket(field_name, socket, socket_dirs)
     elif not host:
         if socket_dirs is not None:
             raise ItemRecoveryError(f"{field_name}: name the server's host (or an allowed Unix socket)")
     elif not HOST.fullmatch(host):
         raise ItemRecoveryError(f"{field_name}: {host[:80]!r} is not a host name or address")
+    if "port" in params:
+        if port is not None or not params["port"].isdigit() or not 0 < int(params["port"]) < 65536:
+            raise ItemRecoveryError(f"{field_name}: port must be given once, a number from 1 to 65535")
+        port = int(params["port"])
     sslmode = params.get("sslmode")
     if sslmode is not None and sslmode not in SSLMODES:
         raise ItemRecoveryError(f"{field_name}: sslmode must be one of {', '.join(SSLMODES)}, got {sslmode[:40]!r}")

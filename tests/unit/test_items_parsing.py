@@ -82,6 +82,23 @@ def test_mariadb_urls_keep_the_password_out_of_argv() -> None:
         targets.parse_server("mariadb", "postgresql://x/db")
 
 
+def test_a_postgresql_target_is_parsed_into_parts_and_shown_without_its_password() -> None:
+    sock = targets.parse_server("postgres", "postgresql://u:p%3Aw@:5433/shop?host=/run/postgresql&sslmode=disable")
+    assert (sock.host, sock.port, sock.socket, sock.user, sock.database, sock.password) == (
+        None,
+        5433,
+        "/run/postgresql",
+        "u",
+        "shop",
+        "p:w",
+    )
+    assert str(sock) == "postgresql://u@:5433/shop?host=/run/postgresql" and "p:w" not in repr(sock)
+    tcp = targets.parse_server("postgres", "postgresql://u@db2/shop?port=6543", "pw", socket_dirs=())
+    assert (tcp.host, tcp.port, str(tcp)) == ("db2", 6543, "postgresql://u@db2:6543/shop")
+    with pytest.raises(ItemRecoveryError, match="outside the allowed directories"):
+        targets.parse_server("postgres", "postgresql://u@/shop?host=/run/postgresql", socket_dirs=())
+
+
 LDIF = """dn: uid=ann,ou=people,dc=example,dc=org
 objectClass: inetOrgPerson
 uid: ann
