@@ -318,10 +318,9 @@ def _psql(bindir: Path, target: ServerTarget, args: list[str], timeout: float) -
         env["PGSSLMODE"] = target.sslmode
     env = {k: v for k, v in env.items() if v}
     cmd = [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-w", *args]
-    if target.password is None:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
-    escaped = target.password.replace("\\", "\\\\").replace(":", "\\:")
-    with secret_file(f"*:*:*:*:{escaped}\n") as passfile:
+    # Without a password the file is empty: the caller's ~/.pgpass (root's, for the API's user too) is not read.
+    escaped = (target.password or "").replace("\\", "\\\\").replace(":", "\\:")
+    with secret_file(f"*:*:*:*:{escaped}\n" if target.password is not None else "") as passfile:
         env["PGPASSFILE"] = str(passfile)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
