@@ -83,6 +83,7 @@ class HydratedDisk:
         self._zeros_marked = False
         self._writing: set[int] = set()
         self._pending = 0
+        self._queued: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
@@ -103,17 +104,24 @@ class HydratedDisk:
         if self._claim(index, len(data)):
             self._write(index, data)
 
-    def store_later(self, index: int, data: bytes) -> None:
+    def store_later(self, index: int, data: bytes) -> bool:
         """``store`` in the background: a reader that just decoded a chunk answers its client first. At most
-        ``MAX_PENDING`` chunks wait (a reader faster than the disk skips the rest; a later read brings them)."""
+        ``MAX_PENDING`` chunks wait (a reader faster than the disk skips the rest; a later read brings them).
+        True if the chunk was taken: until it is in the file, ``queued`` has it."""
         if self._pending >= MAX_PENDING or not self._claim(index, len(data)):
-            return
+            return False
         with self._lock:
             self._pending += 1
+            self._queued[index] = data
         try:
             _hydrate_pool.submit(self._write_pending, index, data)
         except RuntimeError:  # the pool is shut down: the interpreter is exiting
             self._write_pending(index, data)
+        return True
+
+    def queued(self, index: int) -> bytes | None:
+        """Chunk ``index`` while it waits to be written (readers use it instead of decoding it again)."""
+        return self._queued.get(index)
 
     def _write_pending(self, index: int, data: bytes) -> None:
         try:
@@ -121,6 +129,7 @@ class HydratedDisk:
         finally:
             with self._lock:
                 self._pending -= 1
+                del self._queued[index]  # after its bit is set: a reader finds it in one place or the other
                 if not self._pending:
                     self._idle.notify_all()
 

@@ -77,7 +77,8 @@ class ChunkCache:
             self.hits += 1  # approximate under threads: a statistic, not a guarantee
         return data
 
-    def get(self, cid: str, load: Callable[[], bytes]) -> bytes:
+    def get(self, cid: str, load: Callable[[], bytes], keep: Callable[[bytes], bool] | None = None) -> bytes:
+        """The chunk, loaded once however many threads ask at the same time; kept unless ``keep`` says no."""
         data = self.lookup(cid)
         if data is not None:
             return data
@@ -101,9 +102,10 @@ class ChunkCache:
                 del self._loading[cid]
             pending.set_exception(exc)
             raise
+        kept = keep is None or keep(data)
         with self._lock:
             del self._loading[cid]
-            if cid not in self._items and len(data) <= self.capacity:
+            if kept and cid not in self._items and len(data) <= self.capacity:
                 self._items[cid] = data
                 self._size += len(data)
                 self._evict()
@@ -248,10 +250,27 @@ class DiskReader:
         hd.store(index, self._checked(index, cid, data))
 
     def _chunk_hydrating(self, index: int) -> bytes:
-        data = self.chunk(index)
-        if self.hydrated is not None and self.disk.chunks[index] is not None:
-            self.hydrated.store_later(index, data)
-        return data
+        """``chunk``, and into the read cache with it. A chunk on its way there is not also kept in the chunk
+        cache: once written, reads of it are page-cache reads, and its buffer is freed for the next chunk,
+        where keeping it meant fresh memory (page faults, zeroing) for every chunk a published disk reads."""
+        hd, cid = self.hydrated, self.disk.chunks[index]
+        if hd is None or cid is None:
+            return self.chunk(index)
+        data = hd.queued(index)
+        if data is not None:
+            return data
+        if hd.has(index):  # a read that also needs chunks not hydrated yet: this one is in the file
+            return hd.pread(index * self.chunk_size, self.chunk_size if index < self._last else self._last_len)
+        data = self.cache.lookup(cid)
+        if data is not None:
+            hd.store_later(index, self._checked(index, cid, data))
+            return data
+        store = self.store
+        return self.cache.get(
+            cid,
+            lambda: self._checked(index, cid, store.get(cid, self._context)),
+            keep=lambda data: not hd.store_later(index, data),
+        )
 
     def file_range(self, offset: int, length: int) -> FileRange | None:
         """The bytes of a large read (``MIN_RANGE`` or more) as a ``FileRange`` of the read cache, for the NFS
@@ -278,7 +297,12 @@ class DiskReader:
         parts = []
         for index in range(first, last + 1):
             cid = self.disk.chunks[index]
-            data = self._zero if cid is None else self.cache.peek(cid)
+            if cid is None:
+                data = self._zero
+            else:
+                data = hd.queued(index) if hd is not None else None
+                if data is None:
+                    data = self.cache.peek(cid)
             if data is None:
                 return None
             if cid is not None:
