@@ -546,7 +546,7 @@ class TcpConnection(asyncio.Protocol):
                 return
             if n - pos - 4 < size:
                 break
-            frag = bytes(buf[pos + 4 : pos + 4 + size])
+            frag = bytes(memoryview(buf)[pos + 4 : pos + 4 + size])  # one copy (a bytearray slice is another)
             pos += 4 + size
             marks += 1
             if mark & 0x80000000:
