@@ -204,10 +204,10 @@ class DiskReader:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
+        self._read_ahead(first, last)
         hd = self.hydrated
         if hd is not None and all(hd.has(i) for i in range(first, last + 1)):
             return hd.pread(offset, end - offset)
-        self._read_ahead(first, last)
         if first == last:
             start = offset - first * cs
             data = self._chunk_hydrating(first)
@@ -220,7 +220,10 @@ class DiskReader:
         return b"".join(parts)
 
     def _read_ahead(self, first: int, last: int) -> None:
-        """When reads walk the disk in order, decode the next chunks in the background."""
+        """When reads walk the disk in order, decode the next chunks in the background. Every read that is
+        answered notes itself here (``read``, and ``read_cached``/``file_range`` when they answer; a miss is
+        noted once, by the ``read`` that follows it): a sequential reader answered from memory or the read
+        cache must keep the chunks ahead of it coming, or its next miss finds none decoded."""
         sequential = first in (self._next_expected, self._next_expected - 1)
         self._next_expected = last + 1
         if not sequential:
@@ -280,9 +283,13 @@ class DiskReader:
         if hd is None or end - offset < MIN_RANGE or offset < 0:
             return None
         cs = self.chunk_size
-        if all(hd.has(i) for i in range(offset // cs, (end - 1) // cs + 1)):
-            return hd.range_nowait(offset, end - offset)
-        return None
+        first, last = offset // cs, (end - 1) // cs
+        if not all(hd.has(i) for i in range(first, last + 1)):
+            return None
+        found = hd.range_nowait(offset, end - offset)
+        if found is not None:
+            self._read_ahead(first, last)
+        return found
 
     def read_cached(self, offset: int, length: int) -> bytes | None:
         """``read`` when every chunk it needs is in memory, else None (for callers that must not block)."""
@@ -293,7 +300,10 @@ class DiskReader:
         first, last = offset // cs, (end - 1) // cs
         hd = self.hydrated
         if hd is not None and all(hd.has(i) for i in range(first, last + 1)):
-            return hd.pread_nowait(offset, end - offset)
+            found = hd.pread_nowait(offset, end - offset)
+            if found is not None:
+                self._read_ahead(first, last)
+            return found
         parts = []
         for index in range(first, last + 1):
             cid = self.disk.chunks[index]
@@ -309,6 +319,7 @@ class DiskReader:
                 self._checked(index, cid, data)
             base = index * cs
             parts.append(memoryview(data)[max(offset, base) - base : min(end, base + cs) - base])
+        self._read_ahead(first, last)
         return parts[0] if len(parts) == 1 else b"".join(parts)  # a view of an immutable chunk: no copy
 
     def is_zero(self, index: int) -> bool:

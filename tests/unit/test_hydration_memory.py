@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,49 @@ def test_without_room_in_the_read_cache_chunks_stay_in_memory(disk: tuple[Reposi
     assert reader.read(20, 100) == data[20:120]
     assert loads == [reader.disk.chunks[0]]
     cache.close()
+
+
+def test_a_sequential_reader_answered_from_memory_keeps_the_chunks_ahead_coming(tmp_path: Path) -> None:
+    data = random.Random(22).randbytes(12 * MiB)
+    (tmp_path / "d.raw").write_bytes(data)
+    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
+    src = open_source(tmp_path / "d.raw")
+    backup_vm(repo, "vm", [src])
+    src.close()
+    cache = ReadCache(tmp_path / "rc", 1 << 30)
+    loads: list[str] = []
+    reader = open_reader(Repository.open(tmp_path / "repo"), cache, loads)
+    reader.read_ahead = 2
+    hd = reader.hydrated
+
+    assert reader.read(0, 64 * 1024) == data[: 64 * 1024]  # a miss, not yet a sequential reader
+    assert reader.read(64 * 1024, 64 * 1024) == data[64 * 1024 : 128 * 1024]  # now it is: 1 and 2 come
+    wait_for(lambda: hd.has(1) and hd.has(2))
+    for index in (1, 2, 3, 4):  # each answered without blocking, and each brings the next ones
+        got = reader.read_cached(index * MiB, 64 * 1024)
+        assert got == data[index * MiB : index * MiB + 64 * 1024], f"chunk {index} was not ready"
+        wait_for(lambda i=index: hd.has(i + 1) and hd.has(i + 2))
+    assert not hd.has(7)  # nothing beyond the window
+    cache.close()
+
+
+def test_a_random_miss_is_noted_once_and_decodes_nothing_ahead(disk: tuple[Repository, bytes], tmp_path: Path) -> None:
+    repo, data = disk
+    cache = ReadCache(tmp_path / "rc", 1 << 30)
+    loads: list[str] = []
+    reader = open_reader(repo, cache, loads)
+    reader.read_ahead = 2
+    assert reader.read_cached(MiB + 4096, 4096) is None  # the loop's try, then the worker's read
+    assert reader.read(MiB + 4096, 4096) == data[MiB + 4096 : MiB + 8192]
+    assert reader.read_cached(100, 4096) is None
+    assert reader.read(100, 4096) == data[100:4196]
+    assert reader.hydrated.drain(10)
+    assert loads == [reader.disk.chunks[1], reader.disk.chunks[0]]  # a first touch costs one chunk, not three
+    cache.close()
+
+
+def wait_for(condition) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
