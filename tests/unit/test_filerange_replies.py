@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ingest.backup import backup_vm
-from appliance.ingest.sources import open_source
-from appliance.repo import Repository
 from appliance.repo.readcache import ReadCache
 from nfsd import eventloop
 from nfsd.filerange import MIN_RANGE, FileRange, SharedFd
 from nfsd.rpc import TcpConnection
+from tests.backed_up import backed_up
 
 MiB = 1 << 20
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": eventloop.loop_factory() or asyncio.new_event_loop}
@@ -30,13 +28,7 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": eventloop.loop_factory() o
 def test_a_hydrated_read_comes_as_a_file_range_that_outlives_its_cache(tmp_path: Path) -> None:
     rnd = random.Random(5)
     data = rnd.randbytes(3 * MiB)
-    disk = tmp_path / "d.raw"
-    disk.write_bytes(data)
-    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
-    src = open_source(disk)
-    backup_vm(repo, "vm", [src])
-    src.close()
-    repo = Repository.open(tmp_path / "repo")
+    repo = backed_up(tmp_path, data)
     cache = ReadCache(tmp_path / "rc", 1 << 30)
     rp = repo.restore_point("vm", "latest")
     reader = repo.open_disk(rp, rp.disks[0].name, read_cache=cache)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ingest.backup import backup_vm
-from appliance.ingest.sources import open_source
 from appliance.repo import Repository
 from appliance.repo.readcache import HydratedDisk, ReadCache
+from tests.backed_up import backed_up
 
 MiB = 1 << 20
 
@@ -22,12 +21,8 @@ MiB = 1 << 20
 @pytest.fixture
 def disk(tmp_path: Path) -> tuple[Repository, bytes]:
     data = random.Random(21).randbytes(3 * MiB)
-    (tmp_path / "d.raw").write_bytes(data)
-    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
-    src = open_source(tmp_path / "d.raw")
-    backup_vm(repo, "vm", [src])
-    src.close()
-    return Repository.open(tmp_path / "repo"), data
+    repo = backed_up(tmp_path, data)
+    return repo, data
 
 
 def open_reader(repo: Repository, cache: ReadCache, loads: list[str]):  # noqa: ANN201
@@ -96,14 +91,10 @@ def test_without_room_in_the_read_cache_chunks_stay_in_memory(disk: tuple[Reposi
 
 def test_a_sequential_reader_answered_from_memory_keeps_the_chunks_ahead_coming(tmp_path: Path) -> None:
     data = random.Random(22).randbytes(12 * MiB)
-    (tmp_path / "d.raw").write_bytes(data)
-    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
-    src = open_source(tmp_path / "d.raw")
-    backup_vm(repo, "vm", [src])
-    src.close()
+    repo = backed_up(tmp_path, data)
     cache = ReadCache(tmp_path / "rc", 1 << 30)
     loads: list[str] = []
-    reader = open_reader(Repository.open(tmp_path / "repo"), cache, loads)
+    reader = open_reader(repo, cache, loads)
     reader.read_ahead = 2
     hd = reader.hydrated
 

@@ -13,26 +13,18 @@ import pytest
 
 from appliance.cache.overlay import WriteCache
 from appliance.errors import IntegrityError
-from appliance.ingest.backup import backup_vm
-from appliance.ingest.sources import open_source
-from appliance.repo import Repository
 from appliance.repo.readcache import ReadCache
 from appliance.repo.reader import _read_ahead_pool
 from nfsd.localfs import LocalFS
+from tests.backed_up import backed_up
 
 MiB = 1 << 20
 
 
 def test_disk_reader_read_cached_only_from_the_chunk_cache(tmp_path: Path) -> None:
     rnd = random.Random(3)
-    disk = tmp_path / "d.raw"
     data = rnd.randbytes(2 * MiB) + bytes(MiB) + rnd.randbytes(MiB // 2)
-    disk.write_bytes(data)
-    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
-    src = open_source(disk)
-    backup_vm(repo, "vm", [src])
-    src.close()
-    repo = Repository.open(tmp_path / "repo")  # a fresh, empty chunk cache
+    repo = backed_up(tmp_path, data)
     point = repo.restore_point("vm", "latest")
     reader = repo.open_disk(point, point.disks[0].name)
     reader.read_ahead = 0  # this test watches which chunks get loaded
@@ -86,13 +78,8 @@ def test_localfs_read_nowait_needs_an_open_file_and_sees_removal(tmp_path: Path)
 
 def test_read_cache_hydrates_chunks_and_serves_them_from_the_local_file(tmp_path: Path) -> None:
     rnd = random.Random(5)
-    disk = tmp_path / "d.raw"
     data = rnd.randbytes(2 * MiB) + bytes(MiB) + rnd.randbytes(MiB + 7)
-    disk.write_bytes(data)
-    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
-    src = open_source(disk)
-    backup_vm(repo, "vm", [src])
-    src.close()
+    repo = backed_up(tmp_path, data)
     point = repo.restore_point("vm", "latest")
     cache = ReadCache(tmp_path / "rc", budget_bytes=2 * MiB)  # room for two chunks only
     reader = repo.open_disk(point, point.disks[0].name, read_cache=cache)
@@ -115,12 +102,7 @@ def test_read_cache_hydrates_chunks_and_serves_them_from_the_local_file(tmp_path
 
 
 def test_read_cache_never_returns_damaged_chunks(tmp_path: Path) -> None:
-    disk = tmp_path / "d.raw"
-    disk.write_bytes(random.Random(6).randbytes(2 * MiB))
-    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
-    src = open_source(disk)
-    backup_vm(repo, "vm", [src])
-    src.close()
+    repo = backed_up(tmp_path, random.Random(6).randbytes(2 * MiB))
     point = repo.restore_point("vm", "latest")
     victim = repo.store.path(point.disks[0].chunks[1])
     blob = bytearray(victim.read_bytes())
@@ -136,12 +118,7 @@ def test_read_cache_never_returns_damaged_chunks(tmp_path: Path) -> None:
 
 def test_sequential_reads_decode_the_next_chunks_ahead(tmp_path: Path) -> None:
     data = random.Random(7).randbytes(8 * MiB)
-    (tmp_path / "d.raw").write_bytes(data)
-    repo = Repository.init(tmp_path / "repo", chunk_size=MiB)
-    src = open_source(tmp_path / "d.raw")
-    backup_vm(repo, "vm", [src])
-    src.close()
-    repo = Repository.open(tmp_path / "repo")
+    repo = backed_up(tmp_path, data)
     point = repo.restore_point("vm", "latest")
     reader = repo.open_disk(point, point.disks[0].name)
     assert reader.read(0, MiB) == data[:MiB]
