@@ -82,24 +82,19 @@ class Cluster:
             **as_postgres(),
         )
 
-    def start(self) -> None:
+    def start(self, listen: str = "", port: int = 5432) -> None:
+        """Start on its socket directory only, or also on TCP at ``listen``:``port``; wait until it answers."""
         log = open(self.sockdir / "server.log", "ab")  # noqa: SIM115 - kept by the server process
+        settings = [f"listen_addresses={listen}", f"port={port}", f"unix_socket_directories={self.sockdir}"]
         self.proc = subprocess.Popen(
-            [
-                PG_BIN / "postgres",
-                "-D",
-                self.datadir,
-                "-c",
-                "listen_addresses=",
-                "-c",
-                f"unix_socket_directories={self.sockdir}",
-            ],
+            [PG_BIN / "postgres", "-D", self.datadir, *(a for s in settings for a in ("-c", s))],
             stdout=log,
             stderr=subprocess.STDOUT,
             **as_postgres(),
         )
         for _ in range(300):
-            if subprocess.run([PG_BIN / "pg_isready", "-q", "-h", self.sockdir], check=False).returncode == 0:
+            ready = [PG_BIN / "pg_isready", "-q", "-h", self.sockdir, "-p", str(port)]
+            if subprocess.run(ready, check=False).returncode == 0:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"postgres did not start: {(self.sockdir / 'server.log').read_text()}")

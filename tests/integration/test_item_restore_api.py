@@ -9,8 +9,6 @@ import json
 import mailbox
 import os
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from tests.integration.item_disks import (
     Cluster,
     MariaDB,
     Slapd,
-    as_postgres,
     build_app_disk,
 )
 from tests.integration.item_space import small_reserve  # noqa: F401 (autouse: a reserve this machine has)
@@ -46,29 +43,7 @@ class TcpCluster(Cluster):
     def start(self) -> None:
         hba = self.datadir / "pg_hba.conf"
         hba.write_text(f"local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n{hba.read_text()}")
-        log = open(self.sockdir / "server.log", "ab")  # noqa: SIM115 - kept by the server process
-        self.proc = subprocess.Popen(
-            [
-                PG_BIN / "postgres",
-                "-D",
-                self.datadir,
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"port={self.port}",
-                "-c",
-                f"unix_socket_directories={self.sockdir}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            **as_postgres(),
-        )
-        for _ in range(300):
-            ready = [PG_BIN / "pg_isready", "-q", "-h", self.sockdir, "-p", str(self.port)]
-            if subprocess.run(ready, check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"postgres did not start: {(self.sockdir / 'server.log').read_text()}")
+        super().start(listen="127.0.0.1", port=self.port)
 
     def url_for(self, database: str) -> str:
         return f"postgresql://postgres@/{database}?host={self.sockdir}&port={self.port}"
