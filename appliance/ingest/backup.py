@@ -135,12 +135,20 @@ def _backup_disk(
         return cid, len(block), stored
 
     chunks: list[str | None] = []
-    pending: deque[Future] = deque()
+    pending: deque[tuple[Future, bytearray]] = deque()
     window = 4 * pool._max_workers  # bounded memory: at most this many blocks in flight
+    # Blocks whose chunk is done are read into again: a fresh 1 MiB buffer per chunk costs zeroing and page
+    # faults (~0.3 ms per MiB here, a tenth of an S3 PUT's client CPU). ``process`` keeps no reference to its
+    # block once it returns (the stored object is a new, compressed buffer).
+    free: list[bytearray] = []
 
     def drain(n: int) -> None:
         while len(pending) > n:
-            cid, new_raw, stored = pending.popleft().result()
+            future, done_block = pending[0]
+            cid, new_raw, stored = future.result()
+            pending.popleft()
+            if len(done_block) == cs:
+                free.append(done_block)
             chunks.append(cid)
             counters.chunks += 1
             if new_raw:
@@ -154,7 +162,7 @@ def _backup_disk(
     try:
         while size is None or offset < size:
             want = cs if size is None else min(cs, size - offset)
-            block = bytearray(want)
+            block = free.pop() if free and want == cs else bytearray(want)
             got = read_exact(source.stream, block, what)
             if got < want:
                 if size is not None:
@@ -163,16 +171,15 @@ def _backup_disk(
             if not block:
                 break
             counters.bytes_read += len(block)
-            # The block is a fresh buffer per chunk, handed to the worker as is: copying 1 MiB costs more than
-            # hashing it here.
-            data = block
-            if data == zero[: len(data)]:
-                counters.bytes_zero += len(data)
+            # The block is handed to the worker as is (copying 1 MiB costs more than hashing it here), and read
+            # into again only after the worker is done with it.
+            if block == zero[: len(block)]:
+                counters.bytes_zero += len(block)
                 done: Future = Future()
                 done.set_result((None, 0, 0))
-                pending.append(done)
+                pending.append((done, block))
             else:
-                pending.append(pool.submit(process, data))
+                pending.append((pool.submit(process, block), block))
             offset += len(block)
             drain(window)
             if progress:
@@ -181,7 +188,7 @@ def _backup_disk(
                 break
         drain(0)
     finally:
-        for f in pending:
+        for f, _ in pending:
             f.cancel()
     return DiskEntry(
         name=source.name,
