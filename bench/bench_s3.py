@@ -237,6 +237,7 @@ def main(argv: list[str]) -> int:
                     f"({down[1]:.1f} s CPU)"
                 )
                 if chunk == "1M":
+                    keep("command", *timed(bootback, "points", location))  # startup, client, one listing
                     location_1m = location
                     o = objects_anchor(client, location)
                     keep("objects_down", o["objects_down"], o["objects_down_cpu"])
@@ -309,6 +310,12 @@ def main(argv: list[str]) -> int:
             ">= 0.8",
         ),
         Row("cold 4 KiB random reads from S3 (1M chunks)", r["random_reads_s"], 0, "reads/s"),
+        Row(
+            "fixed cost of one bootback command (points: startup, S3 client, one listing), wall vs CPU",
+            best["command"],
+            best["command_cpu"],
+            "s",
+        ),
         Row(
             "published disk over NFS, cold sequential (nfs-cat) vs restore",
             nfs["cold_seq_mb_s"],
