@@ -282,6 +282,14 @@ class Backend:
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
         raise NFSError(Status.NOTSUPP)
 
+    def write_nowait(
+        self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow
+    ) -> tuple[WriteResult, Attr] | None:
+        """Like ``write`` plus the file's attributes, but only if it cannot block (an UNSTABLE write into
+        the page cache that needs no lock another thread may hold during I/O, no read, no sync); None means
+        "ask ``write`` in the write pool". Called on the event loop. The default never tries."""
+        return None
+
     def commit(self, obj: ObjectId, offset: int, count: int) -> None:
         """Make earlier UNSTABLE writes to ``obj`` durable."""
 

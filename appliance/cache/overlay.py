@@ -250,6 +250,7 @@ class WriteCache:
                 # Partial write to a block still in the backup: copy the block into the cache first.
                 self._pwrite(self._backing_read(b0, b1 - b0), b0)
             self._pwrite(data, offset)
+            self._track(first, last)
             if sync:
                 os.fdatasync(self._data_fd)
             if fresh:
@@ -261,6 +262,31 @@ class WriteCache:
             if not sync:
                 self._unsynced = True
         return len(data)
+
+    def write_nowait(self, offset: int, data: bytes | memoryview) -> int | None:
+        """An unsynced ``write`` when it is only a ``pwrite`` into blocks already in the cache (no block to copy
+        in from the backup, no map change, no growth) and the lock is free (a ``commit`` holds it through
+        its fsync): the NFS server then answers the WRITE on its event loop. Else None."""
+        end = offset + len(data)
+        if not data or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            first, last = offset // self.block, (end - 1) // self.block
+            if self._closed or end > self.size or not all(self.cached(i) for i in range(first, last + 1)):
+                return None
+            self._pwrite(data, offset)
+            self._track(first, last)
+            self._unsynced = True
+        finally:
+            self._lock.release()
+        return len(data)
+
+    def _track(self, first: int, last: int) -> None:
+        """A migration copying the disk meanwhile copies these blocks again: every write counts, also one
+        into blocks that were in the cache already (only new blocks were counted before, and a rewrite of a
+        block the migration had copied was lost from its output)."""
+        if self.dirty_tracker is not None:
+            self.dirty_tracker.update(range(first, last + 1))
 
     def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)

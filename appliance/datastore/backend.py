@@ -154,6 +154,13 @@ class DatastoreBackend(Backend):
         slot, layer, local = self._route(obj)
         return layer.write(local, offset, data, stable)
 
+    def write_nowait(
+        self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow
+    ) -> tuple[WriteResult, Attr] | None:
+        slot, layer, local = self._route(obj)
+        done = layer.write_nowait(local, offset, data, stable)
+        return None if done is None else (done[0], self._fix(slot, done[1]))
+
     def commit(self, obj: ObjectId, offset: int, count: int) -> None:
         slot, layer, local = self._route(obj)
         layer.commit(local, offset, count)

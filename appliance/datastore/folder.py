@@ -151,6 +151,18 @@ class SessionFolder(FilesLayer):
         ext.mtime_ns = ext.ctime_ns = time.time_ns()
         return WriteResult(n, StableHow.FILE_SYNC if stable != StableHow.UNSTABLE else StableHow.UNSTABLE)
 
+    def write_nowait(
+        self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow
+    ) -> tuple[WriteResult, Attr] | None:
+        ext = self._extent(obj)
+        if ext is None or stable != StableHow.UNSTABLE:
+            return None
+        n = ext.cache.write_nowait(offset, data)
+        if n is None:
+            return None
+        ext.mtime_ns = ext.ctime_ns = time.time_ns()
+        return WriteResult(n, StableHow.UNSTABLE), self._extent_attr(ext, obj.fileid)
+
     def commit(self, obj: ObjectId, offset: int, count: int) -> None:
         ext = self._extent(obj)
         if ext is None:

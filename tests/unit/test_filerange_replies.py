@@ -44,13 +44,16 @@ def test_a_hydrated_read_comes_as_a_file_range_that_outlives_its_cache(tmp_path:
     assert got.read() == data[MiB - 4096 : MiB - 4096 + 300_000]
 
     fd = got.file.fd
+    inode = os.fstat(fd).st_ino
     cache.close()  # the session ends while the reply is still queued: its descriptor must stay open
     assert not (tmp_path / "rc").exists()
     assert got.read() == data[MiB - 4096 : MiB - 4096 + 300_000]
     del got, reader
     gc.collect()
-    with pytest.raises(OSError):
-        os.fstat(fd)  # closed with its last holder
+    try:  # closed with its last holder (the number may already name another file of another thread)
+        assert os.fstat(fd).st_ino != inode
+    except OSError:
+        pass
 
 
 class Replies:
