@@ -605,6 +605,9 @@ class TcpConnection(asyncio.Protocol):
             return
         try:
             self._write_out(out)
+        except ConnectionError:  # the client went away while a FileRange was being sent to it
+            self.transport.abort()
+            return
         except OSError as exc:  # a FileRange's file failed us: the record stream cannot be resumed
             limited.log(log, logging.ERROR, "closing %s: reply data unreadable: %s", self.address[0], exc)
             self.transport.abort()
