@@ -6,16 +6,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 
 @contextmanager
 def byte_progress(enabled: bool) -> Iterator:
@@ -23,6 +13,17 @@ def byte_progress(enabled: bool) -> Iterator:
     if not enabled or not sys.stderr.isatty():
         yield lambda label, done, total: None
         return
+    # Imported here: every bootback command imports this module, few draw a bar, and rich takes ~40 ms to load.
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

@@ -7,10 +7,13 @@ import getpass
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from appliance.access.credentials import Credentials
 from appliance.config import default_state_dir
 from appliance.errors import UsageError
+
+if TYPE_CHECKING:
+    from appliance.access.credentials import Credentials
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _creds(args: argparse.Namespace) -> Credentials:
+    # Imported here: it loads werkzeug (~70 ms), which only these two commands need, not every bootback start.
+    from appliance.access.credentials import Credentials  # noqa: PLC0415
+
     return Credentials(args.state or default_state_dir())
 
 
