@@ -23,7 +23,6 @@ from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
 from nfsd import eventloop
 from nfsd.limits import parse_limits
-from nfsd.server import PortError
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
@@ -206,6 +205,7 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon
+    from nfsd.server import PortError  # with the daemon: the client commands need neither
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     web = not args.no_web and importlib.util.find_spec("web.launcher") is not None
