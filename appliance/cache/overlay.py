@@ -37,6 +37,7 @@ _HEADER = struct.Struct(">4sBxxxIQQ")  # magic, version, block size, disk size, 
 HEADER_SIZE = 64
 MAX_GROWTH = 2  # a published disk may grow to this many times its published size
 DIR_MODE, FILE_MODE = 0o700, 0o600
+INLINE_WRITE_MAX = 16 * 1024  # writes up to this size may be done on the NFS server's event loop (write_nowait)
 
 ReadBacking = Callable[[int, int], bytes]  # (offset, length) -> bytes, zero-filled past the backing's end
 ReadBackingNowait = Callable[[int, int], "bytes | None"]  # the same, or None when it would have to wait
@@ -232,53 +233,58 @@ class WriteCache:
 
     def write(self, offset: int, data: bytes | memoryview, sync: bool) -> int:
         """Write ``data`` at ``offset`` (growing the disk if needed); with ``sync`` it is durable on return."""
-        data = memoryview(data)
-        end = offset + len(data)
-        bs = self.block
         with self._lock:
-            if end > self.size:
-                self._grow(end)
-            first, last = offset // bs, (end - 1) // bs if data else offset // bs
-            fresh = False  # does this write bring blocks into the cache (so the map must change)?
-            for index in range(first, last + 1):
-                if self.cached(index):
-                    continue
-                fresh = True
-                b0, b1 = index * bs, min((index + 1) * bs, self.size)
-                if offset <= b0 and end >= b1:
-                    continue  # the write covers the whole block
-                # Partial write to a block still in the backup: copy the block into the cache first.
-                self._pwrite(self._backing_read(b0, b1 - b0), b0)
-            self._pwrite(data, offset)
-            self._track(first, last)
-            if sync:
-                os.fdatasync(self._data_fd)
-            if fresh:
-                for index in range(first, last + 1):
-                    self._set(index)
-                self._persist_map(first, last)
-                if sync:
-                    os.fdatasync(self._map_fd)
-            if not sync:
-                self._unsynced = True
-        return len(data)
+            done = self._write_locked(offset, memoryview(data), sync, nowait=False)
+        assert done is not None
+        return done
 
     def write_nowait(self, offset: int, data: bytes | memoryview) -> int | None:
-        """An unsynced ``write`` when it is only a ``pwrite`` into blocks already in the cache (no block to copy
-        in from the backup, no map change, no growth) and the lock is free (a ``commit`` holds it through
-        its fsync): the NFS server then answers the WRITE on its event loop. Else None."""
-        end = offset + len(data)
-        if not data or not self._lock.acquire(blocking=False):
+        """An unsynced ``write`` of at most ``max_bytes`` when it is only ``pwrite``s (no block to copy in from
+        the backup, no growth) and the lock is free (a ``commit`` holds it through its fsync): the NFS server
+        then answers the WRITE on its event loop. Else None, having changed nothing. Larger writes are better
+        off in the write pool, where their copy into the page cache runs beside the loop (64 KiB sequential
+        writes: 206-279 MiB/s on the loop against 259-321 in the pool; 4 KiB rewrites gain 20-60 %)."""
+        if not data or len(data) > INLINE_WRITE_MAX or not self._lock.acquire(blocking=False):
             return None
         try:
-            first, last = offset // self.block, (end - 1) // self.block
-            if self._closed or end > self.size or not all(self.cached(i) for i in range(first, last + 1)):
+            if self._closed:
                 return None
-            self._pwrite(data, offset)
-            self._track(first, last)
-            self._unsynced = True
+            return self._write_locked(offset, memoryview(data), sync=False, nowait=True)
         finally:
             self._lock.release()
+
+    def _write_locked(self, offset: int, data: memoryview, sync: bool, nowait: bool) -> int | None:
+        end = offset + len(data)
+        bs = self.block
+        if end > self.size:
+            if nowait:
+                return None
+            self._grow(end)
+        first, last = offset // bs, (end - 1) // bs if data else offset // bs
+        fresh = False  # does this write bring blocks into the cache (so the map must change)?
+        for index in range(first, last + 1):
+            if self.cached(index):
+                continue
+            fresh = True
+            b0, b1 = index * bs, min((index + 1) * bs, self.size)
+            if offset <= b0 and end >= b1:
+                continue  # the write covers the whole block
+            if nowait:
+                return None  # nothing written yet: the write pool does it
+            # Partial write to a block still in the backup: copy the block into the cache first.
+            self._pwrite(self._backing_read(b0, b1 - b0), b0)
+        self._pwrite(data, offset)
+        self._track(first, last)
+        if sync:
+            os.fdatasync(self._data_fd)
+        if fresh:
+            for index in range(first, last + 1):
+                self._set(index)
+            self._persist_map(first, last)
+            if sync:
+                os.fdatasync(self._map_fd)
+        if not sync:
+            self._unsynced = True
         return len(data)
 
     def _track(self, first: int, last: int) -> None:

@@ -1,14 +1,16 @@
 """The write cache's non-blocking write (``WriteCache.write_nowait``, what the NFS server does on its event loop
-for an UNSTABLE WRITE): only into blocks already in the cache, never waiting for the lock, never growing the
-disk; the same bytes as ``write``; and every write, blocking or not, counted for a migration in progress."""
+for an UNSTABLE WRITE): only into blocks already in the cache or whole new ones (nothing to copy in from the
+backup), never waiting for the lock, never growing the disk; the same bytes as ``write``, its map persisted; and
+every write, blocking or not, counted for a migration in progress."""
 
 from __future__ import annotations
 
 import random
 import threading
 from pathlib import Path
+from unittest.mock import patch
 
-from appliance.cache.overlay import WriteCache
+from appliance.cache.overlay import INLINE_WRITE_MAX, WriteCache
 
 SIZE = 1024 * 1024
 BLOCK = 64 * 1024
@@ -27,9 +29,15 @@ def test_only_a_pwrite_into_cached_blocks_is_done_without_blocking(tmp_path: Pat
     assert cache.write_nowait(BLOCK - 5, b"z" * 10) is None  # reaches block 1, not in the cache
     assert cache.write_nowait(SIZE - 5, b"z" * 10) is None  # past the end: growing is for write()
     assert cache.write_nowait(50, b"") is None
+    assert cache.write_nowait(4 * BLOCK, bytes(INLINE_WRITE_MAX + 1)) is None  # large: the pool's, beside the loop
+    whole = random.Random(4).randbytes(2 * BLOCK)
+    with patch("appliance.cache.overlay.INLINE_WRITE_MAX", 2 * BLOCK):  # blocks as small as the limit
+        assert cache.write_nowait(4 * BLOCK, whole) == 2 * BLOCK  # whole new blocks: nothing to copy in
+    assert cache.cached(4) and cache.cached(5) and not cache.cached(6)
     expected = bytearray(base)
     expected[0:10] = b"y" * 10
     expected[100:110] = b"x" * 10
+    expected[4 * BLOCK : 6 * BLOCK] = whole
     assert cache.read(0, SIZE) == bytes(expected)
     cache.close()  # makes the unsynced writes durable
     reopened = cache_over(tmp_path, base)
