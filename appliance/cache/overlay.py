@@ -239,11 +239,11 @@ class WriteCache:
         return done
 
     def write_nowait(self, offset: int, data: bytes | memoryview) -> int | None:
-        """An unsynced ``write`` of at most ``max_bytes`` when it is only ``pwrite``s (no block to copy in from
-        the backup, no growth) and the lock is free (a ``commit`` holds it through its fsync): the NFS server
-        then answers the WRITE on its event loop. Else None, having changed nothing. Larger writes are better
-        off in the write pool, where their copy into the page cache runs beside the loop (64 KiB sequential
-        writes: 206-279 MiB/s on the loop against 259-321 in the pool; 4 KiB rewrites gain 20-60 %)."""
+        """An unsynced ``write`` of at most ``INLINE_WRITE_MAX`` bytes when it is only ``pwrite``s (no block to
+        copy in from the backup, no growth) and the lock is free (a ``commit`` holds it through its fsync): the
+        NFS server then answers the WRITE on its event loop. Else None, having changed nothing. Larger writes are
+        better off in the write pool, where their copy into the page cache runs beside the loop (64 KiB
+        sequential writes: 206-279 MiB/s on the loop against 259-321 in the pool; 4 KiB rewrites gain 20-60 %)."""
         if not data or len(data) > INLINE_WRITE_MAX or not self._lock.acquire(blocking=False):
             return None
         try:

@@ -186,9 +186,16 @@ class DiskReader:
             data = self.cache.get(cid, lambda: store.get(cid, self._context))
         return self._checked(index, cid, data)
 
+    def _chunk_len(self, index: int) -> int:
+        return self.chunk_size if index < self._last else self._last_len
+
+    def _all_hydrated(self, first: int, last: int) -> bool:
+        hd = self.hydrated
+        return hd is not None and all(hd.has(i) for i in range(first, last + 1))
+
     def _checked(self, index: int, cid: str, data: bytes) -> bytes:
         """``data`` if chunk ``index`` may have its length (one comparison: content was hash-checked on load)."""
-        expected = self.chunk_size if index < self._last else self._last_len
+        expected = self._chunk_len(index)
         if len(data) != expected:
             raise IntegrityError(
                 f"chunk {cid} holds {len(data)} bytes where chunk {index} needs {expected} ({self._context})"
@@ -206,7 +213,7 @@ class DiskReader:
         first, last = offset // cs, (end - 1) // cs
         self._read_ahead(first, last)
         hd = self.hydrated
-        if hd is not None and all(hd.has(i) for i in range(first, last + 1)):
+        if self._all_hydrated(first, last):
             return hd.pread(offset, end - offset)
         if first == last:
             start = offset - first * cs
@@ -263,7 +270,7 @@ class DiskReader:
         if data is not None:
             return data
         if hd.has(index):  # a read that also needs chunks not hydrated yet: this one is in the file
-            return hd.pread(index * self.chunk_size, self.chunk_size if index < self._last else self._last_len)
+            return hd.pread(index * self.chunk_size, self._chunk_len(index))
         data = self.cache.lookup(cid)
         if data is not None:
             hd.store_later(index, self._checked(index, cid, data))
@@ -284,7 +291,7 @@ class DiskReader:
             return None
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        if not all(hd.has(i) for i in range(first, last + 1)):
+        if not self._all_hydrated(first, last):
             return None
         found = hd.range_nowait(offset, end - offset)
         if found is not None:
@@ -299,7 +306,7 @@ class DiskReader:
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         hd = self.hydrated
-        if hd is not None and all(hd.has(i) for i in range(first, last + 1)):
+        if self._all_hydrated(first, last):
             found = hd.pread_nowait(offset, end - offset)
             if found is not None:
                 self._read_ahead(first, last)
