@@ -28,6 +28,7 @@ from appliance.errors import ConfigError, IntegrityError, RepositoryLockedError,
 from appliance.repo.backends import S3_SCHEME, ChunkBatch, ObjectInfo, ObjectStore
 from appliance.repo.backends.chunkids import ChunkIds
 from appliance.repo.backends.leases import GC_LEASE, Lease, expired_leases, gc_grace_seconds, live_leases
+from appliance.repo.backends.s3lean import LeanS3, Redirected
 
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 MAX_PREFIX = 512
@@ -137,13 +138,13 @@ def _trim_handlers(client) -> None:  # noqa: ANN001 - a botocore client
     events.unregister("before-call", handlers.add_recursion_detection_header)
 
 
-def make_client(point_ttl: int | None = None):  # noqa: ANN201 - a botocore client, typed at runtime only
+def make_client(point_ttl: int | None = None, session=None):  # noqa: ANN001, ANN201 - boto3 objects
     """An S3 client configured from the environment and ~/.aws (boto3's own resolution). ``point_ttl``: the
     client that writes restore points under a lease of that many seconds, with its retries and timeouts bounded
     to ``point_write_seconds`` (the general client may retry a request for ~95 s)."""
     from botocore.config import Config
 
-    session = _new_session()
+    session = session or _new_session()
     custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     timeout = point_timeout(point_ttl) if point_ttl else None
     config = Config(
@@ -180,7 +181,10 @@ class S3Store(ObjectStore):
         from botocore.exceptions import BotoCoreError
 
         try:
-            self.client = make_client()
+            session = _new_session()
+            self.client = make_client(session=session)
+            # chunk GETs, PUTs and HEADs: botocore's signer and the client's session, without its per-call work
+            self.lean: LeanS3 | None = LeanS3(self.client, self.bucket, session.get_credentials())
         except (BotoCoreError, ValueError) as exc:  # an unknown AWS_PROFILE, a malformed AWS_ENDPOINT_URL ...
             raise ConfigError(f"{self.location}: the S3 settings are not usable: {exc}") from None
         self.endpoint = redact_endpoint(self.client.meta.endpoint_url)  # named in messages: never a password
@@ -239,6 +243,11 @@ class S3Store(ObjectStore):
 
     def get(self, key: str, name: str, limit: int) -> bytes:
         with self.errors(f"reading {name}"):
+            if self.lean is not None:
+                try:
+                    return self._get_lean(key, name, limit)
+                except Redirected:
+                    self.lean = None  # a region redirect: boto3 follows it, from now on for every request
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             body = resp["Body"]
             announced = resp.get("ContentLength")  # absent with a chunked answer: the read below is bounded anyway
@@ -253,6 +262,27 @@ class S3Store(ObjectStore):
                     f"bytes, more than the {limit} it may hold"
                 )
             return data
+
+    def _get_lean(self, key: str, name: str, limit: int) -> bytes:
+        """``get`` through the lean path: the same bounds and checks as botocore's streaming body."""
+        from botocore.exceptions import IncompleteReadError
+
+        raw = self.lean.get(self._key(key)).raw
+        length = raw.headers.get("content-length")
+        announced = int(length) if length is not None and length.isdigit() else None
+        if announced is not None and announced > limit:
+            raw.close()
+            raise IntegrityError(
+                f"{name}: {self.location}/{key} holds {announced} bytes, more than the {limit} it may hold"
+            )
+        data = raw.read() if announced is not None else _read_at_most(raw, limit + 1)  # one read, no copies
+        if len(data) > limit:  # a chunked answer, bounded
+            raw.close()
+            raise IntegrityError(f"{name}: {self.location}/{key} holds more than the {limit} bytes it may hold")
+        if announced is not None and len(data) != announced:  # a cut-off answer is an error, never a short object
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=announced)
+        raw.release_conn()
+        return data
 
     def read_range(self, key: str, start: int, end: int, name: str) -> tuple[bytes, int]:
         """Bytes ``start..end`` (inclusive, clipped to the object) and the object's whole size."""
@@ -282,6 +312,11 @@ class S3Store(ObjectStore):
 
     def put(self, key: str, data: bytes) -> None:
         with self.errors(f"writing {key}"):
+            if self.lean is not None:
+                try:
+                    return self.lean.put(self._key(key), data)
+                except Redirected:
+                    self.lean = None
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def put_new(self, key: str, data: bytes) -> bool:
@@ -331,6 +366,12 @@ class S3Store(ObjectStore):
     def exists(self, key: str) -> bool:
         try:
             with self.errors(f"looking up {key}"):
+                if self.lean is not None:
+                    try:
+                        self.lean.head(self._key(key))
+                        return True
+                    except Redirected:
+                        self.lean = None
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except FileNotFoundError:
             return False
