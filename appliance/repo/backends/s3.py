@@ -279,7 +279,7 @@ class S3Store(ObjectStore):
         if len(data) > limit:  # a chunked answer, bounded
             raw.close()
             raise IntegrityError(f"{name}: {self.location}/{key} holds more than the {limit} bytes it may hold")
-        if announced is not None and len(data) != announced:  # a cut-off answer is an error, never a short object
+        if announced is not None and len(data) != announced:  # cut off (http.client raises first; kept as a bound)
             raise IncompleteReadError(actual_bytes=len(data), expected_bytes=announced)
         raw.release_conn()
         return data
