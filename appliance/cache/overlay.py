@@ -1,10 +1,15 @@
 """The write cache of one published disk: writes land here, reads merge it with the backup underneath.
 
-Layout: ``<name>.data``, a sparse file in which a cached block sits at the same offset as in the disk, and
-``<name>.map``, a header plus one bit per block saying "this block is in the data file". Crash safety comes
-from ordering: a block's bytes reach the data file (and, for stable writes, the disk) before its bit is set
-and persisted, so after a crash a block reads either as the backup or as a whole acknowledged write; a
-torn write can only affect the blocks it was writing. The backup underneath is only ever read.
+Layout: ``<name>.data``, a sparse file in which a cached block sits at the same offset as in the disk,
+``<name>.map``, a header plus one bit per block saying "this block is in the data file", and (map version 2)
+``<name>.sectors``, a sparse file of one sector mask per block (``SECTOR`` = 4 KiB per bit) for blocks that are
+only partly written. A write that covers whole sectors of a block still in the backup writes only those
+sectors, so it never reads the backup first (the copy-in that qcow2's subclusters avoid too); only a sector cut
+by an unaligned write is copied in. A block whose sectors are all written gets its map bit, which wins over a
+mask left behind. Crash safety comes from ordering: a block's or sector's bytes reach the data file (and, for
+stable writes, the disk) before its bit is set and persisted, so after a crash a block reads either as the
+backup or as acknowledged writes; a torn write can only affect the blocks it was writing. The backup
+underneath is only ever read. A version 1 cache (no sectors file) keeps working, with whole-block copy-ins.
 
 Bounds (a client chooses offsets and sizes): a disk may grow, as a hypervisor extends it, up to ``max_size``
 (by default MAX_GROWTH times its published size); a WRITE or SETATTR beyond that raises DiskTooLargeError
@@ -31,8 +36,9 @@ if TYPE_CHECKING:
     from nfsd.filerange import FileRange
 
 MAP_MAGIC = b"BBWC"
-MAP_VERSION = 1
+MAP_VERSION = 2  # 2: a sectors file beside the map (1: whole blocks only, still read and written)
 DEFAULT_BLOCK = 64 * 1024
+SECTOR = 4096  # the unit of a partly written block: what guests write, aligned
 _HEADER = struct.Struct(">4sBxxxIQQ")  # magic, version, block size, disk size, backing limit
 HEADER_SIZE = 64
 MAX_GROWTH = 2  # a published disk may grow to this many times its published size
@@ -65,6 +71,10 @@ class WriteCache:
         self._backing_range = backing_range
         self.data_path = self.directory / f"{name}.data"
         self.map_path = self.directory / f"{name}.map"
+        self.sectors_path = self.directory / f"{name}.sectors"
+        self._partial: dict[int, int] = {}  # block -> mask of its written sectors, for partly written blocks
+        self._partial_sectors = 0
+        self._sectors_fd = -1
         self._lock = threading.RLock()
         self._closed = False
         self._usage, self._usage_at = 0, -1e9
@@ -76,6 +86,7 @@ class WriteCache:
             self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(self.directory, DIR_MODE)
             self.block = block_size
+            self.version = MAP_VERSION
             self.size = backing_size
             self.backing_limit = backing_size  # bytes past this read as zeros (after a truncation)
             self._bits = bytearray(self._map_bytes(backing_size))
@@ -83,6 +94,11 @@ class WriteCache:
         self._count = int.from_bytes(self._bits, "little").bit_count()
         self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # sectors per block when partly written blocks are kept (version 2, blocks of several sectors), else 0
+        self._spb = self.block // SECTOR if self.version >= 2 and self.block > SECTOR else 0
+        self._mask_len = max(1, self._spb // 8)
+        if self.version >= 2:
+            self._open_sectors()
         self._unsynced = False
 
     # --- files ----------------------------------------------------------------------------------------
@@ -90,11 +106,15 @@ class WriteCache:
         return (-(-size // self.block) + 7) // 8
 
     def _header(self) -> bytes:
-        return _HEADER.pack(MAP_MAGIC, MAP_VERSION, self.block, self.size, self.backing_limit).ljust(HEADER_SIZE, b"\0")
+        return _HEADER.pack(MAP_MAGIC, self.version, self.block, self.size, self.backing_limit).ljust(
+            HEADER_SIZE, b"\0"
+        )
 
     def _create(self) -> None:
         with _private(self.data_path) as f:
             f.truncate(self.size)
+            os.fsync(f.fileno())
+        with _private(self.sectors_path) as f:
             os.fsync(f.fileno())
         # The map appears whole or not at all; its directory fsync also makes the data file's name durable.
         write_atomic(self.map_path, self._header() + self._bits, FILE_MODE)
@@ -117,8 +137,37 @@ class WriteCache:
                 f"write cache map {self.map_path}: disk size {size} is beyond this disk's bound "
                 f"of {self.max_size} bytes"
             )
-        self.block, self.size, self.backing_limit = block, size, limit
+        self.block, self.version, self.size, self.backing_limit = block, version, size, limit
         self._bits = bytearray(raw[HEADER_SIZE:].ljust(self._map_bytes(size), b"\0"))
+
+    def _open_sectors(self) -> None:
+        """Open the sectors file and load the masks of partly written blocks (its holes are skipped: a large
+        disk's file is mostly holes). A version 2 map without it is refused: sectors written there would read
+        as the backup."""
+        try:
+            self._sectors_fd = os.open(self.sectors_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"write cache {self.map_path}: its sectors file {self.sectors_path} is missing"
+            ) from None
+        fd, width = self._sectors_fd, self._mask_len
+        end = min(os.fstat(fd).st_size, len(self._bits) * 8 * width)
+        pos = 0
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            pos -= pos % width
+            raw = os.pread(fd, stop - pos, pos)
+            for at in range(0, len(raw) - width + 1, width):
+                index = (pos + at) // width
+                mask = int.from_bytes(raw[at : at + width], "little") & self._full_mask(index)
+                if mask and not self.cached(index):
+                    self._partial[index] = mask
+                    self._partial_sectors += mask.bit_count()
+            pos = max(stop, pos + width)
 
     def close(self) -> None:
         """Make every write durable, then release the files; closing twice is harmless."""
@@ -127,14 +176,21 @@ class WriteCache:
                 return
             self._closed = True
             try:
-                os.fdatasync(self._data_fd)
-                os.fdatasync(self._map_fd)
+                self._sync_all()
             finally:
-                for fd in (self._data_fd, self._map_fd):
+                for fd in (self._data_fd, self._map_fd, self._sectors_fd):
                     try:
-                        os.close(fd)
+                        if fd >= 0:
+                            os.close(fd)
                     except OSError:
                         pass
+
+    def _sync_all(self) -> None:
+        """Data first, then what points at it."""
+        os.fdatasync(self._data_fd)
+        os.fdatasync(self._map_fd)
+        if self._sectors_fd >= 0:
+            os.fdatasync(self._sectors_fd)
 
     # --- block map ------------------------------------------------------------------------------------
     def cached(self, index: int) -> bool:
@@ -151,6 +207,25 @@ class WriteCache:
     def _persist_map(self, first: int, last: int) -> None:
         lo, hi = first >> 3, (last >> 3) + 1
         os.pwrite(self._map_fd, bytes(self._bits[lo:hi]), HEADER_SIZE + lo)
+
+    def _full_mask(self, index: int) -> int:
+        """The mask of every sector of block ``index`` (the disk's last block may have fewer)."""
+        b0 = index * self.block
+        n = -(-(min(b0 + self.block, self.size) - b0) // SECTOR)
+        return (1 << n) - 1
+
+    def _set_partial(self, index: int, mask: int) -> None:
+        self._partial_sectors += mask.bit_count() - self._partial.get(index, 0).bit_count()
+        self._partial[index] = mask
+        width = self._mask_len
+        os.pwrite(self._sectors_fd, mask.to_bytes(width, "little"), index * width)
+
+    def _drop_mask(self, index: int) -> None:
+        """Forget block ``index``'s mask: it is whole now, and its map bit wins over the mask left in the file
+        (zeroing that could reach the disk before the bit does), or it is cut off by a truncation (which shortens
+        the file)."""
+        mask = self._partial.pop(index, 0)
+        self._partial_sectors -= mask.bit_count()
 
     def _persist_header(self) -> None:
         os.pwrite(self._map_fd, self._header(), 0)
@@ -184,14 +259,22 @@ class WriteCache:
         if offset >= end:
             return b""
         bs = self.block
+        partial = self._partial
         parts: list[bytes] = []
         pos = offset
         while pos < end:
             index = pos // bs
+            if index in partial:
+                data = self._read_partial(index, pos, min((index + 1) * bs, end), nowait)
+                if data is None:
+                    return None
+                parts.append(data)
+                pos = min((index + 1) * bs, end)
+                continue
             in_cache = self.cached(index)
             # extend the run over following blocks of the same kind
             run_end = min((index + 1) * bs, end)
-            while run_end < end and self.cached(run_end // bs) == in_cache:
+            while run_end < end and self.cached(run_end // bs) == in_cache and run_end // bs not in partial:
                 run_end = min(run_end + bs, end)
             n = run_end - pos
             if in_cache:
@@ -212,6 +295,30 @@ class WriteCache:
             parts.append(data)
             pos = run_end
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_partial(self, index: int, pos: int, end: int, nowait: bool) -> bytes | None:
+        """Bytes ``pos``..``end`` of a partly written block: written sectors from the data file, the others from
+        the backup."""
+        mask, b0 = self._partial[index], index * self.block
+        parts: list[bytes] = []
+        while pos < end:
+            sector = (pos - b0) // SECTOR
+            written = mask >> sector & 1
+            run_end = min(b0 + (sector + 1) * SECTOR, end)
+            while run_end < end and (mask >> ((run_end - b0) // SECTOR) & 1) == written:
+                run_end = min(run_end + SECTOR, end)
+            n = run_end - pos
+            if written:
+                data = self._cache_read_nowait(pos, n) if nowait else os.pread(self._data_fd, n, pos)
+                if data is not None and len(data) < n:
+                    data += bytes(n - len(data))
+            else:
+                data = self._backing_nowait_read(pos, n) if nowait else self._backing_read(pos, n)
+            if data is None:
+                return None
+            parts.append(data)
+            pos = run_end
+        return b"".join(parts)
 
     def _cache_read_nowait(self, offset: int, n: int) -> bytes | None:
         buf = bytearray(n)
@@ -255,34 +362,60 @@ class WriteCache:
 
     def _write_locked(self, offset: int, data: memoryview, sync: bool, nowait: bool) -> int | None:
         end = offset + len(data)
-        bs = self.block
         if end > self.size:
             if nowait:
                 return None
             self._grow(end)
+        bs = self.block
         first, last = offset // bs, (end - 1) // bs if data else offset // bs
-        fresh = False  # does this write bring blocks into the cache (so the map must change)?
+        whole: list[int] = []  # blocks this write makes whole (their map bits are set)
+        masks: dict[int, int] = {}  # partly written blocks and their masks after this write
+        copy_in: list[tuple[int, int]] = []  # (offset, length) to bring in from the backup first
+        # Decide first, change nothing: write_nowait gives up before anything is written.
         for index in range(first, last + 1):
             if self.cached(index):
                 continue
-            fresh = True
             b0, b1 = index * bs, min((index + 1) * bs, self.size)
             if offset <= b0 and end >= b1:
-                continue  # the write covers the whole block
-            if nowait:
-                return None  # nothing written yet: the write pool does it
-            # Partial write to a block still in the backup: copy the block into the cache first.
-            self._pwrite(self._backing_read(b0, b1 - b0), b0)
+                whole.append(index)  # the write covers the whole block
+            elif not self._spb:
+                copy_in.append((b0, b1 - b0))  # a version 1 cache: the whole block comes in first
+                whole.append(index)
+            else:
+                lo, hi = max(offset, b0), min(end, b1)
+                s0, s1 = (lo - b0) // SECTOR, (hi - 1 - b0) // SECTOR
+                old = self._partial.get(index, 0)
+                for s in {s0, s1}:  # a sector the write cuts, and not written before, comes in first
+                    x0, x1 = b0 + s * SECTOR, min(b0 + (s + 1) * SECTOR, b1)
+                    if not old >> s & 1 and (lo > x0 or hi < x1):
+                        copy_in.append((x0, x1 - x0))
+                mask = old | ((1 << (s1 + 1)) - (1 << s0))
+                if mask == self._full_mask(index):
+                    whole.append(index)
+                else:
+                    masks[index] = mask
+        if copy_in and nowait:
+            return None  # nothing written yet: the write pool does it
+        for at, n in copy_in:
+            self._pwrite(self._backing_read(at, n), at)
         self._pwrite(data, offset)
         self._track(first, last)
         if sync:
             os.fdatasync(self._data_fd)
-        if fresh:
-            for index in range(first, last + 1):
+        if whole:
+            for index in whole:
                 self._set(index)
-            self._persist_map(first, last)
+            self._persist_map(whole[0], whole[-1])
             if sync:
                 os.fdatasync(self._map_fd)
+            for index in whole:
+                if index in self._partial:
+                    self._drop_mask(index)
+        if masks:
+            for index, mask in masks.items():
+                self._set_partial(index, mask)
+            if sync:
+                os.fdatasync(self._sectors_fd)
         if not sync:
             self._unsynced = True
         return len(data)
@@ -308,8 +441,7 @@ class WriteCache:
         with self._lock:
             if self._closed:
                 return  # close() already made everything durable
-            os.fdatasync(self._data_fd)
-            os.fdatasync(self._map_fd)
+            self._sync_all()
             self._unsynced = False
 
     def _check_size(self, new_size: int) -> None:
@@ -334,6 +466,17 @@ class WriteCache:
                 self._grow(new_size)
             else:
                 bs = self.block
+                cut = new_size // bs
+                if new_size % bs and cut in self._partial:
+                    # A block cut in two is made whole first: its unwritten sectors come in from the backup.
+                    b0 = cut * bs
+                    for s in range(self._spb):
+                        x0 = b0 + s * SECTOR
+                        if x0 < self.size and not self._partial[cut] >> s & 1:
+                            self._pwrite(self._backing_read(x0, min(SECTOR, self.size - x0)), x0)
+                    self._set(cut)
+                    self._persist_map(cut, cut)
+                    self._drop_mask(cut)
                 # The tail of a block cut in two must read as zeros if the disk grows again later.
                 if new_size % bs and self.cached(new_size // bs):
                     tail = min((new_size // bs + 1) * bs, self.size) - new_size
@@ -349,8 +492,7 @@ class WriteCache:
                 os.ftruncate(self._data_fd, new_size)
                 os.pwrite(self._map_fd, bytes(self._bits), HEADER_SIZE)
                 self._persist_header()
-            os.fdatasync(self._data_fd)
-            os.fdatasync(self._map_fd)
+            self._sync_all()
 
     def _clear_from(self, first: int) -> None:
         """Drop blocks ``first`` and after from the map (bytes at a time, not bits: the map may be large)."""
@@ -360,16 +502,26 @@ class WriteCache:
             byte += 1
         self._bits[byte:] = bytes(max(0, len(self._bits) - byte))
         self._count = int.from_bytes(self._bits, "little").bit_count()
+        gone = [index for index in self._partial if index >= first]
+        for index in gone:
+            self._drop_mask(index)  # from memory ...
+        if self._sectors_fd >= 0:
+            os.ftruncate(self._sectors_fd, first * self._mask_len)  # ... and from the file
 
     def cached_blocks(self) -> int:
         return self._count
+
+    def changed_bytes(self) -> int:
+        """Bytes of the disk written since it was published: whole blocks and the sectors of partial ones."""
+        return self._count * self.block + self._partial_sectors * SECTOR
 
     def usage_bytes(self) -> int:
         """Bytes the cache takes on disk (the data file is sparse); refreshed at most once a second, since every
         WRITE reply carries it and two fstat calls per write cost more than the write's own bookkeeping."""
         now = time.monotonic()
         if now - self._usage_at > 1.0:
-            self._usage = os.fstat(self._data_fd).st_blocks * 512 + os.fstat(self._map_fd).st_blocks * 512
+            fds = (self._data_fd, self._map_fd, self._sectors_fd)
+            self._usage = sum(os.fstat(fd).st_blocks * 512 for fd in fds if fd >= 0)
             self._usage_at = now
         return self._usage
 

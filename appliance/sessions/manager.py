@@ -312,7 +312,7 @@ class SessionManager:
 
     def changed_bytes(self, sid: str) -> int:
         folder = self.folders[sid]
-        return sum(e.cache.cached_blocks() * e.cache.block for e in folder.extents)
+        return sum(e.cache.changed_bytes() for e in folder.extents)
 
     def usage(self, sid: str) -> int:
         total = 0

@@ -16,6 +16,7 @@ from appliance.cache.overlay import HEADER_SIZE, MAX_GROWTH, WriteCache
 from appliance.errors import DiskTooLargeError, IntegrityError
 
 MiB = 1 << 20
+BLOCK = 64 * 1024
 SIZE = 8 * MiB
 
 
@@ -48,22 +49,25 @@ def test_sizes_past_the_bound_are_refused_before_anything_grows(tmp_path: Path) 
 
 
 def test_cached_block_count_is_kept_not_scanned(tmp_path: Path) -> None:
-    big = 1 << 40  # 1 TiB disk: a 2 MiB map, 16 M bits
+    big = 1 << 40  # 1 TiB disk: a 2 MiB map, 16 M bits, a 32 MiB sectors file (holes but for what is written)
     cache = WriteCache(tmp_path, "d", zeros, big, max_size=big)
     for i in range(5):
-        cache.write(i * 10 * MiB, b"x", sync=False)
-    cache.write(10 * MiB, b"y" * 70_000, sync=False)  # one more block, one already counted
+        cache.write(i * 10 * MiB, b"x", sync=False)  # one sector each
+    cache.write(10 * MiB, b"y" * 70_000, sync=False)  # block 160 whole, two sectors of block 161
     start = time.monotonic()
     for _ in range(1000):
-        assert cache.cached_blocks() == 6
+        assert cache.cached_blocks() == 1 and cache.changed_bytes() == BLOCK + 6 * 4096
     assert time.monotonic() - start < 0.1, "counting scans the map"
     start = time.monotonic()
     cache.truncate(10 * MiB + 100)  # drops blocks past it: bytes at a time, not a loop over 16 M bits
     assert time.monotonic() - start < 2.0
-    assert cache.cached_blocks() == 2
+    assert cache.cached_blocks() == 1 and cache.changed_bytes() == BLOCK + 4096
     cache.close()
+    start = time.monotonic()
     again = WriteCache(tmp_path, "d", zeros, big, max_size=big)
-    assert again.cached_blocks() == 2 and again.read(10 * MiB, 1) == b"y"
+    assert time.monotonic() - start < 2.0, "opening reads the sectors file's holes"
+    assert again.changed_bytes() == BLOCK + 4096 and again.read(10 * MiB, 1) == b"y"
+    assert again.read(0, 2) == b"x\0"
     again.close()
 
 
@@ -74,7 +78,7 @@ def test_cache_files_are_private(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "disks").stat().st_mode) == 0o700
-    for name in ("d.data", "d.map"):
+    for name in ("d.data", "d.map", "d.sectors"):
         assert stat.S_IMODE((tmp_path / "disks" / name).stat().st_mode) == 0o600
 
 
