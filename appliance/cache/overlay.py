@@ -278,9 +278,7 @@ class WriteCache:
                 run_end = min(run_end + bs, end)
             n = run_end - pos
             if in_cache:
-                data = self._cache_read_nowait(pos, n) if nowait else os.pread(self._data_fd, n, pos)
-                if data is not None and len(data) < n:
-                    data += bytes(n - len(data))
+                data = self._data_read(pos, n, nowait)
             elif nowait:
                 data = None
                 if n == end - offset and run_end <= self.backing_limit and self._backing_range is not None:
@@ -309,9 +307,7 @@ class WriteCache:
                 run_end = min(run_end + SECTOR, end)
             n = run_end - pos
             if written:
-                data = self._cache_read_nowait(pos, n) if nowait else os.pread(self._data_fd, n, pos)
-                if data is not None and len(data) < n:
-                    data += bytes(n - len(data))
+                data = self._data_read(pos, n, nowait)
             else:
                 data = self._backing_nowait_read(pos, n) if nowait else self._backing_read(pos, n)
             if data is None:
@@ -319,6 +315,13 @@ class WriteCache:
             parts.append(data)
             pos = run_end
         return b"".join(parts)
+
+    def _data_read(self, offset: int, n: int, nowait: bool) -> bytes | None:
+        """Bytes of the data file; with ``nowait``, None unless they are in the page cache."""
+        if nowait:
+            return self._cache_read_nowait(offset, n)
+        data = os.pread(self._data_fd, n, offset)
+        return data + bytes(n - len(data)) if len(data) < n else data
 
     def _cache_read_nowait(self, offset: int, n: int) -> bytes | None:
         buf = bytearray(n)

@@ -1,7 +1,8 @@
 """Partly written blocks of the write cache (map version 2): a write of whole 4 KiB sectors into a block still in
 the backup writes only those sectors, never reading the backup (so the NFS server can do it on its event loop);
 a sector cut by an unaligned write is the only thing copied in; a block whose sectors are all written becomes a
-whole block; masks survive a reopen, a truncation and a kill -9; a version 1 cache keeps working."""
+whole block; masks survive a reopen, a truncation and a kill -9 (and a model: tests/unit/test_cache_overlay.py); a
+version 1 cache keeps working."""
 
 from __future__ import annotations
 
@@ -107,32 +108,6 @@ def test_truncating_through_a_partial_block_then_growing(tmp_path: Path) -> None
     assert again.read(0, 5 * BLOCK) == expected
     assert again.changed_bytes() == BLOCK  # the cut block, made whole
     again.close()
-
-
-def test_partial_blocks_match_a_model_across_reopens(tmp_path: Path) -> None:
-    backing = Backing(SIZE)
-    model = bytearray(backing.data)
-    rnd = random.Random(11)
-    cache = open_cache(tmp_path, backing)
-    for i in range(400):
-        if rnd.random() < 0.7:  # mostly what guests do: whole sectors
-            offset = rnd.randrange(0, SIZE // SECTOR) * SECTOR
-            n = SECTOR * rnd.choice([1, 1, 2, 3, 8, 17])
-        else:
-            offset, n = rnd.randrange(0, SIZE), rnd.choice([1, 511, 4097, 9000])
-        data = rnd.randbytes(n)
-        cache.write(offset, data, sync=i % 7 == 0)
-        if offset + n > len(model):
-            model.extend(bytes(offset + n - len(model)))
-        model[offset : offset + n] = data
-        if i % 100 == 99:
-            cache.close()
-            cache = open_cache(tmp_path, backing)
-        if i % 25 == 0:
-            o = rnd.randrange(0, len(model))
-            assert cache.read(o, 3 * BLOCK) == bytes(model[o : o + 3 * BLOCK])
-    assert cache.read(0, len(model)) == bytes(model)
-    cache.close()
 
 
 def test_a_version_1_cache_keeps_whole_block_copy_ins(tmp_path: Path) -> None:
