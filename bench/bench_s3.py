@@ -10,6 +10,10 @@ Backup and restore run with 1 MiB chunks (the default) and 4 MiB chunks (a quart
 lever against per-request client CPU). Client CPU per MB is reported beside the speeds (the machine is shared:
 CPU time says more than wall time when others load it): ours is the ``bootback`` process's user+system time,
 the anchor's this process's (boto3's threads) during the transfer.
+The gateway's own CPU per MB (radosgw, the OSD and the monitor, from /proc) is reported for every transfer:
+it runs on the same cores, so a request's server-side cost limits the client too. The repository's 1 MiB chunk
+objects are also fetched bare, by boto3 and by the store's lean path (no decoding, no output file): the most a
+restore of those objects can do on this gateway.
 Run: ``./run bench s3`` (``--quick``: a smaller input, one round).
 """
 
@@ -65,11 +69,24 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def timed(*cmd: str | Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one command."""
-    cpu, start = _children_cpu(), time.perf_counter()
+def gateway_cpu() -> float:
+    """CPU seconds used so far by the gateway's daemons (radosgw, the OSD, the monitor): they share the machine's
+    cores with the client, so what one request costs the server also limits the client's throughput."""
+    total = 0.0
+    for pidfile in (WORK / "s3" / "rgw" / "run").glob("*.pid"):
+        try:
+            fields = Path(f"/proc/{int(pidfile.read_text())}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
+def timed(*cmd: str | Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, the gateway's CPU seconds) of one command."""
+    cpu, gw, start = _children_cpu(), gateway_cpu(), time.perf_counter()
     subprocess.run(list(map(str, cmd)), check=True, capture_output=True)
-    return time.perf_counter() - start, _children_cpu() - cpu
+    return time.perf_counter() - start, _children_cpu() - cpu, gateway_cpu() - gw
 
 
 def anchor(client, bucket: str, src: Path, dst: Path) -> dict[str, float]:  # noqa: ANN001
@@ -77,27 +94,40 @@ def anchor(client, bucket: str, src: Path, dst: Path) -> dict[str, float]:  # no
     from boto3.s3.transfer import TransferConfig
 
     cfg = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=10)
-    cpu, start = time.process_time(), time.perf_counter()
+    cpu, gw, start = time.process_time(), gateway_cpu(), time.perf_counter()
     client.upload_file(str(src), bucket, "anchor.raw", Config=cfg)
-    up, up_cpu = time.perf_counter() - start, time.process_time() - cpu
-    cpu, start = time.process_time(), time.perf_counter()
+    up, up_cpu, up_gw = time.perf_counter() - start, time.process_time() - cpu, gateway_cpu() - gw
+    cpu, gw, start = time.process_time(), gateway_cpu(), time.perf_counter()
     client.download_file(bucket, "anchor.raw", str(dst), Config=cfg)
-    down, down_cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"anchor_up": up, "anchor_down": down, "anchor_up_cpu": up_cpu, "anchor_down_cpu": down_cpu}
+    down, down_cpu, down_gw = time.perf_counter() - start, time.process_time() - cpu, gateway_cpu() - gw
+    return {"anchor_up": (up, up_cpu, up_gw), "anchor_down": (down, down_cpu, down_gw)}
 
 
-def objects_anchor(client, location: str) -> dict[str, float]:  # noqa: ANN001
-    """Wall and CPU seconds for boto3 to fetch the repository's own chunk objects, 16 GETs in flight (what a
-    bulk copy of the ``chunks/`` prefix does): the gateway's cost per object, apart from our decoding."""
+def objects_anchor(client, location: str) -> dict[str, tuple[float, float, float]]:  # noqa: ANN001
+    """Wall, CPU and gateway CPU seconds to fetch the repository's own chunk objects, 16 GETs in flight (what a
+    bulk copy of the ``chunks/`` prefix does): by boto3, and by our store's lean path alone (no decoding, no
+    output file: the most a restore of these objects could do with this client on this gateway)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.repo.backends.s3 import S3Store
 
     bucket, _, prefix = location.removeprefix("s3://").partition("/")
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/chunks/")
     keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-    cpu, start = time.process_time(), time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        n = sum(pool.map(lambda k: len(client.get_object(Bucket=bucket, Key=k)["Body"].read()), keys))
-    return {"objects_down": time.perf_counter() - start, "objects_down_cpu": time.process_time() - cpu, "bytes": n}
+    store = S3Store(location)
+    fetchers = {
+        "objects_down": lambda k: len(client.get_object(Bucket=bucket, Key=k)["Body"].read()),
+        "objects_lean": lambda k: len(store.get(k.removeprefix(f"{prefix}/"), k, 8 * MiB)),
+    }
+    out = {}
+    for name, fetch in fetchers.items():
+        cpu, gw, start = time.process_time(), gateway_cpu(), time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            n = sum(pool.map(fetch, keys))
+        out[name] = (time.perf_counter() - start, time.process_time() - cpu, gateway_cpu() - gw)
+        if n < len(keys) * (MiB >> 1):
+            raise RuntimeError(f"{name}: {n} bytes for {len(keys)} chunk objects")
+    return out
 
 
 def reads(location: str, size: int, expected: Path, cache_dir: Path) -> dict[str, float]:
@@ -215,9 +245,9 @@ def main(argv: list[str]) -> int:
     bootback = str(Path(python()).with_name("bootback"))
     best: dict[str, float] = {}
 
-    def keep(key: str, wall: float, cpu: float) -> None:  # the best round's wall time, with its CPU time
+    def keep(key: str, wall: float, cpu: float, gw: float) -> None:  # the best round's wall time, with its CPU
         if wall < best.get(key, 1e9):
-            best[key], best[f"{key}_cpu"] = wall, cpu
+            best[key], best[f"{key}_cpu"], best[f"{key}_gw"] = wall, cpu, gw
 
     try:
         for n in range(rounds):
@@ -240,12 +270,16 @@ def main(argv: list[str]) -> int:
                     keep("command", *timed(bootback, "points", location))  # startup, client, one listing
                     location_1m = location
                     o = objects_anchor(client, location)
-                    keep("objects_down", o["objects_down"], o["objects_down_cpu"])
-                    log(f"round {n}: boto3 fetching the same 1 MiB chunk objects {o['objects_down']:.1f} s")
+                    keep("objects_down", *o["objects_down"])
+                    keep("objects_lean", *o["objects_lean"])
+                    log(
+                        f"round {n}: the same 1 MiB chunk objects fetched by boto3 {o['objects_down'][0]:.1f} s, "
+                        f"by the lean path {o['objects_lean'][0]:.1f} s"
+                    )
             a = anchor(client, bucket, src, work / "anchor.raw")
-            log(f"round {n}: transfer manager {a['anchor_up']:.1f} s / {a['anchor_down']:.1f} s")
-            keep("anchor_up", a["anchor_up"], a["anchor_up_cpu"])
-            keep("anchor_down", a["anchor_down"], a["anchor_down_cpu"])
+            log(f"round {n}: transfer manager {a['anchor_up'][0]:.1f} s / {a['anchor_down'][0]:.1f} s")
+            keep("anchor_up", *a["anchor_up"])
+            keep("anchor_down", *a["anchor_down"])
         location = location_1m
         r = reads(location, size, src, work / "readcache")
         nfs = published(location, size, hashlib.sha256(src.read_bytes()).hexdigest(), work)
@@ -258,6 +292,9 @@ def main(argv: list[str]) -> int:
 
     def cpu_ms_per_mb(key: str) -> float:
         return best[f"{key}_cpu"] * 1000 / mb
+
+    def gw_ms_per_mb(key: str) -> float:
+        return best[f"{key}_gw"] * 1000 / mb
 
     rows = []
     for chunk in ("1M", "4M"):
@@ -288,6 +325,18 @@ def main(argv: list[str]) -> int:
                 cpu_ms_per_mb("anchor_down"),
                 "CPU ms/MB",
             ),
+            Row(
+                f"gateway CPU during backup ({chunk} chunks) vs during upload",
+                gw_ms_per_mb(f"ours_up_{chunk}"),
+                gw_ms_per_mb("anchor_up"),
+                "CPU ms/MB",
+            ),
+            Row(
+                f"gateway CPU during restore ({chunk} chunks) vs during download",
+                gw_ms_per_mb(f"ours_down_{chunk}"),
+                gw_ms_per_mb("anchor_down"),
+                "CPU ms/MB",
+            ),
         ]
     rows += [
         Row(
@@ -300,6 +349,24 @@ def main(argv: list[str]) -> int:
             "restore CPU (1M chunks) vs fetching the same chunk objects",
             cpu_ms_per_mb("ours_down_1M"),
             cpu_ms_per_mb("objects_down"),
+            "CPU ms/MB",
+        ),
+        Row(
+            "the same chunk objects fetched by our lean path (16 threads) vs the transfer manager download",
+            mb / best["objects_lean"],
+            mb / best["anchor_down"],
+            "MB/s",
+        ),
+        Row(
+            "client CPU fetching the same chunk objects: lean path vs boto3",
+            cpu_ms_per_mb("objects_lean"),
+            cpu_ms_per_mb("objects_down"),
+            "CPU ms/MB",
+        ),
+        Row(
+            "gateway CPU fetching the same chunk objects (lean) vs the transfer manager's download",
+            gw_ms_per_mb("objects_lean"),
+            gw_ms_per_mb("anchor_down"),
             "CPU ms/MB",
         ),
         Row(
