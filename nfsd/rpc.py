@@ -628,24 +628,23 @@ class TcpConnection(asyncio.Protocol):
 
     def _write_out(self, out: list) -> None:
         transport = self.transport
-        small: list = []
+        small: list = []  # small parts are joined into one write; large ones go as they are
         for p in out:
+            large = type(p) is FileRange or len(p) > 65536
+            if not large:
+                small.append(p)
+                continue
+            if small:
+                transport.write(b"".join(small))
+                small = []
             if type(p) is FileRange:
                 # Straight from the page cache when nothing waits before it in the transport, else copied.
-                if small:
-                    transport.write(b"".join(small))
-                    small = []
                 sent = p.send(self._sock_fd) if self._sock_fd >= 0 and not transport.get_write_buffer_size() else 0
                 if sent < p.length:
                     transport.write(p.tail(sent).read())
-            elif len(p) > 65536:
-                # big READ data: hand the buffer to the transport as is instead of copying it into a join
-                if small:
-                    transport.write(b"".join(small))
-                    small = []
-                transport.write(p)
             else:
-                small.append(p)
+                # big READ data: handed to the transport as is instead of being copied into a join
+                transport.write(p)
         if small:
             transport.write(b"".join(small))
 

@@ -14,6 +14,10 @@ import enum
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nfsd.filerange import FileRange
 
 
 class Status(enum.IntEnum):
@@ -273,10 +277,13 @@ class Backend:
         """Up to ``count`` bytes at ``offset`` and whether they reach the end of the file."""
         raise NotImplementedError
 
-    def read_nowait(self, obj: ObjectId, offset: int, count: int) -> tuple[bytes | memoryview, bool, Attr] | None:
+    def read_nowait(
+        self, obj: ObjectId, offset: int, count: int
+    ) -> tuple[bytes | memoryview | FileRange, bool, Attr] | None:
         """Like ``read`` plus the file's attributes, but only if it can be done without blocking (data in
         memory or the page cache); None means "ask ``read`` in a worker thread". Called on the event loop,
-        so it must never wait for a disk or a lock held during I/O. The default never tries."""
+        so it must never wait for a disk or a lock held during I/O. The default never tries. The data may be a
+        ``FileRange`` (``nfsd.filerange``): bytes still in a file that can never change, sent by sendfile(2)."""
         return None
 
     def write(self, obj: ObjectId, offset: int, data: memoryview, stable: StableHow) -> WriteResult:
