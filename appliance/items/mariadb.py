@@ -208,19 +208,28 @@ class DisposableServer:
             raise ItemRecoveryError(f"mariadb-dump of {database!r} from {self.where} failed: {msg[-1] if msg else '?'}")
 
 
+def _target_query(args: list[str], database: str, sql: str) -> subprocess.CompletedProcess:
+    """One statement on the target server, its rows tab-separated without a header."""
+    return subprocess.run(
+        [CLIENT, *args, "-N", "-B", "-e", sql, "--", database],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _last_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else "?"
+
+
 def check_target(target: ServerTarget) -> None:
     """Log in to the target once before the disposable server starts: one line, nothing written."""
     with client(target) as (args, database):
-        p = subprocess.run(
-            [CLIENT, *args, "-N", "-B", "-e", "SELECT 1", "--", database],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
+        p = _target_query(args, database, "SELECT 1")
     if p.returncode != 0:
-        why = p.stderr.strip().splitlines()
-        raise TargetLoginError(f"cannot log in to {target}, nothing was restored: {why[-1] if why else '?'}")
+        raise TargetLoginError(f"cannot log in to {target}, nothing was restored: {_last_line(p.stderr)}")
 
 
 def restore(dump: Path, target: ServerTarget, tables: list[str]) -> None:
@@ -228,26 +237,14 @@ def restore(dump: Path, target: ServerTarget, tables: list[str]) -> None:
     with client(target) as (args, database):
         if tables:
             names = ", ".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in tables)
-            check = subprocess.run(
-                [
-                    CLIENT,
-                    *args,
-                    "-N",
-                    "-B",
-                    "-e",
-                    "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
-                    f" AND table_name IN ({names})",
-                    "--",
-                    database,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                stdin=subprocess.DEVNULL,
+            check = _target_query(
+                args,
+                database,
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
+                f" AND table_name IN ({names})",
             )
             if check.returncode != 0:
-                why = check.stderr.strip().splitlines()
-                raise TargetLoginError(f"cannot reach the target server: {why[-1] if why else '?'}")
+                raise TargetLoginError(f"cannot reach the target server: {_last_line(check.stderr)}")
             clash = check.stdout.split()
             if clash:
                 raise TargetConflictError(
