@@ -81,6 +81,7 @@ def store(monkeypatch: pytest.MonkeyPatch) -> S3Store:
         monkeypatch.setenv(name, value)
     s = S3Store("s3://bucket/repo")
     s.client = FakeS3()
+    s.lean = None  # chunk requests go through the (fake) client too, not the lean path to the real endpoint
     return s
 
 

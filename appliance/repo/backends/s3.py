@@ -257,11 +257,14 @@ class S3Store(ObjectStore):
                 data = body.read() if announced <= limit else b""
             if len(data) > limit or announced is not None and announced > limit:
                 body.close()
-                raise IntegrityError(
-                    f"{name}: {self.location}/{key} holds {announced if announced is not None else 'more than'} "
-                    f"bytes, more than the {limit} it may hold"
-                )
+                raise self._too_big(key, name, announced, limit)
             return data
+
+    def _too_big(self, key: str, name: str, announced: int | None, limit: int) -> IntegrityError:
+        return IntegrityError(
+            f"{name}: {self.location}/{key} holds {announced if announced is not None else 'more than'} "
+            f"bytes, more than the {limit} it may hold"
+        )
 
     def _get_lean(self, key: str, name: str, limit: int) -> bytes:
         """``get`` through the lean path: the same bounds and checks as botocore's streaming body."""
@@ -272,13 +275,11 @@ class S3Store(ObjectStore):
         announced = int(length) if length is not None and length.isdigit() else None
         if announced is not None and announced > limit:
             raw.close()
-            raise IntegrityError(
-                f"{name}: {self.location}/{key} holds {announced} bytes, more than the {limit} it may hold"
-            )
+            raise self._too_big(key, name, announced, limit)
         data = raw.read() if announced is not None else _read_at_most(raw, limit + 1)  # one read, no copies
         if len(data) > limit:  # a chunked answer, bounded
             raw.close()
-            raise IntegrityError(f"{name}: {self.location}/{key} holds more than the {limit} bytes it may hold")
+            raise self._too_big(key, name, None, limit)
         if announced is not None and len(data) != announced:  # cut off (http.client raises first; kept as a bound)
             raise IncompleteReadError(actual_bytes=len(data), expected_bytes=announced)
         raw.release_conn()
