@@ -15,22 +15,26 @@ from appliance import __version__, commands
 from appliance.errors import BootbackError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole tree, or only the area of ``command`` when it names one (``commands.AREAS``)."""
     parser = argparse.ArgumentParser(
         prog="bootback",
         description="Run virtual machines straight out of backup files over NFS.",
     )
     parser.add_argument("--version", action="version", version=f"bootback {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    areas = [area for area, names in commands.AREAS.items() if command in names]
+    if not areas:  # help, a typo, or no command: every area, so argparse can list them all
+        areas = sorted(info.name for info in pkgutil.iter_modules(commands.__path__))
     # Each module of appliance.commands exposes register(sub); adding an area is adding a module.
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        module.register(sub)
+    for area in areas:
+        importlib.import_module(f"{commands.__name__}.{area}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     # argparse binds a trailing nargs='*' positional before later options ("backup REPO --vm X DISK"), so
     # commands that take trailing paths name the attribute in `trailing` and get the leftovers there.
     args, extra = parser.parse_known_args(argv)

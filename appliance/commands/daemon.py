@@ -19,9 +19,8 @@ from appliance.errors import ConfigError, UsageError, VerificationFailedError
 from appliance.progress import byte_progress
 from appliance.repo.backends import repository_arg
 from appliance.repo.keys import KEY_FILE_ENV
-from appliance.repo.repository import find_repositories, parse_size
 from appliance.sessions.control import ControlClient
-from nfsd import eventloop
+from appliance.units import parse_size
 from nfsd.limits import parse_limits
 
 
@@ -204,8 +203,11 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The daemon's own: the client commands (publish, sessions, stop, ...) start without any of these.
     from appliance.daemon import Daemon
-    from nfsd.server import PortError  # with the daemon: the client commands need neither
+    from appliance.repo.repository import find_repositories
+    from nfsd import eventloop
+    from nfsd.server import PortError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     web = not args.no_web and importlib.util.find_spec("web.launcher") is not None

@@ -8,9 +8,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.errors import UsageError
-from appliance.repo import Repository
 from appliance.repo.backends import repository_arg
 from appliance.repo.keys import (
     AES_256_GCM,
@@ -22,6 +22,9 @@ from appliance.repo.keys import (
     read_key_file,
     write_key_file,
 )
+
+if TYPE_CHECKING:
+    from appliance.repo import Repository
 
 
 def add_key_options(p: argparse.ArgumentParser) -> None:
@@ -104,7 +107,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=cmd_key_import)
 
 
-def _encrypted(repo: Repository) -> Repository:
+def _open_encrypted(location: str, source: KeySource) -> Repository:
+    from appliance.repo import Repository  # here, not at the top: the other commands start without it
+
+    repo = Repository.open(location, source)
     if repo.key is None:
         raise UsageError(f"repository {repo.location} is not encrypted: it has no key")
     return repo
@@ -113,7 +119,7 @@ def _encrypted(repo: Repository) -> Repository:
 def cmd_key_export(args: argparse.Namespace) -> int:
     if _inside(args.file, Path(str(args.repo))):
         raise UsageError(f"key file {args.file} would sit inside the repository it unlocks: keep it elsewhere")
-    repo = _encrypted(Repository.open(args.repo, key_source(args)))
+    repo = _open_encrypted(args.repo, key_source(args))
     write_key_file(args.file, repo.key, repo.config.id)
     doc = {"repository": repo.location, "id": repo.config.id, "key_file": str(args.file)}
     print(json.dumps(doc) if args.json else f"wrote the key of repository {repo.location} to {args.file}")
@@ -122,7 +128,7 @@ def cmd_key_export(args: argparse.Namespace) -> int:
 
 def cmd_key_import(args: argparse.Namespace) -> int:
     repo_id, _key = read_key_file(args.file)
-    repo = _encrypted(Repository.open(args.repo, KeySource((args.file,), None, False)))
+    repo = _open_encrypted(args.repo, KeySource((args.file,), None, False))
     if repo.config.id != repo_id:  # unlock() would have refused it; said plainly all the same
         raise UsageError(f"key file {args.file} is for repository {repo_id}, not {repo.config.id}")
     repo.wrap_key(KeySource.from_env((), interactive=True).new_passphrase(f"repository {repo.location}"))

@@ -23,15 +23,15 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from typing import TYPE_CHECKING
 
 from appliance.errors import IntegrityError, RepositoryKeyError, UsageError
 from appliance.repo import safefile
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# cryptography is imported where a key is made or used (below): the commands that take none start without it.
 
 AES_256_GCM = "aes-256-gcm"
 NONE = "none"
@@ -66,7 +66,16 @@ def _unb64(text: object, what: str) -> bytes:
         raise RepositoryKeyError(f"{what}: not base64") from None
 
 
+def _aesgcm(key: bytes) -> AESGCM:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
 def _derive(master: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
 
 
@@ -77,7 +86,7 @@ class RepoKey:
         if len(master) != MASTER_LEN:
             raise RepositoryKeyError(f"a repository key has {MASTER_LEN} bytes, this one {len(master)}")
         self.master = master
-        self.aead = AESGCM(_derive(master, b"bootback object encryption"))
+        self.aead = _aesgcm(_derive(master, b"bootback object encryption"))
         self._id_key = _derive(master, b"bootback chunk id")
         self._check_key = _derive(master, b"bootback key check")
 
@@ -123,13 +132,15 @@ def _is_hex_digest(value: object) -> bool:
 
 # --- the passphrase-wrapped key -----------------------------------------------------------------------
 def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
 
 
 def wrap(key: RepoKey, repo_id: str, passphrase: str) -> dict:
     salt, nonce = os.urandom(16), os.urandom(12)
     kek = _kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    sealed = AESGCM(kek).encrypt(nonce, key.master, _wrap_ad(repo_id))
+    sealed = _aesgcm(kek).encrypt(nonce, key.master, _wrap_ad(repo_id))
     return {
         "kdf": "scrypt",
         "n": SCRYPT_N,
@@ -159,8 +170,10 @@ def unwrap(doc: dict, repo_id: str, passphrase: str, where: str, source: str) ->
     wrapped = _unb64(doc.get("wrapped"), f"{where}: wrapped key")
     if len(nonce) != 12:
         raise RepositoryKeyError(f"{where}: key nonce has {len(nonce)} bytes, expected 12")
+    from cryptography.exceptions import InvalidTag
+
     try:
-        master = AESGCM(_kek(passphrase, salt, n, r, p)).decrypt(nonce, wrapped, _wrap_ad(repo_id))
+        master = _aesgcm(_kek(passphrase, salt, n, r, p)).decrypt(nonce, wrapped, _wrap_ad(repo_id))
     except InvalidTag:
         raise RepositoryKeyError(f"{where}: wrong passphrase ({source})") from None
     return RepoKey(master)

@@ -7,18 +7,21 @@ server, is its server. One request object per line, one response object per line
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import errors
 from appliance.errors import BootbackError, DaemonNotRunningError
+
+if TYPE_CHECKING:
+    import asyncio
+
+# The server's asyncio and inspect are imported where it runs: a client (every CLI command) starts without them.
 
 log = logging.getLogger("bootback.control")
 SOCKET_NAME = "control.sock"
@@ -32,6 +35,8 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        import asyncio
+
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_REQUEST)
         os.chmod(self.path, 0o600)
@@ -43,6 +48,8 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         try:
             while True:
                 try:
@@ -64,6 +71,9 @@ class ControlServer:
         await writer.drain()
 
     async def _dispatch(self, line: bytes) -> dict:
+        import asyncio
+        import inspect
+
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
