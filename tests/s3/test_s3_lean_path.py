@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import re
 import socket
@@ -14,9 +15,11 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+import urllib3
 
 from appliance.errors import IntegrityError, StorageUnavailableError
 from appliance.repo.backends.s3 import S3Store
+from appliance.repo.backends.s3lean import ADDRESS_MARKER
 from appliance.repo.store import ChunkStore
 
 MiB = 1 << 20
@@ -25,7 +28,12 @@ MiB = 1 << 20
 def boto3_calls(store: S3Store) -> list[str]:
     """Every boto3 operation the store's client makes from now on (the lean path makes none)."""
     calls: list[str] = []
-    store.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+
+    def seen(model, params: dict, **_: object) -> None:  # noqa: ANN001
+        if ADDRESS_MARKER not in params.get("url_path", ""):  # the lean path's one look at boto3's addressing
+            calls.append(model.name)
+
+    store.client.meta.events.register("before-call.s3", seen)
     return calls
 
 
@@ -204,3 +212,37 @@ def test_busy_answers_are_retried_and_a_cut_off_answer_is_an_error(scripted: typ
         match="chunk cd: s3://bucket/repo/chunks/ab/cd holds more than bytes, more than the 5 it may hold",
     ):
         store.get("chunks/ab/cd", "chunk cd", 5)
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:9"])
+def test_lean_urls_are_the_ones_boto3_sends_to(endpoint: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Virtual-host style on AWS, path style on an endpoint of one's own, keys escaped as botocore escapes them.
+    Nothing is sent: a before-send handler answers boto3's request in place of the network."""
+    from botocore.awsrequest import AWSResponse
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    if endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    store = S3Store("s3://my-bucket/a prefix+x/é~")
+    sent: list[str] = []
+
+    def answer(request, **_: object) -> AWSResponse:  # noqa: ANN001
+        sent.append(request.url)
+        return AWSResponse(request.url, 200, {}, urllib3.HTTPResponse(io.BytesIO(b""), preload_content=False))
+
+    key = store._key("chunks/ab/cd")
+    lean = store.lean._url(key)
+    store.client.meta.events.register("before-send.s3.HeadObject", answer)
+    store.client.head_object(Bucket=store.bucket, Key=key)
+    assert [lean] == sent
+    assert sent[0].startswith(
+        "https://my-bucket.s3.eu-west-1.amazonaws.com/" if not endpoint else endpoint + "/my-bucket/"
+    )

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 S3_SAFE = "/~"  # what botocore leaves unescaped in an S3 key (its greedy Key label)
 REDIRECT_CODES = ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException")
-_MARKER = "bootback-lean-marker"
+ADDRESS_MARKER = "bootback-lean-marker"
 MAX_ERROR_BODY = 64 << 10  # an S3 error document is a few hundred bytes
 
 
@@ -50,19 +50,37 @@ class LeanS3:
         self._lock = threading.Lock()
 
     def _url(self, key: str) -> str:
-        """The object's URL as boto3 addresses it (path or virtual-host style, the resolved endpoint): taken once
-        from a presigned URL of a marker key, which botocore builds without any request."""
+        """The object's URL as boto3 addresses it (path or virtual-host style, the endpoint its rules resolve)."""
         if self._base is None:
             with self._lock:
                 if self._base is None:
-                    url = self._client.generate_presigned_url(
-                        "get_object", Params={"Bucket": self._bucket, "Key": _MARKER}, ExpiresIn=60
-                    )
-                    base, found, _ = url.partition(_MARKER + "?")
-                    if not found:
-                        raise Redirected(url.split("?", 1)[0])  # an addressing we do not recognise: boto3's
-                    self._base = base
+                    self._base = self._resolve_base()
         return self._base + quote(key, safe=S3_SAFE)
+
+    def _resolve_base(self) -> str:
+        """The URL boto3 sends a HEAD of a marker key to, minus the key: taken from the client's own request,
+        answered before it is sent (a ``before-send`` handler for that key alone; nothing reaches the network)."""
+        import io
+
+        import urllib3
+        from botocore.awsrequest import AWSResponse
+
+        captured: list[str] = []
+
+        def answer(request, **_: object) -> AWSResponse | None:  # noqa: ANN001
+            if not request.url.endswith("/" + ADDRESS_MARKER):
+                return None  # another thread's real request
+            captured.append(request.url)
+            return AWSResponse(request.url, 200, {}, urllib3.HTTPResponse(io.BytesIO(b""), preload_content=False))
+
+        self._events.register("before-send.s3.HeadObject", answer, unique_id=ADDRESS_MARKER)
+        try:
+            self._client.head_object(Bucket=self._bucket, Key=ADDRESS_MARKER)
+        finally:
+            self._events.unregister("before-send.s3.HeadObject", unique_id=ADDRESS_MARKER)
+        if len(captured) != 1:
+            raise Redirected("no request URL")  # an addressing we do not recognise: boto3's own calls then
+        return captured[0][: -len(ADDRESS_MARKER)]
 
     def get(self, key: str):  # noqa: ANN201 - a botocore AWSResponse with its body unread (``.raw``)
         return self._send("GET", key, None, "GetObject")
