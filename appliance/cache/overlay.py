@@ -151,12 +151,18 @@ class WriteCache:
                 f"write cache {self.map_path}: its sectors file {self.sectors_path} is missing"
             ) from None
         fd, width = self._sectors_fd, self._mask_len
-        end = min(os.fstat(fd).st_size, len(self._bits) * 8 * width)
+        # Masks past the disk's last block (a damaged file, a growth whose header a power cut lost) are dropped,
+        # as a truncation drops them: they would be taken for written sectors once the disk grows over them.
+        end = -(-self.size // self.block) * width
+        if os.fstat(fd).st_size > end:
+            os.ftruncate(fd, end)
         pos = 0
         while pos < end:
             try:
                 pos = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError:  # ENXIO: only a hole is left
+                break
+            if pos >= end:
                 break
             stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
             pos -= pos % width
@@ -264,8 +270,9 @@ class WriteCache:
         pos = offset
         while pos < end:
             index = pos // bs
-            if index in partial:
-                data = self._read_partial(index, pos, min((index + 1) * bs, end), nowait)
+            mask = partial.get(index)  # one look-up: a write may make the block whole meanwhile (reads take no lock)
+            if mask is not None:
+                data = self._read_partial(index, mask, pos, min((index + 1) * bs, end), nowait)
                 if data is None:
                     return None
                 parts.append(data)
@@ -294,10 +301,10 @@ class WriteCache:
             pos = run_end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _read_partial(self, index: int, pos: int, end: int, nowait: bool) -> bytes | None:
-        """Bytes ``pos``..``end`` of a partly written block: written sectors from the data file, the others from
-        the backup."""
-        mask, b0 = self._partial[index], index * self.block
+    def _read_partial(self, index: int, mask: int, pos: int, end: int, nowait: bool) -> bytes | None:
+        """Bytes ``pos``..``end`` of a partly written block with sectors ``mask``: written sectors from the data
+        file, the others from the backup."""
+        b0 = index * self.block
         parts: list[bytes] = []
         while pos < end:
             sector = (pos - b0) // SECTOR
@@ -369,8 +376,10 @@ class WriteCache:
             if nowait:
                 return None
             self._grow(end)
+        if not data:
+            return 0  # an empty NFS WRITE: no block to touch (its sector range would be empty, even negative)
         bs = self.block
-        first, last = offset // bs, (end - 1) // bs if data else offset // bs
+        first, last = offset // bs, (end - 1) // bs
         whole: list[int] = []  # blocks this write makes whole (their map bits are set)
         masks: dict[int, int] = {}  # partly written blocks and their masks after this write
         copy_in: list[tuple[int, int]] = []  # (offset, length) to bring in from the backup first
