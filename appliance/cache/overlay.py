@@ -372,7 +372,8 @@ class WriteCache:
 
     def _write_locked(self, offset: int, data: memoryview, sync: bool, nowait: bool) -> int | None:
         end = offset + len(data)
-        if end > self.size:
+        grew = end > self.size
+        if grew:
             if nowait:
                 return None
             self._grow(end)
@@ -418,8 +419,9 @@ class WriteCache:
             for index in whole:
                 self._set(index)
             self._persist_map(whole[0], whole[-1])
-            if sync:
-                os.fdatasync(self._map_fd)
+        if sync and (whole or grew):  # the header's new size too: a stable write of sectors past the old end
+            os.fdatasync(self._map_fd)
+        if whole:
             for index in whole:
                 if index in self._partial:
                     self._drop_mask(index)

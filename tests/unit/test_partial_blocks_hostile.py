@@ -297,3 +297,22 @@ def test_a_read_racing_the_write_that_makes_its_block_whole(tmp_path: Path) -> N
     assert got in (b"a" * SECTOR + backing.data[SECTOR:bs], b"a" * SECTOR + b"b" * (bs - SECTOR))
     assert cache.read(0, bs) == b"a" * SECTOR + b"b" * (bs - SECTOR)
     cache.close()
+
+
+def test_a_stable_write_of_sectors_past_the_end_makes_the_new_size_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the data and sectors files were synced: a power cut could take the header's new size back, and the
+    acknowledged sectors past the old end with it (with whole blocks the map sync carried the header along)."""
+    bs = 16384
+    backing = Backing(2 * bs, random.Random(9))
+    cache = _open(tmp_path, backing, 2 * bs, bs)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    cache.write(2 * bs + SECTOR, b"g" * SECTOR, sync=True)  # a sector of a new block: a mask, no map bit
+    assert cache._partial == {2: 0b10} and cache.size == 2 * bs + 2 * SECTOR
+    assert cache._map_fd in synced, "the grown size was not made durable"
+    assert synced.index(cache._data_fd) < synced.index(cache._map_fd)  # data first, then what points at it
+    monkeypatch.undo()
+    cache.close()
