@@ -191,6 +191,12 @@ class WriteCache:
                     except OSError:
                         pass
 
+    def _check_open(self) -> None:
+        """A request handed to a pool before its disk was unpublished may arrive after close(): the descriptor
+        numbers may belong to other files by then."""
+        if self._closed:
+            raise OSError(errno.ESTALE, f"write cache of disk {self.name} is closed")
+
     def _sync_all(self) -> None:
         """Data first, then what points at it."""
         os.fdatasync(self._data_fd)
@@ -261,6 +267,7 @@ class WriteCache:
         return self._read(offset, length, nowait=True)
 
     def _read(self, offset: int, length: int, nowait: bool) -> bytes | FileRange | None:
+        self._check_open()
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
@@ -351,6 +358,7 @@ class WriteCache:
     def write(self, offset: int, data: bytes | memoryview, sync: bool) -> int:
         """Write ``data`` at ``offset`` (growing the disk if needed); with ``sync`` it is durable on return."""
         with self._lock:
+            self._check_open()
             done = self._write_locked(offset, memoryview(data), sync, nowait=False)
         assert done is not None
         return done
@@ -476,6 +484,7 @@ class WriteCache:
 
     def truncate(self, new_size: int) -> None:
         with self._lock:
+            self._check_open()
             if new_size > self.size:
                 self._grow(new_size)
             else:

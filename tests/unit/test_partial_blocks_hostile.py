@@ -316,3 +316,32 @@ def test_a_stable_write_of_sectors_past_the_end_makes_the_new_size_durable(
     assert synced.index(cache._data_fd) < synced.index(cache._map_fd)  # data first, then what points at it
     monkeypatch.undo()
     cache.close()
+
+
+def test_a_write_or_read_after_close_touches_no_other_file(tmp_path: Path) -> None:
+    """A WRITE already handed to the write pool when its disk is unpublished runs after close(): it wrote through
+    descriptor numbers the process had since given to other files (a file outside the cache directory here)."""
+    bs = 16384
+    backing = Backing(4 * bs, random.Random(10))
+    cache = _open(tmp_path / "c", backing, 4 * bs, bs)
+    cache.write(0, b"c" * SECTOR, sync=True)
+    cache.close()
+    others = [os.open(tmp_path / f"other{i}", os.O_RDWR | os.O_CREAT, 0o600) for i in range(3)]
+    try:
+        for fd in others:
+            os.pwrite(fd, b"other file " * 1000, 0)
+        assert {cache._data_fd, cache._map_fd, cache._sectors_fd} <= set(others)  # the numbers were reused
+        for attempt in (
+            lambda: cache.write(bs + SECTOR, b"w" * SECTOR, sync=False),
+            lambda: cache.write(10, b"w" * 10, sync=True),
+            lambda: cache.truncate(bs + 100),
+            lambda: cache.read(0, SECTOR),
+        ):
+            with pytest.raises(OSError, match="closed"):
+                attempt()
+        assert cache.write_nowait(0, b"w" * SECTOR) is None
+        for fd in others:
+            assert os.pread(fd, 20000, 0) == b"other file " * 1000
+    finally:
+        for fd in others:
+            os.close(fd)
