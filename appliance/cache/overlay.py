@@ -39,6 +39,9 @@ MAP_MAGIC = b"BBWC"
 MAP_VERSION = 2  # 2: a sectors file beside the map (1: whole blocks only, still read and written)
 DEFAULT_BLOCK = 64 * 1024
 SECTOR = 4096  # the unit of a partly written block: what guests write, aligned
+# Partly written blocks held at once per disk (a mask in memory each, ~100 bytes): a guest writing one sector in
+# every block of a large disk must not grow the daemon without bound; past this, blocks are copied in whole.
+MAX_PARTIAL_BLOCKS = 1 << 18
 _HEADER = struct.Struct(">4sBxxxIQQ")  # magic, version, block size, disk size, backing limit
 HEADER_SIZE = 64
 MAX_GROWTH = 2  # a published disk may grow to this many times its published size
@@ -171,6 +174,11 @@ class WriteCache:
                 index = (pos + at) // width
                 mask = int.from_bytes(raw[at : at + width], "little") & self._full_mask(index)
                 if mask and not self.cached(index):
+                    if len(self._partial) >= MAX_PARTIAL_BLOCKS:
+                        raise IntegrityError(
+                            f"write cache {self.sectors_path} holds more than {MAX_PARTIAL_BLOCKS} partly written "
+                            "blocks, which no release writes: it is damaged"
+                        )
                     self._partial[index] = mask
                     self._partial_sectors += mask.bit_count()
             pos = max(stop, pos + width)
@@ -399,8 +407,10 @@ class WriteCache:
             b0, b1 = index * bs, min((index + 1) * bs, self.size)
             if offset <= b0 and end >= b1:
                 whole.append(index)  # the write covers the whole block
-            elif not self._spb:
-                copy_in.append((b0, b1 - b0))  # a version 1 cache: the whole block comes in first
+            elif not self._spb or (
+                index not in self._partial and len(self._partial) + len(masks) >= MAX_PARTIAL_BLOCKS
+            ):
+                copy_in.append((b0, b1 - b0))  # a version 1 cache, or too many partial blocks: the whole block
                 whole.append(index)
             else:
                 lo, hi = max(offset, b0), min(end, b1)
@@ -497,6 +507,7 @@ class WriteCache:
                         x0 = b0 + s * SECTOR
                         if x0 < self.size and not self._partial[cut] >> s & 1:
                             self._pwrite(self._backing_read(x0, min(SECTOR, self.size - x0)), x0)
+                    os.fdatasync(self._data_fd)  # the copied-in sectors reach the disk before the bit that claims them
                     self._set(cut)
                     self._persist_map(cut, cut)
                     self._drop_mask(cut)

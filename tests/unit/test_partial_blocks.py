@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import struct
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -136,4 +137,21 @@ def test_a_version_2_map_without_its_sectors_file_is_refused(tmp_path: Path) -> 
     cache.close()
     (tmp_path / "d.sectors").unlink()
     with pytest.raises(IntegrityError, match=r"sectors file .*d\.sectors is missing"):
+        open_cache(tmp_path, backing)
+
+
+def test_partial_blocks_are_bounded_then_blocks_come_in_whole(tmp_path: Path) -> None:
+    backing = Backing(SIZE)
+    model = bytearray(backing.data)
+    with patch("appliance.cache.overlay.MAX_PARTIAL_BLOCKS", 3):
+        cache = open_cache(tmp_path, backing)
+        for index in range(6):  # one sector in each of six blocks: three stay partial, three come in whole
+            cache.write(index * BLOCK + SECTOR, b"p" * SECTOR, sync=True)
+            model[index * BLOCK + SECTOR : index * BLOCK + 2 * SECTOR] = b"p" * SECTOR
+        assert cache.cached_blocks() == 3 and cache.changed_bytes() == 3 * BLOCK + 3 * SECTOR
+        assert cache.read(0, SIZE) == bytes(model)
+        cache.close()
+        assert open_cache(tmp_path, backing).read(0, SIZE) == bytes(model)
+    damaged = pytest.raises(IntegrityError, match=r"more than 2 partly written blocks")
+    with patch("appliance.cache.overlay.MAX_PARTIAL_BLOCKS", 2), damaged:  # more than any release writes
         open_cache(tmp_path, backing)
