@@ -439,10 +439,8 @@ class WriteCache:
             self._persist_map(whole[0], whole[-1])
         if sync and (whole or grew):  # the header's new size too: a stable write of sectors past the old end
             os.fdatasync(self._map_fd)
-        if whole:
-            for index in whole:
-                if index in self._partial:
-                    self._drop_mask(index)
+        for index in whole:  # after the bit: the mask left in the file loses to it
+            self._drop_mask(index)
         if masks:
             for index, mask in masks.items():
                 self._set_partial(index, mask)
@@ -507,9 +505,7 @@ class WriteCache:
                         x0 = b0 + s * SECTOR
                         if x0 < self.size and not self._partial[cut] >> s & 1:
                             self._pwrite(self._backing_read(x0, min(SECTOR, self.size - x0)), x0)
-                    os.fdatasync(self._data_fd)  # the copied-in sectors reach the disk before the bit that claims them
-                    self._set(cut)
-                    self._persist_map(cut, cut)
+                    self._set(cut)  # persisted with the whole map below
                     self._drop_mask(cut)
                 # The tail of a block cut in two must read as zeros if the disk grows again later.
                 if new_size % bs and self.cached(new_size // bs):
@@ -524,6 +520,7 @@ class WriteCache:
                 self.backing_limit = min(self.backing_limit, new_size)
                 self.size = new_size
                 os.ftruncate(self._data_fd, new_size)
+                os.fdatasync(self._data_fd)  # bytes copied in above reach the disk before the bits that claim them
                 os.pwrite(self._map_fd, bytes(self._bits), HEADER_SIZE)
                 self._persist_header()
             self._sync_all()
