@@ -11,6 +11,14 @@ stable writes, the disk) before its bit is set and persisted, so after a crash a
 backup or as acknowledged writes; a torn write can only affect the blocks it was writing. The backup
 underneath is only ever read. A version 1 cache (no sectors file) keeps working, with whole-block copy-ins.
 
+Bytes copied in from the backup around an UNSTABLE write are the server's own, not the client's: a client resends
+its uncommitted writes after a server restart (the write verifier changes), but nobody resends those. So the map
+bit or mask that claims them must not reach the disk before they do: such a block's new state is kept in memory
+and in ``<name>.pending`` (a log stamped with the kernel's boot id) until the next data sync (COMMIT, a stable
+write, close, or MAX_PENDING entries), when it is written into the map and sectors files. After a kill -9 the page
+cache still holds the data, so a log of the same boot is replayed; after a power cut (another boot id) it is
+dropped and those blocks read as before the uncommitted writes, which the client then resends.
+
 Bounds (a client chooses offsets and sizes): a disk may grow, as a hypervisor extends it, up to ``max_size``
 (by default MAX_GROWTH times its published size); a WRITE or SETATTR beyond that raises DiskTooLargeError
 (NFS3ERR_FBIG) before anything is allocated. The map takes one bit per block of that bounded size, and the
@@ -21,10 +29,12 @@ The files are the daemon's alone: directories 0700, files 0600 (a guest's disk i
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -47,6 +57,13 @@ HEADER_SIZE = 64
 MAX_GROWTH = 2  # a published disk may grow to this many times its published size
 DIR_MODE, FILE_MODE = 0o700, 0o600
 INLINE_WRITE_MAX = 16 * 1024  # writes up to this size may be done on the NFS server's event loop (write_nowait)
+PENDING_MAGIC = b"BBWP"
+_PENDING_HEADER = struct.Struct(">4sB3x16s8x")  # magic, version, boot id
+PENDING_WHOLE = 1 << 63  # an entry's index with this bit: the block is whole (else a sector mask follows)
+# Blocks changed since the last data sync whose state claims bytes copied in from the backup: past this many
+# log entries the cache syncs (one fdatasync per MAX_PENDING copy-ins at worst), which also bounds the log.
+MAX_PENDING = 4096
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 ReadBacking = Callable[[int, int], bytes]  # (offset, length) -> bytes, zero-filled past the backing's end
 ReadBackingNowait = Callable[[int, int], "bytes | None"]  # the same, or None when it would have to wait
@@ -75,9 +92,16 @@ class WriteCache:
         self.data_path = self.directory / f"{name}.data"
         self.map_path = self.directory / f"{name}.map"
         self.sectors_path = self.directory / f"{name}.sectors"
+        self.pending_path = self.directory / f"{name}.pending"
         self._partial: dict[int, int] = {}  # block -> mask of its written sectors, for partly written blocks
         self._partial_sectors = 0
         self._sectors_fd = -1
+        self._pending_fd = -1
+        self._deferred: set[int] = set()  # blocks whose map bit or mask waits for the next data sync
+        self._pending_end = _PENDING_HEADER.size
+        # The map or sectors file has writes not synced yet: a stable write syncs them too, as the block it
+        # rewrites may owe its bit to an earlier unstable write (one sync of the file, whichever blocks).
+        self._map_dirty = self._sectors_dirty = False
         self._lock = threading.RLock()
         self._closed = False
         self._usage, self._usage_at = 0, -1e9
@@ -100,9 +124,16 @@ class WriteCache:
         # sectors per block when partly written blocks are kept (version 2, blocks of several sectors), else 0
         self._spb = self.block // SECTOR if self.version >= 2 and self.block > SECTOR else 0
         self._mask_len = max(1, self._spb // 8)
-        if self.version >= 2:
-            self._open_sectors()
-        self._unsynced = False
+        self._entry_len = 8 + self._mask_len
+        try:
+            if self.version >= 2:
+                self._open_sectors()
+            self._open_pending()
+        except BaseException:
+            for fd in (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
 
     # --- files ----------------------------------------------------------------------------------------
     def _map_bytes(self, size: int) -> int:
@@ -192,7 +223,7 @@ class WriteCache:
             try:
                 self._sync_all()
             finally:
-                for fd in (self._data_fd, self._map_fd, self._sectors_fd):
+                for fd in (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd):
                     try:
                         if fd >= 0:
                             os.close(fd)
@@ -206,11 +237,98 @@ class WriteCache:
             raise OSError(errno.ESTALE, f"write cache of disk {self.name} is closed")
 
     def _sync_all(self) -> None:
-        """Data first, then what points at it."""
+        """Data first, then what points at it; the pending log is emptied once the map holds its blocks."""
         os.fdatasync(self._data_fd)
+        self._settle()
         os.fdatasync(self._map_fd)
         if self._sectors_fd >= 0:
             os.fdatasync(self._sectors_fd)
+        self._map_dirty = self._sectors_dirty = False
+        if self._pending_end > _PENDING_HEADER.size:
+            os.ftruncate(self._pending_fd, _PENDING_HEADER.size)
+            self._pending_end = _PENDING_HEADER.size
+
+    # --- pending log: map changes that wait for the data they claim ---------------------------------------
+    def _open_pending(self) -> None:
+        """Replay the log if this boot wrote it (a kill -9: the page cache kept data and log alike), drop it
+        otherwise (a power cut: the data it claims may be lost, and the log itself may be torn; the client
+        resends its uncommitted writes)."""
+        self._pending_fd = fd = os.open(
+            self.pending_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE
+        )
+        os.fchmod(fd, FILE_MODE)
+        head = _PENDING_HEADER.size
+        raw = os.pread(fd, head, 0)
+        if len(raw) == head and _PENDING_HEADER.unpack(raw) == (PENDING_MAGIC, 1, boot_id() or b"-"):
+            size = os.fstat(fd).st_size
+            limit = head + MAX_PENDING * self._entry_len
+            if size > limit or (size - head) % self._entry_len:
+                raise IntegrityError(
+                    f"write cache {self.pending_path} is damaged: {size} bytes is not a header and whole "
+                    f"entries of {self._entry_len} bytes (at most {limit})"
+                )
+            if size > head:
+                self._replay(os.pread(fd, size - head, head))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _PENDING_HEADER.pack(PENDING_MAGIC, 1, boot_id() or bytes(16)), 0)
+
+    def _replay(self, entries: bytes) -> None:
+        blocks = -(-self.size // self.block)
+        width = self._entry_len
+        for at in range(0, len(entries), width):
+            word = int.from_bytes(entries[at : at + 8], "big")
+            index, whole = word & ~PENDING_WHOLE, bool(word & PENDING_WHOLE)
+            mask = int.from_bytes(entries[at + 8 : at + width], "little")
+            if (
+                index >= blocks
+                or (whole and mask)
+                or (not whole and (not self._spb or not mask))
+                or (mask & ~self._full_mask(index))
+            ):
+                raise IntegrityError(f"write cache {self.pending_path}: entry {at // width} (block {index}) is damaged")
+            if whole:
+                self._set(index)
+                self._drop_mask(index)
+            elif not self.cached(index):
+                if index not in self._partial and len(self._partial) >= MAX_PARTIAL_BLOCKS:
+                    raise IntegrityError(f"write cache {self.pending_path} goes past {MAX_PARTIAL_BLOCKS} blocks")
+                self._partial_sectors += mask.bit_count() - self._partial.get(index, 0).bit_count()
+                self._partial[index] = mask
+            self._deferred.add(index)
+        self._sync_all()
+
+    def _settle(self) -> None:
+        """Write the deferred blocks' bits and masks into the map and sectors files: their data is synced."""
+        if not self._deferred:
+            return
+        blocks = sorted(self._deferred)
+        self._deferred.clear()
+        whole = [index for index in blocks if self.cached(index)]
+        if whole:
+            self._persist_map(whole[0], whole[-1])
+        for index in blocks:
+            mask = self._partial.get(index)
+            if mask is not None:
+                os.pwrite(self._sectors_fd, mask.to_bytes(self._mask_len, "little"), index * self._mask_len)
+                self._sectors_dirty = True
+
+    def _log_has_room(self, entries: int) -> bool:
+        return self._pending_end + entries * self._entry_len <= _PENDING_HEADER.size + MAX_PENDING * self._entry_len
+
+    def _log(self, blocks: set[int]) -> None:
+        """Note the new state of ``blocks`` in the pending log (their map changes are held back); a full log
+        settles everything instead, after one data sync."""
+        if not self._log_has_room(len(blocks)):
+            self._sync_all()
+            return
+        entries = bytearray()
+        for index in sorted(blocks):
+            if self.cached(index):
+                entries += (index | PENDING_WHOLE).to_bytes(8, "big") + bytes(self._mask_len)
+            else:
+                entries += index.to_bytes(8, "big") + self._partial[index].to_bytes(self._mask_len, "little")
+        os.pwrite(self._pending_fd, entries, self._pending_end)
+        self._pending_end += len(entries)
 
     # --- block map ------------------------------------------------------------------------------------
     def cached(self, index: int) -> bool:
@@ -225,8 +343,15 @@ class WriteCache:
             self.dirty_tracker.add(index)
 
     def _persist_map(self, first: int, last: int) -> None:
+        """Write the map bytes of blocks ``first``..``last``, without the bits that wait for a data sync."""
         lo, hi = first >> 3, (last >> 3) + 1
-        os.pwrite(self._map_fd, bytes(self._bits[lo:hi]), HEADER_SIZE + lo)
+        raw = self._bits[lo:hi]
+        if self._deferred:
+            for index in range(lo << 3, hi << 3):
+                if index in self._deferred:
+                    raw[(index >> 3) - lo] &= 0xFF ^ (1 << (index & 7))
+        os.pwrite(self._map_fd, raw, HEADER_SIZE + lo)
+        self._map_dirty = True
 
     def _full_mask(self, index: int) -> int:
         """The mask of every sector of block ``index`` (the disk's last block may have fewer)."""
@@ -234,11 +359,13 @@ class WriteCache:
         n = -(-(min(b0 + self.block, self.size) - b0) // SECTOR)
         return (1 << n) - 1
 
-    def _set_partial(self, index: int, mask: int) -> None:
+    def _set_partial(self, index: int, mask: int, persist: bool) -> None:
         self._partial_sectors += mask.bit_count() - self._partial.get(index, 0).bit_count()
         self._partial[index] = mask
-        width = self._mask_len
-        os.pwrite(self._sectors_fd, mask.to_bytes(width, "little"), index * width)
+        if persist:
+            width = self._mask_len
+            os.pwrite(self._sectors_fd, mask.to_bytes(width, "little"), index * width)
+            self._sectors_dirty = True
 
     def _drop_mask(self, index: int) -> None:
         """Forget block ``index``'s mask: it is whole now, and its map bit wins over the mask left in the file
@@ -249,6 +376,7 @@ class WriteCache:
 
     def _persist_header(self) -> None:
         os.pwrite(self._map_fd, self._header(), 0)
+        self._map_dirty = True
 
     # --- I/O ------------------------------------------------------------------------------------------
     def _backing_read(self, offset: int, length: int) -> bytes:
@@ -427,27 +555,42 @@ class WriteCache:
                     masks[index] = mask
         if copy_in and nowait:
             return None  # nothing written yet: the write pool does it
+        later: set[int] = set()  # blocks whose new bit or mask waits for the next data sync
+        if not sync and copy_in and boot_id() is not None:
+            later = {*whole, *masks}
+        elif not sync and self._deferred:
+            later = {index for index in (*whole, *masks) if index in self._deferred}
+        if later and nowait and not self._log_has_room(len(later)):
+            return None  # the log is full: the sync that empties it is no work for the event loop
         for at, n in copy_in:
             self._pwrite(self._backing_read(at, n), at)
         self._pwrite(data, offset)
         self._track(first, last)
         if sync:
+            if self._deferred:
+                self._sync_all()  # this write's data, then the held-back blocks, which it covers too
+            else:
+                os.fdatasync(self._data_fd)
+        elif copy_in and not later:  # no boot id to tell a kill -9 from a power cut: the copy-in goes first
             os.fdatasync(self._data_fd)
-        if whole:
-            for index in whole:
-                self._set(index)
-            self._persist_map(whole[0], whole[-1])
-        if sync and (whole or grew):  # the header's new size too: a stable write of sectors past the old end
+        self._deferred |= later
+        for index in whole:
+            self._set(index)
+        persist = [index for index in whole if index not in later] if later else whole
+        if persist:
+            self._persist_map(persist[0], persist[-1])
+        if sync and self._map_dirty:  # its bits, a new size in the header, an earlier unstable write's bits
             os.fdatasync(self._map_fd)
+            self._map_dirty = False
         for index in whole:  # after the bit: the mask left in the file loses to it
             self._drop_mask(index)
-        if masks:
-            for index, mask in masks.items():
-                self._set_partial(index, mask)
-            if sync:
-                os.fdatasync(self._sectors_fd)
-        if not sync:
-            self._unsynced = True
+        for index, mask in masks.items():
+            self._set_partial(index, mask, persist=index not in later)
+        if sync and self._sectors_dirty:
+            os.fdatasync(self._sectors_fd)
+            self._sectors_dirty = False
+        if later:
+            self._log(later)
         return len(data)
 
     def _track(self, first: int, last: int) -> None:
@@ -472,7 +615,6 @@ class WriteCache:
             if self._closed:
                 return  # close() already made everything durable
             self._sync_all()
-            self._unsynced = False
 
     def _check_size(self, new_size: int) -> None:
         if new_size > self.max_size:
@@ -493,6 +635,8 @@ class WriteCache:
     def truncate(self, new_size: int) -> None:
         with self._lock:
             self._check_open()
+            if self._deferred:
+                self._sync_all()  # the held-back blocks first: the map is rewritten whole below
             if new_size > self.size:
                 self._grow(new_size)
             else:
@@ -551,10 +695,19 @@ class WriteCache:
         WRITE reply carries it and two fstat calls per write cost more than the write's own bookkeeping."""
         now = time.monotonic()
         if now - self._usage_at > 1.0:
-            fds = (self._data_fd, self._map_fd, self._sectors_fd)
+            fds = (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd)
             self._usage = sum(os.fstat(fd).st_blocks * 512 for fd in fds if fd >= 0)
             self._usage_at = now
         return self._usage
+
+
+@functools.cache
+def boot_id() -> bytes | None:
+    """The kernel's id of this boot: a pending log written under another one may claim data a power cut lost."""
+    try:
+        return uuid.UUID(Path(BOOT_ID_PATH).read_text().strip()).bytes
+    except (OSError, ValueError):
+        return None
 
 
 def _private(path: Path) -> BinaryIO:

@@ -29,7 +29,14 @@ def test_a_stale_or_planted_temp_name_neither_blocks_nor_redirects_the_map(tmp_p
     cache.close()
     assert elsewhere.read_bytes() == b"not yours"
     assert stat.S_IMODE((cache_dir / "d.map").stat().st_mode) == 0o600
-    assert sorted(p.name for p in cache_dir.iterdir()) == [".d.map.tmp", "d.data", "d.map", "d.map.tmp", "d.sectors"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == [
+        ".d.map.tmp",
+        "d.data",
+        "d.map",
+        "d.map.tmp",
+        "d.pending",
+        "d.sectors",
+    ]
     again = WriteCache(cache_dir, "d", zeros, SIZE)
     assert again.read(4096, 4096) == b"x" * 4096
     again.close()

@@ -54,7 +54,7 @@ def _open(tmp: Path, backing: Backing, size: int, bs: int) -> WriteCache:
 
 def _crash(cache: WriteCache) -> None:
     """kill -9: the descriptors go, nothing is synced (what reached the page cache stays, as after a real kill)."""
-    for fd in (cache._data_fd, cache._map_fd, cache._sectors_fd):
+    for fd in (cache._data_fd, cache._map_fd, cache._sectors_fd, cache._pending_fd):
         if fd >= 0:
             os.close(fd)
     cache._closed = True
