@@ -95,6 +95,9 @@ class WriteCache:
         self.pending_path = self.directory / f"{name}.pending"
         self._partial: dict[int, int] = {}  # block -> mask of its written sectors, for partly written blocks
         self._partial_sectors = 0
+        # Masks left in the sectors file by blocks made whole since their bits were last synced: a crash may keep
+        # such a mask and not the bit (or, held back, the bit is only in the log), so they count in the bound.
+        self._stale_masks = 0
         self._sectors_fd = -1
         self._pending_fd = -1
         self._deferred: set[int] = set()  # blocks whose map bit or mask waits for the next data sync
@@ -244,6 +247,7 @@ class WriteCache:
         if self._sectors_fd >= 0:
             os.fdatasync(self._sectors_fd)
         self._map_dirty = self._sectors_dirty = False
+        self._stale_masks = 0
         if self._pending_end > _PENDING_HEADER.size:
             os.ftruncate(self._pending_fd, _PENDING_HEADER.size)
             self._pending_end = _PENDING_HEADER.size
@@ -373,6 +377,7 @@ class WriteCache:
         the file)."""
         mask = self._partial.pop(index, 0)
         self._partial_sectors -= mask.bit_count()
+        self._stale_masks += mask > 0
 
     def _persist_header(self) -> None:
         os.pwrite(self._map_fd, self._header(), 0)
@@ -536,7 +541,7 @@ class WriteCache:
             if offset <= b0 and end >= b1:
                 whole.append(index)  # the write covers the whole block
             elif not self._spb or (
-                index not in self._partial and len(self._partial) + len(masks) >= MAX_PARTIAL_BLOCKS
+                index not in self._partial and len(self._partial) + self._stale_masks + len(masks) >= MAX_PARTIAL_BLOCKS
             ):
                 copy_in.append((b0, b1 - b0))  # a version 1 cache, or too many partial blocks: the whole block
                 whole.append(index)
@@ -584,6 +589,8 @@ class WriteCache:
             self._map_dirty = False
         for index in whole:  # after the bit: the mask left in the file loses to it
             self._drop_mask(index)
+        if sync:
+            self._stale_masks = 0  # every bit is synced by now
         for index, mask in masks.items():
             self._set_partial(index, mask, persist=index not in later)
         if sync and self._sectors_dirty:
