@@ -274,7 +274,7 @@ class WriteCache:
             if size > head:
                 self._replay(os.pread(fd, size - head, head))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, _PENDING_HEADER.pack(PENDING_MAGIC, 1, boot_id() or bytes(16)), 0)
+        self._write_all(fd, _PENDING_HEADER.pack(PENDING_MAGIC, 1, boot_id() or bytes(16)), 0)
 
     def _replay(self, entries: bytes) -> None:
         blocks = -(-self.size // self.block)
@@ -302,37 +302,48 @@ class WriteCache:
         self._sync_all()
 
     def _settle(self) -> None:
-        """Write the deferred blocks' bits and masks into the map and sectors files: their data is synced."""
+        """Write the deferred blocks' bits and masks into the map and sectors files: their data is synced.
+        A block stays deferred until both writes succeeded (a full disk may refuse the sparse sectors file a
+        block): one forgotten here would never reach the files, and the log that names it is emptied next."""
         if not self._deferred:
             return
         blocks = sorted(self._deferred)
-        self._deferred.clear()
-        whole = [index for index in blocks if self.cached(index)]
-        if whole:
-            self._persist_map(whole[0], whole[-1])
         for index in blocks:
             mask = self._partial.get(index)
             if mask is not None:
-                os.pwrite(self._sectors_fd, mask.to_bytes(self._mask_len, "little"), index * self._mask_len)
+                self._write_all(self._sectors_fd, mask.to_bytes(self._mask_len, "little"), index * self._mask_len)
                 self._sectors_dirty = True
+        lo, hi = blocks[0] >> 3, (blocks[-1] >> 3) + 1
+        self._write_all(self._map_fd, self._bits[lo:hi], HEADER_SIZE + lo)  # every bit in it is settled now
+        self._map_dirty = True
+        self._deferred.clear()
 
     def _log_has_room(self, entries: int) -> bool:
         return self._pending_end + entries * self._entry_len <= _PENDING_HEADER.size + MAX_PENDING * self._entry_len
 
     def _log(self, blocks: set[int]) -> None:
-        """Note the new state of ``blocks`` in the pending log (their map changes are held back); a full log
-        settles everything instead, after one data sync."""
-        if not self._log_has_room(len(blocks)):
-            self._sync_all()
-            return
-        entries = bytearray()
-        for index in sorted(blocks):
-            if self.cached(index):
-                entries += (index | PENDING_WHOLE).to_bytes(8, "big") + bytes(self._mask_len)
-            else:
-                entries += index.to_bytes(8, "big") + self._partial[index].to_bytes(self._mask_len, "little")
-        os.pwrite(self._pending_fd, entries, self._pending_end)
-        self._pending_end += len(entries)
+        """Note the new state of ``blocks`` in the pending log (their map changes are held back); a full log, or
+        one the disk has no room for, settles everything instead, after one data sync."""
+        if self._log_has_room(len(blocks)):
+            entries = bytearray()
+            for index in sorted(blocks):
+                if self.cached(index):
+                    entries += (index | PENDING_WHOLE).to_bytes(8, "big") + bytes(self._mask_len)
+                else:
+                    entries += index.to_bytes(8, "big") + self._partial[index].to_bytes(self._mask_len, "little")
+            try:
+                self._write_all(self._pending_fd, entries, self._pending_end)
+                self._pending_end += len(entries)
+                return
+            except OSError:  # ENOSPC: a torn entry must not stay, the log is replayed whole or refused
+                os.ftruncate(self._pending_fd, self._pending_end)
+        self._sync_all()
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+        """``pwrite`` all of ``data``: a short write (the disk filled up during it) is ENOSPC, not success."""
+        if os.pwrite(fd, data, offset) != len(data):
+            raise OSError(errno.ENOSPC, "no space left in the write cache")
 
     # --- block map ------------------------------------------------------------------------------------
     def cached(self, index: int) -> bool:
@@ -354,7 +365,7 @@ class WriteCache:
             for index in range(lo << 3, hi << 3):
                 if index in self._deferred:
                     raw[(index >> 3) - lo] &= 0xFF ^ (1 << (index & 7))
-        os.pwrite(self._map_fd, raw, HEADER_SIZE + lo)
+        self._write_all(self._map_fd, raw, HEADER_SIZE + lo)
         self._map_dirty = True
 
     def _full_mask(self, index: int) -> int:
@@ -368,7 +379,7 @@ class WriteCache:
         self._partial[index] = mask
         if persist:
             width = self._mask_len
-            os.pwrite(self._sectors_fd, mask.to_bytes(width, "little"), index * width)
+            self._write_all(self._sectors_fd, mask.to_bytes(width, "little"), index * width)
             self._sectors_dirty = True
 
     def _drop_mask(self, index: int) -> None:
@@ -380,7 +391,7 @@ class WriteCache:
         self._stale_masks += mask > 0
 
     def _persist_header(self) -> None:
-        os.pwrite(self._map_fd, self._header(), 0)
+        self._write_all(self._map_fd, self._header(), 0)
         self._map_dirty = True
 
     # --- I/O ------------------------------------------------------------------------------------------
@@ -672,7 +683,7 @@ class WriteCache:
                 self.size = new_size
                 os.ftruncate(self._data_fd, new_size)
                 os.fdatasync(self._data_fd)  # bytes copied in above reach the disk before the bits that claim them
-                os.pwrite(self._map_fd, bytes(self._bits), HEADER_SIZE)
+                self._write_all(self._map_fd, bytes(self._bits), HEADER_SIZE)
                 self._persist_header()
             self._sync_all()
 

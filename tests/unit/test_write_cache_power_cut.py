@@ -239,3 +239,75 @@ def test_a_torn_log_from_another_boot_is_dropped(tmp_path: Path) -> None:
     (tmp_path / "d.pending").write_bytes(b"\x17" * 1000)  # whatever a power cut left
     assert _cache(tmp_path, base).read(0, SIZE) == base
     assert os.path.getsize(tmp_path / "d.pending") == 32
+
+
+@pytest.mark.parametrize("end", ["close", "kill -9"])
+@pytest.mark.parametrize("failing", ["pending", "sectors"])
+def test_a_full_disk_under_the_log_or_the_sectors_file_loses_no_acknowledged_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str, end: str
+) -> None:
+    """ENOSPC (or a short write) on the pending log or on the sectors file, as a full cache disk gives: the write
+    fails or is acknowledged, and every acknowledged one reads back after close and reopen."""
+    base = random.Random(6).randbytes(SIZE)
+    cache = _cache(tmp_path, base)
+    target = {"pending": cache._pending_fd, "sectors": cache._sectors_fd}[failing]
+    real = os.pwrite
+    full = [False]
+    calls = [0]
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if fd == target and full[0]:
+            calls[0] += 1
+            if len(data) > 3 and calls[0] % 2:
+                return real(fd, bytes(data)[:3], offset)  # a short write: the disk filled up during it
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    model = Model(base)  # "unsure": bytes of a write that failed (it may have landed or not)
+    rng = random.Random(7)
+    for step in range(200):
+        full[0] = 50 <= step < 150
+        offset = rng.randrange(0, SIZE - 5000)
+        data = rng.randbytes(rng.choice((10, 700, 4096, 5000)))
+        try:
+            cache.write(offset, data, sync=rng.random() < 0.1)
+        except OSError as exc:
+            assert exc.errno == 28
+            model.unsure[offset : offset + len(data)] = b"\1" * len(data)
+            continue
+        model.write(offset, data, sync=True)  # acknowledged: it must survive a close and reopen
+        if step % 40 == 39:
+            try:
+                cache.commit()
+            except OSError:
+                pass
+    full[0] = False
+    monkeypatch.undo()
+    model.check(cache.read(0, SIZE), "running")
+    if end == "close":
+        cache.close()
+    else:
+        for fd in (cache._data_fd, cache._map_fd, cache._sectors_fd, cache._pending_fd):
+            os.close(fd)  # nothing synced; the page cache keeps what was written
+    again = _cache(tmp_path, base)
+    model.check(again.read(0, SIZE), "reopened")
+    again.close()
+
+
+def test_a_torn_log_entry_is_cut_off_and_its_write_settled_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = random.Random(8).randbytes(SIZE)
+    cache = _cache(tmp_path, base)
+    real = os.pwrite
+    monkeypatch.setattr(
+        os, "pwrite", lambda fd, data, offset: real(fd, bytes(data)[:3] if fd == cache._pending_fd else data, offset)
+    )
+    cache.write(9 * BLOCK + 5, b"t" * 10, sync=False)  # a copy-in: its log entry is torn by a full disk
+    monkeypatch.undo()
+    assert os.path.getsize(tmp_path / "d.pending") == 32, "a torn entry left in the log"
+    assert (tmp_path / "d.sectors").read_bytes().strip(b"\0"), "the write was settled into the files instead"
+    for fd in (cache._data_fd, cache._map_fd, cache._sectors_fd, cache._pending_fd):
+        os.close(fd)  # kill -9
+    assert _cache(tmp_path, base).read(9 * BLOCK + 5, 10) == b"t" * 10
