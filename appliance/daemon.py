@@ -137,6 +137,7 @@ class Daemon:
             config.max_verifications,
             config.verify_max_memory_mib,
             nfs_host=local_nfs_host(config.bind),
+            check_point=self._check_point,
         )
         self.labs = Labs(
             state,
@@ -202,7 +203,7 @@ class Daemon:
             "repositories": self.op_repositories,
             "points": self.op_points,
             "clients": lambda: self.server.clients(),
-            "verify": self.op_verify,
+            "verify": self.verifications.start,
             "verifications": self.verifications.list,
             "verification": self.verifications.get,
             **self.labs.ops(),
@@ -302,21 +303,11 @@ class Daemon:
             raise UsageError(f"session {rec.id} has no migration")
         return mig.status()
 
-    def op_verify(
-        self,
-        vm: str,
-        point: str = "latest",
-        repo: str | None = None,
-        expect: str | None = None,
-        timeout: float = 300,
-        memory_mib: int = 1024,
-    ) -> dict:
-        """Start a backup verification (boot in isolation, check the console); poll 'verification' for it."""
+    def _check_point(self, vm: str, point: str, repo: str | None) -> None:
+        """Raise when ``vm``'s ``point`` is not in the repository (Verifications.start asks before it starts)."""
         self.rescan_repositories()
-        name, _, p = vm.partition("@")
         _, repository = self.sessions.repo(repo)
-        repository.restore_point(name, p or point)  # an unknown VM or point is the caller's error, now
-        return self.verifications.start(vm, point, repo, expect, timeout, memory_mib)
+        repository.restore_point(vm, point)
 
     def op_repositories(self) -> list[dict]:
         """Each repository with its readable points counted and its damaged point files listed; one that cannot

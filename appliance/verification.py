@@ -153,7 +153,10 @@ class Verifications:
         max_running: int = MAX_RUNNING,
         max_memory_mib: int = MAX_MEMORY_MIB,
         nfs_host: str = "127.0.0.1",
+        check_point: Callable[[str, str, str | None], object] = lambda vm, point, repo: None,
     ) -> None:
+        """``check_point(vm, point, repo)`` raises when the restore point does not exist."""
+        self._check_point = check_point
         self.max_running, self.max_memory_mib = max_running, max_memory_mib
         self.nfs_host = nfs_host  # see local_nfs_host
         self.dir = Path(state_dir) / "verifications"
@@ -179,15 +182,17 @@ class Verifications:
         timeout: float = 300,
         memory_mib: int = 1024,
     ) -> dict[str, Any]:
+        """Start a backup verification (boot in isolation, check the console); poll ``get`` for it."""
+        name, _, p = vm.partition("@")
+        self._check_point(name, p or point, repo)  # an unknown VM or point is the caller's error, now
         compile_expect(expect)  # a bad pattern is the caller's error now, not the job's later
-        for name, value in (("timeout", timeout), ("memory_mib", memory_mib)):
+        for param, value in (("timeout", timeout), ("memory_mib", memory_mib)):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise UsageError(f"{name}: a number, got {value!r}")
+                raise UsageError(f"{param}: a number, got {value!r}")
         if not 10 <= timeout <= 3600:
             raise UsageError(f"timeout: between 10 and 3600 seconds, got {timeout}")
         if not 128 <= memory_mib <= self.max_memory_mib:
             raise UsageError(f"memory_mib: between 128 and {self.max_memory_mib}, got {memory_mib}")
-        name, _, p = vm.partition("@")
         job = {
             "id": uuid.uuid4().hex[:12],
             "vm": name,
