@@ -30,6 +30,12 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _client_args(p: argparse.ArgumentParser) -> None:
+    """What every command that asks the daemon takes: where its state (and control socket) is, and --json."""
+    _state_arg(p)
+    p.add_argument("--json", action="store_true")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -147,20 +153,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="warm the whole disk into the read cache in the background while the VM runs (S3 repositories)",
     )
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("sessions", help="list sessions")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("stop", help="stop a session (a sandbox's cache is discarded)")
     p.add_argument("session")
     p.add_argument("--force", action="store_true", help="discard an instant session's unmigrated changes")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("verify-boot", help="verify a backup: boot it as a sandbox, in isolation, and check it runs")
@@ -179,8 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep the guest's console output in this file "
         "(a directory, VM.console in it, when several VMs are verified)",
     )
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_verify_boot)
 
     p = sub.add_parser("health", help="check that the daemon (and the web app) answer; exit 0 when healthy")
@@ -193,8 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="a file (one disk) or a directory (a whole VM folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-wait", action="store_true")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_migrate)
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.commands.daemon import _client, _state_arg
+from appliance.commands.daemon import _client, _client_args
 from appliance.errors import VerificationFailedError
 from appliance.lab.esxi import add_arguments as esxi_arguments
 from appliance.lab.esxi import cmd_verify_esxi
@@ -27,21 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = labsub.add_parser("define", help="keep an application group (a YAML or JSON file) in the appliance")
     p.add_argument("file", type=Path)
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_define)
 
     p = labsub.add_parser("groups", help="list the defined application groups")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_groups)
 
     p = labsub.add_parser(
         "verify", help="boot a group in its lab, run every check, report per VM; exit 70 when a check fails"
     )
     group_arg(p)
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     esxi_arguments(p)
     p.set_defaults(func=cmd_verify)
 
@@ -49,25 +46,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     group_arg(p)
     p.add_argument("--ttl", default="4h", help="how long it may run: 30m, 4h, 2d (default 4h)")
     p.add_argument("--wait", action="store_true", help="return once every VM is up and checked")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_start)
 
     p = labsub.add_parser("stop", help="stop a lab: its guests and sandboxes are thrown away")
     p.add_argument("id")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_stop)
 
     p = labsub.add_parser("list", help="labs running and recently finished")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_list)
 
     p = labsub.add_parser("show", help="one lab's record and report")
     p.add_argument("id")
-    _state_arg(p)
-    p.add_argument("--json", action="store_true")
+    _client_args(p)
     p.set_defaults(func=cmd_show)
 
 
