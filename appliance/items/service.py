@@ -145,6 +145,19 @@ def dump_request(specs: list[str], database: str | None) -> tuple[str, list[str]
     return parsed[0][0], [t for _, t in parsed]
 
 
+def _checked_dump_request(
+    specs: list[str], database: str | None, out: Path | None, to: ServerTarget | None, scheme: str
+) -> tuple[str, list[str]]:
+    """A database dump's request checked: exactly one destination, the output file's directory there, and
+    ``dump_request``'s database and tables."""
+    if (out is None) == (to is None):
+        raise ItemRecoveryError(f"give exactly one of -o FILE and --to {scheme}://...")
+    database, names = dump_request(specs, database)
+    if out is not None and not out.parent.is_dir():
+        raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
+    return database, names
+
+
 def pg_list(
     target: Target, item: Item, work_root: Path, database: str | None = None, counts: bool = True
 ) -> list[postgres.Table]:
@@ -171,13 +184,9 @@ def pg_dump(
 ) -> str:
     """Dump the whole ``database``, or tables DB.[SCHEMA.]TABLE of one database, to ``out`` (SQL) or restore
     them into the server at ``to`` (all in one transaction); returns what was done."""
-    if (out is None) == (to is None):
-        raise ItemRecoveryError("give exactly one of -o FILE and --to postgresql://...")
-    database, names = dump_request(specs, database)
+    database, names = _checked_dump_request(specs, database, out, to, "postgresql")
     if as_name is not None and len(names) != 1:
         raise ItemRecoveryError("--as renames one table; to restore a database under another name, name it in --to")
-    if out is not None and not out.parent.is_dir():
-        raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
     if to is not None:
         postgres.check_target(postgres.server_bindir(postgres.major_version(item)), to)
         with postgres.disposable_server(item, target.repo, target.point, work_root, keys=target.keys) as server:
@@ -275,11 +284,7 @@ def mariadb_dump(
 ) -> str:
     """The whole ``database``, or DB.TABLE specs (several tables of one database), to ``out`` or into the server
     at ``to``."""
-    if (out is None) == (to is None):
-        raise ItemRecoveryError("give exactly one of -o FILE and --to mariadb://...")
-    database, names = dump_request(specs, database)
-    if out is not None and not out.parent.is_dir():
-        raise ItemRecoveryError(f"no such directory for the output: {out.parent}")
+    database, names = _checked_dump_request(specs, database, out, to, "mariadb")
     if to is not None:
         mariadb.check_target(to)  # a wrong password or an unreachable server fails before the server starts
     with (
