@@ -176,9 +176,12 @@ def mail_format() -> str:
     return fmt
 
 
-def listed(found: list) -> dict[str, int | bool]:
-    """How many matched, and whether the answer shows only the first ``MAX_LISTED`` of them."""
-    return {"total": len(found), "truncated": len(found) > MAX_LISTED}
+def listed(tgt: service.Target, item: Item, key: str, found: list) -> Response:
+    """The first ``MAX_LISTED`` of ``found`` under ``key``, how many matched, and whether that is all of them."""
+    shown = [x.to_json() for x in found[:MAX_LISTED]]
+    return jsonify(
+        {"point": tgt.point, "path": item.path, key: shown, "total": len(found), "truncated": len(found) > MAX_LISTED}
+    )
 
 
 def work_root() -> Path:
@@ -255,8 +258,7 @@ def ldap_entries(name: str) -> Response:
     item = select(tgt, "openldap")
     with daemon.domain_errors():
         entries = service.ldap_entries(tgt, item, work_root(), flt)
-    shown = [e.to_json() for e in entries[:MAX_LISTED]]
-    return jsonify({"point": tgt.point, "path": item.path, "entries": shown, **listed(entries)})
+    return listed(tgt, item, "entries", entries)
 
 
 @bp.get("/openldap/export")
@@ -276,8 +278,7 @@ def mail_messages(name: str) -> Response:
     item = select(tgt, "mail")
     with daemon.domain_errors():
         msgs = service.mail_list(tgt, item, work_root(), flt)
-    shown = [m.to_json() for m in msgs[:MAX_LISTED]]
-    return jsonify({"point": tgt.point, "path": item.path, "messages": shown, **listed(msgs)})
+    return listed(tgt, item, "messages", msgs)
 
 
 @bp.get("/mail/export")
