@@ -7,7 +7,10 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from appliance.commands.keys import add_key_options, key_source
 from appliance.errors import NoSpaceError
@@ -41,22 +44,34 @@ def _browser(args: argparse.Namespace) -> FileBrowser:
     return browse(repo, repo.resolve(args.point), args.disk)
 
 
+def print_list(objects: Sequence[Any], as_json: bool, line: Callable[[Any], str]) -> None:
+    """A listing command's output: a JSON array of the objects' ``to_json()``, or ``line(obj)`` for each."""
+    if as_json:
+        print(json.dumps([o.to_json() for o in objects], indent=2))
+        return
+    for o in objects:
+        print(line(o))
+
+
+def minute(when: datetime | None) -> str:
+    """A listed time, to the minute ('-' when unknown)."""
+    return when.strftime("%Y-%m-%d %H:%M") if when else "-"
+
+
 def cmd_files(args: argparse.Namespace) -> int:
     browser = _browser(args)
     if args.path.strip("/") == "":
-        volumes = browser.volumes()
-        if args.json:
-            print(json.dumps([v.to_json() for v in volumes], indent=2))
-        for v in volumes if not args.json else []:
-            print(f"{v.id:6} {v.size:>15,}  {v.filesystem or '-':5} {v.description}")
+        print_list(
+            browser.volumes(),
+            args.json,
+            lambda v: f"{v.id:6} {v.size:>15,}  {v.filesystem or '-':5} {v.description}",
+        )
         return 0
-    entries = browser.listdir(args.path)
-    if args.json:
-        print(json.dumps([e.to_json() for e in entries], indent=2))
-        return 0
-    for e in entries:
-        when = e.mtime.strftime("%Y-%m-%d %H:%M") if e.mtime else "-"
-        print(f"{e.kind[0] if e.kind != 'file' else '-'} {e.size:>13,}  {when:16}  {e.name}")
+    print_list(
+        browser.listdir(args.path),
+        args.json,
+        lambda e: f"{e.kind[0] if e.kind != 'file' else '-'} {e.size:>13,}  {minute(e.mtime):16}  {e.name}",
+    )
     return 0
 
 

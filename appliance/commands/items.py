@@ -4,12 +4,13 @@ a restore point; ``bootback items REPO VM@POINT postgres --list`` and friends ac
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from appliance.commands.files import minute, print_list
 from appliance.commands.keys import add_key_options, key_source
 from appliance.errors import UsageError
 from appliance.items import KINDS, mail, service, targets
+from appliance.items.postgres import Table
 from appliance.repo.backends import repository_arg
 
 
@@ -94,13 +95,9 @@ def cmd_items(args: argparse.Namespace) -> int:
 
 
 def _print_items(items: list, as_json: bool) -> int:
-    if as_json:
-        print(json.dumps([i.to_json() for i in items], indent=2))
-        return 0
-    if not items:
+    if not items and not as_json:
         print("no applications found")
-    for i in items:
-        print(f"{i.kind:9} {i.disk}:{i.volume:6} {i.version:10} {i.path}")
+    print_list(items, as_json, lambda i: f"{i.kind:9} {i.disk}:{i.volume:6} {i.version:10} {i.path}")
     return 0
 
 
@@ -154,12 +151,7 @@ def _mail(args: argparse.Namespace, target: service.Target, work: Path) -> int:
         print(service.mail_restore(target, item, work, flt, args.restore_to, args.into_folder))
         return 0
     msgs = service.mail_list(target, item, work, flt)
-    if args.json:
-        print(json.dumps([m.to_json() for m in msgs], indent=2))
-        return 0
-    for m in msgs:
-        when = m.date.strftime("%Y-%m-%d %H:%M") if m.date else "-"
-        print(f"{m.id:48} {when:16} {m.sender[:30]:30} {m.subject}")
+    print_list(msgs, args.json, lambda m: f"{m.id:48} {minute(m.date):16} {m.sender[:30]:30} {m.subject}")
     return 0
 
 
@@ -176,13 +168,12 @@ def _mariadb(args: argparse.Namespace, target: service.Target, work: Path) -> in
 
 
 def _print_tables(tables: list, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([t.to_json() for t in tables], indent=2))
-        return
-    for t in tables:
+    def line(t: Table) -> str:
         name = f"{t.schema}.{t.name}"
         rows = "-" if t.rows is None else f"{t.rows:,}"
-        print(f"{t.database:16} {name:32} {rows:>12} rows")
+        return f"{t.database:16} {name:32} {rows:>12} rows"
+
+    print_list(tables, as_json, line)
 
 
 def _openldap(args: argparse.Namespace, target: service.Target, work: Path) -> int:
@@ -197,10 +188,5 @@ def _openldap(args: argparse.Namespace, target: service.Target, work: Path) -> i
             raise UsageError("--to needs --bind-dn and --password-file")
         print(service.ldap_restore(target, item, work, args.filter, _server(args, "openldap"), args.bind_dn))
         return 0
-    entries = service.ldap_entries(target, item, work, args.filter)
-    if args.json:
-        print(json.dumps([e.to_json() for e in entries], indent=2))
-        return 0
-    for e in entries:
-        print(e.dn)
+    print_list(service.ldap_entries(target, item, work, args.filter), args.json, lambda e: e.dn)
     return 0
