@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
 
-from appliance.errors import UsageError
 from appliance.lab.group import parse_group
 from web import daemon
+from web.pages import act
 from web.security import api_auth, login_required
 from web.validation import NAME, ApiError, Field, check_path_params, form_fields, json_body, json_object
 
@@ -248,7 +247,7 @@ def define_group() -> Response:
         g = daemon.call("lab_define", group=doc)
         return f"Group {g['name']} saved: {' → '.join(v['vm'] for v in g['vms'])}."
 
-    return _act(run, "Could not save the group")
+    return act(run, "Could not save the group", "labs.index")
 
 
 @page.post("/labs/groups/<name>/remove")
@@ -258,7 +257,7 @@ def remove_group_form(name: str) -> Response:
         daemon.call("lab_group_remove", name=name)
         return f"Group {name} removed."
 
-    return _act(run, f"Could not remove {name}")
+    return act(run, f"Could not remove {name}", "labs.index")
 
 
 @page.post("/labs")
@@ -273,7 +272,7 @@ def start_form() -> Response:
         record.update(start_lab(f["group"], f["kind"], f["ttl"]))
         return f"Lab {record['id']} of {record['group']} started ({record['kind']})."
 
-    response = _act(run, f"Could not start {request.form.get('group', '')[:100]}")
+    response = act(run, f"Could not start {request.form.get('group', '')[:100]}", "labs.index")
     if record:
         return redirect(url_for("labs.detail", lab_id=record["id"]))
     return response
@@ -286,18 +285,7 @@ def stop_form(lab_id: str) -> Response:
         record = daemon.call("lab_stop", id=lab_id)
         return f"Lab {lab_id} {record['state']}."
 
-    return _act(run, f"Could not stop {lab_id}")
-
-
-def _act(action: Callable[[], str], failure: str) -> Response:
-    """Run a daemon action for a form, flash its outcome, back to the labs page (post/redirect/get)."""
-    try:
-        flash(action(), "ok")
-    except ApiError as exc:
-        flash(f"{failure}: {exc.message}", "error")
-    except UsageError as exc:  # a group document's own check (parse_group)
-        flash(f"{failure}: {exc}", "error")
-    return redirect(url_for("labs.index"))
+    return act(run, f"Could not stop {lab_id}", "labs.index")
 
 
 # --- OpenAPI --------------------------------------------------------------------------------------------

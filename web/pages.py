@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 
 from appliance.access.credentials import MAX_PASSWORD
+from appliance.errors import UsageError
 from web import backup_files, daemon
 from web import validation as field
 from web.exposure import nfs_warning
@@ -112,7 +113,7 @@ def publish() -> Response:
         (doc,) = daemon.call("publish", vm=f["vm"], point=f["point"], mode=f["mode"], repo=f["repository"])
         return f"{f['mode'].capitalize()} session {doc['id']} started: {doc['vm']} is at {doc['nfs_url']}"
 
-    return _act(start, f"Could not publish {_shown('vm')}")
+    return act(start, f"Could not publish {_shown('vm')}")
 
 
 @bp.post("/verifications")
@@ -123,7 +124,7 @@ def verify() -> Response:
         job = daemon.call("verify", vm=f["vm"], point=f["point"], repo=f["repository"], expect=f["expect"])
         return f"Verification of {f['vm']}@{job['point']} started: it boots as a sandbox without network."
 
-    return _act(start, f"Could not verify {_shown('vm')}")
+    return act(start, f"Could not verify {_shown('vm')}")
 
 
 def _shown(name: str) -> str:
@@ -131,13 +132,16 @@ def _shown(name: str) -> str:
     return request.form.get(name, "")[:100]
 
 
-def _act(action: Callable[[], str], failure: str) -> Response:
-    """Run a daemon action for a form, flash its outcome, and go back to the page (post/redirect/get)."""
+def act(action: Callable[[], str], failure: str, back: str = "pages.index") -> Response:
+    """Run a daemon action for a form, flash its outcome, and go back to the page ``back`` (post/redirect/get).
+    A refusal, the daemon's or a document's own check (``parse_group``), is flashed after ``failure``."""
     try:
         flash(action(), "ok")
     except ApiError as exc:
         flash(f"{failure}: {exc.message}", "error")
-    return redirect(url_for("pages.index"))
+    except UsageError as exc:
+        flash(f"{failure}: {exc}", "error")
+    return redirect(url_for(back))
 
 
 @bp.post("/sessions/<sid>/stop")
@@ -149,7 +153,7 @@ def stop(sid: str) -> Response:
         daemon.call("stop", id=sid, force=force)
         return f"Session {sid} stopped."
 
-    return _act(stop_it, f"Could not stop {sid}")
+    return act(stop_it, f"Could not stop {sid}")
 
 
 @bp.post("/sessions/<sid>/prefetch")
@@ -159,7 +163,7 @@ def prefetch(sid: str) -> Response:
         daemon.call("prefetch", id=sid)
         return f"Prefetch of {sid} started: its disks come into the read cache in the background."
 
-    return _act(start, f"Could not prefetch {sid}")
+    return act(start, f"Could not prefetch {sid}")
 
 
 @bp.post("/sessions/<sid>/migrate")
@@ -170,7 +174,7 @@ def migrate(sid: str) -> Response:
         daemon.call("migrate", id=sid, output=output, overwrite=request.form.get("overwrite") == "on")
         return f"Migration of {sid} to {output} started."
 
-    return _act(start, f"Could not migrate {sid}")
+    return act(start, f"Could not migrate {sid}")
 
 
 @bp.post("/tokens")
