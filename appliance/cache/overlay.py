@@ -123,12 +123,13 @@ class WriteCache:
             self._create()
         self._count = int.from_bytes(self._bits, "little").bit_count()
         self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._map_fd = -1
         # sectors per block when partly written blocks are kept (version 2, blocks of several sectors), else 0
         self._spb = self.block // SECTOR if self.version >= 2 and self.block > SECTOR else 0
         self._mask_len = max(1, self._spb // 8)
         self._entry_len = 8 + self._mask_len
-        try:
+        try:  # a link planted as the map, a damaged sectors file or log: no descriptor stays open
+            self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             if self.version >= 2:
                 self._open_sectors()
             self._open_pending()

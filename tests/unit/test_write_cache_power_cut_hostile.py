@@ -237,3 +237,41 @@ def test_power_cuts_and_kills_across_truncation_growth_and_replay(
             assert (cache.cached_blocks(), cache.changed_bytes()) == counts
     assert cache.read(0, MAX_SIZE) == model.current[: model.size]
     cache.close()
+
+
+def _plant_map_link(directory: Path) -> None:
+    (directory / "elsewhere.map").write_bytes((directory / "d.map").read_bytes())
+    (directory / "d.map").unlink()
+    (directory / "d.map").symlink_to("elsewhere.map")
+
+
+def _plant(kind: str):
+    def plant(directory: Path) -> None:
+        pending = directory / "d.pending"
+        pending.unlink()
+        if kind == "directory":
+            pending.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(pending)
+        else:
+            pending.symlink_to(directory / "outside")
+
+    return plant
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [_plant_map_link, _plant("directory"), _plant("fifo"), _plant("link")],
+    ids=["map link", "dir", "fifo", "link"],
+)
+def test_a_planted_file_is_refused_without_leaking_descriptors_or_writing_outside(tmp_path: Path, plant) -> None:
+    base = random.Random(6).randbytes(SIZE)
+    cache = _cache(tmp_path, base)
+    cache.write(7 * BLOCK + 5, b"q" * 10, sync=False)
+    _kill(cache)
+    plant(tmp_path)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        _cache(tmp_path, base)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert not (tmp_path / "outside").exists()
