@@ -110,7 +110,8 @@ class WriteCache:
         self._usage, self._usage_at = 0, -1e9
         self.dirty_tracker: set[int] | None = None  # set while a migration copies the disk
         self.max_size = MAX_GROWTH * backing_size if max_size is None else max_size
-        if self.map_path.exists():
+        existing = self.map_path.exists()
+        if existing:
             self._open_existing()
         else:
             self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -132,7 +133,7 @@ class WriteCache:
             self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             if self.version >= 2:
                 self._open_sectors()
-            self._open_pending()
+            self._open_pending(replay=existing)
         except BaseException:
             for fd in (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd):
                 if fd >= 0:
@@ -254,17 +255,18 @@ class WriteCache:
             self._pending_end = _PENDING_HEADER.size
 
     # --- pending log: map changes that wait for the data they claim ---------------------------------------
-    def _open_pending(self) -> None:
+    def _open_pending(self, replay: bool) -> None:
         """Replay the log if this boot wrote it (a kill -9: the page cache kept data and log alike), drop it
         otherwise (a power cut: the data it claims may be lost, and the log itself may be torn; the client
-        resends its uncommitted writes)."""
+        resends its uncommitted writes) or when the cache is new (a log left by one whose map is gone claims
+        blocks the new data file lacks)."""
         self._pending_fd = fd = os.open(
             self.pending_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE
         )
         os.fchmod(fd, FILE_MODE)
         head = _PENDING_HEADER.size
         raw = os.pread(fd, head, 0)
-        if len(raw) == head and _PENDING_HEADER.unpack(raw) == (PENDING_MAGIC, 1, boot_id() or b"-"):
+        if replay and len(raw) == head and _PENDING_HEADER.unpack(raw) == (PENDING_MAGIC, 1, boot_id() or b"-"):
             size = os.fstat(fd).st_size
             limit = head + MAX_PENDING * self._entry_len
             if size > limit or (size - head) % self._entry_len:

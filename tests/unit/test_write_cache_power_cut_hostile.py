@@ -275,3 +275,19 @@ def test_a_planted_file_is_refused_without_leaking_descriptors_or_writing_outsid
         _cache(tmp_path, base)
     assert sorted(os.listdir("/proc/self/fd")) == before
     assert not (tmp_path / "outside").exists()
+
+
+def test_a_log_left_beside_a_new_cache_is_never_replayed_into_it(tmp_path: Path) -> None:
+    """A cache made afresh (its map gone) in the boot that wrote the old log: the log's blocks are not in the new
+    data file, and replayed they would read as zeros instead of the backup."""
+    base = random.Random(7).randbytes(SIZE)
+    cache = _cache(tmp_path, base)
+    cache.write(7 * BLOCK + 5, b"q" * 10, sync=False)
+    cache.write(9 * BLOCK + 5, b"w" * BLOCK, sync=False)
+    _kill(cache)
+    for name in ("d.map", "d.data", "d.sectors"):
+        (tmp_path / name).unlink()
+    fresh = _cache(tmp_path, base)
+    assert fresh.read(0, SIZE) == base
+    assert (fresh.cached_blocks(), fresh.changed_bytes()) == (0, 0)
+    fresh.close()
