@@ -155,7 +155,7 @@ class DisposableServer:
             timeout=3600,
         )
         if p.returncode != 0:
-            raise ItemRecoveryError(f"query on {self.where} failed: {p.stderr.strip().splitlines()[-1]}")
+            raise ItemRecoveryError(f"query on {self.where} failed (exit {p.returncode}): {_last_line(p.stderr)}")
         return json.loads(p.stdout.strip() or "null")
 
     def tables(self, database: str | None = None, counts: bool = True) -> list[Table]:

@@ -153,3 +153,16 @@ def test_a_mail_store_names_unknown_folders_and_ids(tmp_path: Path) -> None:
         store.select(mail.Filter(folder="Spam"))
     with pytest.raises(ItemRecoveryError, match="no message 'INBOX/nope' in this mail store"):
         store.select(mail.Filter(ids=("INBOX/nope",)))
+
+
+def test_a_failed_mariadb_query_without_stderr_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client can die without a word (killed, out of memory): the error names the server and the exit."""
+    silent = tmp_path / "mariadb"
+    silent.write_text("#!/bin/sh\nexit 3\n")
+    silent.chmod(0o755)
+    monkeypatch.setattr(mariadb, "CLIENT", str(silent))
+    server = mariadb.DisposableServer(tmp_path, tmp_path / "run", (0, 0), "backup vm1@p1 disk 0")
+    with pytest.raises(ItemRecoveryError, match=r"query on backup vm1@p1 disk 0 failed \(exit 3\)"):
+        server.query("SELECT 1")
