@@ -16,12 +16,12 @@ from appliance.commands.keys import add_key_options, key_source
 from appliance.errors import NoSpaceError
 from appliance.files import FileBrowser, browse
 from appliance.repo import Repository
-from appliance.repo.backends import repository_arg
+from appliance.repo.backends import add_repository_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("files", help="list the volumes, directories and files inside a backed-up disk")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("point", metavar="VM[@POINT]")
     p.add_argument("path", nargs="?", default="/", help="/ lists the volumes; /p1/etc lists a directory")
     p.add_argument("--disk", help="disk name, when the restore point has several")
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_files)
 
     p = sub.add_parser("extract", help="copy a file (or a directory, as tar) out of a backed-up disk")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("point", metavar="VM[@POINT]")
     p.add_argument("path", help="e.g. /p1/etc/hostname")
     p.add_argument("-o", "--output", required=True, help="output file, '-' for standard output")

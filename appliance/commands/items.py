@@ -11,7 +11,7 @@ from appliance.commands.keys import add_key_options, key_source
 from appliance.errors import UsageError
 from appliance.items import KINDS, mail, service, targets
 from appliance.items.postgres import Table
-from appliance.repo.backends import repository_arg
+from appliance.repo.backends import add_repository_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "items",
         help="find applications (PostgreSQL, MariaDB, OpenLDAP, mail) in a restore point; list, dump, restore items",
     )
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("point", metavar="VM[@POINT]")
     p.add_argument("kind", nargs="?", choices=[*KINDS, "mail"], help="act on one application of this kind")
     add_key_options(p)

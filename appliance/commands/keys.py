@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import UsageError
-from appliance.repo.backends import repository_arg
+from appliance.repo.backends import add_repository_argument
 from appliance.repo.keys import (
     AES_256_GCM,
     ALGORITHMS,
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("key", help="export or import the key of an encrypted repository")
     keysub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
     e = keysub.add_parser("export", help="write the repository's key to a new key file (keep it like the passphrase)")
-    e.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(e)
     e.add_argument("file", type=Path, help="the key file to create (never overwritten)")
     add_key_options(e)
     e.add_argument("--json", action="store_true")
@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep a key file's key in the repository, wrapped by a (new) passphrase: recovers a lost or damaged "
         "wrapped key, changes the passphrase, or adds one to a key-file repository",
     )
-    i.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(i)
     i.add_argument("file", type=Path, help="a key file written by 'key export' or 'init --key-file'")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_key_import)

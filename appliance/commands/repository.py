@@ -24,7 +24,7 @@ from appliance.ingest.sources import DiskSource, open_source
 from appliance.ingest.vmfolder import find_vmx, parse_vmx_disks, resolve_disk
 from appliance.progress import byte_progress
 from appliance.repo import ChunkCache, DiskReader, Repository
-from appliance.repo.backends import repository_arg
+from appliance.repo.backends import add_repository_argument
 from appliance.repo.maintenance import prune, verify
 from appliance.repo.manifest import DamagedPoint
 from appliance.repo.reader import READ_AHEAD, streaming_cache_bytes
@@ -34,14 +34,14 @@ from appliance.units import GiB, parse_size
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a repository")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK), help="64K..4M, a power of two (default 1M)")
     add_init_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("backup", help="back up a VM's disks (and .vmx) as a new restore point")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("--vm", required=True, help="VM name")
     p.add_argument("--vmx", type=Path, help="the VM's .vmx; with no DISK, back up the disks it names")
     p.add_argument("--name", action="append", default=[], help="name of the disk read from stdin ('-')")
@@ -51,14 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_backup, trailing="disks")
 
     p = sub.add_parser("points", help="list restore points")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("--vm")
     add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("restore", help="write a disk of a restore point to a file")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("point", help="VM@POINT (POINT may be 'latest')")
     p.add_argument("--disk", help="disk name (default: the only disk)")
     p.add_argument("-o", "--output", required=True, help="output file, '-' for stdout")
@@ -67,13 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", help="check every chunk; report damaged restore points")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     add_key_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("prune", help="keep the newest N restore points of a VM and free unreferenced chunks")
-    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
+    add_repository_argument(p)
     p.add_argument("--vm", required=True)
     p.add_argument("--keep", type=int, required=True)
     p.add_argument("--dry-run", action="store_true")

@@ -14,6 +14,7 @@ the same object bytes sit at the same keys on both, so a repository can be copie
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -144,3 +145,8 @@ def open_store(location: str | Path) -> ObjectStore:
 def repository_arg(value: str) -> str | Path:
     """argparse ``type`` for a repository: an ``s3://`` location stays a string, anything else is a path."""
     return value if is_s3(value) else Path(value)
+
+
+def add_repository_argument(p: argparse.ArgumentParser) -> None:
+    """The positional ``repo`` of a command that opens a repository."""
+    p.add_argument("repo", type=repository_arg, help="a directory, or s3://BUCKET/PREFIX")
