@@ -269,13 +269,16 @@ class WriteCache:
         if replay and len(raw) == head and _PENDING_HEADER.unpack(raw) == (PENDING_MAGIC, 1, boot_id() or b"-"):
             size = os.fstat(fd).st_size
             limit = head + MAX_PENDING * self._entry_len
-            if size > limit or (size - head) % self._entry_len:
+            if size > limit:
                 raise IntegrityError(
-                    f"write cache {self.pending_path} is damaged: {size} bytes is not a header and whole "
-                    f"entries of {self._entry_len} bytes (at most {limit})"
+                    f"write cache {self.pending_path} is damaged: {size} bytes, more than a header and "
+                    f"{MAX_PENDING} entries of {self._entry_len} bytes ({limit})"
                 )
-            if size > head:
-                self._replay(os.pread(fd, size - head, head))
+            # A kill -9 can cut the log's last write at a page boundary: that entry's write was never
+            # acknowledged (the reply waits for the log), so a partial entry at the end is dropped.
+            whole = size - (size - head) % self._entry_len
+            if whole > head:
+                self._replay(os.pread(fd, whole - head, head))
         os.ftruncate(fd, 0)
         self._write_all(fd, _PENDING_HEADER.pack(PENDING_MAGIC, 1, boot_id() or bytes(16)), 0)
 

@@ -211,10 +211,9 @@ def test_a_full_pending_log_syncs_instead_and_the_event_loop_never_does(
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda raw: raw + b"\0" * 3, "not a header and whole entries"),
         (lambda raw: raw[:32] + (10**9).to_bytes(8, "big") + raw[40:], "is damaged"),
         (lambda raw: raw[:32] + (7).to_bytes(8, "big") + b"\xff" * (len(raw) - 40), "is damaged"),
-        (lambda raw: raw + raw[32:] * 5000, "not a header and whole entries"),
+        (lambda raw: raw + raw[32:] * 5000, "more than a header and 4096 entries"),
     ],
 )
 def test_a_damaged_pending_log_of_this_boot_is_refused_without_leaking_descriptors(
@@ -231,6 +230,19 @@ def test_a_damaged_pending_log_of_this_boot_is_refused_without_leaking_descripto
     with pytest.raises(IntegrityError, match=message):
         _cache(tmp_path, base)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_log_entry_cut_short_by_a_kill_is_dropped_and_the_rest_replayed(tmp_path: Path) -> None:
+    """A kill -9 may cut the log's last write at a page boundary; that write was never acknowledged."""
+    base = random.Random(9).randbytes(SIZE)
+    cache = _cache(tmp_path, base)
+    cache.write(7 * BLOCK + 5, b"q" * 10, sync=False)  # acknowledged: its entry is whole
+    for fd in (cache._data_fd, cache._map_fd, cache._sectors_fd, cache._pending_fd):
+        os.close(fd)
+    log = tmp_path / "d.pending"
+    raw = log.read_bytes()
+    log.write_bytes(raw + raw[32:35])  # three bytes of the entry the kill interrupted
+    assert _cache(tmp_path, base).read(7 * BLOCK + 5, 10) == b"q" * 10
 
 
 def test_a_torn_log_from_another_boot_is_dropped(tmp_path: Path) -> None:
