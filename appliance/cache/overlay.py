@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import stat
 import struct
 import threading
 import time
@@ -159,7 +160,8 @@ class WriteCache:
         write_atomic(self.map_path, self._header() + self._bits, FILE_MODE)
 
     def _open_existing(self) -> None:
-        raw = self.map_path.read_bytes()
+        # at most one bit per 512-byte block (the smallest) of the largest disk this one may grow to
+        raw = _read_regular(self.map_path, HEADER_SIZE + self.max_size // 512 // 8 + 1)
         if len(raw) < HEADER_SIZE:
             raise IntegrityError(f"write cache map {self.map_path} is truncated")
         magic, version, block, size, limit = _HEADER.unpack_from(raw)
@@ -723,6 +725,22 @@ class WriteCache:
             self._usage = sum(os.fstat(fd).st_blocks * 512 for fd in fds if fd >= 0)
             self._usage_at = now
         return self._usage
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes: a link, FIFO or device planted in
+    its place is neither followed nor waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise IntegrityError(f"write cache file {path} cannot be opened as a file: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise IntegrityError(f"write cache file {path} is not a regular file of at most {limit} bytes")
+        return os.pread(fd, st.st_size, 0)
+    finally:
+        os.close(fd)
 
 
 @functools.cache
