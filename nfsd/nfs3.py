@@ -7,6 +7,7 @@ so a burst of slow reads never delays the GETATTR that ESXi uses as its heartbea
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
 import time
@@ -207,6 +208,11 @@ def _read_only(export: Export) -> bool:
     return export.read_only or export.backend.read_only
 
 
+def _new_verifier() -> bytes:
+    """A write verifier no earlier one of this server had (time and randomness)."""
+    return struct.pack(">Q", time.time_ns() ^ int.from_bytes(os.urandom(8), "big"))
+
+
 class NFSv3(Program):
     prog = NFS_PROGRAM
     vers = NFS_V3
@@ -228,7 +234,7 @@ class NFSv3(Program):
         # Writes to one file serialize in the backend anyway; a few threads avoid a convoy of sixteen.
         self.write_pool = BatchPool(write_workers, name="nfs-write")
         # Changes at every start, so clients know to resend UNSTABLE writes the server may have lost.
-        self.write_verifier = struct.pack(">Q", time.time_ns() ^ int.from_bytes(os.urandom(8), "big"))
+        self.write_verifier = _new_verifier()
         self.stats: dict[str, int] = {}
 
     def requires_auth_sys(self, proc: int) -> bool:
@@ -238,12 +244,19 @@ class NFSv3(Program):
         return {i: self._wrap(getattr(self, f"NFSPROC3_{name}"), tail) for i, (name, tail) in enumerate(PROCEDURES)}
 
     def _wrap(self, fn: Callable, tail: bytes) -> Callable:
+        writes = fn.__name__ in ("NFSPROC3_WRITE", "NFSPROC3_COMMIT")
+
         async def handler(call: Call) -> list:
             try:
                 return await fn(call)
             except XDRError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every backend failure becomes an nfsstat3
+                if writes and isinstance(exc, OSError) and exc.errno != errno.ESTALE:
+                    # A failed write or sync may have lost UNSTABLE writes already answered (after a failed
+                    # fsync the kernel may drop the pages, and the next fsync succeeds): a new verifier makes
+                    # every client resend what it has not seen committed, as Linux's nfsd does.
+                    self.write_verifier = _new_verifier()
                 status = self.errors.status_for(exc)
                 return [struct.pack(">I", int(status)) + tail]
 
@@ -394,6 +407,7 @@ class NFSv3(Program):
             raise NFSError(Status.INVAL, f"count {count} != data length {len(data)}")
         if offset + count > MAX_OFFSET:
             raise NFSError(Status.FBIG, f"write of {count} bytes at {offset} ends beyond {MAX_OFFSET}")
+        verifier = self.write_verifier  # as before the write: a failure meanwhile must make the client resend it
 
         # An UNSTABLE write into blocks a disk's cache holds already is a pwrite into the page cache: done
         # here, without the trip to the write pool and back; anything that may wait goes to the pool.
@@ -409,7 +423,7 @@ class NFSv3(Program):
             result, attr = await self.write_pool.submit(do)
         p = Packer().u32(0)
         wcc(p, None, attr)
-        p.u32(result.count).u32(int(result.committed)).fixed(self.write_verifier)
+        p.u32(result.count).u32(int(result.committed)).fixed(verifier)
         return [p.buf]
 
     async def _created(self, call: Call, export: Export, d: ObjectId, fn: Callable) -> list:
@@ -625,6 +639,7 @@ class NFSv3(Program):
         attr = await self._io(do)
         p = Packer().u32(0)
         wcc(p, None, attr)
+        # as after the sync: a failure of another sync meanwhile may have lost pages this one then found clean
         p.fixed(self.write_verifier)
         return [p.buf]
 
