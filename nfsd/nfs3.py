@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import struct
 import time
@@ -19,6 +20,7 @@ from nfsd import errors
 from nfsd.batchpool import BatchPool
 from nfsd.exports import Export, ExportTable
 from nfsd.names import check_name, check_symlink_data
+from nfsd.ratelog import limited
 from nfsd.rpc import Call, Program
 from nfsd.vfs import (
     Attr,
@@ -31,6 +33,8 @@ from nfsd.vfs import (
     Status,
 )
 from nfsd.xdr import Packer, Unpacker, XDRError
+
+log = logging.getLogger("nfsd.nfs3")
 
 NFS_PROGRAM = 100003
 NFS_V3 = 3
@@ -257,6 +261,13 @@ class NFSv3(Program):
                     # fsync the kernel may drop the pages, and the next fsync succeeds): a new verifier makes
                     # every client resend what it has not seen committed, as Linux's nfsd does.
                     self.write_verifier = _new_verifier()
+                    limited.log(
+                        log,
+                        logging.ERROR,
+                        "%s failed (%s): new write verifier, clients resend their uncommitted writes",
+                        fn.__name__[8:],
+                        exc,
+                    )
                 status = self.errors.status_for(exc)
                 return [struct.pack(">I", int(status)) + tail]
 

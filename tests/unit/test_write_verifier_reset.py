@@ -42,7 +42,7 @@ def _verifier_of_commit(body: bytes) -> tuple[int, bytes]:
 
 
 def test_a_failed_commit_gives_a_new_verifier_so_unstable_writes_are_resent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     dispatcher, nfs, ext_fh, _ = setup(tmp_path)
     fh = Packer().opaque(ext_fh).bytes()
@@ -83,6 +83,8 @@ def test_a_failed_commit_gives_a_new_verifier_so_unstable_writes_are_resent(
     finally:
         nfs.close()
         loop.close()
+    # the operator hears of it: a cache disk that fails its syncs needs attention
+    assert "COMMIT failed ([Errno 5] Input/output error): new write verifier" in caplog.text
 
 
 def test_a_write_to_a_stopped_disk_keeps_the_verifier(tmp_path: Path) -> None:
