@@ -136,9 +136,8 @@ class WriteCache:
                 self._open_sectors()
             self._open_pending(replay=existing)
         except BaseException:
-            for fd in (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd):
-                if fd >= 0:
-                    os.close(fd)
+            for fd in self._fds():
+                os.close(fd)
             raise
 
     # --- files ----------------------------------------------------------------------------------------
@@ -230,12 +229,15 @@ class WriteCache:
             try:
                 self._sync_all()
             finally:
-                for fd in (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd):
+                for fd in self._fds():
                     try:
-                        if fd >= 0:
-                            os.close(fd)
+                        os.close(fd)
                     except OSError:
                         pass
+
+    def _fds(self) -> list[int]:
+        """The descriptors of the cache's files that are open (a version 1 cache has no sectors file)."""
+        return [fd for fd in (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd) if fd >= 0]
 
     def _check_open(self) -> None:
         """A request handed to a pool before its disk was unpublished may arrive after close(): the descriptor
@@ -304,8 +306,7 @@ class WriteCache:
             elif not self.cached(index):
                 if index not in self._partial and len(self._partial) >= MAX_PARTIAL_BLOCKS:
                     raise IntegrityError(f"write cache {self.pending_path} goes past {MAX_PARTIAL_BLOCKS} blocks")
-                self._partial_sectors += mask.bit_count() - self._partial.get(index, 0).bit_count()
-                self._partial[index] = mask
+                self._set_partial(index, mask, persist=False)  # _sync_all below writes it
             self._deferred.add(index)
         self._sync_all()
 
@@ -721,8 +722,7 @@ class WriteCache:
         WRITE reply carries it and two fstat calls per write cost more than the write's own bookkeeping."""
         now = time.monotonic()
         if now - self._usage_at > 1.0:
-            fds = (self._data_fd, self._map_fd, self._sectors_fd, self._pending_fd)
-            self._usage = sum(os.fstat(fd).st_blocks * 512 for fd in fds if fd >= 0)
+            self._usage = sum(os.fstat(fd).st_blocks * 512 for fd in self._fds())
             self._usage_at = now
         return self._usage
 
