@@ -36,9 +36,11 @@ def encrypted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     other = base / "other"
     run("init", other, "--encryption", "aes-256-gcm", "--key-file", base / "other.key")
     work = Path(tempfile.mkdtemp(prefix="bb-items-keys-", dir="/var/tmp"))
-    yield {"repo": repo, "key": key, "other_key": base / "other.key", "work": work}
-    assert os.listdir(work) == [], "a view was left behind"
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield {"repo": repo, "key": key, "other_key": base / "other.key", "work": work}
+        assert os.listdir(work) == [], "a view was left behind"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_items_open_an_encrypted_repository_with_a_key_file_or_the_passphrase(encrypted: dict) -> None:

@@ -54,17 +54,21 @@ def apps(build_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     (plain / "etc/hostname").write_text("web01\n")
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", plain, base / "web.raw", "8M"], check=True, capture_output=True)
     bootback("backup", repo, "--vm", "web01", base / "web.raw")
-    bootback("backup", repo, "--vm", "dots01", dotted_database_disk())
+    dots = traversable_tmp("bb-dots-")
+    try:
+        bootback("backup", repo, "--vm", "dots01", dotted_database_disk(dots))
+    finally:
+        shutil.rmtree(dots, ignore_errors=True)  # 150 MB a run, once left in /var/tmp by every run
     return {"repo": repo, "expected": json.loads((built / "expected.json").read_text()), "hash": tree_hash(repo)}
 
 
 DOTTED = "shop.public.orders"
 
 
-def dotted_database_disk() -> Path:
-    """A disk whose PostgreSQL 15 cluster (/srv/pg) holds a database named 'shop.public.orders' (table marker)
-    beside a database 'shop' with a table public.orders: the dotted name must never be read as that table."""
-    base = traversable_tmp("bb-dots-")
+def dotted_database_disk(base: Path) -> Path:
+    """A disk, made in BASE, whose PostgreSQL 15 cluster (/srv/pg) holds a database named 'shop.public.orders'
+    (table marker) beside a database 'shop' with a table public.orders: the dotted name must never be read as that
+    table."""
     cluster = Cluster(base / "pg" / "data", base / "sock")
     cluster.init()
     cluster.start()

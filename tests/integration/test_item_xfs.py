@@ -32,10 +32,12 @@ def xfs(build_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     work.chmod(0o755)
     expected = json.loads((build_app_disk(build_cache) / "expected.json").read_text())["clean"]
     before = tree_hash(repo)
-    yield {"repo": repo, "work": work, "expected": expected}
-    assert tree_hash(repo) == before, "item recovery changed the repository"
-    assert os.listdir(work) == [], "a private view or server was left behind"
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield {"repo": repo, "work": work, "expected": expected}
+        assert tree_hash(repo) == before, "item recovery changed the repository"
+        assert os.listdir(work) == [], "a private view or server was left behind"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def items(xfs: dict, *args: str) -> str:
