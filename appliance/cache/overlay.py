@@ -106,6 +106,9 @@ class WriteCache:
         # The map or sectors file has writes not synced yet: a stable write syncs them too, as the block it
         # rewrites may owe its bit to an earlier unstable write (one sync of the file, whichever blocks).
         self._map_dirty = self._sectors_dirty = False
+        # A sync failed: Linux may have marked the pages it could not write clean, so a later sync that succeeds
+        # says nothing of them. The next _sync_all writes them again (data of held-back blocks, map, masks).
+        self._resync = False
         self._lock = threading.RLock()
         self._closed = False
         self._usage, self._usage_at = 0, -1e9
@@ -246,17 +249,48 @@ class WriteCache:
             raise OSError(errno.ESTALE, f"write cache of disk {self.name} is closed")
 
     def _sync_all(self) -> None:
-        """Data first, then what points at it; the pending log is emptied once the map holds its blocks."""
-        os.fdatasync(self._data_fd)
+        """Data first, then what points at it; the pending log is emptied once the map holds its blocks. A failure
+        part way leaves every block held back that is not settled, and the log, for the retry."""
+        if self._resync:
+            self._rewrite_held_back()
+        self._sync(self._data_fd)
         self._settle()
-        os.fdatasync(self._map_fd)
+        if self._resync:  # every block is settled and its data synced: the whole map and every mask may go
+            self._write_all(self._map_fd, self._header() + self._bits, 0)
+            self._map_dirty = True
+            for index, mask in self._partial.items():
+                self._write_all(self._sectors_fd, mask.to_bytes(self._mask_len, "little"), index * self._mask_len)
+                self._sectors_dirty = True
+        self._sync(self._map_fd)
         if self._sectors_fd >= 0:
-            os.fdatasync(self._sectors_fd)
+            self._sync(self._sectors_fd)
+        self._resync = False
         self._map_dirty = self._sectors_dirty = False
         self._stale_masks = 0
         if self._pending_end > _PENDING_HEADER.size:
             os.ftruncate(self._pending_fd, _PENDING_HEADER.size)
             self._pending_end = _PENDING_HEADER.size
+
+    def _sync(self, fd: int) -> None:
+        """``fdatasync``, remembering a failure: the pages it could not write may be lost though no longer dirty."""
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            self._resync = True
+            raise
+
+    def _rewrite_held_back(self) -> None:
+        """Write the held-back blocks' bytes again from the page cache (which keeps them after a failed writeback)
+        so the next data sync writes them before their bits are settled: their copied-in bytes are nobody's to
+        resend. A client's own unstable writes it resends itself (the write verifier changes)."""
+        bs = self.block
+        for index in sorted(self._deferred):
+            b0, b1 = index * bs, min((index + 1) * bs, self.size)
+            mask = self._partial.get(index)
+            for s in range(-(-(b1 - b0) // SECTOR)):
+                if mask is None or mask >> s & 1:
+                    at = b0 + s * SECTOR
+                    self._pwrite(os.pread(self._data_fd, min(SECTOR, b1 - at), at), at)
 
     # --- pending log: map changes that wait for the data they claim ---------------------------------------
     def _open_pending(self, replay: bool) -> None:
@@ -592,12 +626,12 @@ class WriteCache:
         self._pwrite(data, offset)
         self._track(first, last)
         if sync:
-            if self._deferred:
+            if self._deferred or self._resync:
                 self._sync_all()  # this write's data, then the held-back blocks, which it covers too
             else:
-                os.fdatasync(self._data_fd)
+                self._sync(self._data_fd)
         elif copy_in and not later:  # no boot id to tell a kill -9 from a power cut: the copy-in goes first
-            os.fdatasync(self._data_fd)
+            self._sync(self._data_fd)
         self._deferred |= later
         for index in whole:
             self._set(index)
@@ -605,7 +639,7 @@ class WriteCache:
         if persist:
             self._persist_map(persist[0], persist[-1])
         if sync and self._map_dirty:  # its bits, a new size in the header, an earlier unstable write's bits
-            os.fdatasync(self._map_fd)
+            self._sync(self._map_fd)
             self._map_dirty = False
         for index in whole:  # after the bit: the mask left in the file loses to it
             self._drop_mask(index)
@@ -614,7 +648,7 @@ class WriteCache:
         for index, mask in masks.items():
             self._set_partial(index, mask, persist=index not in later)
         if sync and self._sectors_dirty:
-            os.fdatasync(self._sectors_fd)
+            self._sync(self._sectors_fd)
             self._sectors_dirty = False
         if later:
             self._log(later)
@@ -691,7 +725,7 @@ class WriteCache:
                 self.backing_limit = min(self.backing_limit, new_size)
                 self.size = new_size
                 os.ftruncate(self._data_fd, new_size)
-                os.fdatasync(self._data_fd)  # bytes copied in above reach the disk before the bits that claim them
+                self._sync(self._data_fd)  # bytes copied in above reach the disk before the bits that claim them
                 self._write_all(self._map_fd, bytes(self._bits), HEADER_SIZE)
                 self._persist_header()
             self._sync_all()
