@@ -290,7 +290,7 @@ class WriteCache:
             for s in range(-(-(b1 - b0) // SECTOR)):
                 if mask is None or mask >> s & 1:
                     at = b0 + s * SECTOR
-                    self._pwrite(os.pread(self._data_fd, min(SECTOR, b1 - at), at), at)
+                    self._write_all(self._data_fd, os.pread(self._data_fd, min(SECTOR, b1 - at), at), at)
 
     # --- pending log: map changes that wait for the data they claim ---------------------------------------
     def _open_pending(self, replay: bool) -> None:
@@ -383,10 +383,17 @@ class WriteCache:
         self._sync_all()
 
     @staticmethod
-    def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-        """``pwrite`` all of ``data``: a short write (the disk filled up during it) is ENOSPC, not success."""
-        if os.pwrite(fd, data, offset) != len(data):
-            raise OSError(errno.ENOSPC, "no space left in the write cache")
+    def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """``pwrite`` all of ``data`` into any of the cache's files. A short write is retried from where it
+        stopped: a disk that filled up during it answers the retry with ENOSPC (Linux), one that wrote nothing
+        is taken for full too; a caller never sees part of its data written and success."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            if n == 0:
+                raise OSError(errno.ENOSPC, "no space left in the write cache")
+            view = view[n:]
+            offset += n
 
     # --- block map ------------------------------------------------------------------------------------
     def cached(self, index: int) -> bool:
@@ -622,8 +629,8 @@ class WriteCache:
         if later and nowait and not self._log_has_room(len(later)):
             return None  # the log is full: the sync that empties it is no work for the event loop
         for at, n in copy_in:
-            self._pwrite(self._backing_read(at, n), at)
-        self._pwrite(data, offset)
+            self._write_all(self._data_fd, self._backing_read(at, n), at)
+        self._write_all(self._data_fd, data, offset)
         self._track(first, last)
         if sync:
             if self._deferred or self._resync:
@@ -660,15 +667,6 @@ class WriteCache:
         block the migration had copied was lost from its output)."""
         if self.dirty_tracker is not None:
             self.dirty_tracker.update(range(first, last + 1))
-
-    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._data_fd, view, offset)
-            if n == 0:
-                raise OSError(errno.ENOSPC, "no space left in the write cache")
-            view = view[n:]
-            offset += n
 
     def commit(self) -> None:
         """Make earlier unstable writes durable: data first, then the map that points at it."""
@@ -709,17 +707,17 @@ class WriteCache:
                     for s in range(self._spb):
                         x0 = b0 + s * SECTOR
                         if x0 < self.size and not self._partial[cut] >> s & 1:
-                            self._pwrite(self._backing_read(x0, min(SECTOR, self.size - x0)), x0)
+                            self._write_all(self._data_fd, self._backing_read(x0, min(SECTOR, self.size - x0)), x0)
                     self._set(cut)  # persisted with the whole map below
                     self._drop_mask(cut)
                 # The tail of a block cut in two must read as zeros if the disk grows again later.
                 if new_size % bs and self.cached(new_size // bs):
                     tail = min((new_size // bs + 1) * bs, self.size) - new_size
-                    self._pwrite(bytes(tail), new_size)
+                    self._write_all(self._data_fd, bytes(tail), new_size)
                 elif new_size % bs and new_size < self.backing_limit:
                     index = new_size // bs
                     b0 = index * bs
-                    self._pwrite(self._backing_read(b0, new_size - b0), b0)
+                    self._write_all(self._data_fd, self._backing_read(b0, new_size - b0), b0)
                     self._set(index)
                 self._clear_from(-(-new_size // bs))
                 self.backing_limit = min(self.backing_limit, new_size)

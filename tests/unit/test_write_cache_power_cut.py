@@ -313,9 +313,18 @@ def test_a_torn_log_entry_is_cut_off_and_its_write_settled_instead(
     base = random.Random(8).randbytes(SIZE)
     cache = _cache(tmp_path, base)
     real = os.pwrite
-    monkeypatch.setattr(
-        os, "pwrite", lambda fd, data, offset: real(fd, bytes(data)[:3] if fd == cache._pending_fd else data, offset)
-    )
+    full = [False]
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        """A disk filling up as Linux reports it: a short write, then ENOSPC on its retry."""
+        if fd != cache._pending_fd:
+            return real(fd, data, offset)
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        full[0] = True
+        return real(fd, bytes(data)[:3], offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
     cache.write(9 * BLOCK + 5, b"t" * 10, sync=False)  # a copy-in: its log entry is torn by a full disk
     monkeypatch.undo()
     assert os.path.getsize(tmp_path / "d.pending") == 32, "a torn entry left in the log"
