@@ -709,6 +709,7 @@ class WriteCache:
                         if x0 < self.size and not self._partial[cut] >> s & 1:
                             self._write_all(self._data_fd, self._backing_read(x0, min(SECTOR, self.size - x0)), x0)
                     self._set(cut)  # persisted with the whole map below
+                    self._deferred.add(cut)  # held back like an unstable copy-in, should the data sync fail
                     self._drop_mask(cut)
                 # The tail of a block cut in two must read as zeros if the disk grows again later.
                 if new_size % bs and self.cached(new_size // bs):
@@ -719,6 +720,7 @@ class WriteCache:
                     b0 = index * bs
                     self._write_all(self._data_fd, self._backing_read(b0, new_size - b0), b0)
                     self._set(index)
+                    self._deferred.add(index)
                 self._clear_from(-(-new_size // bs))
                 self.backing_limit = min(self.backing_limit, new_size)
                 self.size = new_size

@@ -170,3 +170,35 @@ def test_a_failed_close_reports_the_error_and_releases_every_descriptor(
     cache.close()  # closing twice is harmless
     monkeypatch.undo()
     assert _cache(tmp_path, base).read(5000, 100) == b"x" * 100  # the log of this boot is replayed
+
+
+@pytest.mark.parametrize("block", ["partly written", "in the backup"])
+def test_a_truncation_whose_data_sync_fails_claims_its_copied_in_sectors_only_once_they_are_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: str
+) -> None:
+    """A truncation cutting a block in two copies in from the backup what the cache lacks of it (nobody
+    resends those bytes) and claims the block whole. Its data sync fails: the client retries the SETATTR, which must not
+    claim the copied-in sectors whatever the failed sync lost."""
+    base = random.Random(14).randbytes(SIZE)
+    this_boot = [overlay.boot_id()]
+    monkeypatch.setattr(overlay, "boot_id", lambda: this_boot[0])
+    live = tmp_path / "live"
+    disk = FailingDisk(live, monkeypatch)
+    cache = _cache(live, base)
+    disk.synced = {p.name: p.read_bytes() for p in live.iterdir()}
+    want = bytearray(base)
+    if block == "partly written":
+        cache.write(9 * BLOCK, b"w" * SECTOR, sync=True)  # block 9: its first sector only
+        want[9 * BLOCK : 9 * BLOCK + SECTOR] = b"w" * SECTOR
+    size = 9 * BLOCK + 2 * SECTOR + 100  # cuts block 9 in its third sector
+    disk.fault = ("fdatasync", "d.data", errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        cache.truncate(size)
+    cache.truncate(size)  # the SETATTR again, the disk back
+    del want[size:]
+    assert cache.read(0, SIZE) == want
+    this_boot[0] = b"another boot...."
+    for image in disk.images(tmp_path):
+        reopened = _cache(image, base)
+        assert reopened.size == size and reopened.read(0, size) == want, image.name
+        reopened.close()
