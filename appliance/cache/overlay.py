@@ -107,7 +107,8 @@ class WriteCache:
         # rewrites may owe its bit to an earlier unstable write (one sync of the file, whichever blocks).
         self._map_dirty = self._sectors_dirty = False
         # A sync failed: Linux may have marked the pages it could not write clean, so a later sync that succeeds
-        # says nothing of them. The next _sync_all writes them again (data of held-back blocks, map, masks).
+        # says nothing of them; or a write of the map or a mask failed. The next _sync_all writes them again
+        # (data of held-back blocks, map, masks).
         self._resync = False
         self._lock = threading.RLock()
         self._closed = False
@@ -382,18 +383,24 @@ class WriteCache:
                 os.ftruncate(self._pending_fd, self._pending_end)
         self._sync_all()
 
-    @staticmethod
-    def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    def _write_all(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         """``pwrite`` all of ``data`` into any of the cache's files. A short write is retried from where it
         stopped: a disk that filled up during it answers the retry with ENOSPC (Linux), one that wrote nothing
-        is taken for full too; a caller never sees part of its data written and success."""
+        is taken for full too; a caller never sees part of its data written and success. A failed write of the
+        map or a mask leaves a bit or mask in memory only (a retried write finds its block done and writes
+        neither): the next data sync writes them all again."""
         view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            if n == 0:
-                raise OSError(errno.ENOSPC, "no space left in the write cache")
-            view = view[n:]
-            offset += n
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, "no space left in the write cache")
+                view = view[n:]
+                offset += n
+        except OSError:
+            if fd in (self._map_fd, self._sectors_fd):
+                self._resync = True
+            raise
 
     # --- block map ------------------------------------------------------------------------------------
     def cached(self, index: int) -> bool:
@@ -642,14 +649,15 @@ class WriteCache:
         self._deferred |= later
         for index in whole:
             self._set(index)
+            # In memory at once: a mask left beside the bit would read the block's other sectors from the backup
+            # should the map's write or sync fail (the retried write skips a cached block). In the file, the bit wins.
+            self._drop_mask(index)
         persist = [index for index in whole if index not in later] if later else whole
         if persist:
             self._persist_map(persist[0], persist[-1])
         if sync and self._map_dirty:  # its bits, a new size in the header, an earlier unstable write's bits
             self._sync(self._map_fd)
             self._map_dirty = False
-        for index in whole:  # after the bit: the mask left in the file loses to it
-            self._drop_mask(index)
         if sync:
             self._stale_masks = 0  # every bit is synced by now
         for index, mask in masks.items():
