@@ -680,6 +680,8 @@ class WriteCache:
         """Make earlier unstable writes durable: data first, then the map that points at it."""
         with self._lock:
             if self._closed:
+                if self._resync:  # close() failed part way: what it was to make durable may not be
+                    raise OSError(errno.EIO, f"write cache of disk {self.name} failed its last sync on close")
                 return  # close() already made everything durable
             self._sync_all()
 
