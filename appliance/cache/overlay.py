@@ -704,8 +704,10 @@ class WriteCache:
     def truncate(self, new_size: int) -> None:
         with self._lock:
             self._check_open()
-            if self._deferred:
-                self._sync_all()  # the held-back blocks first: the map is rewritten whole below
+            if self._deferred or self._pending_end > _PENDING_HEADER.size:
+                # The held-back blocks first: the map is rewritten whole below. A log left by a sync that failed
+                # after settling its blocks is emptied too: once cut off, its blocks would refuse its replay.
+                self._sync_all()
             if new_size > self.size:
                 self._grow(new_size)
             else:
