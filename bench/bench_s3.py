@@ -66,6 +66,22 @@ def gateway(directory: Path) -> dict[str, str]:
     }
 
 
+def s3_client():  # noqa: ANN201 - a boto3 client
+    """The bench's own boto3 client for the gateway the AWS_* variables name (buckets, listings, the anchor)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            max_pool_connections=16,
+        ),
+    )
+
+
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -232,18 +248,7 @@ def main(argv: list[str]) -> int:
     src = random_file(work / f"random-{size >> 20}M.raw", size)
     env = gateway(work / "rgw")
     os.environ.update(env)  # the reads below run in this process
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        config=Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            max_pool_connections=16,
-        ),
-    )
+    client = s3_client()
     bootback = str(Path(python()).with_name("bootback"))
     best: dict[str, float] = {}
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cache import overlay
 from tests.unit.test_write_cache_power_cut import BLOCK, SECTOR, SIZE, _cache
-from tests.unit.test_write_cache_sync_errors import FailingDisk
+from tests.unit.test_write_cache_sync_errors import failing_cache
 
 CASES = [  # an UNSTABLE write syncs nothing: only a map write can fail in it
     (True, "fdatasync", "d.map", errno.EIO),
@@ -28,12 +27,7 @@ def test_a_write_retried_after_its_map_failed_reads_back_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation: str, name: str, code: int, stable: bool
 ) -> None:
     base = random.Random(15).randbytes(SIZE)
-    this_boot = [overlay.boot_id()]
-    monkeypatch.setattr(overlay, "boot_id", lambda: this_boot[0])
-    live = tmp_path / "live"
-    disk = FailingDisk(live, monkeypatch)
-    cache = _cache(live, base)
-    disk.synced = {p.name: p.read_bytes() for p in live.iterdir()}
+    disk, cache, this_boot = failing_cache(tmp_path, monkeypatch, base)
     want = bytearray(base)
     b0 = 5 * BLOCK
     cache.write(b0, b"a" * SECTOR, sync=True)  # block 5: its first sector only

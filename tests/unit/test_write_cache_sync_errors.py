@@ -86,6 +86,20 @@ FAULTS = [
 ]
 
 
+def failing_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: bytes
+) -> tuple[FailingDisk, overlay.WriteCache, list[bytes]]:
+    """A fresh cache over ``base`` on a disk that fails on demand, every file synced as created; and the boot id
+    the cache sees (change ``[0]`` to open the crash images as after a reboot)."""
+    this_boot = [overlay.boot_id()]
+    monkeypatch.setattr(overlay, "boot_id", lambda: this_boot[0])
+    live = tmp_path / "live"
+    disk = FailingDisk(live, monkeypatch)
+    cache = _cache(live, base)
+    disk.synced = {p.name: p.read_bytes() for p in live.iterdir()}
+    return disk, cache, this_boot
+
+
 @pytest.mark.parametrize(("operation", "name", "code"), FAULTS, ids=[f"{o} {n}" for o, n, _ in FAULTS])
 @pytest.mark.parametrize("partial_bound", [overlay.MAX_PARTIAL_BLOCKS, 3])  # 3: most copy-ins are whole blocks
 def test_a_commit_failing_part_way_claims_nothing_unsynced_and_its_retry_makes_everything_durable(
@@ -94,12 +108,7 @@ def test_a_commit_failing_part_way_claims_nothing_unsynced_and_its_retry_makes_e
     monkeypatch.setattr(overlay, "MAX_PARTIAL_BLOCKS", partial_bound)
     rng = random.Random(f"{operation} {name} {partial_bound}")
     base = rng.randbytes(SIZE)
-    this_boot = [overlay.boot_id()]
-    monkeypatch.setattr(overlay, "boot_id", lambda: this_boot[0])
-    live = tmp_path / "live"
-    disk = FailingDisk(live, monkeypatch)
-    cache = _cache(live, base)
-    disk.synced = {p.name: p.read_bytes() for p in live.iterdir()}
+    disk, cache, this_boot = failing_cache(tmp_path, monkeypatch, base)
     fds = len(os.listdir("/proc/self/fd"))
     model = Model(base)
 
@@ -180,12 +189,7 @@ def test_a_truncation_whose_data_sync_fails_claims_its_copied_in_sectors_only_on
     resends those bytes) and claims the block whole. Its data sync fails: the client retries the SETATTR, which must not
     claim the copied-in sectors whatever the failed sync lost."""
     base = random.Random(14).randbytes(SIZE)
-    this_boot = [overlay.boot_id()]
-    monkeypatch.setattr(overlay, "boot_id", lambda: this_boot[0])
-    live = tmp_path / "live"
-    disk = FailingDisk(live, monkeypatch)
-    cache = _cache(live, base)
-    disk.synced = {p.name: p.read_bytes() for p in live.iterdir()}
+    disk, cache, this_boot = failing_cache(tmp_path, monkeypatch, base)
     want = bytearray(base)
     if block == "partly written":
         cache.write(9 * BLOCK, b"w" * SECTOR, sync=True)  # block 9: its first sector only

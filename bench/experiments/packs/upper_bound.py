@@ -59,18 +59,7 @@ def main() -> None:
         return time.perf_counter() - t0, cpu, b.gateway_cpu() - gw0
 
     fresh()
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        config=Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            max_pool_connections=16,
-        ),
-    )
+    client = b.s3_client()
     mb = SRC.stat().st_size / 1e6
     try:
         for n in range(ROUNDS):
