@@ -7,7 +7,7 @@ stores incompressible chunks with zstd's fastest level. Per chunk size, on a fre
 bench's 1 GiB of random bytes loose, packed, packed without compression, then boto3's transfer manager uploading
 the same file (the anchor of ``bench/bench_s3.py``). Prints wall, client CPU and gateway CPU seconds.
 
-    rm -rf /tmp/proto && mkdir /tmp/proto && git archive HEAD | tar -x -C /tmp/proto
+    rm -rf /tmp/proto && mkdir /tmp/proto && git archive dce445d | tar -x -C /tmp/proto  # the patch's base
     (cd /tmp/proto && patch -p1 < bench/experiments/packs/prototype.patch)
     .venv/bin/python bench/experiments/packs/upper_bound.py   # PROTO=/tmp/proto ROUNDS=2 SRC=...
 """
