@@ -257,11 +257,9 @@ class WriteCache:
         self._sync(self._data_fd)
         self._settle()
         if self._resync:  # every block is settled and its data synced: the whole map and every mask may go
-            self._write_all(self._map_fd, self._header() + self._bits, 0)
-            self._map_dirty = True
+            self._persist_whole_map()
             for index, mask in self._partial.items():
-                self._write_all(self._sectors_fd, mask.to_bytes(self._mask_len, "little"), index * self._mask_len)
-                self._sectors_dirty = True
+                self._persist_mask(index, mask)
         self._sync(self._map_fd)
         if self._sectors_fd >= 0:
             self._sync(self._sectors_fd)
@@ -355,8 +353,7 @@ class WriteCache:
         for index in blocks:
             mask = self._partial.get(index)
             if mask is not None:
-                self._write_all(self._sectors_fd, mask.to_bytes(self._mask_len, "little"), index * self._mask_len)
-                self._sectors_dirty = True
+                self._persist_mask(index, mask)
         lo, hi = blocks[0] >> 3, (blocks[-1] >> 3) + 1
         self._write_all(self._map_fd, self._bits[lo:hi], HEADER_SIZE + lo)  # every bit in it is settled now
         self._map_dirty = True
@@ -435,9 +432,11 @@ class WriteCache:
         self._partial_sectors += mask.bit_count() - self._partial.get(index, 0).bit_count()
         self._partial[index] = mask
         if persist:
-            width = self._mask_len
-            self._write_all(self._sectors_fd, mask.to_bytes(width, "little"), index * width)
-            self._sectors_dirty = True
+            self._persist_mask(index, mask)
+
+    def _persist_mask(self, index: int, mask: int) -> None:
+        self._write_all(self._sectors_fd, mask.to_bytes(self._mask_len, "little"), index * self._mask_len)
+        self._sectors_dirty = True
 
     def _drop_mask(self, index: int) -> None:
         """Forget block ``index``'s mask: it is whole now, and its map bit wins over the mask left in the file
@@ -449,6 +448,11 @@ class WriteCache:
 
     def _persist_header(self) -> None:
         self._write_all(self._map_fd, self._header(), 0)
+        self._map_dirty = True
+
+    def _persist_whole_map(self) -> None:
+        """The header and every bit, held-back ones included: for callers whose data is synced or about to be."""
+        self._write_all(self._map_fd, self._header() + self._bits, 0)
         self._map_dirty = True
 
     # --- I/O ------------------------------------------------------------------------------------------
@@ -738,8 +742,7 @@ class WriteCache:
                 self.size = new_size
                 os.ftruncate(self._data_fd, new_size)
                 self._sync(self._data_fd)  # bytes copied in above reach the disk before the bits that claim them
-                self._write_all(self._map_fd, bytes(self._bits), HEADER_SIZE)
-                self._persist_header()
+                self._persist_whole_map()
             self._sync_all()
 
     def _clear_from(self, first: int) -> None:
