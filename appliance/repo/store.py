@@ -61,16 +61,13 @@ class ChunkStore:
         self._local = threading.local()
 
     # zstd contexts are not thread-safe; one per thread is cheap.
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        c = getattr(self._local, "c", None)
+    def _compressor(self, fastest: bool = False) -> zstandard.ZstdCompressor:
+        """This thread's compressor at the repository's level, or at zstd's fastest."""
+        name = "f" if fastest else "c"
+        c = getattr(self._local, name, None)
         if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self._level)
-        return c
-
-    def _fastest(self) -> zstandard.ZstdCompressor:
-        c = getattr(self._local, "f", None)
-        if c is None:
-            c = self._local.f = zstandard.ZstdCompressor(level=FASTEST_LEVEL)
+            c = zstandard.ZstdCompressor(level=FASTEST_LEVEL if fastest else self._level)
+            setattr(self._local, name, c)
         return c
 
     def _compress(self, data: bytes | bytearray | memoryview) -> bytes:
@@ -81,7 +78,7 @@ class ChunkStore:
             view, mid = memoryview(data), (n - SAMPLE_BYTES) // 2
             sample = b"".join((view[:SAMPLE_BYTES], view[mid : mid + SAMPLE_BYTES], view[n - SAMPLE_BYTES :]))
             if len(c.compress(sample)) > len(sample) * INCOMPRESSIBLE_RATIO:
-                c = self._fastest()
+                c = self._compressor(fastest=True)
         return c.compress(data)
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
