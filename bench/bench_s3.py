@@ -53,7 +53,7 @@ MiB = 1 << 20
 
 def gateway(directory: Path) -> dict[str, str]:
     """Start (or reuse) the gateway; the AWS_* variables that reach it."""
-    # CEPH_ARGS: a nearly full disk (under 1 % free) must not stop the monitor; the bench's data is elsewhere
+    # CEPH_ARGS: a nearly full disk (under 1 % free) must not stop the monitor; its data is in RAM (memstore)
     env = {**os.environ, "S3_ACCESS_KEY": ACCESS, "S3_SECRET_KEY": SECRET}
     env["CEPH_ARGS"] = "--mon_data_avail_crit=0 --mon_data_avail_warn=0"
     sh("bash", RGW, "start", directory, str(PORT), env=env)
