@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a repository")
     add_repository_argument(p)
     p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK), help="64K..4M, a power of two (default 1M)")
+    p.add_argument(
+        "--packs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store chunks in ~16 MiB pack objects (default: on for s3://, off for a directory)",
+    )
     add_init_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
@@ -88,7 +94,7 @@ def _emit(args: argparse.Namespace, doc: object, text: str) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     encryption, source = init_encryption(args)
-    repo = Repository.init(args.repo, parse_size(args.chunk_size), encryption, source, args.key_file)
+    repo = Repository.init(args.repo, parse_size(args.chunk_size), encryption, source, args.key_file, args.packs)
     where = f", key in {args.key_file}" if args.key_file else ""
     _emit(
         args,
@@ -97,9 +103,10 @@ def cmd_init(args: argparse.Namespace) -> int:
             "id": repo.config.id,
             "chunk_size": repo.config.chunk_size,
             "encryption": repo.config.encryption_name,
+            "packs": repo.packed,
         },
         f"created repository {repo.location} (chunk size {repo.config.chunk_size // 1024} KiB, "
-        f"encryption {repo.config.encryption_name}{where})",
+        f"encryption {repo.config.encryption_name}{where}{', packs' if repo.packed else ''})",
     )
     return 0
 
@@ -319,6 +326,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"DAMAGED {ref}: {len(bad)} bad chunk(s), e.g. {bad[0]}")
         for ref, err in sorted(report.unreadable_points.items()):
             print(f"DAMAGED MANIFEST {ref}: {err}")
+        for key, err in sorted(report.damaged_indexes.items()):
+            print(f"DAMAGED INDEX {key}: {err}")
         print("repository OK" if report.ok else "repository DAMAGED")
     return 0 if report.ok else 1
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from appliance.errors import BootbackError, IntegrityError, UsageError
 from appliance.repo.manifest import DamagedPoint, RestorePoint, check_vm_name
+from appliance.repo.packgc import collect_packs
 from appliance.repo.repository import Repository
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -19,10 +20,11 @@ class VerifyReport:
     bad_chunks: dict[str, str] = field(default_factory=dict)  # chunk id -> what is wrong
     damaged_points: dict[str, list[str]] = field(default_factory=dict)  # "vm@id" -> bad chunk ids
     unreadable_points: dict[str, str] = field(default_factory=dict)  # manifest name -> error
+    damaged_indexes: dict[str, str] = field(default_factory=dict)  # index object (packs) -> error
 
     @property
     def ok(self) -> bool:
-        return not (self.bad_chunks or self.unreadable_points)
+        return not (self.bad_chunks or self.unreadable_points or self.damaged_indexes)
 
     def as_dict(self) -> dict:
         return {
@@ -31,6 +33,7 @@ class VerifyReport:
             "bad_chunks": self.bad_chunks,
             "damaged_points": self.damaged_points,
             "unreadable_points": self.unreadable_points,
+            "damaged_indexes": self.damaged_indexes,
         }
 
 
@@ -50,6 +53,9 @@ def verify(repo: Repository, progress: Progress | None = None, workers: int = 4)
     places needs (as a reader does); report damaged restore points and damaged point files."""
     report = VerifyReport()
     points = _load_all_points(repo, report)
+    if repo.store.indexes is not None:
+        repo.store.indexes.rebuild()  # every index object read now, each checked whole
+        report.damaged_indexes = dict(repo.store.indexes.damaged)
     users: dict[str, dict[int, set[str]]] = {}  # chunk id -> length a place needs -> points needing it
     for p in points:
         for d in p.disks:
@@ -135,6 +141,10 @@ def collect_garbage(repo: Repository, wait: bool = True, doomed: Sequence[Restor
                 repo.store.delete(cid)
                 freed += info.size
                 deleted += 1
+        if repo.packed:
+            packed = collect_packs(repo, live, before)
+            deleted += packed.dead_chunks
+            freed += packed.freed_bytes
         repo.clean_tmp()
         repo.chunk_cache.clear()
     return deleted, freed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,8 @@ __all__ = ["DEFAULT_CHUNK", "PointListing", "Repository", "find_repositories", "
 REPO_MAGIC = "bootback-repository"
 REPO_FORMAT = 2  # 2: sealed (checksummed) point files with a summary; format-1 repositories are read and upgraded
 ENCRYPTION_FEATURE = "encryption"  # objects in envelopes, chunk ids keyed: a bootback without it refuses the repository
-KNOWN_FEATURES: frozenset[str] = frozenset({ENCRYPTION_FEATURE})
+PACKS_FEATURE = "packs"  # new chunks in pack objects found through index objects (docs/repository-format.md)
+KNOWN_FEATURES: frozenset[str] = frozenset({ENCRYPTION_FEATURE, PACKS_FEATURE})
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 4 * MiB
 DEFAULT_CHUNK = MiB
@@ -111,13 +113,18 @@ class Repository:
         self.path = self.backend.local_path  # the directory of a local repository; None on S3
         self.config = config
         self.key = key
-        self.store = ChunkStore(self.backend, config.chunk_size, key=key)
+        self.store = ChunkStore(self.backend, config.chunk_size, key=key, packs=self.packed)
         self.chunk_cache = ChunkCache()
         self.plain_writes_refused: str | None = None  # why (``KeySource.check_plain``); set by ``open``
 
     @property
     def encrypted(self) -> bool:
         return self.key is not None
+
+    @property
+    def packed(self) -> bool:
+        """Whether new chunks go into pack objects (the ``packs`` feature)."""
+        return PACKS_FEATURE in self.config.features
 
     # --- creation and opening -------------------------------------------------------------------------
     @classmethod
@@ -128,9 +135,12 @@ class Repository:
         encryption: str = keys.NONE,
         key_source: KeySource | None = None,
         key_file: Path | None = None,
+        packs: bool | None = None,
     ) -> Repository:
         """A new repository at ``path``. With ``encryption`` "aes-256-gcm" a random key is made and kept in
-        ``key_file`` (only there) if given, else in config.json wrapped by a passphrase from ``key_source``."""
+        ``key_file`` (only there) if given, else in config.json wrapped by a passphrase from ``key_source``.
+        ``packs``: store chunks in pack objects; by default on object storage (where an object per chunk costs
+        the service more than its bytes), not in a directory (whose format stays the earlier versions')."""
         backend = open_store(path)
         check_chunk_size(chunk_size)
         if encryption not in keys.ALGORITHMS:
@@ -150,6 +160,8 @@ class Repository:
         config = RepoConfig(id=repo_id, chunk_size=chunk_size)
         if key is not None:
             config.features, config.hash, config.encryption = (ENCRYPTION_FEATURE,), keys.CHUNK_ID_HMAC, encryption_doc
+        if backend.remote if packs is None else packs:
+            config.features = (*config.features, PACKS_FEATURE)
         if not backend.put_new("config.json", config.to_json()):
             raise UsageError(f"cannot create a repository in {backend.location}: another one was just created there")
         return cls(backend, config, key)
@@ -223,7 +235,12 @@ class Repository:
         """A backup's right to add chunks and a point, shared with other backups, and the batch its chunks go
         into. RepositoryLockedError while garbage collection runs."""
         self._check_plain_write()
-        return self.backend.writer()
+        return self._writer()
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[ChunkBatch]:
+        with self.backend.writer() as batch:
+            yield self.store.batch(batch)
 
     def _check_plain_write(self) -> None:
         if self.plain_writes_refused:

@@ -9,6 +9,7 @@ so a crash leaves either no chunk or a whole one (each backend's docstring tells
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from appliance.repo import objects
 from appliance.repo.backends import ChunkBatch, ObjectInfo, ObjectStore
 from appliance.repo.backends.local import DIR_MODE, FILE_MODE
 from appliance.repo.keys import RepoKey
+from appliance.repo.packindex import PackRecord
+from appliance.repo.packs import RELOAD_INTERVAL, IndexSet, PackingBatch, check_pack_record
 
 __all__ = ["DIR_MODE", "FILE_MODE", "ChunkStore", "chunk_id"]  # the modes: for older importers
 
@@ -45,10 +48,16 @@ class ChunkStore:
     """Content-addressed chunk objects under ``chunks/`` of ``backend``; safe for many threads and processes."""
 
     def __init__(
-        self, backend: ObjectStore, max_chunk: int, compression_level: int = 3, key: RepoKey | None = None
+        self,
+        backend: ObjectStore,
+        max_chunk: int,
+        compression_level: int = 3,
+        key: RepoKey | None = None,
+        packs: bool = False,
     ) -> None:
         """``max_chunk``: the repository's chunk size; a chunk file claiming more is refused unread. ``key``: an
-        encrypted repository's key (chunks are named by its keyed hash and sealed by ``objects.Envelope``)."""
+        encrypted repository's key (chunks are named by its keyed hash and sealed by ``objects.Envelope``).
+        ``packs``: new chunks go into pack objects (``packs``), found through index objects."""
         self.backend = backend
         self.root = backend.local_path  # a local repository's directory (tests, benchmarks); None on S3
         self.chunks_dir = self.root / "chunks" if self.root else None
@@ -59,6 +68,11 @@ class ChunkStore:
         self._max_file = self._max_inner + self.envelope.overhead
         self._level = compression_level
         self._local = threading.local()
+        self.indexes = IndexSet(backend, self.envelope, self._max_file) if packs else None
+
+    def batch(self, inner: ChunkBatch) -> ChunkBatch:
+        """A backup's batch: ``inner`` (the store's own), or packs staged through it in a repository with packs."""
+        return inner if self.indexes is None else PackingBatch(inner, self.indexes, self.envelope)
 
     # zstd contexts are not thread-safe; one per thread is cheap.
     def _compressor(self, fastest: bool = False) -> zstandard.ZstdCompressor:
@@ -121,14 +135,56 @@ class ChunkStore:
         """Return the chunk's bytes, verified against its hash; ``context`` names who asked (a restore point)."""
         where = f" (needed by {context})" if context else ""
         name = f"chunk {cid}{where}"
-        try:
-            blob = self.backend.get(self.key(cid), name, self._max_file)
-        except FileNotFoundError:
-            raise IntegrityError(f"chunk {cid} is missing{where}") from None
+        return self.open_object(cid, self._fetch(cid, name, where), name, where)
+
+    def open_object(self, cid: str, blob: bytes, name: str, where: str = "") -> bytes:
+        """The bytes of chunk ``cid`` from its stored object ``blob``, checked as every read checks them:
+        envelope, framing, bounds, hash. ``name`` says what it is in errors."""
         blob = self.envelope.unwrap(objects.CHUNK_MAGIC, blob, name, cid.encode(), self._max_inner)
         data = objects.unpack(objects.CHUNK_MAGIC, blob, name, self._decompressor(), self.max_chunk)
         if self.chunk_id(data) != cid:
             raise IntegrityError(f"chunk {cid} is corrupt: its content does not match its hash{where}")
+        return data
+
+    @property
+    def max_object(self) -> int:
+        """The most bytes a stored chunk object may hold."""
+        return self._max_file
+
+    def _fetch(self, cid: str, name: str, where: str) -> bytes:
+        """The stored object of chunk ``cid``: from its pack when an index names one, else loose."""
+        if self.indexes is not None:
+            raw = bytes.fromhex(cid)  # a point's chunk ids are checked hex when it is loaded
+            rec = self.indexes.find(raw)
+            if rec is not None:
+                try:
+                    return self.read_packed(rec, name)
+                except FileNotFoundError:
+                    pass
+                # The pack is gone: a garbage collection repacked its live chunks meanwhile. Read the indexes
+                # again (at most once per RELOAD_INTERVAL: a damaged index cannot make every read list them).
+                self.indexes.rebuild(min_age=RELOAD_INTERVAL)
+                moved = self.indexes.find(raw, reload=False)
+                if moved is not None and moved != rec:
+                    with contextlib.suppress(FileNotFoundError):
+                        return self.read_packed(moved, name)
+        try:
+            return self.backend.get(self.key(cid), name, self._max_file)
+        except FileNotFoundError:
+            damaged = self.indexes.damaged if self.indexes is not None else {}
+            why = f"; {len(damaged)} index object(s) cannot be read: {next(iter(damaged.values()))}" if damaged else ""
+            raise IntegrityError(f"chunk {cid} is missing{where}{why}") from None
+
+    def read_packed(self, rec: PackRecord, name: str) -> bytes:
+        """The bytes an index record places in a pack: exactly ``rec.length`` of them, or IntegrityError."""
+        check_pack_record(rec, self._max_file, name)
+        key = rec.pack_key
+        data, size = self.backend.read_range(key, rec.offset, rec.offset + rec.length - 1, f"{name} in {key}")
+        if len(data) != rec.length:
+            raise IntegrityError(
+                f"{name}: the index places it at bytes {rec.offset}-{rec.offset + rec.length - 1} of {key}, "
+                f"which holds {size} bytes"
+            )
         return data
 
     def iter_chunks(self) -> Iterator[ObjectInfo]:

@@ -40,13 +40,24 @@ def src(name: str, data: bytes) -> DiskSource:
     return DiskSource(name=name, size=len(data), format="raw", stream=io.BytesIO(bytes(data)))
 
 
+@pytest.fixture(params=[False, True], ids=["loose", "packs"])
+def repo(tmp_path: Path, request: pytest.FixtureRequest) -> Repository:
+    """Every behaviour here holds for both layouts: a chunk per object, and chunks in pack objects."""
+    return Repository.init(tmp_path / "repo", chunk_size=CS, packs=request.param)
+
+
 @pytest.fixture
-def repo(tmp_path: Path) -> Repository:
-    return Repository.init(tmp_path / "repo", chunk_size=CS)
+def loose(tmp_path: Path) -> Repository:
+    """A chunk per file: tests that damage one chunk's file (packs: tests/unit/test_packs.py)."""
+    return Repository.init(tmp_path / "repo", chunk_size=CS, packs=False)
 
 
 def chunk_files(repo: Repository) -> set[str]:
-    return set(repo.store.iter_ids())
+    """The ids of every stored chunk, loose or in a pack."""
+    if repo.store.indexes is None:
+        return set(repo.store.iter_ids())
+    repo.store.indexes.rebuild()
+    return {rec.chunk.hex() for rec in repo.store.indexes.records()}
 
 
 def test_init_records_format_and_refuses_newer(tmp_path: Path) -> None:
@@ -151,7 +162,8 @@ def _a_stored_chunk(repo: Repository, point) -> str:
     return next(c for c in point.disks[0].chunks if c is not None)
 
 
-def test_corrupt_chunk_raises_naming_chunk_and_point_and_verify_reports(repo: Repository) -> None:
+def test_corrupt_chunk_raises_naming_chunk_and_point_and_verify_reports(loose: Repository) -> None:
+    repo = loose
     data = make_disk(8 * CS, seed=7)
     point = backup_vm(repo, "vm", [src("d", data)])
     other = backup_vm(repo, "unrelated", [src("d", make_disk(4 * CS, seed=8))])
@@ -180,7 +192,8 @@ def test_corrupt_chunk_raises_naming_chunk_and_point_and_verify_reports(repo: Re
         repo.store.get(cid)
 
 
-def test_missing_chunk_and_newer_object_version(repo: Repository) -> None:
+def test_missing_chunk_and_newer_object_version(loose: Repository) -> None:
+    repo = loose
     point = backup_vm(repo, "vm", [src("d", make_disk(4 * CS, seed=9))])
     cid = _a_stored_chunk(repo, point)
     path = repo.store.path(cid)

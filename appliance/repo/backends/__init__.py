@@ -85,6 +85,11 @@ class ObjectStore(ABC):
         IntegrityError naming ``name``); FileNotFoundError if it does not exist."""
 
     @abstractmethod
+    def read_range(self, key: str, start: int, end: int, name: str) -> tuple[bytes, int]:
+        """Bytes ``start..end`` (inclusive, clipped to the object) and the object's whole size; an answer of
+        another length than that is IntegrityError naming ``name``; FileNotFoundError if ``key`` does not exist."""
+
+    @abstractmethod
     def open(self, key: str, name: str) -> BinaryIO:
         """A seekable reader of ``key`` that fetches only what is read (point files: the summary first);
         FileNotFoundError if it does not exist."""

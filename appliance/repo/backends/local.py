@@ -31,7 +31,7 @@ from appliance.repo.backends import ChunkBatch, ObjectInfo, ObjectStore
 
 DIR_MODE = 0o700  # a repository holds whole disks: private to its owner
 FILE_MODE = 0o600
-SUBDIRS = ("chunks", "points", "tmp")
+SUBDIRS = ("chunks", "points", "tmp")  # packs/ and index/ appear with the first packed backup
 
 
 class LocalStore(ObjectStore):
@@ -61,6 +61,20 @@ class LocalStore(ObjectStore):
             raise
         except OSError as exc:
             raise IntegrityError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+    def read_range(self, key: str, start: int, end: int, name: str) -> tuple[bytes, int]:
+        path = self._file(key)
+        fd, size = safefile.open_regular(path, name)
+        try:
+            want = max(0, min(end + 1, size) - start)
+            data = os.pread(fd, want, start) if want else b""
+        except OSError as exc:
+            raise IntegrityError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        if len(data) != want:  # shrank meanwhile: never a short answer passed on as the object's bytes
+            raise IntegrityError(f"{name}: {path}: read {len(data)} of bytes {start}-{end} ({size} bytes)")
+        return data, size
 
     def open(self, key: str, name: str) -> BinaryIO:
         fd, _size = safefile.open_regular(self._file(key), name)
@@ -191,14 +205,14 @@ class _LocalBatch(ChunkBatch):
     def publish(self) -> None:
         sync_filesystem(self.tmp)
         dirs = set()
-        for key, tmp in self._staged:
+        for key, tmp in self._staged:  # in staging order: a pack before the index that names it
             final = self.store._file(key)
-            final.parent.mkdir(DIR_MODE, exist_ok=True)
+            final.parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
             os.replace(tmp, final)
             dirs.add(final.parent)
-        for d in dirs:
+        tops = {self.store.root / key.split("/", 1)[0] for key, _ in self._staged}  # chunks/, packs/, index/
+        for d in sorted(dirs | tops | {self.store.root}):  # every folder that gained an entry
             fsync_dir(d)
-        fsync_dir(self.store.root / "chunks")
         self._staged.clear()
 
     def check_alive(self) -> None:

@@ -82,8 +82,9 @@ class LeanS3:
             raise Redirected("no request URL")  # an addressing we do not recognise: boto3's own calls then
         return captured[0][: -len(ADDRESS_MARKER)]
 
-    def get(self, key: str):  # noqa: ANN201 - a botocore AWSResponse with its body unread (``.raw``)
-        return self._send("GET", key, None, "GetObject")
+    def get(self, key: str, byte_range: str | None = None):  # noqa: ANN201 - an AWSResponse, body unread (``.raw``)
+        """The object, or with ``byte_range`` ("bytes=START-END") those bytes of it (answer 206)."""
+        return self._send("GET", key, None, "GetObject", {"Range": byte_range} if byte_range else None)
 
     def head(self, key: str) -> None:
         _finish(self._send("HEAD", key, None, "HeadObject"))
@@ -91,7 +92,7 @@ class LeanS3:
     def put(self, key: str, body: bytes) -> None:
         _finish(self._send("PUT", key, body, "PutObject"))
 
-    def _send(self, method: str, key: str, body: bytes | None, operation: str):  # noqa: ANN202
+    def _send(self, method: str, key: str, body: bytes | None, operation: str, headers: dict | None = None):  # noqa: ANN202
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
@@ -107,7 +108,7 @@ class LeanS3:
             attempts += 1
             if self._credentials is None:
                 raise NoCredentialsError()
-            request = AWSRequest(method=method, url=url, data=body)
+            request = AWSRequest(method=method, url=url, data=body, headers=headers)
             request.context = dict(context)
             S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self._region).add_auth(request)
             prepared = request.prepare()
