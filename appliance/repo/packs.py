@@ -148,7 +148,7 @@ class IndexSet:
         self._index: PackIndex | None = None
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
-        self._last_reload = 0.0
+        self._last_reload = self._last_rebuild = float("-inf")
         self._missing: dict[bytes, float] = {}  # chunk -> when it was last not found after a reload
         self.damaged: dict[str, str] = {}  # index objects that cannot be read -> why
 
@@ -167,22 +167,38 @@ class IndexSet:
                 assert self._index is not None
                 rec = self._index.find(chunk)
                 if rec is None:
-                    if len(self._missing) >= MAX_REMEMBERED_MISSES:
-                        self._missing.clear()
-                    self._missing[chunk] = time.monotonic()
+                    self._remember_missing(chunk)
         return rec
+
+    def _remember_missing(self, chunk: bytes) -> None:
+        if len(self._missing) >= MAX_REMEMBERED_MISSES:
+            self._missing.clear()
+        self._missing[chunk] = time.monotonic()
 
     def refresh(self) -> None:
         """Read the index objects written since the last load (a backup does, before it deduplicates)."""
         with self._lock:
             self._refresh(rebuild=self._index is None)
 
-    def rebuild(self, min_age: float = 0.0) -> None:
-        """Read every index object again from scratch (a pack named by a record is gone: a repack moved it),
-        unless the last reload is younger than ``min_age`` seconds."""
+    def rebuild(self) -> None:
+        """Read every index object again from scratch."""
         with self._lock:
-            if time.monotonic() - self._last_reload >= min_age:
+            self._refresh(rebuild=True)
+
+    def moved(self, rec: PackRecord, since: float) -> PackRecord | None:
+        """Where chunk ``rec.chunk`` is now that ``rec``'s pack is gone (a repack moved it; the read began at
+        ``since``, monotonic): every index object is read again, unless a rebuild began after ``since`` or this
+        chunk was looked for that way within RELOAD_INTERVAL. None when it is nowhere else."""
+        with self._lock:
+            recent = self._missing.get(rec.chunk, float("-inf")) + RELOAD_INTERVAL >= since
+            if self._last_rebuild < since and not recent:
                 self._refresh(rebuild=True)
+            assert self._index is not None
+            found = self._index.find(rec.chunk)
+            if found is None or found == rec:
+                self._remember_missing(rec.chunk)
+                return None
+            return found
 
     def keys(self) -> set[str]:
         """The index objects loaded (garbage collection deletes exactly these after consolidating them)."""
@@ -210,6 +226,8 @@ class IndexSet:
     def _refresh(self, rebuild: bool) -> None:
         """Under ``_lock``: add the index objects not loaded yet (all of them, into a new index, if ``rebuild``)."""
         self._last_reload = time.monotonic()
+        if rebuild:
+            self._last_rebuild = self._last_reload
         names = [info.key for info in self.backend.list(INDEX_PREFIX) if is_index_key(info.key)]
         index = PackIndex() if rebuild or self._index is None else self._index
         fresh = index is not self._index

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from appliance.repo.backends import ChunkBatch, ObjectInfo, ObjectStore
 from appliance.repo.backends.local import DIR_MODE, FILE_MODE
 from appliance.repo.keys import RepoKey
 from appliance.repo.packindex import PackRecord
-from appliance.repo.packs import RELOAD_INTERVAL, IndexSet, PackingBatch, check_pack_record
+from appliance.repo.packs import IndexSet, PackingBatch, check_pack_record
 
 __all__ = ["DIR_MODE", "FILE_MODE", "ChunkStore", "chunk_id"]  # the modes: for older importers
 
@@ -155,17 +156,15 @@ class ChunkStore:
         """The stored object of chunk ``cid``: from its pack when an index names one, else loose."""
         if self.indexes is not None:
             raw = bytes.fromhex(cid)  # a point's chunk ids are checked hex when it is loaded
+            started = time.monotonic()
             rec = self.indexes.find(raw)
             if rec is not None:
                 try:
                     return self.read_packed(rec, name)
                 except FileNotFoundError:
                     pass
-                # The pack is gone: a garbage collection repacked its live chunks meanwhile. Read the indexes
-                # again (at most once per RELOAD_INTERVAL: a damaged index cannot make every read list them).
-                self.indexes.rebuild(min_age=RELOAD_INTERVAL)
-                moved = self.indexes.find(raw, reload=False)
-                if moved is not None and moved != rec:
+                moved = self.indexes.moved(rec, started)  # a garbage collection repacked it meanwhile
+                if moved is not None:
                     with contextlib.suppress(FileNotFoundError):
                         return self.read_packed(moved, name)
         try:

@@ -301,3 +301,47 @@ def test_repack_leaves_a_pack_with_a_damaged_live_chunk_whole(repo: Repository) 
     with pytest.raises(IntegrityError, match=f"chunk {shared}"):
         fresh.store.get(shared)
     assert verify(fresh).bad_chunks.keys() == {shared}
+
+
+def test_young_index_keeps_every_pack_it_names(repo: Repository) -> None:
+    """An index younger than the grace period may belong to an S3 writer whose lease the collector cannot see,
+    about to commit its point: its packs stay, even older ones and even though no point needs them yet."""
+    import os
+    import time
+
+    kept = backup_vm(repo, "kept", [src(disk(8, seed=70))])
+    first_index = files(repo, "index")[0]
+    late = backup_vm(repo, "late", [src(disk(8, seed=71))])
+    repo.delete_point(late)  # as if its point were not committed yet
+    (late_index,) = set(files(repo, "index")) - {first_index}
+    now = time.time()
+    for f in [*files(repo, "packs"), first_index]:
+        os.utime(f, (now - 7200, now - 7200))  # every pack is old
+    os.utime(late_index, (now, now))
+    live = {c for c in kept.disks[0].chunks if c}
+    late_chunk = next(c for c in late.disks[0].chunks if c)
+    with repo.exclusive():
+        packgc.collect_packs(repo, live, before=now - 3600)
+    assert Repository.open(repo.path).store.get(late_chunk) == bytes(disk(8, seed=71)[CS : 2 * CS])
+    with repo.exclusive():
+        packgc.collect_packs(repo, live, before=float("inf"))  # once old, it is garbage
+    with pytest.raises(IntegrityError, match="missing"):
+        Repository.open(repo.path).store.get(late_chunk)
+    assert restore(Repository.open(repo.path), kept, 8 * CS) == bytes(disk(8, seed=70))
+
+
+def test_a_reader_follows_chunks_a_repack_moved(repo: Repository) -> None:
+    """The daemon read a point, then a garbage collection in another process repacked its chunks: the next read
+    of the moved chunk finds the new pack (the old one is gone)."""
+    first = backup_vm(repo, "vm", [src(disk(24, seed=80))])
+    keep_data = disk(24, seed=80)
+    keep_data[4 * CS :] = disk(24, seed=81)[4 * CS :]
+    kept = backup_vm(repo, "keep", [src(keep_data)])
+    reader = Repository.open(repo.path)
+    assert restore(reader, kept, 2 * CS) == bytes(keep_data[: 2 * CS])  # chunk 1: the reader loads the indexes
+    reader.chunk_cache.clear()
+    old_packs = set(files(repo, "packs"))
+    repo.delete_point(first)
+    collect_garbage(Repository.open(repo.path))
+    assert old_packs - set(files(repo, "packs"))  # the first backup's pack was repacked away
+    assert restore(reader, kept, len(keep_data)) == bytes(keep_data)
