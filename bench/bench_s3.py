@@ -121,21 +121,23 @@ def anchor(client, bucket: str, src: Path, dst: Path) -> dict[str, float]:  # no
     return {"anchor_up": (up, up_cpu, up_gw), "anchor_down": (down, down_cpu, down_gw)}
 
 
-def objects_anchor(client, location: str) -> dict[str, tuple[float, float, float]]:  # noqa: ANN001
+def objects_anchor(client, location: str, size: int) -> dict[str, tuple[float, float, float]]:  # noqa: ANN001
     """Wall, CPU and gateway CPU seconds to fetch the repository's own chunk objects, 16 GETs in flight (what a
-    bulk copy of the ``chunks/`` prefix does): by boto3, and by our store's lean path alone (no decoding, no
+    bulk copy of its chunk or pack objects does): by boto3, and by our store's lean path alone (no decoding, no
     output file: the most a restore of these objects could do with this client on this gateway)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from appliance.repo.backends.s3 import S3Store
 
     bucket, _, prefix = location.removeprefix("s3://").partition("/")
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/chunks/")
-    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    keys = []
+    for folder in ("chunks/", "packs/"):  # loose chunk objects, or pack objects
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{folder}")
+        keys += [o["Key"] for page in pages for o in page.get("Contents", [])]
     store = S3Store(location)
     fetchers = {
         "objects_down": lambda k: len(client.get_object(Bucket=bucket, Key=k)["Body"].read()),
-        "objects_lean": lambda k: len(store.get(k.removeprefix(f"{prefix}/"), k, 8 * MiB)),
+        "objects_lean": lambda k: len(store.get(k.removeprefix(f"{prefix}/"), k, 64 * MiB)),
     }
     out = {}
     for name, fetch in fetchers.items():
@@ -143,8 +145,8 @@ def objects_anchor(client, location: str) -> dict[str, tuple[float, float, float
         with ThreadPoolExecutor(16) as pool:
             n = sum(pool.map(fetch, keys))
         out[name] = (time.perf_counter() - start, time.process_time() - cpu, gateway_cpu() - gw)
-        if n < len(keys) * (MiB >> 1):
-            raise RuntimeError(f"{name}: {n} bytes for {len(keys)} chunk objects")
+        if not keys or n < size * 0.99:
+            raise RuntimeError(f"{name}: {n} bytes in {len(keys)} objects for a {size}-byte disk")
     return out
 
 
@@ -276,7 +278,7 @@ def main(argv: list[str]) -> int:
                 if chunk == "1M":
                     keep("command", *timed(bootback, "points", location))  # startup, client, one listing
                     location_1m = location
-                    o = objects_anchor(client, location)
+                    o = objects_anchor(client, location, size)
                     keep("objects_down", *o["objects_down"])
                     keep("objects_lean", *o["objects_lean"])
                     log(
