@@ -229,6 +229,11 @@ class IndexSet:
         if rebuild:
             self._last_rebuild = self._last_reload
         names = [info.key for info in self.backend.list(INDEX_PREFIX) if is_index_key(info.key)]
+        if not rebuild and not self._loaded <= set(names):
+            # Index objects vanished: a garbage collection consolidated them and may have deleted packs they
+            # named. Their records must go, or a backup deduplicates against chunks that are gone.
+            rebuild = True
+            self._last_rebuild = self._last_reload
         index = PackIndex() if rebuild or self._index is None else self._index
         fresh = index is not self._index
         loaded = set() if fresh else self._loaded

@@ -1,0 +1,113 @@
+"""Hostile review of pack objects (docs/repository-format.md, "Pack objects"): ways a backup or a garbage
+collection could lose a live chunk, each a test that fails while the flaw is there."""
+
+from __future__ import annotations
+
+import io
+import random
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance.ingest.backup import backup_vm
+from appliance.ingest.sources import DiskSource
+from appliance.repo import Repository
+from appliance.repo.maintenance import collect_garbage
+from appliance.repo.packindex import RECORD, PackRecord, decode_index, encode_index, index_key
+
+CS = 64 * 1024
+
+
+def disk(chunks: int, seed: int) -> bytearray:
+    data = bytearray(random.Random(seed).randbytes(chunks * CS))
+    for i in range(0, chunks, 4):
+        data[i * CS : (i + 1) * CS] = bytes(CS)  # zero chunks are never stored
+    return data
+
+
+def src(data: bytes | bytearray, name: str = "d") -> DiskSource:
+    return DiskSource(name=name, size=len(data), format="raw", stream=io.BytesIO(bytes(data)))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
+
+
+def files(repo: Repository, folder: str) -> list[Path]:
+    return sorted(p for p in (repo.path / folder).rglob("*") if p.is_file())
+
+
+def records(repo: Repository, index: Path) -> list[PackRecord]:
+    key = index.relative_to(repo.path).as_posix()
+    payload = decode_index(index.read_bytes(), repo.store.envelope, key, repo.store.max_object)
+    return [PackRecord(*RECORD.unpack_from(payload, i)) for i in range(0, len(payload), RECORD.size)]
+
+
+def restore(repo: Repository, point, size: int) -> bytes:  # noqa: ANN001 - a RestorePoint
+    return repo.open_disk(repo.restore_point(point.vm, point.id), "d").read(0, size)
+
+
+def test_long_lived_process_never_dedups_against_a_pack_another_process_collected(repo: Repository) -> None:
+    """The daemon or the page keeps one Repository: it backs up, a garbage collection in another process then
+    deletes the (dead) pack and its index, and the same Repository backs up the same data again. Its IndexSet
+    only adds new index objects on ``refresh``, so it still holds the deleted index's records: the second
+    backup must not deduplicate against them, or its point names chunks that no longer exist."""
+    data = disk(8, seed=100)
+    first = backup_vm(repo, "vm", [src(data)])
+    assert restore(repo, first, len(data)) == bytes(data)  # the process serves it: its indexes are loaded
+    other = Repository.open(repo.path)  # another process
+    other.delete_point(first)
+    collect_garbage(other)
+    assert files(repo, "packs") == [] and files(repo, "index") == []
+    second = backup_vm(repo, "vm", [src(data)])  # the long-lived process again
+    assert restore(Repository.open(repo.path), second, len(data)) == bytes(data)
+
+
+@pytest.mark.xfail(strict=True, reason="PackingBatch.has trusts an index record without its pack existing")
+def test_backup_stores_again_a_chunk_whose_pack_is_missing(repo: Repository) -> None:
+    """A loose chunk that went missing is stored again by the next backup (``has`` asks the store). A pack that
+    went missing (lost, or an index made durable before its pack by a crash) keeps being deduplicated against:
+    every later backup of the same data names chunks that do not exist, until a garbage collection."""
+    data = disk(8, seed=101)
+    backup_vm(repo, "vm", [src(data)])
+    for p in files(repo, "packs"):
+        p.unlink()
+    second = backup_vm(Repository.open(repo.path), "vm2", [src(data)])
+    assert restore(Repository.open(repo.path), second, len(data)) == bytes(data)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="packgc keeps the first record of a live chunk unchecked, dooms the other copies"
+)
+def test_gc_never_deletes_the_only_intact_copy_of_a_live_chunk(repo: Repository) -> None:
+    """Two records of one live chunk (two backups that raced on S3, or an added index in a plain repository)
+    in two packs; the copy whose index lists first is damaged. The collection keeps the first record without
+    checking it and deletes the other pack as wholly dead: the only intact copy is gone."""
+    data = disk(8, seed=102)
+    point = backup_vm(repo, "vm", [src(data)])
+    (pack_a,) = files(repo, "packs")
+    (index_a,) = files(repo, "index")
+    recs = records(repo, index_a)
+    # A second copy of the same pack under another id, named by an index that lists after the first.
+    pack_b_id = secrets.token_bytes(16)
+    copy = [PackRecord(r.chunk, pack_b_id, r.offset, r.length) for r in recs]
+    pack_b = repo.path / copy[0].pack_key
+    pack_b.parent.mkdir(exist_ok=True)
+    shutil.copyfile(pack_a, pack_b)
+    key_b = index_key("f" * 32, 0)
+    assert key_b > index_a.relative_to(repo.path).as_posix()
+    (repo.path / key_b).write_bytes(encode_index(copy, repo.store.envelope, key_b))
+    victim = recs[2]
+    intact = pack_a.read_bytes()[victim.offset : victim.offset + victim.length]
+    pack_a.chmod(0o600)
+    blob = bytearray(pack_a.read_bytes())
+    blob[victim.offset + victim.length - 3] ^= 0x40  # the first-listed copy goes bad (bit rot)
+    pack_a.write_bytes(bytes(blob))
+    collect_garbage(Repository.open(repo.path))
+    assert any(intact in p.read_bytes() for p in files(repo, "packs")), "the intact copy was deleted"
+    where = point.disks[0].chunks.index(victim.chunk.hex())
+    fresh = Repository.open(repo.path)
+    assert fresh.open_disk(point, "d").read(where * CS, CS) == bytes(data[where * CS : (where + 1) * CS])
