@@ -59,19 +59,22 @@ class PackWriter:
             self._size += len(blob)
             full = self._take() if self._size >= self._target else None
         if full is not None:
-            self._put(*full)
+            self._store(*full)
 
     def flush(self) -> None:
         """Store the pack being filled, if it holds anything (callers: after every ``add`` has returned)."""
         with self._lock:
             full = self._take() if self._parts else None
         if full is not None:
-            self._put(*full)
+            self._store(*full)
 
-    def _take(self) -> tuple[str, bytes]:
-        key, body = packindex.pack_key(self._pack), b"".join(self._parts)
+    def _take(self) -> tuple[str, list[bytes]]:
+        key, parts = packindex.pack_key(self._pack), self._parts
         self._pack, self._parts, self._size = packindex.new_pack_id(), [], 0
-        return key, body
+        return key, parts
+
+    def _store(self, key: str, parts: list[bytes]) -> None:
+        self._put(key, b"".join(parts))  # joined outside the lock: 16 MiB of copying would stall every appender
 
     def iter_records(self) -> Iterator[PackRecord]:
         for i in range(0, len(self.records), RECORD.size):

@@ -218,7 +218,8 @@ def test_mostly_dead_pack_is_repacked(repo: Repository) -> None:
     keep_data = disk(24, seed=30)
     keep_data[4 * CS :] = disk(24, seed=31)[4 * CS :]  # shares only chunks 1-3 with the first
     kept = backup_vm(repo, "keep", [src(keep_data)])
-    old_pack = repo.path / records(repo)[0].pack_key
+    only_first = {c for c in first.disks[0].chunks if c} - set(kept.disks[0].chunks)
+    old_pack = repo.path / next(r.pack_key for r in records(repo) if r.chunk.hex() in only_first)
     prune(repo, "vm", keep=1)  # nothing deleted yet: one point of vm
     repo.delete_point(first)
     deleted, freed = collect_garbage(repo)
