@@ -320,6 +320,7 @@ class Daemon:
                 "path": repo.location,
                 "chunk_size": repo.config.chunk_size,
                 "encryption": repo.config.encryption_name,
+                "packs": repo.packed,
             }
             try:
                 listing = repo.list_points()

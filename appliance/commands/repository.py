@@ -180,7 +180,8 @@ def cmd_points(args: argparse.Namespace) -> int:
         print(json.dumps(listing.as_json(), indent=2))
         return 0
     # on stderr, like the damage warning: scripts read stdout's one line per point
-    print(f"repository {repo.location}: encryption {repo.config.encryption_name}", file=sys.stderr)
+    layout = ", pack objects" if repo.packed else ""
+    print(f"repository {repo.location}: encryption {repo.config.encryption_name}{layout}", file=sys.stderr)
     if not listing.points and not listing.damaged:
         print("no restore points")
     for p in listing.entries():
