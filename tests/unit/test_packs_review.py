@@ -111,3 +111,31 @@ def test_gc_never_deletes_the_only_intact_copy_of_a_live_chunk(repo: Repository)
     where = point.disks[0].chunks.index(victim.chunk.hex())
     fresh = Repository.open(repo.path)
     assert fresh.open_disk(point, "d").read(where * CS, CS) == bytes(data[where * CS : (where + 1) * CS])
+
+
+@pytest.mark.xfail(strict=True, reason="IndexSet merges each index object into a new file: quadratic in their count")
+def test_loading_many_index_objects_costs_linear_work(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One index object per backup until a collection consolidates them: a year of daily backups, or an attacker
+    who can add objects, means hundreds. Each ``PackIndex.add`` rewrites the whole merged file, so loading K
+    objects of n records writes ~K^2 n / 2 records (measured: 400 objects of 1000 records, 25 s) and the first
+    read of the daemon waits for all of it under the IndexSet lock."""
+    from appliance.repo import packindex
+    from appliance.repo.packs import write_indexes
+
+    rng = random.Random(103)
+    objects, per = 40, 200
+    for k in range(objects):
+        recs = [PackRecord(rng.randbytes(32), rng.randbytes(16), 0, 100) for _ in range(per)]
+        write_indexes(recs, repo.store.envelope, repo.backend.put, writer=f"w{k:03d}")
+    written = []
+    real_merge = packindex._merge
+
+    def counted(old, new, out):  # noqa: ANN001, ANN202
+        written.append(real_merge(old, new, out))
+        return written[-1]
+
+    monkeypatch.setattr(packindex, "_merge", counted)
+    fresh = Repository.open(repo.path)
+    assert fresh.store.indexes.find(rng.randbytes(32), reload=False) is None
+    assert len(fresh.store.indexes.keys()) == objects
+    assert sum(written) <= 4 * objects * per, f"{sum(written)} records written to load {objects * per}"
