@@ -10,7 +10,10 @@ from pathlib import Path
 
 import zstandard
 
+from appliance.repo import Repository
+from appliance.repo.keys import KeySource
 from tests.daemon_process import ROOT
+from tests.s3 import packed
 
 MARKER = b"bootback-s3-encryption-marker-93d0"
 MiB = 1 << 20
@@ -62,8 +65,10 @@ def test_encrypted_bucket_holds_no_plaintext_and_refuses_tampering(rgw, s3_repo:
     bootback("backup", s3_repo, "--vm", "vm1", "--vmx", _vmx(tmp_path), image, "--key-file", key)
 
     stored = bucket_objects(rgw, s3_repo)
-    chunks = [k for k in stored if "/chunks/" in k]
-    assert len(chunks) == 5 and any("/points/vm1/" in k for k in stored), sorted(stored)
+    packs = [k for k in stored if "/packs/" in k]
+    indexes = [k for k in stored if "/index/" in k]
+    assert len(packs) == 1 and len(indexes) == 1 and any("/points/vm1/" in k for k in stored), sorted(stored)
+    assert [k for k in stored if "/chunks/" in k] == []  # new S3 repositories pack their chunks
     assert [k for k, blob in stored.items() if holds_marker(blob)] == []
 
     bootback("restore", s3_repo, "vm1", "-o", tmp_path / "out.raw", "--key-file", key)
@@ -71,15 +76,25 @@ def test_encrypted_bucket_holds_no_plaintext_and_refuses_tampering(rgw, s3_repo:
     p = bootback("points", s3_repo, ok=False)
     assert p.returncode == 17 and p.stderr.decode().count("\n") == 1 and b"--key-file" in p.stderr
 
-    # one byte changed in the bucket: refused by name, never other bytes
-    victim = sorted(chunks)[0]
-    bucket, _, _root = s3_repo[len("s3://") :].partition("/")
-    blob = bytearray(stored[victim])
-    blob[-1] ^= 0x01
-    rgw.client().put_object(Bucket=bucket, Key=victim, Body=bytes(blob))
+    # one byte changed in the bucket, inside one chunk's object in the pack: refused by name, never other bytes
+    repo = Repository.open(s3_repo, KeySource(key_files=(key,)))
+    cid, rec = sorted(packed.records(repo).items())[0]
+    packed.flip_byte(rgw, s3_repo, rec, rec.length - 1)
     p = bootback("restore", s3_repo, "vm1", "-o", tmp_path / "bad.raw", "--key-file", key, ok=False)
-    cid = victim.rsplit("/", 1)[1]
     assert p.returncode == 15 and f"chunk {cid}".encode() in p.stderr and b"authentication failed" in p.stderr
+    assert not (tmp_path / "bad.raw").exists()
+
+    # the pack back whole, one byte of the index changed: the index is refused by name, its chunks read as missing
+    bucket, _root = packed.split(s3_repo)
+    client = rgw.client()
+    client.put_object(Bucket=bucket, Key=packs[0], Body=stored[packs[0]])
+    blob = bytearray(stored[indexes[0]])
+    blob[len(blob) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=indexes[0], Body=bytes(blob))
+    p = bootback("restore", s3_repo, "vm1", "-o", tmp_path / "bad.raw", "--key-file", key, ok=False)
+    err = p.stderr.decode()
+    assert p.returncode == 15 and "is missing" in err and indexes[0].split("/", 1)[1] in err, err
+    assert "authentication failed" in err, err
     assert not (tmp_path / "bad.raw").exists()
 
 

@@ -16,6 +16,7 @@ import pytest
 from appliance.errors import IntegrityError, StorageUnavailableError
 from appliance.repo import Repository
 from tests.daemon_process import ROOT, DaemonProcess, free_port
+from tests.s3 import packed
 
 MiB = 1 << 20
 
@@ -45,19 +46,35 @@ def keys(rgw, location: str, prefix: str) -> list[str]:  # noqa: ANN001
     return [o["Key"] for o in found]
 
 
-def test_backup_restore_bit_exact_and_dedup_puts_only_changed_chunks(rgw, s3_repo: str, tmp_path: Path) -> None:
+LAYOUTS = pytest.mark.parametrize("layout", ["packs", "loose"])  # loose: init --no-packs, one object per chunk
+
+
+@LAYOUTS
+def test_backup_restore_bit_exact_and_dedup_puts_only_changed_chunks(
+    rgw, s3_repo: str, tmp_path: Path, layout: str
+) -> None:
     first = os.urandom(8 * MiB)
     second = bytearray(first)
     second[3 * MiB + 5 : 3 * MiB + 9] = b"XXXX"  # one chunk changes
-    bootback("init", s3_repo)
-    puts = rgw.counters()["put"]
+    bootback("init", s3_repo, *(["--no-packs"] if layout == "loose" else []))
+    before = rgw.counters()
     bootback("backup", s3_repo, "--vm", "vm1", disk(tmp_path, "d.raw", first))
-    puts, before = rgw.counters()["put"], puts
-    # 8 chunks, the point, and the backup's lease: nothing else is written
-    assert puts - before == 8 + 1 + 1
+    after = rgw.counters()
+    # packs: one pack (8 MiB < 16) and its index; loose: 8 chunks. Then the point and the backup's lease.
+    assert after["put"] - before["put"] == (1 + 1 if layout == "packs" else 8) + 1 + 1
+    assert after["put_b"] - before["put_b"] >= 8 * MiB  # random data: every chunk went up whole
     bootback("backup", s3_repo, "--vm", "vm1", disk(tmp_path, "d.raw", bytes(second)))
-    assert rgw.counters()["put"] - puts == 1 + 1 + 1  # the changed chunk, the point, the lease
-    assert len(keys(rgw, s3_repo, "chunks/")) == 9
+    again = rgw.counters()
+    # the changed chunk (alone in a new pack, with a new index), the point, the lease
+    assert again["put"] - after["put"] == (1 + 1 if layout == "packs" else 1) + 1 + 1
+    assert MiB <= again["put_b"] - after["put_b"] < MiB + 64 * 1024  # one chunk's bytes, not the disk's
+    if layout == "packs":
+        assert len(keys(rgw, s3_repo, "packs/")) == 2 and len(keys(rgw, s3_repo, "index/")) == 2
+        assert keys(rgw, s3_repo, "chunks/") == []
+        assert len(packed.records(Repository.open(s3_repo))) == 9
+    else:
+        assert len(keys(rgw, s3_repo, "chunks/")) == 9
+        assert keys(rgw, s3_repo, "packs/") == [] and keys(rgw, s3_repo, "index/") == []
     assert keys(rgw, s3_repo, "locks/") == []  # leases are removed when backups end
 
     points = bootback("points", s3_repo, "--vm", "vm1").stdout.decode().split()
@@ -69,17 +86,33 @@ def test_backup_restore_bit_exact_and_dedup_puts_only_changed_chunks(rgw, s3_rep
     assert b"repository OK" in bootback("verify", s3_repo).stdout
 
 
-def test_deleted_or_corrupted_chunk_is_an_integrity_error_naming_it(rgw, s3_repo: str, tmp_path: Path) -> None:
-    bootback("init", s3_repo)
-    bootback("backup", s3_repo, "--vm", "vm1", disk(tmp_path, "d.raw", os.urandom(3 * MiB)))
-    point = Repository.open(s3_repo).restore_point("vm1")
-    gone, bad, _ = point.disks[0].chunks
-    bucket, _, root = s3_repo[len("s3://") :].partition("/")
+@LAYOUTS
+def test_deleted_or_corrupted_chunk_is_an_integrity_error_naming_it(
+    rgw, s3_repo: str, tmp_path: Path, layout: str
+) -> None:
+    bucket, root = packed.split(s3_repo)
     client = rgw.client()
-    client.delete_object(Bucket=bucket, Key=f"{root}/chunks/{gone[:2]}/{gone}")
-    blob = bytearray(client.get_object(Bucket=bucket, Key=f"{root}/chunks/{bad[:2]}/{bad}")["Body"].read())
-    blob[-10] ^= 0xFF
-    client.put_object(Bucket=bucket, Key=f"{root}/chunks/{bad[:2]}/{bad}", Body=bytes(blob))
+    if layout == "loose":
+        bootback("init", s3_repo, "--no-packs")
+        bootback("backup", s3_repo, "--vm", "vm1", disk(tmp_path, "d.raw", os.urandom(3 * MiB)))
+        gone, bad, _ = Repository.open(s3_repo).restore_point("vm1").disks[0].chunks
+        client.delete_object(Bucket=bucket, Key=f"{root}/chunks/{gone[:2]}/{gone}")
+        blob = bytearray(client.get_object(Bucket=bucket, Key=f"{root}/chunks/{bad[:2]}/{bad}")["Body"].read())
+        blob[-10] ^= 0xFF
+        client.put_object(Bucket=bucket, Key=f"{root}/chunks/{bad[:2]}/{bad}", Body=bytes(blob))
+    else:
+        # The first chunk alone in one pack (an earlier backup's), the other two in the next backup's pack: the
+        # first pack is deleted, a byte inside the second chunk's object in the other pack is flipped.
+        data = os.urandom(3 * MiB)
+        bootback("init", s3_repo)
+        bootback("backup", s3_repo, "--vm", "early", disk(tmp_path, "e.raw", data[:MiB]))
+        bootback("backup", s3_repo, "--vm", "vm1", disk(tmp_path, "d.raw", data))
+        repo = Repository.open(s3_repo)
+        gone, bad, _ = repo.restore_point("vm1").disks[0].chunks
+        where = packed.records(repo)
+        assert where[gone].pack != where[bad].pack
+        client.delete_object(Bucket=bucket, Key=f"{root}/{where[gone].pack_key}")
+        packed.flip_byte(rgw, s3_repo, where[bad], where[bad].length - 10)
 
     repo = Repository.open(s3_repo)
     reader = repo.open_disk(repo.restore_point("vm1"), "d.raw")
@@ -127,8 +160,8 @@ def test_wrong_credentials_missing_bucket_or_endpoint_give_one_clear_line(
 
 def test_gateway_stopped_mid_backup_and_mid_read(rgw, s3_repo: str, tmp_path: Path) -> None:
     """Clear errors; nothing incomplete becomes visible; everything works again once the gateway is back."""
-    bootback("init", s3_repo)
-    data = os.urandom(12 * MiB)
+    bootback("init", s3_repo)  # with packs: a pack goes up once 16 MiB of new chunks have gathered
+    data = os.urandom(24 * MiB)
     bootback("backup", s3_repo, "--vm", "kept", disk(tmp_path, "d.raw", data[: 4 * MiB]))
     backup = subprocess.Popen(
         [sys.executable, "-m", "appliance", "backup", s3_repo, "--vm", "cut", "-", "--name", "d.raw"],
@@ -138,17 +171,18 @@ def test_gateway_stopped_mid_backup_and_mid_read(rgw, s3_repo: str, tmp_path: Pa
         cwd=ROOT,
     )
     try:
-        backup.stdin.write(data[: 6 * MiB])
+        backup.stdin.write(data[: 20 * MiB])  # 4 chunks deduplicated, 16 new: one full pack
         backup.stdin.flush()
         deadline = time.monotonic() + 30
-        while len(keys(rgw, s3_repo, "chunks/")) < 6 and time.monotonic() < deadline:  # 4 kept + 2 new
+        while len(keys(rgw, s3_repo, "packs/")) < 2:  # kept's and the first of cut's
+            assert time.monotonic() < deadline and backup.poll() is None, "the backup stored no pack"
             time.sleep(0.1)
         repo = Repository.open(s3_repo)
         reader = repo.open_disk(repo.restore_point("kept"), "d.raw")
         assert reader.read(0, 4096) == data[:4096]
         rgw.stop()
         try:
-            backup.stdin.write(data[6 * MiB :])
+            backup.stdin.write(data[20 * MiB :])
             backup.stdin.close()
         except BrokenPipeError:
             pass
@@ -164,6 +198,7 @@ def test_gateway_stopped_mid_backup_and_mid_read(rgw, s3_repo: str, tmp_path: Pa
         rgw.start()
     listing = bootback("points", s3_repo).stdout.decode()
     assert "kept@" in listing and "cut@" not in listing
+    assert len(keys(rgw, s3_repo, "index/")) == 1  # kept's: no index names the cut backup's stored pack
     assert b"repository OK" in bootback("verify", s3_repo).stdout
 
 
