@@ -160,7 +160,7 @@ class IndexSet:
         written since (a newer backup's): misses in several threads share one reload, and a chunk that missed
         after a reload misses again without one for RELOAD_INTERVAL (a damaged point read in a loop cannot
         make every read list the index objects)."""
-        index = self._index or self._load(rebuild=False)
+        index = self._current()
         rec = index.find(chunk)
         if rec is None and reload:
             missed = time.monotonic()
@@ -205,11 +205,11 @@ class IndexSet:
 
     def keys(self) -> set[str]:
         """The index objects loaded (garbage collection deletes exactly these after consolidating them)."""
-        self._index or self._load(rebuild=False)
+        self._current()
         return set(self._loaded)
 
     def records(self) -> Iterator[PackRecord]:
-        index = self._index or self._load(rebuild=False)
+        index = self._current()
         return index.records()
 
     def close(self) -> None:
@@ -218,6 +218,10 @@ class IndexSet:
                 self._index.close()
                 self._index = None
             self._loaded = set()
+
+    def _current(self) -> PackIndex:
+        index = self._index  # ``is None``, not falsiness: an empty PackIndex is false
+        return index if index is not None else self._load(rebuild=False)
 
     def _load(self, rebuild: bool) -> PackIndex:
         with self._lock:
