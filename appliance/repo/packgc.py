@@ -28,6 +28,7 @@ from appliance.repo import packindex
 from appliance.repo.packindex import RECORD, PackRecord
 from appliance.repo.packs import INDEX_PREFIX, PACK_PREFIX, PackWriter, is_index_key, write_indexes
 from appliance.repo.repository import Repository
+from appliance.repo.store import ChunkStore
 
 REPACK_DEAD = 0.25  # a pack with more dead bytes than this share is rewritten; fewer: not worth the copy
 _PACK_KEY_RE = re.compile(r"packs/([0-9a-f]{2})/(\1[0-9a-f]{30})")
@@ -53,6 +54,7 @@ def collect_packs(repo: Repository, live: Set[str], before: float) -> PackCollec
     keep: dict[bytes, PackRecord] = {}  # live chunk -> the record kept for it
     protected: set[str] = {key for key, info in packs.items() if info.mtime >= before}
     seen: set[bytes] = set()
+    spare: dict[bytes, list[PackRecord]] = {}  # live chunk -> its other records (two backups raced, a crashed GC)
     for info in backend.list(INDEX_PREFIX):
         if not is_index_key(info.key):
             continue
@@ -71,8 +73,13 @@ def collect_packs(repo: Repository, live: Set[str], before: float) -> PackCollec
                 protected.add(rec.pack_key)  # its writer may still commit a point naming these chunks
                 continue
             seen.add(rec.chunk)
-            if rec.chunk.hex() in live and rec.chunk not in keep and rec.pack_key in packs:
-                keep[rec.chunk] = rec
+            if rec.chunk.hex() in live and rec.pack_key in packs:
+                if rec.chunk in keep:
+                    spare.setdefault(rec.chunk, []).append(rec)
+                else:
+                    keep[rec.chunk] = rec
+    for chunk, others in spare.items():  # several copies: the one kept must be intact, the others' packs may go
+        keep[chunk] = next((r for r in (keep[chunk], *others) if _intact(store, r)), keep[chunk])
     report.dead_chunks = len(seen - keep.keys())
     live_bytes: dict[str, int] = {}
     for rec in keep.values():
@@ -92,6 +99,16 @@ def collect_packs(repo: Repository, live: Set[str], before: float) -> PackCollec
     if store.indexes is not None:
         store.indexes.rebuild()
     return report
+
+
+def _intact(store: ChunkStore, rec: PackRecord) -> bool:
+    """Whether the chunk object ``rec`` places reads back and checks as its chunk."""
+    name = f"chunk {rec.chunk.hex()} (one of several copies)"
+    try:
+        store.open_object(rec.chunk.hex(), store.read_packed(rec, name), name)
+    except (BootbackError, FileNotFoundError):
+        return False
+    return True
 
 
 def _mostly_dead(size: int, live: int) -> bool:

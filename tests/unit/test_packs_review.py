@@ -79,13 +79,10 @@ def test_backup_stores_again_a_chunk_whose_pack_is_missing(repo: Repository) -> 
     assert restore(Repository.open(repo.path), second, len(data)) == bytes(data)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="packgc keeps the first record of a live chunk unchecked, dooms the other copies"
-)
 def test_gc_never_deletes_the_only_intact_copy_of_a_live_chunk(repo: Repository) -> None:
     """Two records of one live chunk (two backups that raced on S3, or an added index in a plain repository)
-    in two packs; the copy whose index lists first is damaged. The collection keeps the first record without
-    checking it and deletes the other pack as wholly dead: the only intact copy is gone."""
+    in two packs; the copy whose index lists first is damaged. The collection kept the first record unchecked
+    and deleted the other pack as wholly dead, the only intact copy; it must keep a copy that checks."""
     data = disk(8, seed=102)
     point = backup_vm(repo, "vm", [src(data)])
     (pack_a,) = files(repo, "packs")
