@@ -112,6 +112,8 @@ class PackingBatch(ChunkBatch):
         self.envelope = envelope
         self.writer = PackWriter(inner.stage, PACK_TARGET)
         indexes.refresh()  # backups made since this process first read them (the daemon, the page) count too
+        self._packs: set[str] | None = None
+        self._packs_lock = threading.Lock()
 
     def stage(self, key: str, blob: bytes) -> None:
         self.writer.add(_chunk_of(key), blob)
@@ -119,7 +121,17 @@ class PackingBatch(ChunkBatch):
     def has(self, key: str) -> bool:
         # The indexes as loaded when the backup started (a chunk another backup adds meanwhile is at worst
         # stored twice); loose chunks (written before packs, or by a repack's fallback) count too.
-        return self.indexes.find(_chunk_of(key), reload=False) is not None or self.inner.has(key)
+        rec = self.indexes.find(_chunk_of(key), reload=False)
+        return (rec is not None and rec.pack_key in self._stored_packs()) or self.inner.has(key)
+
+    def _stored_packs(self) -> set[str]:
+        """The packs stored when first asked: one listing per backup, as the loose chunks' own. A record whose
+        pack is gone (lost; or its index made durable before it by a crash) is no copy: the chunk is stored again."""
+        if self._packs is None:
+            with self._packs_lock:
+                if self._packs is None:
+                    self._packs = {info.key for info in self.indexes.backend.list(PACK_PREFIX)}
+        return self._packs
 
     def publish(self) -> None:
         self.writer.flush()

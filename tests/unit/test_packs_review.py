@@ -66,11 +66,10 @@ def test_long_lived_process_never_dedups_against_a_pack_another_process_collecte
     assert restore(Repository.open(repo.path), second, len(data)) == bytes(data)
 
 
-@pytest.mark.xfail(strict=True, reason="PackingBatch.has trusts an index record without its pack existing")
 def test_backup_stores_again_a_chunk_whose_pack_is_missing(repo: Repository) -> None:
     """A loose chunk that went missing is stored again by the next backup (``has`` asks the store). A pack that
-    went missing (lost, or an index made durable before its pack by a crash) keeps being deduplicated against:
-    every later backup of the same data names chunks that do not exist, until a garbage collection."""
+    went missing (lost, or an index made durable before its pack by a crash) was deduplicated against until a
+    garbage collection: every later backup of the same data named chunks that do not exist."""
     data = disk(8, seed=101)
     backup_vm(repo, "vm", [src(data)])
     for p in files(repo, "packs"):
