@@ -16,6 +16,7 @@ a hint, never trusted for bytes.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 import uuid
@@ -33,6 +34,9 @@ MAX_REMEMBERED_MISSES = 4096
 INDEX_PREFIX = "index/"
 PACK_PREFIX = "packs/"
 CHUNK_PREFIX = "chunks/"
+LOAD_BATCH = 16 << 20  # bytes of records of several index objects merged in memory before one PackIndex.add:
+# each add rewrites the whole merged file, so one add per object made loading quadratic in their count
+_SPLIT = struct.Struct(f">{packindex.CHUNK_SIZE}s{RECORD.size - packindex.CHUNK_SIZE}s")  # chunk id, the rest
 
 
 class PackWriter:
@@ -257,6 +261,8 @@ class IndexSet:
         fresh = index is not self._index
         loaded = set() if fresh else self._loaded
         damaged = {} if fresh else self.damaged
+        pending: list[tuple[str, bytes]] = []  # read, not added yet
+        held = 0
         try:
             for key in names:
                 if key in loaded:
@@ -272,8 +278,11 @@ class IndexSet:
                     damaged[key] = str(exc)
                     loaded.add(key)
                     continue
-                index.add(payload)
-                loaded.add(key)
+                if pending and held + len(payload) > LOAD_BATCH:
+                    held = _add_all(index, pending, loaded)
+                pending.append((key, payload))
+                held += len(payload)
+            _add_all(index, pending, loaded)
         except BaseException:
             if index is not self._index:
                 index.close()
@@ -283,6 +292,22 @@ class IndexSet:
         self._index = index
         self._loaded = loaded
         self.damaged = damaged
+
+
+def _add_all(index: PackIndex, pending: list[tuple[str, bytes]], loaded: set[str]) -> int:
+    """Add the payloads of ``pending`` (key, payload) to ``index`` in one merge (the first listed wins a chunk id),
+    mark their keys loaded, and empty ``pending``; returns 0, the bytes it now holds."""
+    if len(pending) > 1:
+        merged: dict[bytes, bytes] = {}
+        for _, payload in reversed(pending):
+            merged.update(_SPLIT.iter_unpack(payload))
+        ids = sorted(merged)
+        index.add(b"".join(map(bytes.__add__, ids, map(merged.__getitem__, ids))))
+    elif pending:
+        index.add(pending[0][1])
+    loaded.update(key for key, _ in pending)
+    pending.clear()
+    return 0
 
 
 def is_index_key(key: str) -> bool:
