@@ -75,7 +75,8 @@ def collect_packs(repo: Repository, live: Set[str], before: float) -> PackCollec
             seen.add(rec.chunk)
             if rec.chunk.hex() in live and rec.pack_key in packs:
                 if rec.chunk in keep:
-                    spare.setdefault(rec.chunk, []).append(rec)
+                    if rec != keep[rec.chunk]:  # the same place twice (a crash after step 2): nothing to check
+                        spare.setdefault(rec.chunk, []).append(rec)
                 else:
                     keep[rec.chunk] = rec
     for chunk, others in spare.items():  # several copies: the one kept must be intact, the others' packs may go

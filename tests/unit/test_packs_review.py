@@ -154,3 +154,22 @@ def test_loading_many_index_objects_costs_linear_work(repo: Repository, monkeypa
     assert fresh.store.indexes.find(rng.randbytes(32), reload=False) is None
     assert len(fresh.store.indexes.keys()) == objects
     assert sum(written) <= 4 * objects * per, f"{sum(written)} records written to load {objects * per}"
+
+
+def test_gc_after_a_crash_reads_no_chunk_named_twice_at_the_same_place(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collection that crashed after writing its new index leaves every live chunk named twice, at the same
+    place: the next one has no copy to choose between, so it must not read the whole repository to check."""
+    data = disk(8, seed=105)
+    point = backup_vm(repo, "vm", [src(data)])
+    (index,) = files(repo, "index")
+    key = index_key("f" * 32, 0)
+    (repo.path / key).write_bytes(encode_index(records(repo, index), repo.store.envelope, key))
+    gc_repo = Repository.open(repo.path)
+    reads = []
+    real = gc_repo.store.read_packed
+    monkeypatch.setattr(gc_repo.store, "read_packed", lambda rec, name: reads.append(rec) or real(rec, name))
+    collect_garbage(gc_repo)
+    assert reads == [] and len(files(repo, "index")) == 1
+    assert restore(Repository.open(repo.path), point, len(data)) == bytes(data)
