@@ -68,7 +68,9 @@ def test_roles_create_and_serve_an_encrypted_s3_repository(
     repository_vars = {
         "bootback_repository_dir": str(tmp_path / "repositories"),
         "bootback_repository_image": appliance_image,
-        "bootback_repository_list": [{"name": "offsite", "location": s3_repo, "encryption": "aes-256-gcm"}],
+        "bootback_repository_list": [
+            {"name": "offsite", "location": s3_repo, "encryption": "aes-256-gcm", "packs": False}
+        ],
         "bootback_repository_passphrase": passphrase,
         **{f"bootback_repository_{k}": v for k, v in aws.items()},
     }
@@ -80,6 +82,7 @@ def test_roles_create_and_serve_an_encrypted_s3_repository(
     bucket, prefix = s3_repo[len("s3://") :].split("/", 1)
     config = json.loads(rgw.client().get_object(Bucket=bucket, Key=f"{prefix}/config.json")["Body"].read())
     assert config["encryption"]["algorithm"] == "aes-256-gcm" and config["encryption"]["key"] is not None, config
+    assert config["features"] == ["encryption"], config  # packs: False, where S3 would have them
 
     disk = tmp_path / "web01.raw"
     disk.write_bytes(os.urandom(1 << 20))
@@ -134,7 +137,7 @@ def test_roles_create_and_serve_an_encrypted_s3_repository(
         api.headers["Authorization"] = f"Bearer {token}"
         url = f"https://127.0.0.1:{web}/api/v1/repositories/{s3_repo.rsplit('/', 1)[1]}"
         repo = api.get(url, timeout=30).json()
-        assert repo["path"] == s3_repo and repo["encryption"] == "aes-256-gcm", repo
+        assert repo["path"] == s3_repo and repo["encryption"] == "aes-256-gcm" and repo["packs"] is False, repo
         points = api.get(f"{url}/points", timeout=30).json()
         assert [p["vm"] for p in points] == ["web01"], points
     finally:
