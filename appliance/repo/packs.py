@@ -158,7 +158,7 @@ def _chunk_of(key: str) -> bytes:
 class IndexSet:
     """Every index object of one repository, merged into one ``PackIndex``; thread-safe. Index objects are
     immutable, so a reload reads only the names it has not read yet; names that vanished (a garbage collection
-    consolidated them) are dropped at the next full rebuild, which a pack that is gone triggers."""
+    consolidated them) make the next reload a full rebuild, so no record of a deleted pack stays."""
 
     def __init__(self, backend: ObjectStore, envelope: Envelope, max_length: int) -> None:
         self.backend = backend
