@@ -182,7 +182,7 @@ class ChunkStore:
         if len(data) != rec.length:
             raise IntegrityError(
                 f"{name}: the index places it at bytes {rec.offset}-{rec.offset + rec.length - 1} of {key}, "
-                f"which holds {size} bytes"
+                + (f"which holds {size} bytes" if size >= 0 else "which is shorter")
             )
         return data
 

@@ -146,11 +146,6 @@ def test_a_restore_reads_chunks_by_ranged_gets_not_whole_packs(rgw, s3_repo: str
     assert sum(sizes) <= got < sum(sizes) + 64 * 1024, (got, sizes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="S3Store.read_range answers a range wholly past an object's end (InvalidRange) with the range's start "
-    "as the object's size, so the error gives the pack a size it does not have",
-)
 def test_a_chunk_wholly_past_a_cut_packs_end_names_the_packs_real_size(rgw, s3_repo: str, tmp_path: Path) -> None:
     bootback("init", s3_repo)
     bootback("backup", s3_repo, "--vm", "vm1", _disk(tmp_path, "d.raw", os.urandom(2 * MiB)))

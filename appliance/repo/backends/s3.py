@@ -291,8 +291,14 @@ class S3Store(ObjectStore):
             try:
                 content_range, length, data = self._get_range(key, start, end)
             except Exception as exc:
-                if getattr(exc, "response", {}).get("Error", {}).get("Code") == "InvalidRange":
-                    return b"", 0 if start == 0 else start  # an empty object (or reading past the end)
+                response = getattr(exc, "response", {})
+                if response.get("Error", {}).get("Code") == "InvalidRange":  # the range starts past the end
+                    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                    size = headers.get("content-range", "").rpartition("/")[2]  # "bytes */SIZE", if it says
+                    if size.isdigit() or start == 0:
+                        return b"", int(size) if size.isdigit() else 0  # start 0: the object is empty
+                    head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))  # an error's path only
+                    return b"", int(head.get("ContentLength", -1))
                 raise
         total = content_range.rpartition("/")[2] if "/" in content_range else length
         size = int(total) if str(total).isdigit() else -1
