@@ -31,6 +31,7 @@ from appliance.repo.packindex import RECORD, PackIndex, PackRecord
 PACK_TARGET = 16 << 20  # measured: 16 MiB packs bring the gateway's CPU per MB to a bulk upload's
 RELOAD_INTERVAL = 1.0  # seconds before a chunk not found after a reload causes another reload
 MAX_REMEMBERED_MISSES = 4096
+PACK_ID_AT = 32  # a record's pack id follows its 32-byte chunk id
 INDEX_PREFIX = "index/"
 PACK_PREFIX = "packs/"
 CHUNK_PREFIX = "chunks/"
@@ -211,7 +212,9 @@ class IndexSet:
         with self._lock:
             recent = self._missing.get(rec.chunk, float("-inf")) + RELOAD_INTERVAL >= since
             if self._last_rebuild < since and not recent:
-                self._refresh(rebuild=True)
+                # Only records of stored packs: the first record of a chunk may name a lost pack while a
+                # later backup stored the chunk again elsewhere.
+                self._refresh(rebuild=True, stored=self._stored_packs())
             assert self._index is not None
             found = self._index.find(rec.chunk)
             if found is None or found == rec:
@@ -246,8 +249,13 @@ class IndexSet:
             assert self._index is not None
             return self._index
 
-    def _refresh(self, rebuild: bool) -> None:
-        """Under ``_lock``: add the index objects not loaded yet (all of them, into a new index, if ``rebuild``)."""
+    def _stored_packs(self) -> set[bytes]:
+        """The ids of the packs stored now (one listing)."""
+        return {bytes.fromhex(info.key[-32:]) for info in self.backend.list(PACK_PREFIX) if _is_pack_key(info.key)}
+
+    def _refresh(self, rebuild: bool, stored: set[bytes] | None = None) -> None:
+        """Under ``_lock``: add the index objects not loaded yet (all of them, into a new index, if ``rebuild``);
+        with ``stored``, only their records naming one of those packs."""
         self._last_reload = time.monotonic()
         if rebuild:
             self._last_rebuild = self._last_reload
@@ -278,6 +286,8 @@ class IndexSet:
                     damaged[key] = str(exc)
                     loaded.add(key)
                     continue
+                if stored is not None:
+                    payload = _records_in(payload, stored)
                 if pending and held + len(payload) > LOAD_BATCH:
                     held = _add_all(index, pending, loaded)
                 pending.append((key, payload))
@@ -292,6 +302,19 @@ class IndexSet:
         self._index = index
         self._loaded = loaded
         self.damaged = damaged
+
+
+def _is_pack_key(key: str) -> bool:
+    name = key[len(PACK_PREFIX) :]
+    return key.startswith(PACK_PREFIX) and len(name) == 35 and name[2] == "/" and name[:2] == name[3:5]
+
+
+def _records_in(payload: bytes, packs: set[bytes]) -> bytes:
+    """The records of ``payload`` (sorted, as decoded) whose pack is one of ``packs``, still sorted."""
+    size, at = RECORD.size, PACK_ID_AT
+    return b"".join(
+        payload[i : i + size] for i in range(0, len(payload), size) if payload[i + at : i + at + 16] in packs
+    )
 
 
 def _add_all(index: PackIndex, pending: list[tuple[str, bytes]], loaded: set[str]) -> int:

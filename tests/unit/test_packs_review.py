@@ -80,7 +80,6 @@ def test_backup_stores_again_a_chunk_whose_pack_is_missing(repo: Repository) -> 
     assert restore(Repository.open(repo.path), second, len(data)) == bytes(data)
 
 
-@pytest.mark.xfail(strict=True, reason="PackIndex keeps one record per chunk: the first listed, whose pack is gone")
 def test_reader_finds_the_copy_stored_again_when_the_first_record_names_a_lost_pack(repo: Repository) -> None:
     """As above, before any garbage collection: two index objects name the chunk, the first listed in a lost
     pack, the other in the new backup's pack. The reader keeps only the first record, rebuilds, keeps it
