@@ -158,3 +158,26 @@ def test_a_chunk_wholly_past_a_cut_packs_end_names_the_packs_real_size(rgw, s3_r
     with pytest.raises(IntegrityError) as err:
         Repository.open(s3_repo).store.get(rec.chunk_hex)
     assert f"which holds {rec.offset - 100} bytes" in str(err.value), err.value
+
+
+def test_the_chunks_of_a_pack_lost_in_the_bucket_are_stored_again_by_the_next_backup(
+    rgw, s3_repo: str, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * MiB)
+    bootback("init", s3_repo)
+    bootback("backup", s3_repo, "--vm", "vm1", _disk(tmp_path, "d.raw", data))
+    repo = Repository.open(s3_repo)
+    reader = repo.open_disk(repo.restore_point("vm1"), "d.raw")
+    assert reader.read(0, 4096) == data[:4096]  # the indexes loaded, with the record of the pack about to go
+    bucket, root = packed.split(s3_repo)
+    (lost,) = _packs(rgw, s3_repo)
+    rgw.client().delete_object(Bucket=bucket, Key=f"{root}/{lost}")
+    before = rgw.counters()
+    bootback("backup", s3_repo, "--vm", "vm1", _disk(tmp_path, "d.raw", data))
+    assert rgw.counters()["put_b"] - before["put_b"] >= 3 * MiB  # not deduplicated against the lost pack
+    assert len(_packs(rgw, s3_repo)) == 1
+    old, new = [w for w in bootback("points", s3_repo, "--vm", "vm1").stdout.split() if w.startswith("vm1@")]
+    assert _restore(s3_repo, new, tmp_path / "new.out") == data
+    assert _restore(s3_repo, old, tmp_path / "old.out") == data  # same chunks: found where they are now
+    assert reader.read(MiB, MiB) == data[MiB : 2 * MiB]  # the reader opened before finds them there too
+    assert "repository OK" in bootback("verify", s3_repo).stdout
