@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,44 +15,15 @@ from appliance.ingest.sources import DiskSource
 from appliance.repo import Repository, packgc, repository
 from appliance.repo.keys import KeySource
 from appliance.repo.maintenance import collect_garbage, prune, verify
-from appliance.repo.packindex import RECORD, PackRecord, decode_index
+from appliance.repo.packindex import PackRecord
+from tests.unit.packs_support import CS, disk, files, records, restore, src
 
-CS = 64 * 1024
 MARKER = b"PACKS-PLAINTEXT-MARKER-0123456789"
-
-
-def disk(chunks: int, seed: int) -> bytearray:
-    data = bytearray(random.Random(seed).randbytes(chunks * CS))
-    for i in range(0, chunks, 4):
-        data[i * CS : (i + 1) * CS] = bytes(CS)  # zero chunks are never stored
-    return data
-
-
-def src(data: bytes | bytearray, name: str = "d") -> DiskSource:
-    return DiskSource(name=name, size=len(data), format="raw", stream=io.BytesIO(bytes(data)))
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
     return Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
-
-
-def files(repo: Repository, folder: str) -> list[Path]:
-    return sorted(p for p in (repo.path / folder).rglob("*") if p.is_file())
-
-
-def records(repo: Repository) -> list[PackRecord]:
-    """Every record of every index object, read straight from the files."""
-    found = []
-    for f in files(repo, "index"):
-        key = f.relative_to(repo.path).as_posix()
-        payload = decode_index(f.read_bytes(), repo.store.envelope, key, repo.store.max_object)
-        found += [PackRecord(*RECORD.unpack_from(payload, i)) for i in range(0, len(payload), RECORD.size)]
-    return found
-
-
-def restore(repo: Repository, point, size: int) -> bytes:  # noqa: ANN001 - a RestorePoint
-    return repo.open_disk(repo.restore_point(point.vm, point.id), "d").read(0, size)
 
 
 def test_backup_writes_packs_and_one_index_and_restores(repo: Repository) -> None:

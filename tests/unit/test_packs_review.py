@@ -3,7 +3,6 @@ collection could lose a live chunk, each a test that fails while the flaw is the
 
 from __future__ import annotations
 
-import io
 import random
 import secrets
 import shutil
@@ -12,42 +11,15 @@ from pathlib import Path
 import pytest
 
 from appliance.ingest.backup import backup_vm
-from appliance.ingest.sources import DiskSource
 from appliance.repo import Repository
 from appliance.repo.maintenance import collect_garbage
-from appliance.repo.packindex import RECORD, PackRecord, decode_index, encode_index, index_key
-
-CS = 64 * 1024
-
-
-def disk(chunks: int, seed: int) -> bytearray:
-    data = bytearray(random.Random(seed).randbytes(chunks * CS))
-    for i in range(0, chunks, 4):
-        data[i * CS : (i + 1) * CS] = bytes(CS)  # zero chunks are never stored
-    return data
-
-
-def src(data: bytes | bytearray, name: str = "d") -> DiskSource:
-    return DiskSource(name=name, size=len(data), format="raw", stream=io.BytesIO(bytes(data)))
+from appliance.repo.packindex import PackRecord, encode_index, index_key
+from tests.unit.packs_support import CS, disk, files, records, restore, src
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
     return Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
-
-
-def files(repo: Repository, folder: str) -> list[Path]:
-    return sorted(p for p in (repo.path / folder).rglob("*") if p.is_file())
-
-
-def records(repo: Repository, index: Path) -> list[PackRecord]:
-    key = index.relative_to(repo.path).as_posix()
-    payload = decode_index(index.read_bytes(), repo.store.envelope, key, repo.store.max_object)
-    return [PackRecord(*RECORD.unpack_from(payload, i)) for i in range(0, len(payload), RECORD.size)]
-
-
-def restore(repo: Repository, point, size: int) -> bytes:  # noqa: ANN001 - a RestorePoint
-    return repo.open_disk(repo.restore_point(point.vm, point.id), "d").read(0, size)
 
 
 def test_long_lived_process_never_dedups_against_a_pack_another_process_collected(repo: Repository) -> None:
