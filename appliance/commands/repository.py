@@ -27,7 +27,7 @@ from appliance.repo import ChunkCache, DiskReader, Repository
 from appliance.repo.backends import add_repository_argument
 from appliance.repo.maintenance import prune, verify
 from appliance.repo.manifest import DamagedPoint
-from appliance.repo.reader import READ_AHEAD, streaming_cache_bytes
+from appliance.repo.reader import read_ahead_chunks, streaming_cache_bytes
 from appliance.repo.repository import DEFAULT_CHUNK
 from appliance.units import GiB, parse_size
 
@@ -196,7 +196,7 @@ def cmd_points(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo, key_source(args))
     # a restore reads each chunk once: keep only the read-ahead window
-    ahead = repo.backend.read_ahead if repo.backend.remote else READ_AHEAD
+    ahead = read_ahead_chunks(repo.store, repo.config.chunk_size)
     repo.chunk_cache = ChunkCache(streaming_cache_bytes(ahead, repo.config.chunk_size))
     point = repo.resolve(args.point)
     if args.disk is None:

@@ -21,6 +21,7 @@ from nfsd.filerange import MIN_RANGE, FileRange
 
 if TYPE_CHECKING:
     from appliance.repo.manifest import DiskEntry, RestorePoint
+    from appliance.repo.packindex import PackRecord
     from appliance.repo.readcache import HydratedDisk
     from appliance.repo.store import ChunkStore
 
@@ -43,6 +44,8 @@ def default_cache_bytes() -> int:
 
 
 READ_AHEAD = 4  # chunks decoded ahead of a sequential reader (a boot, a copy, a migration)
+SPAN_BYTES = 16 << 20  # the most one read-ahead request fetches of a run of chunks in one pack
+SPAN_GAP = 2 << 20  # bytes between two chunks of a run that are read and dropped rather than asked for apart
 
 # Decoding (zstd, SHA-256) releases the GIL, so a shared pool of one thread a core decodes ahead on every core
 # (two at least: one overlaps the reader's own work on a single core).
@@ -112,6 +115,29 @@ class ChunkCache:
         pending.set_result(data)
         return data
 
+    def reserve(self, cid: str) -> Future[bytes] | None:
+        """Take the load of ``cid`` on behalf of a caller that will ``settle`` it (a fetch of several chunks at
+        once): readers asking meanwhile wait for it. None when it is cached or another load has it."""
+        with self._lock:
+            if cid in self._items or cid in self._loading:
+                return None
+            self.misses += 1
+            pending = self._loading[cid] = Future()
+            return pending
+
+    def settle(self, cid: str, pending: Future[bytes], result: bytes | BaseException, keep: bool = True) -> None:
+        """End a ``reserve``d load with its chunk (kept unless ``keep`` is False) or the error that stopped it."""
+        with self._lock:
+            del self._loading[cid]
+            if isinstance(result, bytes) and keep and cid not in self._items and len(result) <= self.capacity:
+                self._items[cid] = result
+                self._size += len(result)
+                self._evict()
+        if isinstance(result, BaseException):
+            pending.set_exception(result)
+        else:
+            pending.set_result(result)
+
     def _evict(self) -> None:
         while self._size > self.capacity and self._items:
             cid, old = self._items.popitem(last=False)
@@ -131,6 +157,17 @@ class ChunkCache:
             self._items.clear()
             self._referenced.clear()
             self._size = 0
+
+
+def read_ahead_chunks(store: ChunkStore, chunk_size: int) -> int:
+    """How many chunks a sequential reader keeps coming ahead of it: a remote store's own figure, and with packs
+    at least two spans' worth (refilled by halves, so each refill is whole spans)."""
+    backend = store.backend
+    if not backend.remote:
+        return READ_AHEAD
+    if store.indexes is None:
+        return backend.read_ahead
+    return max(backend.read_ahead, 2 * SPAN_BYTES // chunk_size)
 
 
 def streaming_cache_bytes(read_ahead: int, chunk_size: int) -> int:
@@ -170,7 +207,8 @@ class DiskReader:
         self._zero = bytes(disk.chunk_size)
         self._context = f"restore point {point.ref}, disk {disk.name}"
         remote = store.backend.remote
-        self.read_ahead = store.backend.read_ahead if remote else READ_AHEAD
+        self.read_ahead = read_ahead_chunks(store, disk.chunk_size)
+        self._spanning = remote and store.indexes is not None  # read ahead by runs of a pack (``_spans``)
         self._pool = _fetch_ahead_pool if remote else _read_ahead_pool
         self._next_expected = -1  # the chunk a sequential reader will want next
         self._ahead_until = -1  # chunks below this are already decoded or being decoded
@@ -235,12 +273,77 @@ class DiskReader:
         self._next_expected = last + 1
         if not sequential:
             return
+        if self._spanning and self._ahead_until - (last + 1) > self.read_ahead // 2:
+            return  # refilled by halves: each refill is long runs of a pack, one request each
         start = max(last + 1, self._ahead_until)
         stop = min(last + 1 + self.read_ahead, len(self.disk.chunks))
-        for index in range(start, stop):
-            if self.disk.chunks[index] is not None and not (self.hydrated and self.hydrated.has(index)):
-                self._pool.submit(self._prefetch, index)
+        wanted = [
+            index
+            for index in range(start, stop)
+            if self.disk.chunks[index] is not None and not (self.hydrated and self.hydrated.has(index))
+        ]
+        for span in self._spans(wanted):
+            if len(span) == 1:
+                self._pool.submit(self._prefetch, span[0][0])
+            else:
+                self._pool.submit(self._prefetch_span, span)
         self._ahead_until = max(self._ahead_until, stop)
+
+    def _spans(self, wanted: list[int]) -> list[list[tuple[int, PackRecord | None]]]:
+        """``wanted`` chunks grouped into runs that lie close together in one pack (one ranged GET each, up to
+        ``SPAN_BYTES``, gaps of at most ``SPAN_GAP`` read and dropped: a backup's threads store a disk's chunks
+        nearly, not exactly, in order); every other chunk alone. Only for a remote store, where a request costs
+        more than its bytes. Runs come in the order a sequential reader needs them."""
+        if not self._spanning:
+            return [[(index, None)] for index in wanted]
+        alone: list[list[tuple[int, PackRecord | None]]] = []
+        by_pack: dict[bytes, list[tuple[int, PackRecord]]] = {}
+        seen: set[PackRecord] = set()
+        for index in wanted:
+            rec = self.store.locate(self.disk.chunks[index])
+            if rec is None:
+                alone.append([(index, None)])
+            elif rec not in seen:  # a chunk twice in the disk: fetched once, both readers wait for it
+                seen.add(rec)
+                by_pack.setdefault(rec.pack, []).append((index, rec))
+        runs: list[list[tuple[int, PackRecord | None]]] = []
+        for items in by_pack.values():
+            items.sort(key=lambda item: item[1].offset)
+            run: list[tuple[int, PackRecord | None]] = []
+            for index, rec in items:
+                if run:
+                    start, end = run[0][1].offset, run[-1][1].offset + run[-1][1].length  # type: ignore[union-attr]
+                    if rec.offset - end > SPAN_GAP or rec.offset + rec.length - start > SPAN_BYTES:
+                        runs.append(run)
+                        run = []
+                run.append((index, rec))
+            runs.append(run)
+        return sorted(alone + runs, key=lambda run: min(index for index, _ in run))
+
+    def _prefetch_span(self, span: list[tuple[int, PackRecord | None]]) -> None:
+        """Fetch a run of chunks by one ranged read, then hand each to the readers waiting for it; a chunk another
+        load already had is skipped. A chunk that fails its check, or all of them if the run cannot be read, is
+        loaded alone, so a reader gets exactly the error (or the bytes) a read of that chunk alone gives."""
+        chunks = self.disk.chunks
+        taken = [(index, rec, self.cache.reserve(chunks[index])) for index, rec in span]
+        if all(pending is None for _, _, pending in taken):
+            return
+        try:
+            datas = self.store.get_span([chunks[i] for i, _, _ in taken], [r for _, r, _ in taken], self._context)
+        except Exception:  # noqa: BLE001 - each chunk is loaded alone below, with its own error
+            datas = None
+        hd = self.hydrated
+        for n, (index, _, pending) in enumerate(taken):
+            if pending is None:
+                continue
+            cid = chunks[index]
+            try:
+                data = datas[n] if datas is not None else None
+                data = self._checked(index, cid, data if data is not None else self.store.get(cid, self._context))
+            except Exception as exc:  # noqa: BLE001 - handed to the readers waiting for this chunk
+                self.cache.settle(cid, pending, exc)
+                continue
+            self.cache.settle(cid, pending, data, keep=hd is None or not hd.store_later(index, data))
 
     def _prefetch(self, index: int) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import zstandard
 
-from appliance.errors import IntegrityError
+from appliance.errors import IntegrityError, UnsupportedFormatError
 from appliance.repo import objects
 from appliance.repo.backends import ChunkBatch, ObjectInfo, ObjectStore
 from appliance.repo.backends.local import DIR_MODE, FILE_MODE
@@ -173,6 +174,35 @@ class ChunkStore:
             damaged = self.indexes.damaged if self.indexes is not None else {}
             why = f"; {len(damaged)} index object(s) cannot be read: {next(iter(damaged.values()))}" if damaged else ""
             raise IntegrityError(f"chunk {cid} is missing{where}{why}") from None
+
+    def locate(self, cid: str) -> PackRecord | None:
+        """Where chunk ``cid`` sits in a pack, as the indexes loaded say (no reload); None if not packed."""
+        return self.indexes.find(bytes.fromhex(cid), reload=False) if self.indexes is not None else None
+
+    def get_span(self, cids: list[str], recs: list[PackRecord], context: str = "") -> list[bytes | None]:
+        """The chunks ``cids`` whose objects lie in one pack (``recs``, in the pack's order, apart), fetched by one
+        ranged read (the bytes between them are dropped) and each checked as ``get`` checks it: None for one
+        that fails its check. A read that fails raises. Either way callers read those chunks alone (``get``),
+        which names what is wrong with each."""
+        first, last = recs[0], recs[-1]
+        if any(r.pack != first.pack or r.offset < p.offset + p.length for p, r in itertools.pairwise(recs)):
+            raise ValueError("a span's records must lie apart, in order, in one pack")  # a caller's bug
+        where = f" (needed by {context})" if context else ""
+        key, end = first.pack_key, last.offset + last.length
+        for rec in recs:
+            check_pack_record(rec, self._max_file, f"chunk {rec.chunk.hex()}{where}")
+        blob, size = self.backend.read_range(key, first.offset, end - 1, f"chunks {cids[0]}.. in {key}{where}")
+        if len(blob) != end - first.offset:
+            raise IntegrityError(f"{key} holds {size} bytes, the index places chunks up to byte {end}")
+        view, out = memoryview(blob), []
+        for cid, rec in zip(cids, recs, strict=True):
+            at = rec.offset - first.offset
+            name = f"chunk {cid}{where}"
+            try:
+                out.append(self.open_object(cid, bytes(view[at : at + rec.length]), name, where))
+            except (IntegrityError, UnsupportedFormatError):
+                out.append(None)
+        return out
 
     def read_packed(self, rec: PackRecord, name: str) -> bytes:
         """The bytes an index record places in a pack: exactly ``rec.length`` of them, or IntegrityError."""

@@ -1,0 +1,67 @@
+"""A sequential reader of a packed repository on a remote store reads ahead by runs of a pack: one ranged read
+for many chunks, each still checked alone; a damaged chunk in a run fails only its own reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import IntegrityError
+from appliance.ingest.backup import backup_vm
+from appliance.repo import Repository
+from appliance.repo.reader import DiskReader
+from tests.unit.packs_support import CS, disk, records, src
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
+
+
+def remote_reader(
+    repo: Repository,
+    point,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001 - a RestorePoint
+) -> tuple[DiskReader, list[tuple[int, int]]]:
+    """A reader in a new process's view of ``repo`` whose directory store says it is remote (as S3 does), and
+    the ranged reads it makes."""
+    fresh = Repository.open(repo.path)
+    reads: list[tuple[int, int]] = []
+    real = fresh.backend.read_range
+
+    def counted(key: str, start: int, end: int, name: str) -> tuple[bytes, int]:
+        reads.append((start, end))
+        return real(key, start, end, name)
+
+    monkeypatch.setattr(fresh.backend, "read_range", counted)
+    monkeypatch.setattr(fresh.backend, "remote", True)
+    return fresh.open_disk(point, "d"), reads
+
+
+def test_sequential_read_fetches_runs_of_a_pack(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = disk(96, seed=1)
+    point = backup_vm(repo, "vm", [src(data)], workers=16)  # a remote store's backup: chunks stored out of order
+    stored = sum(1 for c in point.disks[0].chunks if c)
+    reader, reads = remote_reader(repo, point, monkeypatch)
+    assert b"".join(reader.read(off, CS) for off in range(0, len(data), CS)) == bytes(data)
+    assert len(reads) <= stored // 4, f"{len(reads)} ranged reads for {stored} chunks"
+    assert max(end - start + 1 for start, end in reads) > 8 * CS
+
+
+def test_a_damaged_chunk_in_a_run_fails_only_its_own_reads(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = disk(48, seed=2)
+    point = backup_vm(repo, "vm", [src(data)])
+    bad = next(r for r in records(repo) if r.chunk.hex() == point.disks[0].chunks[21])
+    pack = repo.path / bad.pack_key
+    blob = bytearray(pack.read_bytes())
+    blob[bad.offset + bad.length // 2] ^= 1
+    pack.write_bytes(bytes(blob))
+    reader, reads = remote_reader(repo, point, monkeypatch)
+    for index in range(48):
+        if index == 21:
+            with pytest.raises(IntegrityError, match=f"chunk {bad.chunk.hex()}"):
+                reader.read(index * CS, CS)
+        else:
+            assert reader.read(index * CS, CS) == bytes(data[index * CS : (index + 1) * CS]), index
+    assert len(reads) < 36 - 2  # still read by runs
