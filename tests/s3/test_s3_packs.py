@@ -124,11 +124,12 @@ def test_a_pack_cut_short_in_the_bucket_is_an_integrity_error_naming_the_chunk(
         reader.read(on_disk.index(beyond) * MiB, 4096)  # an empty answer (416): all of it lies past the end
     assert len(reader.read(on_disk.index(first) * MiB, 4096)) == 4096  # the chunk before the cut still reads
     p = bootback("restore", s3_repo, "vm1", "-o", tmp_path / "out.raw", ok=False)
-    assert p.returncode == 15 and short in p.stderr, p.stderr
+    # the first damaged chunk in the disk's order is named: which of the two that is depends on upload order
+    assert p.returncode == 15 and (short in p.stderr or beyond in p.stderr), p.stderr
     assert not (tmp_path / "out.raw").exists()
 
 
-def test_a_restore_reads_chunks_by_ranged_gets_not_whole_packs(rgw, s3_repo: str, tmp_path: Path) -> None:
+def test_a_restore_reads_runs_of_chunks_by_ranged_gets(rgw, s3_repo: str, tmp_path: Path) -> None:
     chunks = 20
     data = os.urandom(chunks * MiB)
     bootback("init", s3_repo)
@@ -140,10 +141,10 @@ def test_a_restore_reads_chunks_by_ranged_gets_not_whole_packs(rgw, s3_repo: str
     assert _restore(s3_repo, "big", tmp_path / "out.raw") == data
     after = rgw.counters()
     gets, got = after["get"] - before["get"], after["get_b"] - before["get_b"]
-    # one ranged GET per chunk (plus config, point and index), each just its chunk's bytes: a GET of whole
-    # packs would be 2 requests, or 16 MiB per chunk
-    assert chunks <= gets <= chunks + 4, gets
-    assert sum(sizes) <= got < sum(sizes) + 64 * 1024, (got, sizes)
+    # runs of chunks close together in a pack, one ranged GET each (plus config, point and index): far fewer
+    # requests than chunks, and about the packs' bytes once (a whole pack per chunk would be 16 MiB each)
+    assert 2 <= gets <= chunks // 2, gets
+    assert sum(sizes) <= got < sum(sizes) + 4 * MiB, (got, sizes)
 
 
 def test_a_chunk_wholly_past_a_cut_packs_end_names_the_packs_real_size(rgw, s3_repo: str, tmp_path: Path) -> None:
