@@ -125,7 +125,7 @@ class PackingBatch(ChunkBatch):
 
     def has(self, key: str) -> bool:
         # The indexes as loaded when the backup started (a chunk another backup adds meanwhile is at worst
-        # stored twice); loose chunks (written before packs, or by a repack's fallback) count too.
+        # stored twice); loose chunk objects count too (the same format: copied in from a loose repository).
         rec = self.indexes.find(_chunk_of(key), reload=False)
         return (rec is not None and rec.pack_key in self._stored_packs()) or self.inner.has(key)
 
