@@ -19,19 +19,17 @@ chunks). Repositories far larger than that want an external sort here; not yet n
 
 from __future__ import annotations
 
-import re
 from collections.abc import Set
 from dataclasses import dataclass, field
 
 from appliance.errors import BootbackError
 from appliance.repo import packindex
 from appliance.repo.packindex import RECORD, PackRecord
-from appliance.repo.packs import INDEX_PREFIX, PACK_PREFIX, PackWriter, is_index_key, write_indexes
+from appliance.repo.packs import INDEX_PREFIX, PACK_PREFIX, PackWriter, is_index_key, is_pack_key, write_indexes
 from appliance.repo.repository import Repository
 from appliance.repo.store import ChunkStore
 
 REPACK_DEAD = 0.25  # a pack with more dead bytes than this share is rewritten; fewer: not worth the copy
-_PACK_KEY_RE = re.compile(r"packs/([0-9a-f]{2})/(\1[0-9a-f]{30})")
 
 
 @dataclass
@@ -49,7 +47,7 @@ def collect_packs(repo: Repository, live: Set[str], before: float) -> PackCollec
     """Delete or repack the packs of ``repo`` whose chunks are not in ``live`` (hex ids), leaving everything
     modified at or after ``before`` alone. Call under ``repo.exclusive()``."""
     backend, store, report = repo.backend, repo.store, PackCollection()
-    packs = {info.key: info for info in backend.list(PACK_PREFIX) if _PACK_KEY_RE.fullmatch(info.key)}
+    packs = {info.key: info for info in backend.list(PACK_PREFIX) if is_pack_key(info.key)}
     old_indexes: list[str] = []
     keep: dict[bytes, PackRecord] = {}  # live chunk -> the record kept for it
     protected: set[str] = {key for key, info in packs.items() if info.mtime >= before}

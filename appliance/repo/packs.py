@@ -16,6 +16,7 @@ a hint, never trusted for bytes.
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 import time
@@ -31,6 +32,7 @@ from appliance.repo.packindex import RECORD, PackIndex, PackRecord
 PACK_TARGET = 16 << 20  # measured: 16 MiB packs bring the gateway's CPU per MB to a bulk upload's
 RELOAD_INTERVAL = 1.0  # seconds before a chunk not found after a reload causes another reload
 MAX_REMEMBERED_MISSES = 4096
+_PACK_KEY_RE = re.compile(r"packs/([0-9a-f]{2})/(\1[0-9a-f]{30})")
 PACK_ID_AT = 32  # a record's pack id follows its 32-byte chunk id
 INDEX_PREFIX = "index/"
 PACK_PREFIX = "packs/"
@@ -251,7 +253,7 @@ class IndexSet:
 
     def _stored_packs(self) -> set[bytes]:
         """The ids of the packs stored now (one listing)."""
-        return {bytes.fromhex(info.key[-32:]) for info in self.backend.list(PACK_PREFIX) if _is_pack_key(info.key)}
+        return {bytes.fromhex(info.key[-32:]) for info in self.backend.list(PACK_PREFIX) if is_pack_key(info.key)}
 
     def _refresh(self, rebuild: bool, stored: set[bytes] | None = None) -> None:
         """Under ``_lock``: add the index objects not loaded yet (all of them, into a new index, if ``rebuild``);
@@ -304,9 +306,9 @@ class IndexSet:
         self.damaged = damaged
 
 
-def _is_pack_key(key: str) -> bool:
-    name = key[len(PACK_PREFIX) :]
-    return key.startswith(PACK_PREFIX) and len(name) == 35 and name[2] == "/" and name[:2] == name[3:5]
+def is_pack_key(key: str) -> bool:
+    """Whether ``key`` names a pack (``packs/<pp>/<32 lowercase hex digits>``); anything else there is a stray."""
+    return _PACK_KEY_RE.fullmatch(key) is not None
 
 
 def _records_in(payload: bytes, packs: set[bytes]) -> bytes:

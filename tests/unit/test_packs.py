@@ -316,3 +316,20 @@ def test_a_reader_follows_chunks_a_repack_moved(repo: Repository) -> None:
     collect_garbage(Repository.open(repo.path))
     assert old_packs - set(files(repo, "packs"))  # the first backup's pack was repacked away
     assert restore(reader, kept, len(keep_data)) == bytes(keep_data)
+
+
+def test_a_stray_object_named_almost_like_a_pack_is_ignored(repo: Repository) -> None:
+    """A reader whose pack is gone lists packs/ to rebuild its index: a stray there (a name of the right shape
+    but not hex) is passed over, never a crash, and garbage collection leaves it alone."""
+    point = backup_vm(repo, "vm", [src(disk(8, seed=90))])
+    stray = repo.path / "packs" / "zz" / ("zz" + "z" * 30)
+    stray.parent.mkdir()
+    stray.write_bytes(b"not a pack")
+    reader = Repository.open(repo.path)
+    rec = records(repo)[0]
+    assert reader.store.get(rec.chunk.hex()) is not None  # the indexes are loaded
+    (repo.path / rec.pack_key).unlink()
+    with pytest.raises(IntegrityError, match=f"chunk {rec.chunk.hex()} is missing"):
+        reader.store.get(rec.chunk.hex(), point.ref)
+    collect_garbage(Repository.open(repo.path))
+    assert stray.exists()
