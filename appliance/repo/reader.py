@@ -101,18 +101,9 @@ class ChunkCache:
         try:
             data = load()
         except BaseException as exc:
-            with self._lock:
-                del self._loading[cid]
-            pending.set_exception(exc)
+            self.settle(cid, pending, exc)
             raise
-        kept = keep is None or keep(data)
-        with self._lock:
-            del self._loading[cid]
-            if kept and cid not in self._items and len(data) <= self.capacity:
-                self._items[cid] = data
-                self._size += len(data)
-                self._evict()
-        pending.set_result(data)
+        self.settle(cid, pending, data, keep=keep is None or keep(data))
         return data
 
     def reserve(self, cid: str) -> Future[bytes] | None:
@@ -129,7 +120,8 @@ class ChunkCache:
         """End a ``reserve``d load with its chunk (kept unless ``keep`` is False) or the error that stopped it."""
         with self._lock:
             del self._loading[cid]
-            if isinstance(result, bytes) and keep and cid not in self._items and len(result) <= self.capacity:
+            kept = keep and not isinstance(result, BaseException)
+            if kept and cid not in self._items and len(result) <= self.capacity:
                 self._items[cid] = result
                 self._size += len(result)
                 self._evict()
