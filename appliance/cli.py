@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import sys
 
-from appliance import __version__, commands
+from appliance import __version__, allocator, commands
 from appliance.errors import BootbackError
 
 
@@ -33,6 +33,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator.tune()  # before any worker thread starts
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
     # argparse binds a trailing nargs='*' positional before later options ("backup REPO --vm X DISK"), so

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from appliance.errors import IntegrityError, UnsupportedFormatError
 from appliance.repo import packindex
@@ -30,6 +31,7 @@ from appliance.repo.objects import Envelope
 from appliance.repo.packindex import RECORD, PackIndex, PackRecord
 
 PACK_TARGET = 16 << 20  # measured: 16 MiB packs bring the gateway's CPU per MB to a bulk upload's
+UPLOADS = 4  # packs stored at once by a backup to a remote store: 4 x 16 MiB in flight keep RGW busy
 RELOAD_INTERVAL = 1.0  # seconds before a chunk not found after a reload causes another reload
 MAX_REMEMBERED_MISSES = 4096
 _PACK_KEY_RE = re.compile(r"packs/([0-9a-f]{2})/(\1[0-9a-f]{30})")
@@ -44,10 +46,15 @@ _SPLIT = struct.Struct(f">{packindex.CHUNK_SIZE}s{RECORD.size - packindex.CHUNK_
 
 class PackWriter:
     """Appends chunk objects to the pack being filled and stores each pack once it reaches ``target`` bytes;
-    thread-safe. The thread whose object fills a pack stores it, outside the lock, so packs go out in parallel
-    while other threads keep appending. ``records`` holds where every appended chunk went (RECORD-packed)."""
+    thread-safe. ``records`` holds where every appended chunk went (RECORD-packed).
 
-    def __init__(self, put: Callable[[str, bytes], None], target: int = PACK_TARGET) -> None:
+    By default the thread whose object fills a pack stores it, outside the lock, so packs go out in parallel
+    while other threads keep appending. With ``uploads`` (a remote store), full packs are stored by that many
+    threads of their own, at most ``uploads`` packs waiting or in flight: the appending threads (hashing and
+    compressing, CPU-bound) never wait on the network, nor does the reader behind them wait on a thread stuck
+    in a PUT. A failed store is raised by the next ``add`` or by ``flush``."""
+
+    def __init__(self, put: Callable[[str, bytes], None], target: int = PACK_TARGET, uploads: int = 0) -> None:
         self._put = put
         self._target = target
         self._lock = threading.Lock()
@@ -56,9 +63,14 @@ class PackWriter:
         self._size = 0
         self.records = bytearray()
         self.count = 0
+        self._pool = ThreadPoolExecutor(uploads, thread_name_prefix="pack-upload") if uploads else None
+        self._slots = threading.BoundedSemaphore(uploads) if uploads else None
+        self._pending: set[Future[None]] = set()
+        self._failed: BaseException | None = None
 
     def add(self, chunk: bytes, blob: bytes) -> None:
         """Append the stored object ``blob`` of chunk ``chunk`` (its 32-byte id)."""
+        self._raise_failed()
         with self._lock:
             self.records += RECORD.pack(chunk, self._pack, self._size, len(blob))
             self.count += 1
@@ -69,11 +81,16 @@ class PackWriter:
             self._store(*full)
 
     def flush(self) -> None:
-        """Store the pack being filled, if it holds anything (callers: after every ``add`` has returned)."""
+        """Store the pack being filled, if it holds anything, and wait until every pack is stored (callers: after
+        every ``add`` has returned)."""
         with self._lock:
             full = self._take() if self._parts else None
         if full is not None:
             self._store(*full)
+        if self._pool is not None:
+            wait(list(self._pending))
+            self._pool.shutdown()
+        self._raise_failed()
 
     def _take(self) -> tuple[str, list[bytes]]:
         key, parts = packindex.pack_key(self._pack), self._parts
@@ -81,7 +98,38 @@ class PackWriter:
         return key, parts
 
     def _store(self, key: str, parts: list[bytes]) -> None:
-        self._put(key, b"".join(parts))  # joined outside the lock: 16 MiB of copying would stall every appender
+        if self._pool is None or self._slots is None:
+            self._put(key, b"".join(parts))  # joined outside the lock: 16 MiB of copying would stall appenders
+            return
+        self._slots.acquire()  # bounded memory: at most ``uploads`` full packs held
+        self._raise_failed()
+        future = self._pool.submit(self._upload, key, parts)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _upload(self, key: str, parts: list[bytes]) -> None:
+        try:
+            self._put(key, b"".join(parts))
+        except BaseException as exc:
+            with self._lock:
+                self._failed = self._failed or exc
+            raise
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+        assert self._slots is not None
+        self._slots.release()
+
+    def _raise_failed(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def close(self) -> None:
+        """Stop the upload threads (a backup that failed: packs not stored yet are dropped, as its other garbage)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def iter_records(self) -> Iterator[PackRecord]:
         for i in range(0, len(self.records), RECORD.size):
@@ -117,7 +165,7 @@ class PackingBatch(ChunkBatch):
         self.inner = inner
         self.indexes = indexes
         self.envelope = envelope
-        self.writer = PackWriter(inner.stage, PACK_TARGET)
+        self.writer = PackWriter(inner.stage, PACK_TARGET, UPLOADS if indexes.backend.remote else 0)
         indexes.refresh()  # backups made since this process first read them (the daemon, the page) count too
         self._packs: set[str] | None = None
         self._packs_lock = threading.Lock()
@@ -148,6 +196,9 @@ class PackingBatch(ChunkBatch):
 
     def check_alive(self) -> None:
         self.inner.check_alive()
+
+    def close(self) -> None:
+        self.writer.close()
 
     def write_point(self, key: str, data: bytes) -> None:
         self.inner.write_point(key, data)

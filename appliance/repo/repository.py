@@ -239,8 +239,12 @@ class Repository:
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[ChunkBatch]:
-        with self.backend.writer() as batch:
-            yield self.store.batch(batch)
+        with self.backend.writer() as inner:
+            batch = self.store.batch(inner)
+            try:
+                yield batch
+            finally:
+                batch.close()
 
     def _check_plain_write(self) -> None:
         if self.plain_writes_refused:

@@ -61,6 +61,9 @@ class ChunkBatch(ABC):
         """Create the restore point ``key`` as the writer's last act, only while its right to add one holds, and
         so that it is visible before that right could lapse (RepositoryLockedError otherwise)."""
 
+    def close(self) -> None:  # noqa: B027 - most batches hold nothing to release
+        """Release what the batch holds (threads), published or not; the writer calls it once, last."""
+
 
 class ObjectStore(ABC):
     """A flat namespace of immutable objects under one repository root, and the locks that guard it."""

@@ -1,0 +1,107 @@
+"""A backup to a remote store stores its full packs from threads of their own (``PackWriter(uploads=N)``): at most
+N packs held at once, every pack stored before ``flush`` returns, and a failed store fails the backup, which then
+commits no restore point."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.ingest.backup import backup_vm
+from appliance.repo import Repository
+from appliance.repo.packs import PackWriter
+from tests.unit.packs_support import CS, disk, src
+
+BLOB = b"x" * 100
+
+
+def test_every_pack_is_stored_before_flush_returns() -> None:
+    stored: dict[str, bytes] = {}
+
+    def put(key: str, data: bytes) -> None:
+        time.sleep(0.01)  # a slow store: flush must still wait for it
+        stored[key] = data
+
+    writer = PackWriter(put, target=300, uploads=2)
+    for n in range(20):
+        writer.add(n.to_bytes(32, "big"), BLOB)
+    writer.flush()
+    assert len(stored) == 7  # 6 full packs of 3 objects, the last one of 2
+    assert sum(len(d) for d in stored.values()) == 20 * len(BLOB)
+    packs = {r.pack_key for r in writer.iter_records()}
+    assert packs == set(stored)
+
+
+def test_at_most_uploads_packs_are_held() -> None:
+    release = threading.Event()
+    holding, most = 0, 0
+    lock = threading.Lock()
+
+    def put(key: str, data: bytes) -> None:
+        nonlocal holding, most
+        with lock:
+            holding += 1
+            most = max(most, holding)
+        release.wait(5)
+        with lock:
+            holding -= 1
+
+    writer = PackWriter(put, target=100, uploads=2)
+    adder = threading.Thread(target=lambda: [writer.add(n.to_bytes(32, "big"), BLOB) for n in range(6)])
+    adder.start()
+    time.sleep(0.3)
+    assert adder.is_alive(), "the appender went on past two packs held"
+    release.set()
+    adder.join(5)
+    writer.flush()
+    assert most == 2
+
+
+def test_a_failed_store_is_raised_by_the_next_add_or_flush() -> None:
+    def put(key: str, data: bytes) -> None:
+        raise OSError("the store went away")
+
+    writer = PackWriter(put, target=100, uploads=2)
+    writer.add(b"\1" * 32, BLOB)  # fills a pack: stored in the background, fails there
+    with pytest.raises(OSError, match="went away"):
+        for n in range(50):  # a later add sees the failure
+            writer.add(n.to_bytes(32, "big"), BLOB)
+            time.sleep(0.01)
+    with pytest.raises(OSError, match="went away"):
+        writer.flush()
+
+
+def test_a_backup_whose_pack_cannot_be_stored_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
+    monkeypatch.setattr(repo.backend, "remote", True)  # as S3: packs stored by their own threads
+    real = repo.backend.writer
+
+    def failing_writer():  # noqa: ANN202
+        cm = real()
+        batch = cm.__enter__()
+        stage = batch.stage
+
+        def stage_failing(key: str, blob: bytes) -> None:
+            if key.startswith("packs/"):
+                raise OSError("no space left for packs")
+            stage(key, blob)
+
+        monkeypatch.setattr(batch, "stage", stage_failing)
+
+        class Wrapped:
+            def __enter__(self):  # noqa: ANN204
+                return batch
+
+            def __exit__(self, *exc: object) -> bool | None:
+                return cm.__exit__(*exc)
+
+        return Wrapped()
+
+    monkeypatch.setattr(repo.backend, "writer", failing_writer)
+    with pytest.raises(OSError, match="no space left for packs"):
+        backup_vm(repo, "vm", [src(disk(40, seed=3))])
+    assert Repository.open(repo.path).list_points().points == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("pack-upload")]
