@@ -91,7 +91,9 @@ def max_object_size(max_raw: int) -> int:
     return HEADER_SIZE + stored_bound(max_raw)
 
 
-def unpack(magic: bytes, blob: bytes, name: str, decompressor: zstandard.ZstdDecompressor, max_raw: int) -> bytes:
+def unpack(
+    magic: bytes, blob: bytes | memoryview, name: str, decompressor: zstandard.ZstdDecompressor, max_raw: int
+) -> bytes:
     """Return the payload of a version-1 object, checking its frame; its raw payload may be at most ``max_raw``
     bytes (refused before decompressing). ``name`` says what it is in error messages."""
     if len(blob) < HEADER_SIZE:
@@ -196,11 +198,13 @@ class Envelope:
         header = _ENVELOPE.pack(magic, ENCRYPTED_VERSION, ALG_AES_256_GCM, 0, len(inner) + TAG_SIZE, nonce)
         return header + self.aead.encrypt(nonce, inner, header + ad)
 
-    def unwrap(self, magic: bytes, blob: bytes, name: str, ad: bytes, max_inner: int) -> bytes:
+    def unwrap(
+        self, magic: bytes, blob: bytes | memoryview, name: str, ad: bytes, max_inner: int
+    ) -> bytes | memoryview:
         """The inner object of a whole stored object ``blob`` (itself when unencrypted)."""
         if self.aead is None:
             return blob
-        header, sealed_len = self._header(magic, blob[:ENVELOPE_HEADER_SIZE], name, max_inner)
+        header, sealed_len = self._header(magic, bytes(blob[:ENVELOPE_HEADER_SIZE]), name, max_inner)
         if len(blob) - ENVELOPE_HEADER_SIZE != sealed_len:
             raise IntegrityError(
                 f"{name}: {len(blob) - ENVELOPE_HEADER_SIZE} bytes after the envelope header, it says {sealed_len}"

@@ -139,9 +139,9 @@ class ChunkStore:
         name = f"chunk {cid}{where}"
         return self.open_object(cid, self._fetch(cid, name, where), name, where)
 
-    def open_object(self, cid: str, blob: bytes, name: str, where: str = "") -> bytes:
-        """The bytes of chunk ``cid`` from its stored object ``blob``, checked as every read checks them:
-        envelope, framing, bounds, hash. ``name`` says what it is in errors."""
+    def open_object(self, cid: str, blob: bytes | memoryview, name: str, where: str = "") -> bytes:
+        """The bytes of chunk ``cid`` from its stored object ``blob`` (a view into a run of a pack: not copied),
+        checked as every read checks them: envelope, framing, bounds, hash. ``name`` says what it is in errors."""
         blob = self.envelope.unwrap(objects.CHUNK_MAGIC, blob, name, cid.encode(), self._max_inner)
         data = objects.unpack(objects.CHUNK_MAGIC, blob, name, self._decompressor(), self.max_chunk)
         if self.chunk_id(data) != cid:
@@ -199,7 +199,7 @@ class ChunkStore:
             at = rec.offset - first.offset
             name = f"chunk {cid}{where}"
             try:
-                out.append(self.open_object(cid, bytes(view[at : at + rec.length]), name, where))
+                out.append(self.open_object(cid, view[at : at + rec.length], name, where))
             except (IntegrityError, UnsupportedFormatError):
                 out.append(None)
         return out
