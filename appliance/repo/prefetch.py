@@ -1,7 +1,8 @@
 """Warming a published disk's read cache in the background (``publish --prefetch``).
 
 The VM runs from the first second, its reads fetch what they touch; meanwhile a prefetch fetches every other
-stored chunk, several at once, into the read cache, so that after a while the whole disk is local (and stays
+stored chunk, several at once (a packed repository on a remote store: runs of a pack by one ranged read
+each, as a restore reads them), into the read cache, so that after a while the whole disk is local (and stays
 readable while the repository's endpoint is away). It goes around the in-memory chunk cache, which must keep
 what the VM is using, skips what is already hydrated, stops when the read cache's budget is spent or the
 session stops, and never fails the session: a chunk it cannot fetch is counted and left for the VM's own read
@@ -15,10 +16,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from appliance.errors import BootbackError
-from appliance.repo.reader import DiskReader
+from appliance.repo.reader import SPAN_BYTES, DiskReader
 
 log = logging.getLogger("bootback.prefetch")
 WORKERS = 8  # requests in flight per disk: ~8 x 1 MiB keeps a single RGW or an S3 region busy
+IN_FLIGHT_BYTES = 4 * SPAN_BYTES  # chunks fetched and not yet stored, at most; also the slice of the disk grouped
+# into runs at a time, so no run needs more than all of it (compressible chunks make long runs)
 
 
 class Prefetch:
@@ -31,6 +34,7 @@ class Prefetch:
         self.done = 0
         self.failed = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"prefetch-{reader.disk.name}", daemon=True)
 
     def start(self) -> Prefetch:
@@ -38,27 +42,41 @@ class Prefetch:
         return self
 
     def _run(self) -> None:
-        slots = threading.Semaphore(2 * self.workers)  # bounded: at most this many chunks in memory at once
+        reader = self.reader
+        step = max(1, IN_FLIGHT_BYTES // reader.chunk_size)
+        slots = threading.Semaphore(step)  # one per chunk in memory
         with ThreadPoolExecutor(self.workers, thread_name_prefix="prefetch") as pool:
-            for index in self.todo:
-                if self._stop.is_set() or self._budget_spent():
-                    break
-                slots.acquire()
-                pool.submit(self._one, index).add_done_callback(lambda _f: slots.release())
+            for start in range(0, len(self.todo), step):
+                planned = self.todo[start : start + step]
+                wanted = [i for i in planned if not reader.hydrated.has(i)]
+                with self._lock:
+                    self.done += len(planned) - len(wanted)  # hydrated already (the VM read them)
+                for run in reader.runs(wanted):
+                    if self._stop.is_set() or self._budget_spent(len(run)):
+                        break
+                    for _ in run:
+                        slots.acquire()
+                    pool.submit(self._one, run).add_done_callback(lambda _f, n=len(run): _release(slots, n))
+                else:
+                    continue
+                break
         log.info("prefetch of %s: %s", self.reader.disk.name, self.status())
 
-    def _budget_spent(self) -> bool:
+    def _budget_spent(self, chunks: int) -> bool:
         cache = self.reader.hydrated.cache
-        return cache.used + self.reader.chunk_size > cache.budget
+        return cache.used + chunks * self.reader.chunk_size > cache.budget
 
-    def _one(self, index: int) -> None:
+    def _one(self, run: list) -> None:
         if self._stop.is_set():
             return
         try:
-            self.reader.hydrate(index)
-            self.done += 1
-        except BootbackError as exc:
-            self.failed += 1
+            errors = self.reader.hydrate_run(run)
+        except BootbackError as exc:  # not a chunk's own error (the read cache's file): the whole run failed
+            errors = [exc] * len(run)
+        with self._lock:
+            self.done += len(run) - len(errors)
+            self.failed += len(errors)
+        for exc in errors:
             log.warning("prefetch of %s: %s", self.reader.disk.name, exc)
 
     def stop(self, timeout: float | None = 30) -> None:
@@ -72,6 +90,10 @@ class Prefetch:
 
     def status(self) -> dict:
         return {"disk": self.reader.disk.name, "chunks": len(self.todo), "done": self.done, "failed": self.failed}
+
+
+def _release(slots: threading.Semaphore, n: int) -> None:
+    slots.release(n)
 
 
 def rewarm(readers: list[DiskReader], current: list[Prefetch] | None) -> list[Prefetch]:

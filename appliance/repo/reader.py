@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from appliance.errors import IntegrityError
+from appliance.errors import BootbackError, IntegrityError
 from appliance.units import parse_size
 from nfsd.filerange import MIN_RANGE, FileRange
 
@@ -200,7 +200,7 @@ class DiskReader:
         self._context = f"restore point {point.ref}, disk {disk.name}"
         remote = store.backend.remote
         self.read_ahead = read_ahead_chunks(store, disk.chunk_size)
-        self._spanning = remote and store.indexes is not None  # read ahead by runs of a pack (``_spans``)
+        self._spanning = remote and store.indexes is not None  # read ahead by runs of a pack (``runs``)
         self._pool = _fetch_ahead_pool if remote else _read_ahead_pool
         self._next_expected = -1  # the chunk a sequential reader will want next
         self._ahead_until = -1  # chunks below this are already decoded or being decoded
@@ -274,14 +274,14 @@ class DiskReader:
             for index in range(start, stop)
             if self.disk.chunks[index] is not None and not (self.hydrated and self.hydrated.has(index))
         ]
-        for span in self._spans(wanted):
+        for span in self.runs(wanted):
             if len(span) == 1:
                 self._pool.submit(self._prefetch, span[0][0])
             else:
                 self._pool.submit(self._prefetch_span, span)
         self._ahead_until = max(self._ahead_until, stop)
 
-    def _spans(self, wanted: list[int]) -> list[list[tuple[int, PackRecord | None]]]:
+    def runs(self, wanted: list[int]) -> list[list[tuple[int, PackRecord | None]]]:
         """``wanted`` chunks grouped into runs that lie close together in one pack (one ranged GET each, up to
         ``SPAN_BYTES``, gaps of at most ``SPAN_GAP`` read and dropped: a backup's threads store a disk's chunks
         nearly, not exactly, in order); every other chunk alone. Only for a remote store, where a request costs
@@ -353,6 +353,35 @@ class DiskReader:
         if data is None:
             data = self.store.get(cid, self._context)
         hd.store(index, self._checked(index, cid, data))
+
+    def hydrate_run(self, run: list[tuple[int, PackRecord | None]]) -> list[BootbackError]:
+        """``hydrate`` each chunk of ``run`` (one of ``runs``) that is not there yet: a run of a pack by one ranged
+        read. A chunk that fails its check, or every chunk if the run cannot be read, is fetched alone, so its
+        error is exactly what ``hydrate`` gives; the errors are returned, the other chunks stored."""
+        hd, chunks = self.hydrated, self.disk.chunks
+        if hd is None:
+            raise ValueError("hydrate_run needs a reader with a read cache")  # a caller's bug
+        todo = [(index, rec) for index, rec in run if not hd.has(index)]
+        datas: list[bytes | None] = [None] * len(todo)
+        if len(todo) > 1 and all(rec is not None for _, rec in todo):
+            try:
+                datas = self.store.get_span(
+                    [chunks[index] for index, _ in todo],
+                    [rec for _, rec in todo],  # type: ignore[misc]
+                    self._context,
+                )
+            except Exception:  # noqa: BLE001 - each chunk is fetched alone below, with its own error
+                pass
+        errors: list[BootbackError] = []
+        for (index, _), data in zip(todo, datas, strict=True):
+            try:
+                if data is None:
+                    self.hydrate(index)
+                else:
+                    hd.store(index, self._checked(index, chunks[index], data))
+            except BootbackError as exc:
+                errors.append(exc)
+        return errors
 
     def _chunk_hydrating(self, index: int) -> bytes:
         """``chunk``, and into the read cache with it. A chunk on its way there is not also kept in the chunk

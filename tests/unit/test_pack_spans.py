@@ -10,6 +10,8 @@ import pytest
 from appliance.errors import IntegrityError
 from appliance.ingest.backup import backup_vm
 from appliance.repo import Repository
+from appliance.repo.prefetch import Prefetch
+from appliance.repo.readcache import ReadCache
 from appliance.repo.reader import DiskReader
 from tests.unit.packs_support import CS, disk, records, src
 
@@ -21,8 +23,9 @@ def repo(tmp_path: Path) -> Repository:
 
 def remote_reader(
     repo: Repository,
-    point,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001 - a RestorePoint
+    point,  # noqa: ANN001 - a RestorePoint
+    monkeypatch: pytest.MonkeyPatch,
+    read_cache: ReadCache | None = None,
 ) -> tuple[DiskReader, list[tuple[int, int]]]:
     """A reader in a new process's view of ``repo`` whose directory store says it is remote (as S3 does), and
     the ranged reads it makes."""
@@ -36,7 +39,7 @@ def remote_reader(
 
     monkeypatch.setattr(fresh.backend, "read_range", counted)
     monkeypatch.setattr(fresh.backend, "remote", True)
-    return fresh.open_disk(point, "d"), reads
+    return fresh.open_disk(point, "d", read_cache), reads
 
 
 def test_sequential_read_fetches_runs_of_a_pack(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,3 +68,61 @@ def test_a_damaged_chunk_in_a_run_fails_only_its_own_reads(repo: Repository, mon
         else:
             assert reader.read(index * CS, CS) == bytes(data[index * CS : (index + 1) * CS]), index
     assert len(reads) < 36 - 2  # still read by runs
+
+
+def _warm(reader: DiskReader) -> Prefetch:
+    warm = Prefetch(reader).start()
+    warm._thread.join(30)
+    assert not warm.running
+    return warm
+
+
+def test_prefetch_warms_a_disk_by_runs_of_a_pack(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = disk(96, seed=4)
+    point = backup_vm(repo, "vm", [src(data)], workers=16)
+    stored = sum(1 for c in point.disks[0].chunks if c)
+    reader, reads = remote_reader(repo, point, monkeypatch, ReadCache(tmp_path / "rc", 1 << 30))
+    reader.read(5 * CS, CS)  # the VM read one already
+    warm = _warm(reader)
+    assert warm.status() == {"disk": "d", "chunks": stored, "done": stored, "failed": 0}
+    assert all(reader.hydrated.has(i) for i in range(96))
+    assert len(reads) <= stored // 4, f"{len(reads)} ranged reads for {stored} chunks"
+    reads.clear()
+    assert b"".join(reader.read(off, CS) for off in range(0, len(data), CS)) == bytes(data)
+    assert reads == []  # all of it local now
+
+
+def test_prefetch_counts_a_damaged_chunk_and_stores_the_rest(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = disk(48, seed=5)
+    point = backup_vm(repo, "vm", [src(data)])
+    bad = next(r for r in records(repo) if r.chunk.hex() == point.disks[0].chunks[21])
+    pack = repo.path / bad.pack_key
+    blob = bytearray(pack.read_bytes())
+    blob[bad.offset + bad.length // 2] ^= 1
+    pack.write_bytes(bytes(blob))
+    reader, _ = remote_reader(repo, point, monkeypatch, ReadCache(tmp_path / "rc", 1 << 30))
+    warm = _warm(reader)
+    stored = sum(1 for c in point.disks[0].chunks if c)
+    assert (warm.done, warm.failed) == (stored - 1, 1)
+    assert not reader.hydrated.has(21)
+    assert all(reader.hydrated.has(i) for i in range(48) if i != 21)
+    with pytest.raises(IntegrityError, match=f"chunk {bad.chunk.hex()}"):
+        reader.read(21 * CS, CS)
+
+
+def test_prefetch_of_compressible_chunks_in_long_runs(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Chunks that compress well lie many to a run: more than the chunks it holds in memory at once."""
+    monkeypatch.setattr("appliance.repo.prefetch.IN_FLIGHT_BYTES", 8 * CS)
+    data = bytearray(b"".join(bytes([n % 251 + 1]) * 100 + bytes(CS - 100) for n in range(200)))
+    point = backup_vm(repo, "vm", [src(data)])
+    reader, reads = remote_reader(repo, point, monkeypatch, ReadCache(tmp_path / "rc", 1 << 30))
+    warm = _warm(reader)
+    assert (warm.done, warm.failed) == (200, 0)
+    assert len(reads) <= 200 // 8 + 1
+    assert b"".join(reader.read(off, CS) for off in range(0, len(data), CS)) == bytes(data)
