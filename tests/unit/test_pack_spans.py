@@ -10,6 +10,7 @@ import pytest
 from appliance.errors import IntegrityError
 from appliance.ingest.backup import backup_vm
 from appliance.repo import Repository
+from appliance.repo.packindex import PackRecord
 from appliance.repo.prefetch import Prefetch
 from appliance.repo.readcache import ReadCache
 from appliance.repo.reader import DiskReader
@@ -42,6 +43,16 @@ def remote_reader(
     return fresh.open_disk(point, "d", read_cache), reads
 
 
+def damage(repo: Repository, cid: str) -> PackRecord:
+    """Flip one byte in the middle of chunk ``cid``'s object in its pack; its index record."""
+    bad = next(r for r in records(repo) if r.chunk.hex() == cid)
+    pack = repo.path / bad.pack_key
+    blob = bytearray(pack.read_bytes())
+    blob[bad.offset + bad.length // 2] ^= 1
+    pack.write_bytes(bytes(blob))
+    return bad
+
+
 def test_sequential_read_fetches_runs_of_a_pack(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     data = disk(96, seed=1)
     point = backup_vm(repo, "vm", [src(data)], workers=16)  # a remote store's backup: chunks stored out of order
@@ -55,11 +66,7 @@ def test_sequential_read_fetches_runs_of_a_pack(repo: Repository, monkeypatch: p
 def test_a_damaged_chunk_in_a_run_fails_only_its_own_reads(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     data = disk(48, seed=2)
     point = backup_vm(repo, "vm", [src(data)])
-    bad = next(r for r in records(repo) if r.chunk.hex() == point.disks[0].chunks[21])
-    pack = repo.path / bad.pack_key
-    blob = bytearray(pack.read_bytes())
-    blob[bad.offset + bad.length // 2] ^= 1
-    pack.write_bytes(bytes(blob))
+    bad = damage(repo, point.disks[0].chunks[21])
     reader, reads = remote_reader(repo, point, monkeypatch)
     for index in range(48):
         if index == 21:
@@ -99,11 +106,7 @@ def test_prefetch_counts_a_damaged_chunk_and_stores_the_rest(
 ) -> None:
     data = disk(48, seed=5)
     point = backup_vm(repo, "vm", [src(data)])
-    bad = next(r for r in records(repo) if r.chunk.hex() == point.disks[0].chunks[21])
-    pack = repo.path / bad.pack_key
-    blob = bytearray(pack.read_bytes())
-    blob[bad.offset + bad.length // 2] ^= 1
-    pack.write_bytes(bytes(blob))
+    bad = damage(repo, point.disks[0].chunks[21])
     reader, _ = remote_reader(repo, point, monkeypatch, ReadCache(tmp_path / "rc", 1 << 30))
     warm = _warm(reader)
     stored = sum(1 for c in point.disks[0].chunks if c)
