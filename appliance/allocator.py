@@ -38,13 +38,15 @@ def tune() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt answers 1 on success; setting a threshold also turns off glibc's dynamic one
-    _tuned = all(
+    # mallopt answers 1 on success; setting a threshold also turns off glibc's dynamic one. Each setting on its
+    # own: one refused (a 32-bit libc caps the mmap threshold lower) leaves the others applied.
+    applied = [
         mallopt(param, value) == 1
         for param, value in (
             (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
             (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
             (M_ARENA_MAX, ARENA_MAX),
         )
-    )
+    ]
+    _tuned = all(applied)
     return _tuned

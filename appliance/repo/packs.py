@@ -50,9 +50,10 @@ class PackWriter:
 
     By default the thread whose object fills a pack stores it, outside the lock, so packs go out in parallel
     while other threads keep appending. With ``uploads`` (a remote store), full packs are stored by that many
-    threads of their own, at most ``uploads`` packs waiting or in flight: the appending threads (hashing and
-    compressing, CPU-bound) never wait on the network, nor does the reader behind them wait on a thread stuck
-    in a PUT. A failed store is raised by the next ``add`` or by ``flush``."""
+    threads of their own, at most ``uploads`` packs given to them at once (an appender that fills one more
+    waits with it: memory holds at most uploads + appenders full packs): the appending threads (hashing and
+    compressing, CPU-bound) do not wait on the network while a slot is free, nor does the reader behind them
+    wait on a thread stuck in a PUT. A failed store is raised by every later ``add`` and by ``flush``."""
 
     def __init__(self, put: Callable[[str, bytes], None], target: int = PACK_TARGET, uploads: int = 0) -> None:
         self._put = put
@@ -101,9 +102,13 @@ class PackWriter:
         if self._pool is None or self._slots is None:
             self._put(key, b"".join(parts))  # joined outside the lock: 16 MiB of copying would stall appenders
             return
-        self._slots.acquire()  # bounded memory: at most ``uploads`` full packs held
-        self._raise_failed()
-        future = self._pool.submit(self._upload, key, parts)
+        self._slots.acquire()  # bounded memory: at most ``uploads`` packs given to the upload threads
+        try:
+            self._raise_failed()
+            future = self._pool.submit(self._upload, key, parts)
+        except BaseException:
+            self._slots.release()  # the next appender waiting for a slot must see the failure too, not hang
+            raise
         with self._lock:
             self._pending.add(future)
         future.add_done_callback(self._done)

@@ -42,6 +42,13 @@ class Prefetch:
         return self
 
     def _run(self) -> None:
+        try:
+            self._fetch_all()
+        except BootbackError as exc:  # planning needs the indexes: the endpoint may be away; the VM's reads say so
+            log.warning("prefetch of %s stopped: %s", self.reader.disk.name, exc)
+        log.info("prefetch of %s: %s", self.reader.disk.name, self.status())
+
+    def _fetch_all(self) -> None:
         reader = self.reader
         step = max(1, IN_FLIGHT_BYTES // reader.chunk_size)
         slots = threading.Semaphore(step)  # one per chunk in memory
@@ -51,7 +58,12 @@ class Prefetch:
                 wanted = [i for i in planned if not reader.hydrated.has(i)]
                 with self._lock:
                     self.done += len(planned) - len(wanted)  # hydrated already (the VM read them)
-                for run in reader.runs(wanted):
+                runs = reader.runs(wanted)
+                # a chunk the slice holds twice is in one run once (read-ahead shares it through the chunk
+                # cache); the read cache keeps chunks by position, so each other position is fetched alone
+                placed = {index for run in runs for index, _ in run}
+                runs += [[(index, None)] for index in wanted if index not in placed]
+                for run in runs:
                     if self._stop.is_set() or self._budget_spent(len(run)):
                         break
                     for _ in run:
@@ -60,7 +72,6 @@ class Prefetch:
                 else:
                     continue
                 break
-        log.info("prefetch of %s: %s", self.reader.disk.name, self.status())
 
     def _budget_spent(self, chunks: int) -> bool:
         cache = self.reader.hydrated.cache

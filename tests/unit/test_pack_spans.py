@@ -129,3 +129,21 @@ def test_prefetch_of_compressible_chunks_in_long_runs(
     assert (warm.done, warm.failed) == (200, 0)
     assert len(reads) <= 200 // 8 + 1
     assert b"".join(reader.read(off, CS) for off in range(0, len(data), CS)) == bytes(data)
+
+
+def test_prefetch_hydrates_a_chunk_that_the_disk_holds_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``runs`` fetches a chunk that appears twice in a slice once (right for read-ahead: both readers wait on the
+    chunk cache); a prefetch, which stores by disk position, then never hydrates the second position nor counts
+    it, so ``done`` never reaches ``chunks``."""
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
+    data = disk(48, seed=7)
+    data[9 * CS : 10 * CS] = data[5 * CS : 6 * CS]  # chunk 9 is chunk 5 again
+    point = backup_vm(repo, "vm", [src(data)])
+    chunks = point.disks[0].chunks
+    assert chunks[5] == chunks[9] is not None
+    stored = sum(1 for c in chunks if c)
+    reader, _ = remote_reader(repo, point, monkeypatch, ReadCache(tmp_path / "rc", 1 << 30))
+    warm = _warm(reader)
+    assert reader.hydrated.has(5)
+    assert reader.hydrated.has(9), "the second position of a chunk the disk holds twice is never hydrated"
+    assert warm.status() == {"disk": "d", "chunks": stored, "done": stored, "failed": 0}

@@ -4,6 +4,7 @@ commits no restore point."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -105,3 +106,103 @@ def test_a_backup_whose_pack_cannot_be_stored_commits_nothing(tmp_path: Path, mo
         backup_vm(repo, "vm", [src(disk(40, seed=3))])
     assert Repository.open(repo.path).list_points().points == []
     assert not [t for t in threading.enumerate() if t.name.startswith("pack-upload")]
+
+
+def test_a_failed_upload_with_more_appenders_waiting_than_slots_fails_them_all() -> None:
+    """An appender that filled a pack waits for an upload slot; when an upload fails, each waiter takes a slot,
+    sees the failure and raises without giving the slot back, so with more waiters than slots the rest wait
+    forever (a backup's pool then never shuts down: the backup hangs instead of failing)."""
+    go = threading.Event()
+    calls = 0
+
+    def put(key: str, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        go.wait(5)
+        raise OSError("the store went away")
+
+    writer = PackWriter(put, target=len(BLOB), uploads=1)  # every add fills a pack
+    writer.add(b"\0" * 32, BLOB)  # its upload holds the only slot until ``go``
+    outcomes: list[BaseException | None] = []
+
+    def append(n: int) -> None:
+        try:
+            writer.add(n.to_bytes(32, "big"), BLOB)
+            outcomes.append(None)
+        except OSError as exc:
+            outcomes.append(exc)
+
+    appenders = [threading.Thread(target=append, args=(n,), daemon=True) for n in (1, 2)]
+    for t in appenders:
+        t.start()
+    time.sleep(0.3)  # both took a full pack and wait for a slot
+    go.set()
+    for t in appenders:
+        t.join(3)
+    hung = [t for t in appenders if t.is_alive()]
+    for _ in hung:
+        writer._slots.release()  # let the stuck one go (it raises the failure)
+    writer.close()
+    assert not hung, "an appender waits forever for an upload slot after an upload failed"
+    assert len(outcomes) == 2 and all(isinstance(o, OSError) for o in outcomes)
+
+
+def test_a_backup_whose_pack_upload_fails_while_appenders_wait_fails_rather_than_hangs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through ``backup_vm`` on a store that says it is remote: a slow pack upload that fails while
+    more workers than upload slots wait with a full pack. The backup must fail; it hangs in its pool's shutdown."""
+    monkeypatch.setattr("appliance.repo.packs.UPLOADS", 1)
+    monkeypatch.setattr("appliance.repo.packs.PACK_TARGET", CS // 2)  # every chunk fills a pack
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
+    monkeypatch.setattr(repo.backend, "remote", True)
+    real = repo.backend.writer
+
+    def slow_failing_writer():  # noqa: ANN202
+        cm = real()
+        batch = cm.__enter__()
+
+        def stage(key: str, blob: bytes) -> None:
+            time.sleep(0.5)  # slow: the workers fill packs meanwhile and wait for the slot
+            raise OSError("the store went away")
+
+        monkeypatch.setattr(batch, "stage", stage)
+
+        class Wrapped:
+            def __enter__(self):  # noqa: ANN204
+                return batch
+
+            def __exit__(self, *exc: object) -> bool | None:
+                return cm.__exit__(*exc)
+
+        return Wrapped()
+
+    monkeypatch.setattr(repo.backend, "writer", slow_failing_writer)
+    writers: list[PackWriter] = []
+    made = PackWriter.__init__
+
+    def recording_init(self: PackWriter, *args: object, **kwargs: object) -> None:
+        made(self, *args, **kwargs)  # type: ignore[arg-type]
+        writers.append(self)
+
+    monkeypatch.setattr(PackWriter, "__init__", recording_init)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            backup_vm(repo, "vm", [src(disk(40, seed=8))], workers=4)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what the backup ended with
+            outcome.append(exc)
+
+    backup = threading.Thread(target=run, daemon=True)
+    backup.start()
+    backup.join(10)
+    hung = backup.is_alive()
+    while backup.is_alive():  # free the stuck workers, or the interpreter waits for them at exit
+        for writer in writers:
+            with contextlib.suppress(ValueError):
+                writer._slots.release()
+        backup.join(0.2)
+    assert not hung, "the backup hangs after a pack upload failed"
+    assert isinstance(outcome[0], OSError)
