@@ -247,8 +247,10 @@ def test_instant_recovery_over_nfs_from_a_bucket_only_point(rgw, s3_repo: str, t
         assert "did not answer" in daemon.log()
         assert nfs_cat(web).stdout == bytes(data)  # still serving
     finally:
-        rgw.start()
-        daemon.stop()
+        try:
+            rgw.start()
+        finally:
+            daemon.stop()  # even when the gateway does not come back: no daemon outlives its test
     assert daemon.proc.returncode == 0, daemon.log()[-3000:]
 
 
