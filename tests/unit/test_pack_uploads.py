@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,24 @@ from appliance.repo.packs import PackWriter
 from tests.unit.packs_support import CS, disk, src
 
 BLOB = b"x" * 100
+
+
+def stage_through(
+    repo: Repository,
+    monkeypatch: pytest.MonkeyPatch,
+    stage: Callable[[Callable[[str, bytes], None], str, bytes], None],
+) -> None:
+    """Make every backup's batch of ``repo`` store through ``stage(real_stage, key, blob)``."""
+    real = repo.backend.writer
+
+    @contextlib.contextmanager
+    def writer() -> Iterator[object]:
+        with real() as batch:
+            inner = batch.stage
+            monkeypatch.setattr(batch, "stage", lambda key, blob: stage(inner, key, blob))
+            yield batch
+
+    monkeypatch.setattr(repo.backend, "writer", writer)
 
 
 def test_every_pack_is_stored_before_flush_returns() -> None:
@@ -78,30 +97,13 @@ def test_a_failed_store_is_raised_by_the_next_add_or_flush() -> None:
 def test_a_backup_whose_pack_cannot_be_stored_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
     monkeypatch.setattr(repo.backend, "remote", True)  # as S3: packs stored by their own threads
-    real = repo.backend.writer
 
-    def failing_writer():  # noqa: ANN202
-        cm = real()
-        batch = cm.__enter__()
-        stage = batch.stage
+    def stage_failing(stage: Callable[[str, bytes], None], key: str, blob: bytes) -> None:
+        if key.startswith("packs/"):
+            raise OSError("no space left for packs")
+        stage(key, blob)
 
-        def stage_failing(key: str, blob: bytes) -> None:
-            if key.startswith("packs/"):
-                raise OSError("no space left for packs")
-            stage(key, blob)
-
-        monkeypatch.setattr(batch, "stage", stage_failing)
-
-        class Wrapped:
-            def __enter__(self):  # noqa: ANN204
-                return batch
-
-            def __exit__(self, *exc: object) -> bool | None:
-                return cm.__exit__(*exc)
-
-        return Wrapped()
-
-    monkeypatch.setattr(repo.backend, "writer", failing_writer)
+    stage_through(repo, monkeypatch, stage_failing)
     with pytest.raises(OSError, match="no space left for packs"):
         backup_vm(repo, "vm", [src(disk(40, seed=3))])
     assert Repository.open(repo.path).list_points().points == []
@@ -156,28 +158,12 @@ def test_a_backup_whose_pack_upload_fails_while_appenders_wait_fails_rather_than
     monkeypatch.setattr("appliance.repo.packs.PACK_TARGET", CS // 2)  # every chunk fills a pack
     repo = Repository.init(tmp_path / "repo", chunk_size=CS, packs=True)
     monkeypatch.setattr(repo.backend, "remote", True)
-    real = repo.backend.writer
 
-    def slow_failing_writer():  # noqa: ANN202
-        cm = real()
-        batch = cm.__enter__()
+    def slow_failing(stage: Callable[[str, bytes], None], key: str, blob: bytes) -> None:
+        time.sleep(0.5)  # slow: the workers fill packs meanwhile and wait for the slot
+        raise OSError("the store went away")
 
-        def stage(key: str, blob: bytes) -> None:
-            time.sleep(0.5)  # slow: the workers fill packs meanwhile and wait for the slot
-            raise OSError("the store went away")
-
-        monkeypatch.setattr(batch, "stage", stage)
-
-        class Wrapped:
-            def __enter__(self):  # noqa: ANN204
-                return batch
-
-            def __exit__(self, *exc: object) -> bool | None:
-                return cm.__exit__(*exc)
-
-        return Wrapped()
-
-    monkeypatch.setattr(repo.backend, "writer", slow_failing_writer)
+    stage_through(repo, monkeypatch, slow_failing)
     writers: list[PackWriter] = []
     made = PackWriter.__init__
 
