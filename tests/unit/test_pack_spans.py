@@ -3,6 +3,7 @@ for many chunks, each still checked alone; a damaged chunk in a run fails only i
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,12 @@ def remote_reader(
 
     monkeypatch.setattr(fresh.backend, "read_range", counted)
     monkeypatch.setattr(fresh.backend, "remote", True)
-    return fresh.open_disk(point, "d", read_cache), reads
+    reader = fresh.open_disk(point, "d", read_cache)
+    # Its own read-ahead threads: the module's shared pool may still be busy with an earlier test's requests to a
+    # stopped gateway (the whole suite runs in one process), and these tests count requests, not throughput.
+    own = ThreadPoolExecutor(4, thread_name_prefix="test-read-ahead")
+    monkeypatch.setattr(reader, "_pool", own)
+    return reader, reads
 
 
 def damage(repo: Repository, cid: str) -> PackRecord:
