@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 from appliance.errors import IntegrityError, UnsupportedFormatError
 from appliance.repo import packindex
@@ -66,7 +66,6 @@ class PackWriter:
         self.count = 0
         self._pool = ThreadPoolExecutor(uploads, thread_name_prefix="pack-upload") if uploads else None
         self._slots = threading.BoundedSemaphore(uploads) if uploads else None
-        self._pending: set[Future[None]] = set()
         self._failed: BaseException | None = None
 
     def add(self, chunk: bytes, blob: bytes) -> None:
@@ -89,8 +88,7 @@ class PackWriter:
         if full is not None:
             self._store(*full)
         if self._pool is not None:
-            wait(list(self._pending))
-            self._pool.shutdown()
+            self._pool.shutdown(wait=True)  # every pack submitted is stored, or its failure recorded
         self._raise_failed()
 
     def _take(self) -> tuple[str, list[bytes]]:
@@ -99,19 +97,18 @@ class PackWriter:
         return key, parts
 
     def _store(self, key: str, parts: list[bytes]) -> None:
-        if self._pool is None or self._slots is None:
+        slots = self._slots
+        if self._pool is None or slots is None:
             self._put(key, b"".join(parts))  # joined outside the lock: 16 MiB of copying would stall appenders
             return
-        self._slots.acquire()  # bounded memory: at most ``uploads`` packs given to the upload threads
+        slots.acquire()  # bounded memory: at most ``uploads`` packs given to the upload threads
         try:
             self._raise_failed()
             future = self._pool.submit(self._upload, key, parts)
         except BaseException:
-            self._slots.release()  # the next appender waiting for a slot must see the failure too, not hang
+            slots.release()  # the next appender waiting for a slot must see the failure too, not hang
             raise
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._done)
+        future.add_done_callback(lambda _f: slots.release())
 
     def _upload(self, key: str, parts: list[bytes]) -> None:
         try:
@@ -120,12 +117,6 @@ class PackWriter:
             with self._lock:
                 self._failed = self._failed or exc
             raise
-
-    def _done(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(future)
-        assert self._slots is not None
-        self._slots.release()
 
     def _raise_failed(self) -> None:
         if self._failed is not None:
