@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from appliance.errors import BootbackError
+from appliance.repo.packindex import PackRecord
 from appliance.repo.reader import SPAN_BYTES, DiskReader
 
 log = logging.getLogger("bootback.prefetch")
@@ -49,35 +51,37 @@ class Prefetch:
         log.info("prefetch of %s: %s", self.reader.disk.name, self.status())
 
     def _fetch_all(self) -> None:
-        reader = self.reader
-        step = max(1, IN_FLIGHT_BYTES // reader.chunk_size)
+        step = max(1, IN_FLIGHT_BYTES // self.reader.chunk_size)
         slots = threading.Semaphore(step)  # one per chunk in memory
         with ThreadPoolExecutor(self.workers, thread_name_prefix="prefetch") as pool:
-            for start in range(0, len(self.todo), step):
-                planned = self.todo[start : start + step]
-                wanted = [i for i in planned if not reader.hydrated.has(i)]
-                with self._lock:
-                    self.done += len(planned) - len(wanted)  # hydrated already (the VM read them)
-                runs = reader.runs(wanted)
-                # a chunk the slice holds twice is in one run once (read-ahead shares it through the chunk
-                # cache); the read cache keeps chunks by position, so each other position is fetched alone
-                placed = {index for run in runs for index, _ in run}
-                runs += [[(index, None)] for index in wanted if index not in placed]
-                for run in runs:
-                    if self._stop.is_set() or self._budget_spent(len(run)):
-                        break
-                    for _ in run:
-                        slots.acquire()
-                    pool.submit(self._one, run).add_done_callback(lambda _f, n=len(run): _release(slots, n))
-                else:
-                    continue
-                break
+            for run in self._runs(step):
+                if self._stop.is_set() or self._budget_spent(len(run)):
+                    break
+                for _ in run:
+                    slots.acquire()
+                pool.submit(self._one, run).add_done_callback(lambda _f, n=len(run): slots.release(n))
+
+    def _runs(self, step: int) -> Iterator[list[tuple[int, PackRecord | None]]]:
+        """The chunks not hydrated yet, ``step`` of the disk's at a time, as runs to fetch (planned a slice at a
+        time, so a run never holds more chunks than ``step``); those hydrated already count as done."""
+        reader = self.reader
+        for start in range(0, len(self.todo), step):
+            planned = self.todo[start : start + step]
+            wanted = [i for i in planned if not reader.hydrated.has(i)]
+            with self._lock:
+                self.done += len(planned) - len(wanted)  # hydrated already (the VM read them)
+            runs = reader.runs(wanted)
+            # a chunk the slice holds twice is in one run once (read-ahead shares it through the chunk cache);
+            # the read cache keeps chunks by position, so each other position is fetched alone
+            placed = {index for run in runs for index, _ in run}
+            yield from runs
+            yield from ([(index, None)] for index in wanted if index not in placed)
 
     def _budget_spent(self, chunks: int) -> bool:
         cache = self.reader.hydrated.cache
         return cache.used + chunks * self.reader.chunk_size > cache.budget
 
-    def _one(self, run: list) -> None:
+    def _one(self, run: list[tuple[int, PackRecord | None]]) -> None:
         if self._stop.is_set():
             return
         try:
@@ -101,10 +105,6 @@ class Prefetch:
 
     def status(self) -> dict:
         return {"disk": self.reader.disk.name, "chunks": len(self.todo), "done": self.done, "failed": self.failed}
-
-
-def _release(slots: threading.Semaphore, n: int) -> None:
-    slots.release(n)
 
 
 def rewarm(readers: list[DiskReader], current: list[Prefetch] | None) -> list[Prefetch]:
