@@ -320,22 +320,27 @@ class DiskReader:
         taken = [(index, rec, self.cache.reserve(chunks[index])) for index, rec in span]
         if all(pending is None for _, _, pending in taken):
             return
-        try:
-            datas = self.store.get_span([chunks[i] for i, _, _ in taken], [r for _, r, _ in taken], self._context)
-        except Exception:  # noqa: BLE001 - each chunk is loaded alone below, with its own error
-            datas = None
+        datas = self._run_objects([index for index, _, _ in taken], [rec for _, rec, _ in taken])  # type: ignore[misc]
         hd = self.hydrated
-        for n, (index, _, pending) in enumerate(taken):
+        for (index, _, pending), data in zip(taken, datas, strict=True):
             if pending is None:
                 continue
             cid = chunks[index]
             try:
-                data = datas[n] if datas is not None else None
                 data = self._checked(index, cid, data if data is not None else self.store.get(cid, self._context))
             except Exception as exc:  # noqa: BLE001 - handed to the readers waiting for this chunk
                 self.cache.settle(cid, pending, exc)
                 continue
             self.cache.settle(cid, pending, data, keep=hd is None or not hd.store_later(index, data))
+
+    def _run_objects(self, indices: list[int], recs: list[PackRecord]) -> list[bytes | None]:
+        """Chunks ``indices`` (their records ``recs``, apart, in pack order) by one ranged read, each checked:
+        None for one that fails its check, and for all of them when the run cannot be read. Callers read those
+        alone, which gives each its own error."""
+        try:
+            return self.store.get_span([self.disk.chunks[i] for i in indices], recs, self._context)
+        except Exception:  # noqa: BLE001 - each chunk is read alone by the caller, with its own error
+            return [None] * len(indices)
 
     def _prefetch(self, index: int) -> None:
         try:
@@ -364,14 +369,7 @@ class DiskReader:
         todo = [(index, rec) for index, rec in run if not hd.has(index)]
         datas: list[bytes | None] = [None] * len(todo)
         if len(todo) > 1 and all(rec is not None for _, rec in todo):
-            try:
-                datas = self.store.get_span(
-                    [chunks[index] for index, _ in todo],
-                    [rec for _, rec in todo],  # type: ignore[misc]
-                    self._context,
-                )
-            except Exception:  # noqa: BLE001 - each chunk is fetched alone below, with its own error
-                pass
+            datas = self._run_objects([index for index, _ in todo], [rec for _, rec in todo])  # type: ignore[misc]
         errors: list[BootbackError] = []
         for (index, _), data in zip(todo, datas, strict=True):
             try:
